@@ -1,0 +1,3 @@
+from reembed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""argparse only: argv -> settings -> one library call -> exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from reembed import __version__
+from reembed.errors import ReembedError, Stopped
+from reembed.logs import configure_logging
+from reembed.settings import Settings
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target")
+    g.add_argument("--dsn", "--postgres-url", dest="dsn", default=None,
+                   help="libpq connection string or URL (default: $REEMBED_DSN, else libpq's PG* variables)")
+    g.add_argument("--table", default="knowledge_nodes", help="table to re-embed (schema.table allowed)")
+    g.add_argument("--column", default="embedding", help="the vector column")
+    g.add_argument("--content-column", default="content", help="the text column to encode")
+    g.add_argument("--index", default=None, help="the HNSW index to rebuild (default: the one on --column)")
+    g.add_argument("--registry", default="embedding_model", help="the one-row model registry table")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON object on stdout at exit")
+    g.add_argument("--log-format", choices=("auto", "console", "json"), default="auto",
+                   help="stderr logs: console on a terminal, JSON lines otherwise (auto)")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help="local sentence-transformers model directory, or a name in the local model cache")
+    g.add_argument("--model-name", default=None, help="the name the registry records (default: --model)")
+    g.add_argument("--dimension", type=int, default=None, help="expected dimension; checked before any write")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA when present)")
+    g.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, else fp32)")
+    g.add_argument("--prefix", default="", help="prepended to every text, e.g. 'search_document: '")
+    g.add_argument("--max-seq-length", type=int, default=None, help="truncate texts at this many tokens")
+
+    j = p.add_argument_group("job")
+    j.add_argument("--batch-size", type=int, default=256, help="rows per checkpoint transaction (256)")
+    j.add_argument("--encode-batch-size", type=int, default=None,
+                   help="texts per forward pass (default 64 on CPU, 256 on CUDA)")
+    j.add_argument("--drop-hnsw-first", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop the HNSW index before writing, rebuild at the end (default: yes)")
+    j.add_argument("--concurrent-index", action="store_true", help="rebuild with CREATE INDEX CONCURRENTLY")
+    j.add_argument("--index-memory", default="2GB", help="cap on maintenance_work_mem for the HNSW build (2GB)")
+    j.add_argument("--no-confirm", action="store_true", help="skip the 5-second warning pause")
+    j.add_argument("--abandon-active", action="store_true",
+                   help="abandon an active job with another target and start over with this model")
+    j.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                   help="read, encode and write one after the other (for comparison)")
+    j.add_argument("--max-runtime", default=None, help="stop resumably after this long (6h, 90m); exit 75")
+    j.add_argument("--until", default=None, help="stop resumably at this local time (HH:MM); exit 75")
+    j.add_argument("--max-retries", type=int, default=5, help="retries of a transient database fault (5)")
+    j.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress events (30)")
+    j.add_argument("--break-stale-lock", action="store_true",
+                   help="terminate a holder whose heartbeat is stale before taking over")
+    j.add_argument("--retry-failed", action="store_true", help="encode the rows recorded as failed again")
+    j.add_argument("--accept-failed", action="store_true",
+                   help="finalize with the failed rows' embeddings left NULL")
+    j.add_argument("--dry-run", action="store_true", help="plan only: write nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reembed",
+        description="Re-encode a pgvector table with a new sentence-transformers model, resumably.",
+    )
+    parser.add_argument("--version", action="version", version=f"reembed {__version__}")
+    sub = parser.add_subparsers(dest="command_name", required=True)
+
+    run = sub.add_parser("run", help="re-embed the table; resumes an active job")
+    _add_model(run)
+    _add_target(run)
+    _add_output(run)
+    run.set_defaults(command=_run)
+
+    plan = sub.add_parser("plan", help="dry run: what `run` would do, with no writes")
+    _add_model(plan)
+    _add_target(plan)
+    _add_output(plan)
+    plan.set_defaults(command=_plan)
+
+    status = sub.add_parser("status", help="progress, rate, ETA and holder of the table's job")
+    _add_target(status)
+    _add_output(status)
+    status.add_argument("--watch", type=float, nargs="?", const=5.0, default=None, metavar="SECS",
+                        help="refresh every SECS seconds (5) until interrupted")
+    status.set_defaults(command=_status)
+    return parser
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from reembed.job import run
+
+    report = run(settings)
+    _emit(report.as_dict(), report.summary(), args, quiet=report.state == "noop")
+    return report.exit_code
+
+
+def _plan(settings: Settings, args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from reembed.job import run
+
+    report = run(replace(settings, options=replace(settings.options, dry_run=True)))
+    _emit(report.as_dict(), report.summary(), args, quiet=False)
+    return report.exit_code
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    from reembed.status import status
+
+    while True:
+        result = status(settings)
+        if args.json:
+            print(json.dumps(result.as_dict(), default=str, sort_keys=True), flush=True)
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(result.text(), flush=True)
+        if not args.watch:
+            return result.exit_code
+        time.sleep(args.watch)
+
+
+def _emit(data: dict[str, Any], summary: str, args: argparse.Namespace, *, quiet: bool) -> None:
+    """The result on stdout: JSON with --json, else one line (none for a no-op: cron stays quiet)."""
+    if args.json:
+        print(json.dumps(data, default=str, sort_keys=True), flush=True)
+    elif not quiet or args.log_level == "debug":
+        print(summary, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    configure_logging(args.log_format, args.log_level)
+    command: Callable[[Settings, argparse.Namespace], int] = args.command
+    try:
+        settings = Settings.from_args(args)
+        return command(settings, args)
+    except ReembedError as exc:
+        print(f"reembed: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except Stopped as exc:
+        print("reembed: stopped at once by a second signal; the batch in flight rolled back", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("reembed: interrupted", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,223 @@
+"""The Embedder protocol, its sentence-transformers implementation, and the model signature.
+
+The signature is (name, dimension, hash). The hash covers the model's files and every
+option that changes the vectors (prefix, truncation length, the model's own normalization),
+so changed weights under the same name are a different target. Numeric precision is left
+out on purpose: fp16 on a GPU host and fp32 on a CPU host give the same vectors to within
+1e-3 cosine, and a job started on one must resume on the other.
+
+Nothing here downloads: `--model` is a local directory or a name already in the local
+Hugging Face cache. HF_HUB_OFFLINE is forced on before sentence-transformers is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import structlog
+
+from reembed.errors import ConfigError
+from reembed.settings import ModelSpec
+
+log = structlog.get_logger()
+
+_SKIP_FILES = {"README.md", ".gitattributes"}
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Signature:
+    name: str
+    dimension: int
+    hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model_name": self.name, "dimension": self.dimension, "model_hash": self.hash}
+
+
+class Embedder(Protocol):
+    """What the job needs from a model. Implementations must be deterministic per text."""
+
+    signature: Signature
+    encode_batch_size: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 array of shape (len(texts), signature.dimension), in input order."""
+        ...
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local directory, or a name already in the local Hugging Face cache. Never downloads."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "modules.json").exists() and not (path / "config.json").exists():
+            raise ConfigError(
+                f"--model {model}: the directory holds no sentence-transformers model "
+                "(no modules.json or config.json); give the model's own directory"
+            )
+        return path.resolve()
+    if path.exists():
+        raise ConfigError(f"--model {model} is a file; give the model's directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        cached = snapshot_download(repo_id=model, local_files_only=True)
+    except Exception:  # noqa: BLE001 - every failure here means "not in the local cache"
+        raise ConfigError(
+            f"unknown model {model!r}: not a directory and not in the local model cache; "
+            "give a local model directory (reembed never downloads weights)"
+        ) from None
+    return Path(cached)
+
+
+def files_digest(path: Path) -> str:
+    """sha256 over every file of the model (relative path + bytes), in a stable order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if file.name in _SKIP_FILES or rel.startswith(".git/") or rel.startswith(".cache/"):
+            continue
+        digest.update(rel.encode() + b"\0")
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def fingerprint(spec: ModelSpec) -> tuple[str, str]:
+    """(registry name, hash) without loading the model: enough for the nightly no-op check."""
+    path = resolve_model_path(spec.model)
+    return spec.registry_name, _hash(path, spec)
+
+
+def _hash(path: Path, spec: ModelSpec) -> str:
+    options = {"prefix": spec.prefix, "max_seq_length": spec.max_seq_length, "normalize": _normalizes(path)}
+    digest = hashlib.sha256(files_digest(path).encode())
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _normalizes(path: Path) -> bool:
+    modules = path / "modules.json"
+    if not modules.exists():
+        return False
+    return any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+
+
+def pick_device(requested: str) -> str:
+    if not _DEVICE.match(requested):
+        raise ConfigError(f"--device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: no CUDA device is visible here; use --device cpu or auto")
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if requested == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError("--device mps: MPS is not available here; use --device cpu or auto")
+    return requested
+
+
+def pick_precision(requested: str, device: str) -> str:
+    if requested not in _PRECISIONS:
+        raise ConfigError(f"--precision {requested!r}: use one of {', '.join(_PRECISIONS)}")
+    if requested == "auto":
+        return "fp16" if device.startswith("cuda") else "fp32"
+    return requested
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model on CPU, CUDA or MPS."""
+
+    def __init__(self, spec: ModelSpec, *, encode_batch_size: int | None = None) -> None:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        path = resolve_model_path(spec.model)
+        self.device = pick_device(spec.device)
+        self.precision = pick_precision(spec.precision, self.device)
+        started = time.monotonic()
+        self.model = _load(path, self.device)
+        if spec.max_seq_length is not None:
+            self.model.max_seq_length = spec.max_seq_length
+        if self.precision != "fp32":
+            import torch
+
+            self.model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision])
+        dimension = _dimension(self.model)
+        if spec.dimension is not None and spec.dimension != dimension:
+            raise ConfigError(
+                f"model {spec.model} produces {dimension} dimensions but --dimension is {spec.dimension}; "
+                "fix --dimension or pick the model you meant"
+            )
+        self.prefix = spec.prefix
+        self.signature = Signature(spec.registry_name, dimension, _hash(path, spec))
+        default_batch = 256 if self.device.startswith("cuda") else 64
+        self.encode_batch_size = encode_batch_size or default_batch
+        log.info(
+            "model_loaded",
+            model=spec.model,
+            device=self.device,
+            precision=self.precision,
+            dimension=dimension,
+            encode_batch_size=self.encode_batch_size,
+            load_secs=round(time.monotonic() - started, 2),
+        )
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if self.prefix:
+            texts = [self.prefix + t for t in texts]
+        # sentence-transformers sorts the texts by length before batching (less padding)
+        # and returns the vectors in input order.
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=self.encode_batch_size,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+def _load(path: Path, device: str) -> Any:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in an operator's log
+        try:
+            return SentenceTransformer(str(path), device=device, local_files_only=True)
+        except TypeError:  # older sentence-transformers without local_files_only
+            return SentenceTransformer(str(path), device=device)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load model from {path}: {exc}".splitlines()[0]) from exc
+
+
+def _dimension(model: Any) -> int:
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = getter()
+    if dim is None:
+        dim = int(model.encode(["dimension probe"], convert_to_numpy=True).shape[1])
+    return int(dim)

@@ -1,0 +1,59 @@
+"""The exceptions users can see, each with its exit code (DESIGN.md, "Exit codes")."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 3
+EXIT_TIME_BUDGET = 75
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class ReembedError(Exception):
+    """A failure the operator can act on. The checkpoint is intact; a re-run resumes."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(ReembedError):
+    """Usage or configuration error, found before anything was written."""
+
+    exit_code = EXIT_USAGE
+
+
+class LockHeld(ReembedError):
+    """Another run holds the table's advisory lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class CheckpointConflict(ReembedError):
+    """The checkpoint moved under us: someone else advanced it. Stop, don't guess."""
+
+    def __init__(self, job_id: int, expected: str | None) -> None:
+        super().__init__(
+            f"checkpoint of job {job_id} is no longer at {expected!r}: another writer moved it; "
+            "stop the other run, then re-run to resume"
+        )
+
+
+class DatabaseError(ReembedError):
+    """A database error, translated in reembed.db; `retryable` marks transient ones."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Stopped(BaseException):
+    """Raised to unwind at once on a second SIGINT/SIGTERM. Open transactions roll back."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -1,0 +1,34 @@
+"""structlog, configured once: human-readable on a terminal, JSON lines otherwise. stderr only."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+    use_console = sys.stderr.isatty() if fmt == "auto" else fmt == "console"
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+    for noisy in ("sentence_transformers", "transformers", "huggingface_hub", "pgserver"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

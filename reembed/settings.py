@@ -1,0 +1,176 @@
+"""Frozen settings: what to re-embed, with which model, how. Built from argv by the CLI,
+or directly by library callers and tests."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+from dataclasses import dataclass, field
+
+from reembed.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+
+
+def parse_duration(text: str) -> float:
+    """'6h', '90m', '1h30m', '45s', or plain seconds -> seconds."""
+    if text.strip().isdigit():
+        return float(text)
+    match = _DURATION.match(text)
+    if not match or not any(match.groups()):
+        raise ConfigError(f"cannot read duration {text!r}: write it like 6h, 90m, 1h30m or 45s")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return float(hours * 3600 + minutes * 60 + seconds)
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '512MB', or plain bytes -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"cannot read size {text!r}: write it like 512MB or 2GB")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
+
+
+def next_clock_time(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
+    """'HH:MM' local time -> the next such moment (tomorrow if it has passed today)."""
+    match = re.fullmatch(r"\s*([01]?\d|2[0-3]):([0-5]\d)\s*", text)
+    if not match:
+        raise ConfigError(f"cannot read --until {text!r}: write a local time as HH:MM, e.g. 06:30")
+    now = now or dt.datetime.now().astimezone()
+    at = now.replace(hour=int(match.group(1)), minute=int(match.group(2)), second=0, microsecond=0)
+    if at <= now:
+        at += dt.timedelta(days=1)
+    return at
+
+
+@dataclass(frozen=True)
+class Target:
+    """The table and columns to re-embed, and where the registry lives."""
+
+    dsn: str | None = None
+    table: str = "knowledge_nodes"
+    column: str = "embedding"
+    content_column: str = "content"
+    index: str | None = None  # None: the HNSW index found on the column
+    registry: str = "embedding_model"
+
+    def conninfo(self) -> str:
+        """--dsn, else $REEMBED_DSN, else "" (libpq's own PG* variables)."""
+        return self.dsn or os.environ.get("REEMBED_DSN", "")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model and every option that changes the vectors it produces."""
+
+    model: str
+    model_name: str | None = None  # what the registry records; default: --model
+    dimension: int | None = None  # cross-checked against the model before any write
+    device: str = "auto"
+    precision: str = "auto"
+    prefix: str = ""
+    max_seq_length: int | None = None  # None: the model's own
+
+    @property
+    def registry_name(self) -> str:
+        return self.model_name or self.model
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the job runs."""
+
+    batch_size: int = 256  # rows per checkpoint transaction
+    encode_batch_size: int | None = None  # texts per forward pass; None: 64 on CPU, 256 on GPU
+    drop_hnsw_first: bool = True
+    concurrent_index: bool = False
+    confirm_seconds: float = 5.0  # the warning banner's pause; 0 with --no-confirm
+    dry_run: bool = False
+    abandon_active: bool = False
+    pipeline: bool = True
+    max_runtime: float | None = None  # seconds
+    until: dt.datetime | None = None
+    max_retries: int = 5
+    index_memory: int = 2 * 1024**3  # cap on maintenance_work_mem for the HNSW build
+    progress_interval: float = 30.0
+    break_stale_lock: bool = False
+    stale_after: float = 300.0  # a heartbeat older than this means the holder is gone
+    retry_failed: bool = False
+    accept_failed: bool = False
+
+    def deadline(self, started_monotonic: float, now_wall: dt.datetime | None = None) -> float | None:
+        """The run's deadline on the monotonic clock, or None."""
+        limits = []
+        if self.max_runtime is not None:
+            limits.append(started_monotonic + self.max_runtime)
+        if self.until is not None:
+            now_wall = now_wall or dt.datetime.now().astimezone()
+            limits.append(started_monotonic + (self.until - now_wall).total_seconds())
+        return min(limits) if limits else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    target: Target
+    model: ModelSpec | None = None
+    options: RunOptions = field(default_factory=RunOptions)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        target = Target(
+            dsn=args.dsn,
+            table=args.table,
+            column=args.column,
+            content_column=args.content_column,
+            index=args.index,
+            registry=args.registry,
+        )
+        if not hasattr(args, "model"):
+            return cls(target=target)
+        _positive("--batch-size", args.batch_size)
+        if args.encode_batch_size is not None:
+            _positive("--encode-batch-size", args.encode_batch_size)
+        if args.dimension is not None:
+            _positive("--dimension", args.dimension)
+        if args.max_retries < 0:
+            raise ConfigError("--max-retries must be 0 or more")
+        if args.retry_failed and args.accept_failed:
+            raise ConfigError("--retry-failed and --accept-failed exclude each other: pick one")
+        model = ModelSpec(
+            model=args.model,
+            model_name=args.model_name,
+            dimension=args.dimension,
+            device=args.device,
+            precision=args.precision,
+            prefix=args.prefix or "",
+            max_seq_length=args.max_seq_length,
+        )
+        options = RunOptions(
+            batch_size=args.batch_size,
+            encode_batch_size=args.encode_batch_size,
+            drop_hnsw_first=args.drop_hnsw_first,
+            concurrent_index=args.concurrent_index,
+            confirm_seconds=0.0 if args.no_confirm else 5.0,
+            dry_run=args.dry_run,
+            abandon_active=args.abandon_active,
+            pipeline=args.pipeline,
+            max_runtime=parse_duration(args.max_runtime) if args.max_runtime else None,
+            until=next_clock_time(args.until) if args.until else None,
+            max_retries=args.max_retries,
+            index_memory=parse_size(args.index_memory),
+            progress_interval=args.progress_interval,
+            break_stale_lock=args.break_stale_lock,
+            retry_failed=args.retry_failed,
+            accept_failed=args.accept_failed,
+        )
+        return cls(target=target, model=model, options=options)
+
+
+def _positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{flag} must be a positive integer, got {value}")

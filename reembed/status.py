@@ -1,0 +1,152 @@
+"""`reembed status`: where the job stands, read from reembed_checkpoint and pg_locks. No writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from reembed import checkpoint as ckpt
+from reembed import db
+from reembed.errors import ConfigError
+from reembed.queries import query
+from reembed.settings import RunOptions, Settings
+from reembed.target import regclass_text, split_name
+
+
+@dataclass
+class Status:
+    data: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.data
+
+    def text(self) -> str:
+        d = self.data
+        if d.get("state") is None:
+            return f"{d['table']}: no re-embed job has run on this table; registry: {_sig(d.get('registry'))}"
+        lines = [
+            f"table      {d['table']}.{d['column']}",
+            f"job        {d['job_id']}  state {d['state']}"
+            + (f"  (finalize steps done: {', '.join(d['finalize_steps']) or 'none'})" if d["state"] == "finalizing" else ""),
+            f"target     {d['target']['model_name']} ({d['target']['dimension']}-d)   source {_sig(d.get('source'))}",
+            f"progress   {d['rows_done']:,} / {d['rows_total'] or 0:,} rows"
+            + (f" ({d['percent']:.1f}%)" if d.get("percent") is not None else "")
+            + f"  skipped {d['rows_skipped']:,}  failed {d['failed_rows']:,}"
+            + (f" (accepted {d['failed_rows_accepted']:,})" if d.get("failed_rows_accepted") else ""),
+            f"last id    {d['last_id']}",
+            f"rate       {_num(d.get('rows_per_sec'), ' rows/s')}   ETA {_eta(d.get('eta_secs'))}",
+        ]
+        holder = d.get("holder")
+        if holder:
+            lines.append(f"holder     {holder['who']}  heartbeat {_age(d.get('heartbeat_age_secs'))} ago")
+        elif d["state"] in ckpt.ACTIVE:
+            lines.append("holder     none: no run holds the lock; start `reembed run` with the same model to resume")
+        if d.get("stale"):
+            lines.append(
+                f"WARNING    the holder's heartbeat is {_age(d.get('heartbeat_age_secs'))} old: it probably died; "
+                "`reembed run --break-stale-lock` takes over"
+            )
+        if d.get("last_error"):
+            lines.append(f"last error {d['last_error']}")
+        lines.append(f"started    {d['started_at']}   updated {d['updated_at']}")
+        return "\n".join(lines)
+
+
+def _sig(sig: dict[str, Any] | None) -> str:
+    return f"{sig['model_name']} ({sig['dimension']}-d)" if sig else "none"
+
+
+def _num(value: float | None, unit: str) -> str:
+    return f"{value:,.1f}{unit}" if value else "-"
+
+
+def _eta(secs: float | None) -> str:
+    if secs is None:
+        return "-"
+    return str(dt.timedelta(seconds=int(secs)))
+
+
+def _age(secs: float | None) -> str:
+    return "?" if secs is None else str(dt.timedelta(seconds=int(secs)))
+
+
+def status(settings: Settings, *, stale_after: float = RunOptions.stale_after) -> Status:
+    target = settings.target
+    with db.connect(target.conninfo(), role="status", vectors=False, autocommit=True) as conn:
+        with db.translated():
+            return _status(conn, settings, stale_after)
+
+
+def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
+    target = settings.target
+    row = conn.execute(
+        "SELECT c.oid::bigint AS oid, n.nspname, c.relname FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+        (regclass_text(split_name(target.table)),),
+    ).fetchone()
+    if row is None:
+        raise ConfigError(f"table {target.table} does not exist; check --table and --dsn")
+    table = regclass_text((row["nspname"], row["relname"]))
+    data: dict[str, Any] = {"table": table, "column": target.column}
+    registry = None
+    reg = split_name(target.registry)
+    present = conn.execute(query("registry_exists"), {"registry": regclass_text(reg)}).fetchone()
+    if present and present["present"]:
+        registry = conn.execute(query("read_registry", registry=reg)).fetchone()
+    data["registry"] = dict(registry) if registry else None
+    job = ckpt.latest_job(conn, table, target.column)
+    if job is None:
+        data["state"] = None
+        return Status(data)
+    progress = ckpt.progress(conn, job)
+    ranges = conn.execute(query("job_ranges"), {"job_id": job.id}).fetchall()
+    failed = conn.execute(query("failed_rows_count"), {"job_id": job.id}).fetchone()
+    r = job.row
+    done = int(progress["rows_done"]) + int(progress["rows_skipped"])
+    total = r["rows_total"]
+    rate = max((x["rows_per_sec"] or 0.0) for x in ranges) if ranges else None
+    heartbeat_age = None
+    if r["heartbeat_at"] is not None:
+        now = conn.execute("SELECT now() AS now").fetchone()["now"]
+        heartbeat_age = (now - r["heartbeat_at"]).total_seconds()
+    holder_row = conn.execute(query("lock_holder"), {"key": db.lock_key(int(row["oid"]))}).fetchone()
+    holder = None
+    if holder_row is not None:
+        holder = {
+            "who": holder_row["application_name"] or f"backend {holder_row['pid']}",
+            "pid": holder_row["pid"],
+            "since": holder_row["backend_start"],
+        }
+    active = r["state"] in ckpt.ACTIVE
+    data.update(
+        job_id=job.id,
+        state=r["state"],
+        target={"model_name": r["target_model_name"], "dimension": r["target_dimension"], "model_hash": r["target_hash"]},
+        source=(
+            {"model_name": r["source_model_name"], "dimension": r["source_dimension"], "model_hash": r["source_hash"]}
+            if r["source_model_name"]
+            else None
+        ),
+        rows_done=int(progress["rows_done"]),
+        rows_skipped=int(progress["rows_skipped"]),
+        rows_total=total,
+        percent=(100.0 * min(done, total) / total) if total else (100.0 if r["state"] == "done" else None),
+        last_id=progress["last_id"],
+        rows_per_sec=round(rate, 1) if rate and active else None,
+        eta_secs=(max(total - done, 0) / rate) if rate and total and active else None,
+        holder=holder,
+        heartbeat_at=r["heartbeat_at"],
+        heartbeat_age_secs=round(heartbeat_age, 1) if heartbeat_age is not None else None,
+        stale=bool(active and heartbeat_age is not None and heartbeat_age > stale_after),
+        failed_rows=int(failed["pending"]) if failed else 0,
+        failed_rows_accepted=int(failed["accepted"]) if failed else 0,
+        finalize_steps=job.steps,
+        index=r["index_name"],
+        last_error=r["last_error"],
+        started_at=r["started_at"],
+        updated_at=r["updated_at"],
+        finished_at=r["finished_at"],
+    )
+    return Status(data)

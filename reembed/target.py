@@ -1,0 +1,163 @@
+"""What the job works on: the table, its key, the vector column, the HNSW index, the registry.
+Every problem found here is a ConfigError, raised before anything is written."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from reembed.errors import ConfigError
+from reembed.queries import query
+from reembed.settings import Target
+
+_HNSW_DEFAULTS = {"m": 16, "ef_construction": 64}
+
+
+def split_name(name: str) -> tuple[str, ...]:
+    """'schema.table' -> ('schema', 'table'); 'table' -> ('table',). Quotes allowed."""
+    parts = re.findall(r'"((?:[^"]|"")*)"|([^."]+)', name)
+    out = tuple(q.replace('""', '"') if q else p for q, p in parts)
+    if not out or len(out) > 2:
+        raise ConfigError(f"cannot read table name {name!r}: write it as table or schema.table")
+    return out
+
+
+def regclass_text(parts: tuple[str, ...]) -> str:
+    return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    name: str
+    opclass: str
+    m: int
+    ef_construction: int
+    definition: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "opclass": self.opclass,
+            "m": self.m,
+            "ef_construction": self.ef_construction,
+            "definition": self.definition,
+        }
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    qualified: str  # schema.table, quoted, the key of the job in reembed_checkpoint
+    ident: tuple[str, str]
+    oid: int
+    id_column: str
+    id_type: str
+    id_type_oid: int
+    column: str
+    content_column: str
+    typmod: int | None  # the column's current dimension; None for plain `vector`
+    index: IndexInfo | None
+    registry: tuple[str, ...]
+
+    @property
+    def table_sql(self) -> sql.Identifier:
+        return sql.Identifier(*self.ident)
+
+    def ids(self) -> dict[str, Any]:
+        """The identifiers of the user's table, for sql.SQL.format()."""
+        return {
+            "table": sql.Identifier(*self.ident),
+            "id": sql.Identifier(self.id_column),
+            "col": sql.Identifier(self.column),
+            "content": sql.Identifier(self.content_column),
+            "id_type": sql.SQL(self.id_type),  # from format_type(): already quoted as needed
+        }
+
+
+def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
+    parts = split_name(target.table)
+    row = conn.execute(query("target_table"), {"table": regclass_text(parts)}).fetchone()
+    ext = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if ext is None:
+        raise ConfigError(
+            "the pgvector extension is not installed in this database; run CREATE EXTENSION vector "
+            "(or point --dsn at the right database)"
+        )
+    if row is None:
+        raise ConfigError(f"table {target.table} does not exist; check --table and --dsn")
+    table = f"{target.table}"
+    pk = row["pk_columns"] or []
+    if len(pk) != 1:
+        what = "no primary key" if not pk else f"a composite primary key ({', '.join(pk)})"
+        raise ConfigError(
+            f"table {table} has {what}; reembed walks the table in primary-key order and needs "
+            "a single-column primary key"
+        )
+    column = _column(conn, row["table_oid"], target.column)
+    if column is None:
+        raise ConfigError(f"column {target.column} does not exist in {table}; check --column")
+    if column["typname"] != "vector":
+        raise ConfigError(
+            f"column {target.column} of {table} is {column['formatted']}, not a pgvector vector; check --column"
+        )
+    content = _column(conn, row["table_oid"], target.content_column)
+    if content is None:
+        raise ConfigError(f"column {target.content_column} does not exist in {table}; check --content-column")
+    if content["typname"] not in ("text", "varchar", "bpchar", "citext", "name"):
+        raise ConfigError(
+            f"column {target.content_column} of {table} is {content['formatted']}, not text; check --content-column"
+        )
+    registry = split_name(target.registry)
+    present = conn.execute(query("registry_exists"), {"registry": regclass_text(registry)}).fetchone()
+    if not present or not present["present"]:
+        raise ConfigError(
+            f"registry table {target.registry} does not exist; create it (see README, 'The tables') "
+            "or name it with --registry"
+        )
+    index = _index(conn, row["table_oid"], target, table)
+    typmod = column["typmod"] if column["typmod"] and column["typmod"] > 0 else None
+    return TableInfo(
+        qualified=regclass_text((row["schema_name"], row["table_name"])),
+        ident=(row["schema_name"], row["table_name"]),
+        oid=int(row["table_oid"]),
+        id_column=pk[0],
+        id_type=row["pk_type"],
+        id_type_oid=int(row["pk_type_oid"]),
+        column=target.column,
+        content_column=target.content_column,
+        typmod=typmod,
+        index=index,
+        registry=registry,
+    )
+
+
+def _column(conn: psycopg.Connection[Any], oid: int, name: str) -> dict[str, Any] | None:
+    return conn.execute(query("column_info"), {"table_oid": oid, "column": name}).fetchone()
+
+
+def _index(conn: psycopg.Connection[Any], oid: int, target: Target, table: str) -> IndexInfo | None:
+    rows = conn.execute(query("hnsw_indexes"), {"table_oid": oid, "column": target.column}).fetchall()
+    if target.index is not None:
+        # Not found is an error only for a new job: a resumed one dropped it already.
+        rows = [r for r in rows if r["index_name"] == target.index]
+    if not rows:
+        return None
+    chosen = rows[0]
+    options = dict(_HNSW_DEFAULTS)
+    for item in chosen["reloptions"] or []:
+        key, _, value = item.partition("=")
+        if key in options:
+            options[key] = int(value)
+    return IndexInfo(
+        name=chosen["index_name"],
+        opclass=chosen["opclass"],
+        m=options["m"],
+        ef_construction=options["ef_construction"],
+        definition=chosen["definition"],
+    )
+
+
+def read_registry(conn: psycopg.Connection[Any], info: TableInfo) -> dict[str, Any] | None:
+    return conn.execute(query("read_registry", registry=info.registry)).fetchone()

