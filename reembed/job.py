@@ -48,7 +48,7 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
     name, model_hash = (
         (embedder.signature.name, embedder.signature.hash) if embedder is not None else fingerprint(spec)
     )
-    conn = db.connect(conninfo, role="control", autocommit=True)
+    conn = db.connect(conninfo, role="control", vectors=False, autocommit=True)
     try:
         with db.translated():
             info = inspect_target(conn, settings.target)
@@ -56,23 +56,24 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
             job = ckpt.active_job(conn, info)
         if job is None and _registry_matches(registry, name, model_hash):
             return _noop(registry, spec.dimension, started, info)
-        if embedder is None:
-            embedder = SentenceTransformerEmbedder(spec, encode_batch_size=opts.encode_batch_size)
-        elif spec.dimension is not None and spec.dimension != embedder.signature.dimension:
-            raise ConfigError(
-                f"model produces {embedder.signature.dimension} dimensions but --dimension is {spec.dimension}"
-            )
-        sig = embedder.signature
-        _check_target(job, sig, info, settings)
+        _check_target(job, name, model_hash, info, settings)
         if opts.dry_run:
-            return plan_report(conn, info, registry, job, sig, embedder, settings, started)
+            embedder = embedder or _load(settings)
+            return plan_report(conn, info, registry, job, embedder.signature, embedder, settings, started)
 
-        lock = db.try_lock(conninfo, info.oid, table=info.qualified)
-        stop.install()
+        lock = db.try_lock(conninfo, info.oid, table=info.qualified)  # exit 3 at once, before the model loads
         try:
-            return _locked_run(conn, conninfo, info, embedder, settings, stop, lock, started)
+            embedder = embedder or _load(settings)
+            if spec.dimension is not None and spec.dimension != embedder.signature.dimension:
+                raise ConfigError(
+                    f"model produces {embedder.signature.dimension} dimensions but --dimension is {spec.dimension}"
+                )
+            stop.install()
+            try:
+                return _locked_run(conn, conninfo, info, embedder, settings, stop, lock, started)
+            finally:
+                stop.restore()
         finally:
-            stop.restore()
             lock.release()
     finally:
         conn.close()
@@ -100,15 +101,28 @@ def _noop(registry: dict[str, Any] | None, dimension: int | None, started: float
     )
 
 
-def _check_target(job: Job | None, sig: Signature, info: TableInfo, settings: Settings) -> None:
-    if job is not None and not job.matches(sig) and not settings.options.abandon_active:
-        name, dim, _ = job.target
+def _load(settings: Settings) -> Embedder:
+    assert settings.model is not None
+    return SentenceTransformerEmbedder(settings.model, encode_batch_size=settings.options.encode_batch_size)
+
+
+def _check_target(job: Job | None, name: str, model_hash: str, info: TableInfo, settings: Settings) -> None:
+    """A different target while a job is active is refused, unless told to abandon it.
+    (The hash covers the model's files, so name + hash settle the dimension too.)"""
+    same = job is not None and job.matches_fingerprint(name, model_hash)
+    if job is not None and not same and not settings.options.abandon_active:
+        old_name, dim, _ = job.target
         raise ConfigError(
-            f"job {job.id} is re-embedding {info.qualified} with {name} ({dim}-d), not {sig.name} "
-            f"({sig.dimension}-d); re-run with that model to resume it, or pass --abandon-active to drop "
-            "it and start over with this one"
+            f"job {job.id} is re-embedding {info.qualified} with {old_name} ({dim}-d), not {name}; "
+            "re-run with that model to resume it, or pass --abandon-active to drop it and start over "
+            "with this one"
         )
-    if (job is None or not job.matches(sig)) and settings.target.index is not None and info.index is None:
+    if not same:
+        _check_index(info, settings)
+
+
+def _check_index(info: TableInfo, settings: Settings) -> None:
+    if settings.target.index is not None and info.index is None:
         raise ConfigError(
             f"index {settings.target.index} is not an HNSW index on {info.qualified}.{info.column}; check --index"
         )
@@ -132,7 +146,7 @@ def _locked_run(
         registry = read_registry(conn, info)
     if job is None and _registry_matches(registry, sig.name, sig.hash):
         return _noop(registry, None, started, info)
-    _check_target(job, sig, info, settings)
+    _check_target(job, sig.name, sig.hash, info, settings)
 
     resumed_from: str | None = None
     if job is not None and job.matches(sig):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from importlib import resources
+from pathlib import Path
 
 from psycopg import sql
 
@@ -12,7 +13,11 @@ _NAME = re.compile(r"^--\s*name:\s*(\S+)\s*$", re.MULTILINE)
 
 
 def read_sql(filename: str) -> str:
-    return resources.files("reembed.sql").joinpath(filename).read_text(encoding="utf-8")
+    try:
+        package = resources.files("reembed.sql")
+    except ModuleNotFoundError:  # imported from a source checkout (cwd on sys.path): sql/ is beside us
+        return (Path(__file__).resolve().parent.parent / "sql" / filename).read_text(encoding="utf-8")
+    return package.joinpath(filename).read_text(encoding="utf-8")
 
 
 @functools.cache

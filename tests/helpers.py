@@ -123,7 +123,7 @@ def make_table(
 def snapshot(dsn: str, table: str = "knowledge_nodes") -> dict[str, Any]:
     """Everything a test compares before/after: rows (all columns), catalog facts, tool tables."""
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
-        rows = conn.execute(f"SELECT id::text AS id, content, source, touched, embedding::text AS e FROM {table} ORDER BY id").fetchall()
+        rows = conn.execute(f"SELECT to_jsonb(t)::text AS r FROM {table} t ORDER BY 1").fetchall()
         col = conn.execute(
             "SELECT format_type(atttypid, atttypmod) AS t FROM pg_attribute"
             " WHERE attrelid = %s::regclass AND attname = 'embedding'",
@@ -172,10 +172,10 @@ def cli_env() -> dict[str, str]:
 
 def spawn(args: Sequence[str], *, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     """The real CLI in a subprocess; stderr+stdout to `log`."""
-    fh = log.open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "reembed", *args], cwd=cwd, env=cli_env(), stdout=fh, stderr=subprocess.STDOUT
-    )
+    with log.open("wb") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "reembed", *args], cwd=cwd, env=cli_env(), stdout=fh, stderr=subprocess.STDOUT
+        )
 
 
 def run_cli(args: Sequence[str], *, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:

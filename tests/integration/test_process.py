@@ -1,0 +1,229 @@
+"""Promises about the process: the real CLI in a subprocess, killed, interrupted, raced."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from helpers import fetch, job_rows_done, make_table, one, run_cli, snapshot, spawn, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+ROWS = 480
+BATCH = 16
+
+
+@pytest.fixture
+def second_dsn(pg_server: Any, template_db: str) -> Iterator[str]:
+    import uuid
+
+    name = f"t2_{uuid.uuid4().hex[:12]}"
+    with pg_server.admin() as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    yield pg_server.dsn(name)
+    with pg_server.admin() as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def run_args(dsn: str, model: Path, *extra: str) -> list[str]:
+    return ["run", "--dsn", dsn, "--model", str(model), "--no-confirm", "--batch-size", str(BATCH),
+            "--log-format", "json", "--json", *extra]
+
+
+def vectors(dsn: str) -> dict[str, np.ndarray | None]:
+    rows = fetch(dsn, "SELECT id::text AS id, embedding::text AS e FROM knowledge_nodes")
+    return {r["id"]: (np.array(json.loads(r["e"]), dtype=np.float32) if r["e"] else None) for r in rows}
+
+
+def assert_checkpoint_agrees_with_data(dsn: str, new_dim: int) -> str:
+    """Rows up to last_id carry new vectors, the others old ones: nothing lost, nothing extra."""
+    last_id = one(dsn, "SELECT last_id FROM reembed_checkpoint_range")
+    done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
+    rows = fetch(dsn, "SELECT id::text AS id, vector_dims(embedding) AS d FROM knowledge_nodes"
+                      " WHERE content IS NOT NULL ORDER BY id")
+    new = [r["d"] == new_dim for r in rows]
+    assert new == [last_id is not None and r["id"] <= last_id for r in rows]
+    assert sum(new) == done
+    return str(last_id)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def last_json(log: Path) -> dict[str, Any]:
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith("{") and '"state"' in line and '"event"' not in line:
+            return json.loads(line)
+    raise AssertionError(f"no report in {log.read_text()[-2000:]}")
+
+
+def test_sigkill_mid_embedding_then_rerun_resumes_at_checkpoint_and_matches_an_uninterrupted_run(
+    dsn: str, second_dsn: str, minilm_path: Path, workdir: Path
+) -> None:
+    make_table(dsn, rows=ROWS, null_every=25)
+    make_table(second_dsn, rows=ROWS, null_every=25)
+    log = workdir / "killed.log"
+    proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=log)
+    wait_for(lambda: job_rows_done(dsn) >= 3 * BATCH, timeout=120, what="three committed batches")
+    proc.send_signal(signal.SIGKILL)
+    assert wait_exit(proc) == -signal.SIGKILL
+
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
+    last_id = assert_checkpoint_agrees_with_data(dsn, 384)
+    done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
+    assert 0 < done < ROWS
+
+    rerun = run_cli(run_args(dsn, minilm_path), cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads(rerun.stdout)
+    nulls = one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE content IS NULL")
+    after_last = one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE id > %s::uuid AND content IS NOT NULL", (last_id,))
+    assert report["resumed_from"] == last_id
+    assert report["rows_updated"] == after_last  # exactly the rows after the checkpoint
+
+    clean = run_cli(run_args(second_dsn, minilm_path), cwd=workdir)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert json.loads(clean.stdout)["rows_updated"] == ROWS - nulls
+
+    a, b = snapshot(dsn), snapshot(second_dsn)
+    assert a["column"] == b["column"] == "vector(384)"
+    assert a["indexes"] == b["indexes"]
+    assert [(r["model_name"], r["dimension"], r["model_hash"]) for r in a["registry"]] == [
+        (r["model_name"], r["dimension"], r["model_hash"]) for r in b["registry"]]
+    va, vb = vectors(dsn), vectors(second_dsn)
+    assert va.keys() == vb.keys()
+    for key, vec in va.items():
+        other = vb[key]
+        if vec is None or other is None:
+            assert vec is None and other is None
+        else:
+            np.testing.assert_allclose(vec, other, atol=1e-5)
+    others = "SELECT id, content, source, touched FROM knowledge_nodes ORDER BY id"
+    assert fetch(dsn, others) == fetch(second_dsn, others)
+
+
+def test_sigkill_during_finalize_then_rerun_completes_finalize(dsn: str, minilm_path: Path, workdir: Path) -> None:
+    make_table(dsn, rows=160)
+    log = workdir / "finalize.log"
+    blocker = psycopg.connect(dsn)
+    try:
+        proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=log)
+        wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="embedding under way")
+        # An application transaction holds a lock that the typmod change must wait for.
+        blocker.execute("LOCK TABLE knowledge_nodes IN ACCESS SHARE MODE")
+        wait_for(
+            lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                             " AND query ILIKE 'ALTER TABLE%%'"),
+            timeout=120, what="finalize waiting on the lock",
+        )
+        assert one(dsn, "SELECT state FROM reembed_checkpoint") == "finalizing"
+        proc.send_signal(signal.SIGKILL)
+        assert wait_exit(proc) == -signal.SIGKILL
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == []
+    assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                    " WHERE attrelid = 'knowledge_nodes'::regclass AND attname = 'embedding'") == "vector"
+
+    rerun = run_cli(run_args(dsn, minilm_path), cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads(rerun.stdout)
+    assert report["state"] == "done" and report["rows_updated"] == 0
+    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == ["tighten_typmod", "build_index", "update_registry"]
+    after = snapshot(dsn)
+    assert after["column"] == "vector(384)"
+    assert after["indexes"][0]["indexname"] == "idx_knowledge_nodes_embedding_hnsw"
+    assert after["registry"][0]["dimension"] == 384
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_after_a_consistent_checkpoint_and_a_rerun_finishes(
+    dsn: str, minilm_path: Path, workdir: Path, sig: signal.Signals, code: int
+) -> None:
+    make_table(dsn, rows=ROWS)
+    log = workdir / "signal.log"
+    proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=log)
+    wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="a committed batch")
+    proc.send_signal(sig)
+    assert wait_exit(proc, timeout=60) == code, log.read_text()[-3000:]
+    report = last_json(log)
+    assert report["state"] == "stopped" and report["exit_code"] == code
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
+    assert_checkpoint_agrees_with_data(dsn, 384)
+    assert one(dsn, "SELECT rows_done FROM reembed_checkpoint_range") == report["rows_updated"] < ROWS
+
+    rerun = run_cli(run_args(dsn, minilm_path), cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["rows_updated"] == ROWS - report["rows_updated"]
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 384") == ROWS
+
+
+def test_second_run_exits_3_within_seconds_and_writes_nothing_while_status_shows_the_first(
+    dsn: str, minilm_path: Path, workdir: Path
+) -> None:
+    make_table(dsn, rows=ROWS)
+    proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=workdir / "first.log")
+    try:
+        wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="the first run under way")
+        jobs_before = fetch(dsn, "SELECT job_id, target_model_name, started_at FROM reembed_checkpoint")
+
+        started = time.monotonic()
+        second = run_cli(run_args(dsn, minilm_path), cwd=workdir, timeout=60)
+        elapsed = time.monotonic() - started
+        assert second.returncode == 3, second.stderr[-2000:]
+        assert elapsed < 15
+        assert second.stdout == ""
+        assert "is being re-embedded by 'reembed lock " in second.stderr
+        assert fetch(dsn, "SELECT job_id, target_model_name, started_at FROM reembed_checkpoint") == jobs_before
+
+        status = run_cli(["status", "--dsn", dsn, "--json"], cwd=workdir, timeout=60)
+        assert status.returncode == 0, status.stderr
+        data = json.loads(status.stdout)
+        assert data["state"] == "embedding" and data["rows_done"] >= BATCH
+        assert data["rows_total"] == ROWS and data["holder"]["who"].startswith("reembed lock ")
+        assert data["last_id"] is not None and data["stale"] is False
+        text = run_cli(["status", "--dsn", dsn], cwd=workdir, timeout=60)
+        assert "state embedding" in text.stdout and f"/ {ROWS} rows" in text.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        wait_exit(proc)
+
+
+def test_rerun_after_completion_exits_0_quietly_and_updates_nothing(
+    dsn: str, static_model_dir: Any, workdir: Path
+) -> None:
+    make_table(dsn, rows=50)
+    model = static_model_dir(48)
+    first = run_cli(["run", "--dsn", dsn, "--model", str(model), "--no-confirm"], cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    before = snapshot(dsn)
+    again = run_cli(["run", "--dsn", dsn, "--model", str(model), "--no-confirm"], cwd=workdir)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
+    assert snapshot(dsn) == before
+
+
+def test_plan_cli_prints_the_plan_and_writes_nothing(dsn: str, static_model_dir: Any, workdir: Path) -> None:
+    make_table(dsn, rows=50)
+    before = snapshot(dsn)
+    out = run_cli(["plan", "--dsn", dsn, "--model", str(static_model_dir(48)), "--json"], cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["state"] == "planned" and data["rows_to_update"] == 50 and data["would_alter_typmod"] is True
+    for key in ("rows_updated", "rows_skipped", "duration_secs", "index_rebuild_secs", "model_name", "dimension", "model_hash"):
+        assert key in data
+    assert snapshot(dsn) == before
