@@ -186,15 +186,17 @@ class SentenceTransformerEmbedder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if self.prefix:
             texts = [self.prefix + t for t in texts]
-        # sentence-transformers sorts the texts by length before batching (less padding)
-        # and returns the vectors in input order.
+        # Longest first, so each forward pass pads to similar lengths; back to input order after.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
         vectors = self.model.encode(
-            list(texts),
+            [texts[i] for i in order],
             batch_size=self.encode_batch_size,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return np.asarray(vectors, dtype=np.float32)
+        out = np.empty((len(texts), self.signature.dimension), dtype=np.float32)
+        out[order] = vectors
+        return out
 
 
 def _load(path: Path, device: str) -> Any:

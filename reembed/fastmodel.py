@@ -26,3 +26,41 @@ def save_static_model(path: Path, *, tokenizer_dir: Path, dim: int, seed: int = 
     model = SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=dim)], device="cpu")
     model.save(str(path))
     return path
+
+
+_SKELETON_FILES = (
+    "modules.json", "sentence_bert_config.json", "config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.txt", "1_Pooling/config.json",
+)
+
+
+def copy_skeleton(model_dir: Path, dest: Path) -> Path:
+    """A model directory's configuration and tokenizer, without its weights (a few hundred kB)."""
+    for name in _SKELETON_FILES:
+        source = Path(model_dir) / name
+        if source.exists():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    return dest
+
+
+def save_random_bert(
+    path: Path, *, skeleton: Path, hidden: int, layers: int, heads: int, intermediate: int, seed: int = 0
+) -> Path:
+    """A randomly initialised BERT of the given shape, with MiniLM's tokenizer, mean pooling and
+    normalisation: the real architecture's cost without shipping its weights (for GPU benches)."""
+    import json
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    copy_skeleton(skeleton, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate)
+    torch.manual_seed(seed)
+    BertModel(BertConfig(**config)).save_pretrained(str(path), safe_serialization=True)
+    pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
+    pooling["word_embedding_dimension"] = hidden
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return path

@@ -295,6 +295,8 @@ def _drive(
         if job.state == "embedding":
             phase.run()
         report.rows_updated, report.rows_skipped = phase.rows_updated, phase.rows_skipped
+        report.details["embed_secs"] = round(phase.secs, 3)
+        report.details["embed_rows_per_sec"] = round(report.rows_updated / phase.secs, 1) if phase.secs else None
         if stop.requested:
             return _stopped(report, stop, started, conn, job)
         job = ckpt.reload(conn, job)

