@@ -153,6 +153,11 @@ class Bench:
         spec = ModelSpec(model=str(self.model_dir(kind)), model_name=kind, device=self.args.device, precision=precision)
         return SentenceTransformerEmbedder(spec, encode_batch_size=self.args.encode_batch_size)
 
+    def checkpoint(self, what: str) -> None:
+        print(f"[bench] {what} measured", file=sys.stderr, flush=True)
+        if self.args.out:
+            self.args.out.write_text(json.dumps(self.results, indent=2))
+
     # ---------------------------------------------------------- measurements
 
     def write_only(self, dsn: str, dim: int, path: str, repeats: int = 2) -> float:
@@ -264,6 +269,8 @@ class Bench:
                     "pipelined_over_serial": round(piped["rows_per_sec"] / serial["rows_per_sec"], 3),
                     "finalize_secs": round(piped["total_secs"] - piped["embed_secs"], 2),
                 }
+                self.results["models"] = out
+                self.checkpoint(f"model {kind}/{emb.precision}")
                 del emb
         self.results["models"] = out
 
@@ -382,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skeleton", type=Path, default=None, help="model config + tokenizer dir (no weights)")
     p.add_argument("--data", type=Path, default=ROOT / ".bench")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here, after each section")
     args = p.parse_args(argv)
 
     from reembed.logs import configure_logging
@@ -396,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         sections[name]()
         print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(bench.results, indent=2))
     bench.results["bench_secs"] = round(time.perf_counter() - started, 1)
+    if args.out:
+        args.out.write_text(json.dumps(bench.results, indent=2))
     print(json.dumps(bench.results, indent=2) if args.json else render(bench.results))
     return 0
 
