@@ -61,6 +61,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     j.add_argument("--max-runtime", default=None, help="stop resumably after this long (6h, 90m); exit 75")
     j.add_argument("--until", default=None, help="stop resumably at this local time (HH:MM); exit 75")
     j.add_argument("--max-retries", type=int, default=5, help="retries of a transient database fault (5)")
+    j.add_argument("--ddl-lock-timeout", default="5s",
+                   help="how long each DDL statement may wait for its lock before backing off (5s)")
     j.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress events (30)")
     j.add_argument("--break-stale-lock", action="store_true",
                    help="terminate a holder whose heartbeat is stale before taking over")

@@ -78,6 +78,32 @@ def reconnect(conninfo: str, *, role: str, vectors: bool = True, autocommit: boo
         raise DatabaseError(str(exc), retryable=True) from exc.__cause__
 
 
+class Session:
+    """A connection for one role that comes back: get() reconnects when the last one broke."""
+
+    def __init__(self, conninfo: str, *, role: str, vectors: bool = True, autocommit: bool = True) -> None:
+        self.conninfo = conninfo
+        self.role = role
+        self.vectors = vectors
+        self.autocommit = autocommit
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def get(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                log.warning("reconnecting", role=self.role)
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.close()
+            self._conn = reconnect(self.conninfo, role=self.role, vectors=self.vectors, autocommit=self.autocommit)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+
 def register_vectors(conn: psycopg.Connection[Any]) -> None:
     from pgvector.psycopg import register_vector
 
@@ -142,14 +168,17 @@ def describe_holder(conn: psycopg.Connection[Any], key: int) -> str:
     return f"{app!r} (backend pid {row['pid']}{where}, since {since})"
 
 
-def try_lock(conninfo: str, table_oid: int, *, table: str) -> TableLock:
-    """Take the table's advisory lock on a dedicated autocommit connection, or raise LockHeld."""
-    conn = connect(conninfo, role="lock", vectors=False, autocommit=True)
+def try_lock(conninfo: str, table_oid: int, *, table: str, again: bool = False) -> TableLock:
+    """Take the table's advisory lock on a dedicated autocommit connection, or raise LockHeld.
+    `again`: we held it before, so a server that does not answer is a transient fault."""
+    conn = (reconnect if again else connect)(conninfo, role="lock", vectors=False, autocommit=True)
     key = lock_key(table_oid)
     with translated():
         got = conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (key,)).fetchone()
         if got and got["got"]:
             return TableLock(conn=conn, key=key)
         who = describe_holder(conn, key)
+        row = conn.execute(query("lock_holder"), {"key": key}).fetchone()
+        holder_pid = row["pid"] if row else None
     conn.close()
-    raise LockHeld(f"{table} is being re-embedded by {who}; wait for it, or stop it first")
+    raise LockHeld(f"{table} is being re-embedded by {who}; wait for it, or stop it first", holder=holder_pid)

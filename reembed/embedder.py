@@ -188,15 +188,44 @@ class SentenceTransformerEmbedder:
             texts = [self.prefix + t for t in texts]
         # Longest first, so each forward pass pads to similar lengths; back to input order after.
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        vectors = self.model.encode(
-            [texts[i] for i in order],
-            batch_size=self.encode_batch_size,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        ordered = [texts[i] for i in order]
+        while True:
+            try:
+                vectors = self.model.encode(
+                    ordered, batch_size=self.encode_batch_size, convert_to_numpy=True, show_progress_bar=False
+                )
+                break
+            except Exception as exc:
+                if not _is_oom(exc) or self.encode_batch_size <= 1:
+                    raise
+                self._halve(exc)
         out = np.empty((len(texts), self.signature.dimension), dtype=np.float32)
         out[order] = vectors
         return out
+
+
+    def _halve(self, exc: BaseException) -> None:
+        """Out of GPU memory: halve the forward pass and keep the size that works for the rest of the run."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        before = self.encode_batch_size
+        self.encode_batch_size = max(1, before // 2)
+        log.warning(
+            "encode_batch_halved",
+            encode_batch_size=self.encode_batch_size,
+            was=before,
+            error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            detail="out of GPU memory; this size is kept for the rest of the run",
+        )
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom)
 
 
 def _load(path: Path, device: str) -> Any:

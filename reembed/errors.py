@@ -28,6 +28,10 @@ class LockHeld(ReembedError):
 
     exit_code = EXIT_LOCKED
 
+    def __init__(self, message: str, *, holder: int | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder  # the holder's backend pid, when known
+
 
 class CheckpointConflict(ReembedError):
     """The checkpoint moved under us: someone else advanced it. Stop, don't guess."""

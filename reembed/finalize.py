@@ -26,6 +26,7 @@ from reembed import checkpoint as ckpt
 from reembed import db, retry
 from reembed.checkpoint import Job
 from reembed.embedder import Signature
+from reembed.lease import LockKeeper
 from reembed.queries import query
 from reembed.settings import RunOptions
 from reembed.signals import StopSignal
@@ -34,7 +35,6 @@ from reembed.target import TableInfo
 log = structlog.get_logger()
 
 STEPS = ("tighten_typmod", "build_index", "update_registry")
-DDL_LOCK_TIMEOUT = "5s"
 _MIN_BUILD_MEMORY = 64 * 1024**2
 _PROGRESS_EVERY = 10.0
 
@@ -74,19 +74,20 @@ def build_workers(conn: psycopg.Connection[Any], conninfo: str) -> int:
 
 
 def run(
-    conn: psycopg.Connection[Any],
+    control: db.Session,
     conninfo: str,
     info: TableInfo,
     job: Job,
     sig: Signature,
     opts: RunOptions,
     stop: StopSignal,
-    lock: db.TableLock,
+    keeper: LockKeeper,
     *,
     deadline: float | None = None,
 ) -> Outcome:
     outcome = Outcome(finished=False)
-    rows = ckpt.progress(conn, job)["rows_done"]
+    job = _retried(opts, "reload_job", lambda: ckpt.reload(control.get(), job))
+    rows = _retried(opts, "job_progress", lambda: ckpt.progress(control.get(), job))["rows_done"]
     if deadline is not None:
         need = estimate_finalize_secs(rows, sig.dimension, typmod_change=info.typmod != sig.dimension)
         left = deadline - time.monotonic()
@@ -107,16 +108,17 @@ def run(
         if stop.requested:
             outcome.message = f"stopped before finalize step {step}; re-run to finish"
             return outcome
+        keeper.check()
         started = time.monotonic()
         if step == "tighten_typmod":
-            _ddl(conn, job, step, opts, lambda: _tighten(conn, info, sig))
+            _ddl(control, job, step, opts, lambda conn: _tighten(conn, info, sig))
         elif step == "build_index":
-            _build_index(conn, conninfo, info, job, sig, opts, rows)
+            _build_index(conninfo, info, job, sig, opts, rows)
             outcome.index_secs = time.monotonic() - started
         else:
-            _ddl(conn, job, step, opts, lambda: _update_registry(conn, info, job, sig))
+            _ddl(control, job, step, opts, lambda conn: _update_registry(conn, info, job, sig))
         log.info("finalize_step_done", step=step, secs=round(time.monotonic() - started, 2))
-        job = ckpt.reload(conn, job)
+        job = _retried(opts, "reload_job", lambda: ckpt.reload(control.get(), job))
     outcome.finished = True
     return outcome
 
@@ -129,13 +131,19 @@ def estimate_finalize_secs(rows: int, dimension: int, *, typmod_change: bool) ->
     return 5.0 + build + rewrite
 
 
-def _ddl(conn: psycopg.Connection[Any], job: Job, step: str, opts: RunOptions, body: Any) -> None:
-    """One DDL step and its record, in one transaction, under a short lock_timeout, retried."""
+def _retried(opts: RunOptions, what: str, fn: Any) -> Any:
+    return retry.call(fn, what=what, max_retries=opts.max_retries)
+
+
+def _ddl(control: db.Session, job: Job, step: str, opts: RunOptions, body: Any) -> None:
+    """One DDL step and its record, in one transaction, under a short lock_timeout, retried
+    with backoff (a lock wait that times out is transient), on a connection that comes back."""
 
     def attempt() -> None:
+        conn = control.get()
         with conn.transaction():
-            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(DDL_LOCK_TIMEOUT)))
-            body()
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(opts.ddl_lock_timeout)))
+            body(conn)
             ckpt.record_step(conn, job, step)
 
     retry.call(attempt, what=step, max_retries=max(opts.max_retries, 8), maximum=30.0)
@@ -159,7 +167,6 @@ def _update_registry(conn: psycopg.Connection[Any], info: TableInfo, job: Job, s
 
 
 def _build_index(
-    conn: psycopg.Connection[Any],
     conninfo: str,
     info: TableInfo,
     job: Job,
@@ -170,12 +177,15 @@ def _build_index(
     name = job.row["index_name"]
     if name is None:
         log.warning("no_index_to_rebuild", detail="the column had no HNSW index when the job started")
-        _ddl(conn, job, "build_index", opts, lambda: None)
+        control = db.Session(conninfo, role="control", vectors=False)
+        try:
+            _ddl(control, job, "build_index", opts, lambda conn: None)
+        finally:
+            control.close()
         return
     spec = job.row["index_def"] or {}
     index = sql.Identifier(info.ident[0], name)
     memory = build_memory(rows, sig.dimension, opts.index_memory, m=int(spec.get("m", 16)))
-    workers = build_workers(conn, conninfo)
     if job.row["index_dropped"]:
         statement = sql.SQL(
             "CREATE INDEX {conc}{name} ON {table} USING hnsw ({col} {opclass}) "
@@ -192,6 +202,10 @@ def _build_index(
         statement = sql.SQL("REINDEX INDEX {conc}{name}").format(
             conc=sql.SQL("CONCURRENTLY " if opts.concurrent_index else ""), name=index
         )
+    watcher = _ProgressWatcher(conninfo, info.oid)
+    build_conn = db.connect(conninfo, role="index", vectors=False, autocommit=True)
+    build_conn.add_notice_handler(_notice)
+    workers = build_workers(build_conn, conninfo)
     log.info(
         "index_build_started",
         index=name,
@@ -199,9 +213,6 @@ def _build_index(
         parallel_workers=workers,
         concurrent=opts.concurrent_index,
     )
-    watcher = _ProgressWatcher(conninfo, info.oid)
-    build_conn = db.connect(conninfo, role="index", vectors=False, autocommit=True)
-    build_conn.add_notice_handler(_notice)
     try:
         watcher.start()
 
@@ -210,7 +221,7 @@ def _build_index(
             build_conn.execute(
                 sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(workers))
             )
-            build_conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(DDL_LOCK_TIMEOUT)))
+            build_conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(opts.ddl_lock_timeout)))
 
         def attempt() -> None:
             nonlocal build_conn

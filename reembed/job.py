@@ -17,10 +17,11 @@ import structlog
 from psycopg import sql
 
 from reembed import checkpoint as ckpt
-from reembed import db, finalize, retry
+from reembed import db, failures, finalize, retry
 from reembed.checkpoint import Job
 from reembed.embedder import Embedder, SentenceTransformerEmbedder, Signature, fingerprint
-from reembed.errors import ConfigError, Stopped
+from reembed.errors import ConfigError, LockHeld, Stopped
+from reembed.lease import LockKeeper, break_stale
 from reembed.pipeline import EmbedPhase
 from reembed.queries import query
 from reembed.report import Report
@@ -61,7 +62,9 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
             embedder = embedder or _load(settings)
             return plan_report(conn, info, registry, job, embedder.signature, embedder, settings, started)
 
-        lock = db.try_lock(conninfo, info.oid, table=info.qualified)  # exit 3 at once, before the model loads
+        lock = _take_lock(conn, conninfo, info, opts)  # exit 3 at once, before the model loads
+        keeper = LockKeeper(lock, conninfo, table_oid=info.oid, table=info.qualified)
+        keeper.start()
         try:
             embedder = embedder or _load(settings)
             if spec.dimension is not None and spec.dimension != embedder.signature.dimension:
@@ -70,13 +73,32 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
                 )
             stop.install()
             try:
-                return _locked_run(conn, conninfo, info, embedder, settings, stop, lock, started)
+                return _locked_run(conn, conninfo, info, embedder, settings, stop, keeper, started)
             finally:
                 stop.restore()
         finally:
+            keeper.stop()
             lock.release()
     finally:
         conn.close()
+
+
+def _take_lock(conn: psycopg.Connection[Any], conninfo: str, info: TableInfo, opts: Any) -> db.TableLock:
+    try:
+        return db.try_lock(conninfo, info.oid, table=info.qualified)
+    except LockHeld as held:
+        if not opts.break_stale_lock:
+            raise
+        break_stale(conn, table=info.qualified, column=info.column, holder_pid=held.holder,
+                    stale_after=opts.stale_after)
+    deadline = time.monotonic() + 15
+    while True:  # the terminated backend lets go of the lock as it exits
+        try:
+            return db.try_lock(conninfo, info.oid, table=info.qualified)
+        except LockHeld:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _registry_matches(registry: dict[str, Any] | None, name: str, model_hash: str) -> bool:
@@ -135,7 +157,7 @@ def _locked_run(
     embedder: Embedder,
     settings: Settings,
     stop: StopSignal,
-    lock: db.TableLock,
+    keeper: LockKeeper,
     started: float,
 ) -> Report:
     opts = settings.options
@@ -165,8 +187,9 @@ def _locked_run(
             return Report(state="stopped", exit_code=stop.exit_code, message="aborted before any write")
         job = prepare(conn, info, sig, registry, job, settings)
     structlog.contextvars.bind_contextvars(job_id=job.id)
+    keeper.job_id = job.id
     try:
-        return _drive(conn, conninfo, info, embedder, settings, stop, lock, job, started, resumed_from)
+        return _drive(conninfo, info, embedder, settings, stop, keeper, job, started, resumed_from)
     finally:
         structlog.contextvars.unbind_contextvars("job_id")
 
@@ -216,7 +239,7 @@ def prepare(
 
     def attempt() -> Job:
         with conn.transaction():
-            conn.execute("SET LOCAL lock_timeout = '5s'")
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(opts.ddl_lock_timeout)))
             if old is not None:
                 ckpt.set_state(conn, old, to="abandoned", from_state=old.state)
                 log.warning("job_abandoned", old_job_id=old.id, old_model=old.row["target_model_name"])
@@ -268,13 +291,12 @@ def estimate_rows(conn: psycopg.Connection[Any], info: TableInfo) -> int:
 
 
 def _drive(
-    conn: psycopg.Connection[Any],
     conninfo: str,
     info: TableInfo,
     embedder: Embedder,
     settings: Settings,
     stop: StopSignal,
-    lock: db.TableLock,
+    keeper: LockKeeper,
     job: Job,
     started: float,
     resumed_from: str | None,
@@ -282,7 +304,8 @@ def _drive(
     opts = settings.options
     sig = embedder.signature
     deadline = opts.deadline(started)
-    phase = EmbedPhase(conninfo, info, job, embedder, opts, stop, lock, deadline=deadline)
+    control = db.Session(conninfo, role="control", vectors=False)
+    phase = EmbedPhase(conninfo, info, job, embedder, opts, stop, keeper, deadline=deadline)
     report = Report(
         state="done",
         job_id=job.id,
@@ -297,21 +320,24 @@ def _drive(
         report.rows_updated, report.rows_skipped = phase.rows_updated, phase.rows_skipped
         report.details["embed_secs"] = round(phase.secs, 3)
         report.details["embed_rows_per_sec"] = round(report.rows_updated / phase.secs, 1) if phase.secs else None
+        report.rows_failed = phase.rows_failed
         if stop.requested:
-            return _stopped(report, stop, started, conn, job)
-        job = ckpt.reload(conn, job)
-        outcome = finalize.run(conn, conninfo, info, job, sig, opts, stop, lock, deadline=deadline)
+            return _stopped(report, stop, started, control, job)
+        note = failures.settle(control, info, job, embedder, opts, batch_size=opts.batch_size)
+        outcome = finalize.run(control, conninfo, info, job, sig, opts, stop, keeper, deadline=deadline)
         report.index_rebuild_secs = outcome.index_secs
         if not outcome.finished:
-            return _stopped(report, stop, started, conn, job, message=outcome.message)
+            return _stopped(report, stop, started, control, job, message=outcome.message)
     except Stopped:
         raise
     except BaseException as exc:
         report.rows_updated, report.rows_skipped = phase.rows_updated, phase.rows_skipped
         _record_error(conninfo, job, exc)
         raise
-    report.rows_failed = phase.rows_failed
+    finally:
+        control.close()
     report.duration_secs = time.monotonic() - started
+    report.message = "; ".join(m for m in (note, outcome.message) if m)
     log.info(
         "job_done",
         rows_updated=report.rows_updated,
@@ -323,12 +349,12 @@ def _drive(
 
 
 def _stopped(
-    report: Report, stop: StopSignal, started: float, conn: psycopg.Connection[Any], job: Job, message: str = ""
+    report: Report, stop: StopSignal, started: float, control: db.Session, job: Job, message: str = ""
 ) -> Report:
     report.state = "time_budget" if stop.reason == "time_budget" else "stopped"
     report.exit_code = stop.exit_code
     report.duration_secs = time.monotonic() - started
-    progress = ckpt.progress(conn, job)
+    progress = ckpt.progress(control.get(), job)
     report.message = message or f"checkpoint at {progress['last_id']}; re-run to resume"
     log.warning("job_stopped", reason=stop.reason, last_id=progress["last_id"], rows_done=progress["rows_done"])
     return report

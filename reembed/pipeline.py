@@ -26,7 +26,9 @@ from reembed import checkpoint as ckpt
 from reembed import db, retry
 from reembed.checkpoint import Cursor, Job
 from reembed.embedder import Embedder
-from reembed.errors import CheckpointConflict, LockHeld
+from reembed import failures
+from reembed.errors import CheckpointConflict
+from reembed.lease import LockKeeper
 from reembed.progress import Progress
 from reembed.settings import RunOptions
 from reembed.signals import StopSignal
@@ -49,7 +51,7 @@ class EmbedPhase:
         embedder: Embedder,
         opts: RunOptions,
         stop: StopSignal,
-        lock: db.TableLock,
+        keeper: LockKeeper,
         *,
         deadline: float | None = None,
         write_path: str | None = None,
@@ -60,7 +62,7 @@ class EmbedPhase:
         self.embedder = embedder
         self.opts = opts
         self.stop = stop
-        self.lock = lock
+        self.keeper = keeper
         self.deadline = deadline
         self.write_path = write_path
         self.rows_updated = 0
@@ -87,10 +89,10 @@ class EmbedPhase:
             return
         self.cursor = cursors[0]  # one range per job today; ranges are claimed in order
         self.progress = Progress(total=total, done=done, interval=self.opts.progress_interval)
-        self.reader_conn = db.connect(self.conninfo, role="reader", autocommit=True)
-        self.writer_conn = db.connect(self.conninfo, role="writer", autocommit=True)
-        self.reader = Reader(self.reader_conn, self.info, batch_size=self.opts.batch_size, upper=self.cursor.upper_id)
-        self.writer = self._make_writer()
+        self.reader_session = db.Session(self.conninfo, role="reader")
+        self.writer_session = db.Session(self.conninfo, role="writer")
+        self._reader: Reader | None = None
+        self._writer: Writer | None = None
         log.info("embedding_started", last_id=self.cursor.last_id, rows_done=done, rows_total=total)
         started = time.monotonic()
         try:
@@ -101,13 +103,25 @@ class EmbedPhase:
         finally:
             self.secs = time.monotonic() - started
             self.progress.close()
-            for conn in (self.reader_conn, self.writer_conn):
-                conn.close()
+            self.reader_session.close()
+            self.writer_session.close()
         if self._errors:
             raise self._errors[0]
 
-    def _make_writer(self) -> Writer:
-        return Writer(self.writer_conn, self.info, **({"path": self.write_path} if self.write_path else {}))
+    def reader(self) -> Reader:
+        """The reader on a live connection (a new one after a lost connection)."""
+        conn = self.reader_session.get()
+        if self._reader is None or self._reader.conn is not conn:
+            self._reader = Reader(conn, self.info, batch_size=self.opts.batch_size, upper=self.cursor.upper_id)
+        return self._reader
+
+    def writer(self) -> Writer:
+        conn = self.writer_session.get()
+        if self._writer is None or self._writer.conn is not conn:
+            if self._writer is not None:  # reconnected: is the lock still ours?
+                self.keeper.ensure()
+            self._writer = Writer(conn, self.info, **({"path": self.write_path} if self.write_path else {}))
+        return self._writer
 
     def _should_stop(self) -> bool:
         if self.deadline is not None and time.monotonic() >= self.deadline and not self.stop.requested:
@@ -119,9 +133,9 @@ class EmbedPhase:
 
     def _read(self, after: str | None, seq: int) -> Batch | None:
         def attempt() -> Batch | None:
-            return self.reader.read(after, seq)
+            return self.reader().read(after, seq)
 
-        batch = retry.call(attempt, what="read_batch", max_retries=self.opts.max_retries, on_retry=self._reconnect_reader)
+        batch = retry.call(attempt, what="read_batch", max_retries=self.opts.max_retries)
         log.debug("batch_read", seq=seq, rows=len(batch.ids) if batch else 0)
         return batch
 
@@ -129,9 +143,15 @@ class EmbedPhase:
         present = [i for i, t in enumerate(batch.texts) if t is not None]
         vectors: list[np.ndarray | None] = [None] * len(batch.texts)
         if present:
-            encoded = self.embedder.encode([batch.texts[i] for i in present])  # type: ignore[misc]
-            for slot, vec in zip(present, encoded, strict=True):
-                vectors[slot] = vec
+            failures.encode_isolating(self.embedder, batch.texts, present, vectors, batch.failed)
+        if batch.failed:
+            log.warning(
+                "rows_failed_to_encode",
+                ids=[batch.id_texts[i] for i in batch.failed][:20],
+                count=len(batch.failed),
+                error=next(iter(batch.failed.values())),
+                detail="recorded in reembed_failed_rows and skipped; see `reembed status`",
+            )
         batch.vectors = vectors
         log.debug("batch_encoded", seq=batch.seq, rows=len(present))
         return batch
@@ -139,23 +159,30 @@ class EmbedPhase:
     def _commit(self, batch: Batch) -> None:
         assert batch.vectors is not None
         skipped = batch.skipped
-        rows = len(batch.ids) - skipped
+        failed = len(batch.failed)
+        rows = len(batch.ids) - skipped - failed
         started = time.monotonic()
 
         def attempt() -> None:
-            if self._already_committed(batch):
+            self.keeper.check()
+            writer = self.writer()
+            conn = writer.conn
+            if self._already_committed(conn, batch):
                 return
-            with self.writer_conn.transaction():
-                self.writer.write(batch.ids, batch.vectors)  # type: ignore[arg-type]
-                ckpt.advance(self.writer_conn, self.cursor, to_id=batch.last_id, rows=rows, skipped=skipped, rate=self._rate)
-                ckpt.heartbeat(self.writer_conn, self.job, db.holder_name())
+            with conn.transaction():
+                writer.write(batch.ids, batch.vectors)  # type: ignore[arg-type]
+                if batch.failed:
+                    failures.record(conn, self.job, batch)
+                ckpt.advance(conn, self.cursor, to_id=batch.last_id, rows=rows, skipped=skipped, rate=self._rate)
+                ckpt.heartbeat(conn, self.job, db.holder_name())
 
-        retry.call(attempt, what="commit_batch", max_retries=self.opts.max_retries, on_retry=self._reconnect_writer)
+        retry.call(attempt, what="commit_batch", max_retries=self.opts.max_retries)
         self.cursor.last_id = batch.last_id
         self.cursor.rows_done += rows
         self.cursor.rows_skipped += skipped
         self.rows_updated += rows
         self.rows_skipped += skipped
+        self.rows_failed += failed
         self.progress.advance(len(batch.ids))
         self._rate = self.progress.rate
         log.debug(
@@ -171,19 +198,20 @@ class EmbedPhase:
         """Every row is done: close the range and hand the job to finalize, in one transaction."""
 
         def attempt() -> None:
-            with self.writer_conn.transaction():
-                ckpt.finish_range(self.writer_conn, self.cursor)
-                ckpt.set_state(self.writer_conn, self.job, to="finalizing", from_state="embedding")
+            conn = self.writer_session.get()
+            with conn.transaction():
+                ckpt.finish_range(conn, self.cursor)
+                ckpt.set_state(conn, self.job, to="finalizing", from_state="embedding")
 
-        retry.call(attempt, what="finish_embedding", max_retries=self.opts.max_retries, on_retry=self._reconnect_writer)
+        retry.call(attempt, what="finish_embedding", max_retries=self.opts.max_retries)
         self.completed = True
         log.info("embedding_complete", rows_updated=self.rows_updated, rows_skipped=self.rows_skipped)
 
     # ------------------------------------------------------------ reconnects
 
-    def _already_committed(self, batch: Batch) -> bool:
+    def _already_committed(self, conn: Any, batch: Batch) -> bool:
         """After a lost connection, did the commit land before the connection went?"""
-        row = self.writer_conn.execute(
+        row = conn.execute(
             "SELECT last_id FROM reembed_checkpoint_range WHERE job_id = %s AND range_no = %s",
             (self.cursor.job_id, self.cursor.range_no),
         ).fetchone()
@@ -193,30 +221,6 @@ class EmbedPhase:
         if last != self.cursor.last_id:
             raise CheckpointConflict(self.cursor.job_id, self.cursor.last_id)
         return False
-
-    def _reconnect_reader(self, exc: BaseException) -> None:
-        if self.reader_conn.closed or self.reader_conn.broken:
-            self.reader_conn = db.reconnect(self.conninfo, role="reader", autocommit=True)
-            self.reader.conn = self.reader_conn
-
-    def _reconnect_writer(self, exc: BaseException) -> None:
-        if self.writer_conn.closed or self.writer_conn.broken:
-            self.writer_conn = db.reconnect(self.conninfo, role="writer", autocommit=True)
-            self.writer = self._make_writer()
-            self._ensure_lock()
-
-    def _ensure_lock(self) -> None:
-        """After a reconnect the lock's connection may have gone too: take the lock again."""
-        if self.lock.alive():
-            return
-        self.lock.release()
-        try:
-            fresh = db.try_lock(self.conninfo, self.info.oid, table=self.info.qualified)
-        except LockHeld:
-            log.error("lock_lost", detail="another run took the lock while we were disconnected")
-            raise
-        self.lock.conn, self.lock.key = fresh.conn, fresh.key
-        log.warning("lock_reacquired")
 
     # ------------------------------------------------------------- schedules
 
@@ -254,7 +258,8 @@ class EmbedPhase:
                 # Stopped / KeyboardInterrupt: leave at once; cancel the writer's statement
                 # so its open transaction rolls back (the checkpoint stays where it was).
                 with contextlib.suppress(Exception):
-                    self.writer_conn.cancel_safe()
+                    if self._writer is not None:
+                        self._writer.conn.cancel_safe()
                 raise
             self._errors.append(exc)
         if self.stop.requested or self._abort.is_set():

@@ -96,10 +96,11 @@ class RunOptions:
     max_runtime: float | None = None  # seconds
     until: dt.datetime | None = None
     max_retries: int = 5
+    ddl_lock_timeout: str = "5s"  # every DDL statement waits at most this long for its lock
     index_memory: int = 2 * 1024**3  # cap on maintenance_work_mem for the HNSW build
     progress_interval: float = 30.0
     break_stale_lock: bool = False
-    stale_after: float = 300.0  # a heartbeat older than this means the holder is gone
+    stale_after: float = 90.0  # a heartbeat older than this means the holder is gone (beats every 10 s)
     retry_failed: bool = False
     accept_failed: bool = False
 
@@ -162,6 +163,7 @@ class Settings:
             max_runtime=parse_duration(args.max_runtime) if args.max_runtime else None,
             until=next_clock_time(args.until) if args.until else None,
             max_retries=args.max_retries,
+            ddl_lock_timeout=f"{int(parse_duration(args.ddl_lock_timeout) * 1000)}ms",
             index_memory=parse_size(args.index_memory),
             progress_interval=args.progress_interval,
             break_stale_lock=args.break_stale_lock,

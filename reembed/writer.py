@@ -15,7 +15,7 @@ The fastest is the default (DEFAULT_WRITE_PATH); the others stay for the benchma
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ class Batch:
     id_texts: list[str]
     texts: list[str | None]
     vectors: list[np.ndarray | None] | None = None
+    failed: dict[int, str] = field(default_factory=dict)  # index -> why the model could not take it
 
     @property
     def last_id(self) -> str:

@@ -1,0 +1,121 @@
+"""Keeping the table's lock for the whole run, and proving we are alive.
+
+A LockKeeper thread checks every few seconds that our advisory lock is still held (a lost
+connection, a server restart or pg_terminate_backend drops it), takes it again when it can,
+and records a heartbeat on the job row. If another run took the lock meanwhile, the job
+stops with exit 3 at its next batch or finalize step. `--break-stale-lock` terminates a
+holder whose heartbeat is older than the stale limit, and only such a holder.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import structlog
+
+from reembed import db
+from reembed.errors import DatabaseError, LockHeld
+
+log = structlog.get_logger()
+
+CHECK_EVERY = 2.0
+HEARTBEAT_EVERY = 10.0
+
+
+class LockKeeper:
+    def __init__(self, lock: db.TableLock, conninfo: str, *, table_oid: int, table: str) -> None:
+        self.lock = lock
+        self.conninfo = conninfo
+        self.table_oid = table_oid
+        self.table = table
+        self.job_id: int | None = None
+        self.lost: LockHeld | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reembed-lock-keeper", daemon=True)
+        self._since_beat = HEARTBEAT_EVERY
+        self._mutex = threading.Lock()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def check(self) -> None:
+        """Raise LockHeld if another run took our lock while we were disconnected."""
+        if self.lost is not None:
+            raise self.lost
+
+    def ensure(self) -> None:
+        """Verify the lock now (after a reconnect elsewhere, the lock's connection is suspect too)."""
+        self.check()
+        try:
+            self._tick(beat=False)
+        except LockHeld as exc:
+            log.error("lock_lost", detail=str(exc))
+            self.lost = exc
+            raise
+
+    def _loop(self) -> None:
+        while not self._stop.wait(CHECK_EVERY):
+            try:
+                self._tick()
+            except LockHeld as exc:
+                log.error("lock_lost", detail=str(exc))
+                self.lost = exc
+                return
+            except (psycopg.Error, DatabaseError) as exc:  # the server is away: try again at the next tick
+                log.warning("lock_check_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    def _tick(self, *, beat: bool = True) -> None:
+        with self._mutex:
+            if not self.lock.alive():
+                self.lock.release()
+                fresh = db.try_lock(self.conninfo, self.table_oid, table=self.table, again=True)
+                self.lock.conn, self.lock.key = fresh.conn, fresh.key
+                log.warning("lock_reacquired", table=self.table)
+                self._since_beat = HEARTBEAT_EVERY
+            if beat:
+                self._beat()
+
+    def _beat(self) -> None:
+        self._since_beat += CHECK_EVERY
+        if self.job_id is not None and self._since_beat >= HEARTBEAT_EVERY:
+            self.lock.conn.execute(
+                "UPDATE reembed_checkpoint SET heartbeat_at = now(), holder = %s WHERE job_id = %s",
+                (db.holder_name(), self.job_id),
+            )
+            self._since_beat = 0.0
+
+
+def break_stale(conn: psycopg.Connection[Any], *, table: str, column: str, holder_pid: int | None,
+                stale_after: float) -> None:
+    """Terminate the lock holder's backend if, and only if, its job heartbeat is stale."""
+    row = conn.execute(
+        "SELECT job_id, holder, extract(epoch FROM now() - heartbeat_at) AS age FROM reembed_checkpoint"
+        " WHERE table_name = %s AND column_name = %s AND state IN ('embedding', 'finalizing')",
+        (table, column),
+    ).fetchone() if _has_checkpoint(conn) else None
+    if holder_pid is None:
+        raise LockHeld(f"{table}: the lock's holder let go or cannot be seen; run again")
+    if row is None or row["age"] is None:
+        raise LockHeld(
+            f"{table} is locked by backend {holder_pid}, which has no job heartbeat to judge; "
+            "not breaking a lock that may be live"
+        )
+    if float(row["age"]) < stale_after:
+        raise LockHeld(
+            f"{table} is locked by {row['holder']} (backend {holder_pid}), whose heartbeat is "
+            f"{float(row['age']):.0f} s old: it is alive; not breaking its lock"
+        )
+    log.warning("breaking_stale_lock", holder=row["holder"], backend_pid=holder_pid,
+                heartbeat_age_secs=round(float(row["age"])))
+    conn.execute("SELECT pg_terminate_backend(%s)", (holder_pid,))
+
+
+def _has_checkpoint(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT to_regclass('reembed_checkpoint') IS NOT NULL AS p").fetchone()
+    return bool(row and row["p"])

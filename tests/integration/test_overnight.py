@@ -1,0 +1,415 @@
+"""Overnight and from cron: time windows, transient faults, lost locks, OOM, failed rows, progress."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from helpers import HashEmbedder, fetch, hash_vector, job_rows_done, make_table, one, run_cli, spawn, wait_for
+from reembed import db, retry
+from reembed.errors import DatabaseError, ReembedError
+from reembed.job import run
+from reembed.settings import ModelSpec, RunOptions, Settings, Target
+
+ROWS = 480
+BATCH = 16
+
+
+def settings(dsn: str, **opts: Any) -> Settings:
+    opts.setdefault("confirm_seconds", 0)
+    return Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused"), options=RunOptions(**opts))
+
+
+def cli_args(dsn: str, model: Path, *extra: str) -> list[str]:
+    return ["run", "--dsn", dsn, "--model", str(model), "--no-confirm", "--batch-size", str(BATCH),
+            "--log-format", "json", "--json", *extra]
+
+
+def all_rows_new(dsn: str, dim: int, rows: int) -> bool:
+    return one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = %s", (dim,)) == rows
+
+
+def events(log: Path, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{") and f'"event": "{name}"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def wait_exit(proc: Any, timeout: float = 180) -> int:
+    try:
+        return int(proc.wait(timeout=timeout))
+    except Exception:
+        proc.kill()
+        raise
+
+
+# ------------------------------------------------------------------ time windows
+
+
+def test_max_runtime_commits_the_batch_in_flight_exits_75_and_the_next_run_resumes(dsn: str) -> None:
+    make_table(dsn, rows=100, old_dim=32)
+    emb = HashEmbedder(32)
+    original = emb.encode
+    started = time.monotonic()
+
+    def encode_until_the_window_closes(texts: Any) -> Any:
+        if emb.calls == 2:  # two batches encoded: the third is in flight when the window closes
+            wait_for(lambda: time.monotonic() - started > 1.0, timeout=10, what="the window to close")
+        return original(texts)
+
+    emb.encode = encode_until_the_window_closes  # type: ignore[method-assign]
+    report = run(settings(dsn, batch_size=10, max_runtime=1.0, pipeline=False), embedder=emb)
+    assert report.state == "time_budget" and report.exit_code == 75
+    assert one(dsn, "SELECT rows_done FROM reembed_checkpoint_range") == report.rows_updated == 30
+    resumed = run(settings(dsn, batch_size=10), embedder=HashEmbedder(32))
+    assert resumed.state == "done" and resumed.rows_updated == 70
+
+
+def test_finalize_is_not_started_when_the_window_cannot_hold_it_and_the_next_run_does_it(dsn: str) -> None:
+    make_table(dsn, rows=30, old_dim=32)
+    report = run(settings(dsn, max_runtime=4.0), embedder=HashEmbedder(32))  # finalize needs >= 5 s x 1.5
+    assert report.exit_code == 75 and report.rows_updated == 30
+    assert "finalize postponed" in report.message
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "finalizing"
+    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == []
+    done = run(settings(dsn), embedder=HashEmbedder(32))
+    assert done.state == "done" and done.rows_updated == 0
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "done"
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_cli_max_runtime_exits_75_with_a_consistent_checkpoint(dsn: str, minilm_path: Path, workdir: Path) -> None:
+    make_table(dsn, rows=1500)
+    out = run_cli(cli_args(dsn, minilm_path, "--max-runtime", "9s"), cwd=workdir)
+    assert out.returncode == 75, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["state"] == "time_budget"
+    done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
+    assert done == report["rows_updated"] < 1500
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 384") == done
+    again = run_cli(cli_args(dsn, minilm_path), cwd=workdir)
+    assert again.returncode == 0 and json.loads(again.stdout)["rows_updated"] == 1500 - done
+
+
+# ------------------------------------------------------------- transient faults
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_terminated_connections_mid_batch_are_survived_and_every_row_is_right(
+    dsn: str, minilm_path: Path, workdir: Path
+) -> None:
+    make_table(dsn, rows=ROWS)
+    log = workdir / "terminate.log"
+    proc = spawn(cli_args(dsn, minilm_path), cwd=workdir, log=log)
+    wait_for(lambda: job_rows_done(dsn) >= 2 * BATCH, timeout=120, what="two committed batches")
+    killed = one(dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                      " WHERE application_name LIKE 'reembed %%'")
+    assert killed >= 3  # lock, reader, writer (and control)
+    assert wait_exit(proc) == 0, log.read_text()[-3000:]
+    assert all_rows_new(dsn, 384, ROWS)
+    assert one(dsn, "SELECT rows_done FROM reembed_checkpoint_range") == ROWS
+    retries = events(log, "transient_error_retrying")
+    assert retries and all(r["attempt"] >= 1 for r in retries)
+    assert events(log, "lock_reacquired")
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_postgresql_restart_mid_run_is_survived_and_every_row_is_right(
+    dsn: str, pg_server: Any, minilm_path: Path, workdir: Path
+) -> None:
+    make_table(dsn, rows=ROWS)
+    log = workdir / "restart.log"
+    proc = spawn(cli_args(dsn, minilm_path, "--max-retries", "12"), cwd=workdir, log=log)
+    wait_for(lambda: job_rows_done(dsn) >= 2 * BATCH, timeout=120, what="two committed batches")
+    pg_server.restart()
+    assert wait_exit(proc) == 0, log.read_text()[-3000:]
+    assert all_rows_new(dsn, 384, ROWS)
+    assert events(log, "transient_error_retrying")
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "done"
+
+
+def test_a_real_serialization_failure_is_retried_with_its_attempt_logged(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        setup.execute("CREATE TABLE counter (id int PRIMARY KEY, n int)")
+        setup.execute("INSERT INTO counter VALUES (1, 0)")
+    attempts = {"n": 0}
+    a = psycopg.connect(dsn)
+    b = psycopg.connect(dsn, autocommit=True)
+
+    def bump() -> int:
+        attempts["n"] += 1
+        with a.transaction():
+            a.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            a.execute("SELECT n FROM counter WHERE id = 1").fetchone()
+            if attempts["n"] == 1:
+                b.execute("UPDATE counter SET n = n + 100 WHERE id = 1")  # a concurrent writer
+            return a.execute("UPDATE counter SET n = n + 1 WHERE id = 1 RETURNING n").fetchone()[0]  # type: ignore[index]
+
+    try:
+        assert retry.call(bump, what="bump", max_retries=3, initial=0.01) == 101
+    finally:
+        a.close()
+        b.close()
+    assert attempts["n"] == 2
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [psycopg.errors.SerializationFailure("x"), psycopg.errors.DeadlockDetected("x"),
+     psycopg.errors.LockNotAvailable("x"), psycopg.OperationalError("server closed the connection")],
+    ids=["serialization", "deadlock", "lock-timeout", "connection-lost"],
+)
+def test_transient_errors_are_retried_up_to_the_bound_then_surface(exc: Exception) -> None:
+    calls = {"n": 0}
+
+    def always() -> None:
+        calls["n"] += 1
+        raise exc
+
+    with pytest.raises(DatabaseError) as raised:
+        retry.call(always, what="x", max_retries=2, initial=0.001, maximum=0.01)
+    assert calls["n"] == 3 and raised.value.retryable and raised.value.__cause__ is exc
+
+
+def test_a_permanent_error_is_not_retried() -> None:
+    calls = {"n": 0}
+
+    def broken() -> None:
+        calls["n"] += 1
+        raise psycopg.errors.UndefinedTable("nope")
+
+    with pytest.raises(DatabaseError) as raised:
+        retry.call(broken, what="x", max_retries=5, initial=0.001)
+    assert calls["n"] == 1 and not raised.value.retryable
+
+
+def test_ddl_waits_only_briefly_for_its_lock_so_application_queries_do_not_queue_behind_it(dsn: str) -> None:
+    make_table(dsn, rows=40, old_dim=64)
+    emb = HashEmbedder(32)
+    original = emb.encode
+    go = threading.Event()
+    embedding = threading.Event()
+
+    def encode_when_told(texts: Any) -> Any:
+        embedding.set()
+        go.wait(30)
+        return original(texts)
+
+    emb.encode = encode_when_told  # type: ignore[method-assign]
+    result: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: result.setdefault("report", run(settings(dsn, ddl_lock_timeout="300ms", batch_size=20),
+                                                         embedder=emb)))
+    worker.start()
+    embedding.wait(30)  # prepared (index dropped, column relaxed): now an application transaction starts
+    blocker = psycopg.connect(dsn)
+    blocker.execute("LOCK TABLE knowledge_nodes IN ACCESS SHARE MODE")
+    go.set()
+    try:
+        wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                  " AND query ILIKE 'ALTER TABLE%%'"), timeout=30, what="the DDL waiting")
+        started = time.monotonic()
+        with psycopg.connect(dsn) as app:  # queued behind the DDL's lock request, at most lock_timeout
+            app.execute("SELECT count(*) FROM knowledge_nodes").fetchone()
+        assert time.monotonic() - started < 3.0
+        wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                  " AND query ILIKE 'ALTER TABLE%%'"), timeout=30, what="the DDL's next attempt")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    worker.join(timeout=120)
+    assert result["report"].state == "done"
+    assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                    "'knowledge_nodes'::regclass AND attname = 'embedding'") == "vector(32)"
+
+
+# ------------------------------------------------------------------- the lock
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_a_run_that_lost_its_lock_to_another_stops_with_exit_3(dsn: str, minilm_path: Path, workdir: Path) -> None:
+    make_table(dsn, rows=ROWS)
+    log = workdir / "lost.log"
+    proc = spawn(cli_args(dsn, minilm_path), cwd=workdir, log=log)
+    wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="a committed batch")
+    oid = one(dsn, "SELECT 'knowledge_nodes'::regclass::oid::bigint")
+    one(dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'reembed lock %%'")
+    thief = psycopg.connect(dsn, autocommit=True)
+    try:
+        wait_for(lambda: thief.execute("SELECT pg_try_advisory_lock(%s)", (db.lock_key(oid),)).fetchone()[0],  # type: ignore[index]
+                 timeout=30, what="the other run to take the lock")
+        assert wait_exit(proc, timeout=60) == 3, log.read_text()[-3000:]
+    finally:
+        thief.close()
+    assert events(log, "lock_lost")
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
+    again = run_cli(cli_args(dsn, minilm_path), cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all_rows_new(dsn, 384, ROWS)
+
+
+def test_lock_connections_ask_the_server_for_tcp_keepalives(dsn: str) -> None:
+    conn = db.connect(dsn, role="lock", vectors=False)
+    try:
+        options = conn.pgconn.options.decode()
+    finally:
+        conn.close()
+    for setting in ("tcp_keepalives_idle=60", "tcp_keepalives_interval=10", "tcp_keepalives_count=6"):
+        assert setting in options
+
+
+def _ghost_holder(dsn: str, heartbeat_age: str) -> psycopg.Connection[Any]:
+    """A stopped job, and a 'holder' that keeps the lock with a heartbeat `heartbeat_age` old."""
+    from reembed.signals import StopSignal
+
+    stop = StopSignal()
+    emb = HashEmbedder(32)
+    original = emb.encode
+
+    def encode_then_stop(texts: Any) -> Any:
+        stop.request("SIGTERM")
+        return original(texts)
+
+    emb.encode = encode_then_stop  # type: ignore[method-assign]
+    assert run(settings(dsn, batch_size=10, pipeline=False), embedder=emb, stop=stop).exit_code == 143
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE reembed_checkpoint SET heartbeat_at = now() - %s::interval, holder = 'gpu-7:4242'",
+                  (heartbeat_age,))
+    ghost = psycopg.connect(dsn, autocommit=True, application_name="reembed lock gpu-7:4242")
+    oid = one(dsn, "SELECT 'knowledge_nodes'::regclass::oid::bigint")
+    assert ghost.execute("SELECT pg_try_advisory_lock(%s)", (db.lock_key(oid),)).fetchone()[0]  # type: ignore[index]
+    return ghost
+
+
+def test_break_stale_lock_terminates_a_stale_holder_and_takes_over(dsn: str) -> None:
+    make_table(dsn, rows=40, old_dim=32)
+    ghost = _ghost_holder(dsn, "1 hour")
+    try:
+        status = run_cli(["status", "--dsn", dsn, "--json"], cwd=Path("/"))
+        data = json.loads(status.stdout)
+        assert data["stale"] is True and data["holder"]["who"] == "reembed lock gpu-7:4242"
+        text = run_cli(["status", "--dsn", dsn], cwd=Path("/")).stdout
+        assert "it probably died; `reembed run --break-stale-lock` takes over" in text
+
+        with pytest.raises(ReembedError, match="is being re-embedded by 'reembed lock gpu-7:4242'") as held:
+            run(settings(dsn, batch_size=10), embedder=HashEmbedder(32))
+        assert held.value.exit_code == 3
+        report = run(settings(dsn, batch_size=10, break_stale_lock=True), embedder=HashEmbedder(32))
+        assert report.state == "done" and report.rows_updated == 30
+        with pytest.raises(psycopg.OperationalError):
+            ghost.execute("SELECT 1")
+    finally:
+        ghost.close()
+
+
+def test_break_stale_lock_never_breaks_a_live_holder(dsn: str) -> None:
+    make_table(dsn, rows=40, old_dim=32)
+    ghost = _ghost_holder(dsn, "5 seconds")
+    try:
+        with pytest.raises(ReembedError, match="whose heartbeat is [0-9]+ s old: it is alive; not breaking its lock") as held:
+            run(settings(dsn, batch_size=10, break_stale_lock=True), embedder=HashEmbedder(32))
+        assert held.value.exit_code == 3
+        assert ghost.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        ghost.close()
+
+
+# --------------------------------------------------------------------- the model
+
+
+def test_cuda_oom_halves_the_encode_batch_until_it_fits_and_keeps_that_size(
+    dsn: str, static_model_dir: Any
+) -> None:
+    import torch
+
+    from reembed.embedder import SentenceTransformerEmbedder
+
+    make_table(dsn, rows=60, old_dim=48)
+    emb = SentenceTransformerEmbedder(ModelSpec(model=str(static_model_dir(48)), device="cpu"), encode_batch_size=64)
+    real = emb.model.encode
+    sizes: list[int] = []
+
+    def tight_memory(texts: Any, batch_size: int, **kw: Any) -> Any:
+        sizes.append(batch_size)
+        if batch_size > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(texts, batch_size=batch_size, **kw)
+
+    emb.model.encode = tight_memory
+    report = run(settings(dsn, batch_size=20), embedder=emb)
+    assert report.state == "done" and report.rows_updated == 60
+    assert emb.encode_batch_size == 8
+    assert sizes[:4] == [64, 32, 16, 8] and set(sizes[4:]) == {8}
+    rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
+    want = real([r["content"] for r in rows], batch_size=8)
+    for row, vec in zip(rows, want, strict=True):
+        np.testing.assert_allclose(np.array(json.loads(row["e"])), vec, atol=1e-5)
+
+
+def _poisoned(dsn: str) -> None:
+    make_table(dsn, rows=50, old_dim=32,
+               content=lambda i: f"POISON row {i}" if i in (5, 17, 33) else f"fine row {i}")
+
+
+def test_rows_the_model_cannot_take_are_recorded_skipped_and_block_finalize(dsn: str) -> None:
+    _poisoned(dsn)
+    with pytest.raises(ReembedError, match="3 rows could not be encoded") as failed:
+        run(settings(dsn, batch_size=10), embedder=HashEmbedder(32, poison="POISON"))
+    assert failed.value.exit_code == 1
+    bad = fetch(dsn, "SELECT r.error, r.attempts, k.content, k.embedding IS NULL AS null_vec FROM reembed_failed_rows r"
+                     " JOIN knowledge_nodes k ON k.id::text = r.row_id ORDER BY k.content")
+    assert [b["content"] for b in bad] == ["POISON row 17", "POISON row 33", "POISON row 5"]
+    assert all(b["null_vec"] and b["attempts"] == 1 and "cannot encode" in b["error"] for b in bad)
+    good = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes WHERE content LIKE 'fine%%'")
+    assert len(good) == 47
+    for row in good:
+        assert float(np.array(json.loads(row["e"])) @ hash_vector(row["content"], 32)) > 0.9999
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "finalizing"
+    status = json.loads(run_cli(["status", "--dsn", dsn, "--json"], cwd=Path("/")).stdout)
+    assert status["failed_rows"] == 3
+
+    fixed = run(settings(dsn, batch_size=10, retry_failed=True), embedder=HashEmbedder(32))
+    assert fixed.state == "done" and one(dsn, "SELECT count(*) FROM reembed_failed_rows") == 0
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 32") == 50
+
+
+def test_accept_failed_finalizes_with_their_embedding_null_and_says_so(dsn: str) -> None:
+    _poisoned(dsn)
+    with pytest.raises(ReembedError):
+        run(settings(dsn, batch_size=10), embedder=HashEmbedder(32, poison="POISON"))
+    with pytest.raises(ReembedError, match="3 rows could not be encoded"):  # the same model fails them again
+        run(settings(dsn, retry_failed=True), embedder=HashEmbedder(32, poison="POISON"))
+    assert [r["attempts"] for r in fetch(dsn, "SELECT attempts FROM reembed_failed_rows")] == [2, 2, 2]
+    report = run(settings(dsn, accept_failed=True), embedder=HashEmbedder(32, poison="POISON"))
+    assert report.state == "done"
+    assert "3 rows that the model could not encode were accepted: their embedding is NULL" in report.message
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE embedding IS NULL") == 3
+    assert one(dsn, "SELECT count(*) FROM reembed_failed_rows WHERE accepted") == 3
+    assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                    "'knowledge_nodes'::regclass AND attname = 'embedding'") == "vector(32)"
+
+
+def test_progress_events_carry_rows_rate_and_eta_in_json_log_mode(dsn: str, static_model_dir: Any, workdir: Path) -> None:
+    make_table(dsn, rows=3000)
+    out = run_cli(["run", "--dsn", dsn, "--model", str(static_model_dir(48)), "--no-confirm", "--batch-size", "8",
+                   "--progress-interval", "0.05", "--log-format", "json"], cwd=workdir)
+    assert out.returncode == 0, out.stderr[-2000:]
+    progress = [json.loads(line) for line in out.stderr.splitlines() if '"event": "progress"' in line]
+    assert progress, out.stderr[-2000:]
+    last = progress[-1]
+    assert last["rows_total"] == 3000 and 0 < last["rows_done"] <= 3000
+    assert last["rows_per_sec"] > 0 and last["eta_secs"] is not None and 0 < last["percent"] <= 100
