@@ -194,8 +194,8 @@ def record_step(conn: psycopg.Connection[Any], job: Job, step: str) -> None:
     conn.execute(query("record_finalize_step"), {"job_id": job.id, "step": step})
 
 
-def heartbeat(conn: psycopg.Connection[Any], job: Job, holder: str) -> None:
-    conn.execute(query("heartbeat"), {"job_id": job.id, "holder": holder})
+def heartbeat(conn: psycopg.Connection[Any], job_id: int, holder: str) -> None:
+    conn.execute(query("heartbeat"), {"job_id": job_id, "holder": holder})
 
 
 def record_error(conn: psycopg.Connection[Any], job: Job, error: str) -> None:

@@ -122,17 +122,22 @@ def _plan(settings: Settings, args: argparse.Namespace) -> int:
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from reembed.status import status
 
-    while True:
-        result = status(settings)
-        if args.json:
-            print(json.dumps(result.as_dict(), default=str, sort_keys=True), flush=True)
-        else:
-            if args.watch:
-                print("\033[2J\033[H", end="")
-            print(result.text(), flush=True)
-        if not args.watch:
-            return result.exit_code
-        time.sleep(args.watch)
+    try:
+        while True:
+            result = status(settings)
+            if args.json:
+                print(json.dumps(result.as_dict(), default=str, sort_keys=True), flush=True)
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                print(result.text(), flush=True)
+            if not args.watch:
+                return result.exit_code
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        if args.watch:
+            return 0  # Ctrl-C is the way out of --watch
+        raise
 
 
 def _emit(data: dict[str, Any], summary: str, args: argparse.Namespace, *, quiet: bool) -> None:

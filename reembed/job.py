@@ -163,7 +163,6 @@ def _locked_run(
     opts = settings.options
     sig = embedder.signature
     with db.translated():
-        ckpt.ensure_schema(conn)
         job = ckpt.active_job(conn, info)  # again, now that we hold the lock
         registry = read_registry(conn, info)
     if job is None and _registry_matches(registry, sig.name, sig.hash):
@@ -185,6 +184,8 @@ def _locked_run(
     else:
         if _confirm(info, sig, job, opts.confirm_seconds, stop):
             return Report(state="stopped", exit_code=stop.exit_code, message="aborted before any write")
+        with db.translated():
+            ckpt.ensure_schema(conn)  # the first write of a new job: after the banner
         job = prepare(conn, info, sig, registry, job, settings)
     structlog.contextvars.bind_contextvars(job_id=job.id)
     keeper.job_id = job.id

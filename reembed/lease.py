@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import structlog
 
+from reembed import checkpoint as ckpt
 from reembed import db
 from reembed.errors import DatabaseError, LockHeld
 
@@ -84,10 +85,7 @@ class LockKeeper:
     def _beat(self) -> None:
         self._since_beat += CHECK_EVERY
         if self.job_id is not None and self._since_beat >= HEARTBEAT_EVERY:
-            self.lock.conn.execute(
-                "UPDATE reembed_checkpoint SET heartbeat_at = now(), holder = %s WHERE job_id = %s",
-                (db.holder_name(), self.job_id),
-            )
+            ckpt.heartbeat(self.lock.conn, self.job_id, db.holder_name())
             self._since_beat = 0.0
 
 

@@ -163,18 +163,21 @@ class EmbedPhase:
         rows = len(batch.ids) - skipped - failed
         started = time.monotonic()
 
+        attempts = 0
+
         def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
             self.keeper.check()
             writer = self.writer()
             conn = writer.conn
-            if self._already_committed(conn, batch):
+            if attempts > 1 and self._already_committed(conn, batch):
                 return
             with conn.transaction():
                 writer.write(batch.ids, batch.vectors)  # type: ignore[arg-type]
                 if batch.failed:
                     failures.record(conn, self.job, batch)
                 ckpt.advance(conn, self.cursor, to_id=batch.last_id, rows=rows, skipped=skipped, rate=self._rate)
-                ckpt.heartbeat(conn, self.job, db.holder_name())
 
         retry.call(attempt, what="commit_batch", max_retries=self.opts.max_retries)
         self.cursor.last_id = batch.last_id
@@ -210,7 +213,7 @@ class EmbedPhase:
     # ------------------------------------------------------------ reconnects
 
     def _already_committed(self, conn: Any, batch: Batch) -> bool:
-        """After a lost connection, did the commit land before the connection went?"""
+        """On a retry after a lost connection: did the commit land before the connection went?"""
         row = conn.execute(
             "SELECT last_id FROM reembed_checkpoint_range WHERE job_id = %s AND range_no = %s",
             (self.cursor.job_id, self.cursor.range_no),

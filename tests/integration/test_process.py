@@ -227,3 +227,79 @@ def test_plan_cli_prints_the_plan_and_writes_nothing(dsn: str, static_model_dir:
     for key in ("rows_updated", "rows_skipped", "duration_secs", "index_rebuild_secs", "model_name", "dimension", "model_hash"):
         assert key in data
     assert snapshot(dsn) == before
+
+
+def _events(log: Path, name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()
+            if line.startswith("{") and f'"event": "{name}"' in line]
+
+
+def _max_seq(log: Path, name: str) -> int:
+    return max((e["seq"] for e in _events(log, name)), default=-1)
+
+
+def test_sigkill_with_a_read_an_encode_and_a_write_all_in_flight_loses_and_repeats_nothing(
+    dsn: str, minilm_path: Path, workdir: Path
+) -> None:
+    make_table(dsn, rows=ROWS)
+    ids = [r["id"] for r in fetch(dsn, "SELECT id::text AS id FROM knowledge_nodes ORDER BY id")]
+    log = workdir / "inflight.log"
+    proc = spawn(run_args(dsn, minilm_path, "--log-level", "debug"), cwd=workdir, log=log)
+    blocker = psycopg.connect(dsn)
+    try:
+        seen = wait_for(lambda: job_rows_done(dsn), timeout=120, what="the first committed batch")
+        blocked_seq = seen // BATCH + 8  # a batch well ahead of the writer
+        blocker.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s::uuid FOR UPDATE", (ids[blocked_seq * BATCH],))
+        # The writer waits inside batch `blocked_seq`'s transaction, while the encoder has
+        # encoded the next batch and the reader has read further still.
+        wait_for(lambda: _max_seq(log, "batch_committed") == blocked_seq - 1
+                 and _max_seq(log, "batch_encoded") >= blocked_seq + 1
+                 and _max_seq(log, "batch_read") >= blocked_seq + 2
+                 and one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed writer%%'"
+                              " AND wait_event_type = 'Lock'"),
+                 timeout=120, what="read, encode and write all in flight")
+        proc.send_signal(signal.SIGKILL)
+        assert wait_exit(proc) == -signal.SIGKILL
+    finally:
+        blocker.rollback()
+        blocker.close()
+    last_id = assert_checkpoint_agrees_with_data(dsn, 384)
+    assert last_id == ids[blocked_seq * BATCH - 1]
+    rerun = run_cli(run_args(dsn, minilm_path), cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads(rerun.stdout)
+    assert report["resumed_from"] == last_id and report["rows_updated"] == ROWS - blocked_seq * BATCH
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 384") == ROWS
+
+
+def test_ctrl_c_during_the_warning_banner_aborts_with_nothing_written(
+    dsn: str, static_model_dir: Any, workdir: Path
+) -> None:
+    make_table(dsn, rows=20)
+    before = snapshot(dsn)
+    log = workdir / "banner.log"
+    proc = spawn(["run", "--dsn", dsn, "--model", str(static_model_dir(48)), "--json"], cwd=workdir, log=log)
+    wait_for(lambda: "Press Ctrl-C within 5 seconds" in log.read_text(), timeout=60, what="the warning banner")
+    proc.send_signal(signal.SIGINT)
+    assert wait_exit(proc) == 130
+    assert last_json(log)["message"] == "aborted before any write"
+    assert snapshot(dsn) == before and before["tool_tables"] is False
+
+
+def test_status_watch_refreshes_until_interrupted(dsn: str, static_model_dir: Any, workdir: Path) -> None:
+    import sys
+
+    make_table(dsn, rows=20)
+    assert run_cli(["run", "--dsn", dsn, "--model", str(static_model_dir(48)), "--no-confirm"], cwd=workdir).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "reembed", "status", "--dsn", dsn, "--json", "--watch", "0.05"],
+                            cwd=workdir, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first, second = json.loads(proc.stdout.readline()), json.loads(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        if proc.stdout:
+            proc.stdout.close()
+    assert first["state"] == second["state"] == "done" and first["rows_done"] == 20
