@@ -6,6 +6,7 @@ the pgvector/pgvector image when a Docker engine answers, else the embedded pgse
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -42,6 +43,18 @@ class Server:
 
     def admin(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn("postgres"), autocommit=True)
+
+    @contextlib.contextmanager
+    def database(self, template: str | None = None) -> Iterator[str]:
+        """A fresh database, copied from `template` when given; dropped afterwards."""
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with self.admin() as conn:
+            conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+        try:
+            yield self.dsn(name)
+        finally:
+            with self.admin() as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def restart(self) -> None:
         """Stop and start the server (embedded provider only)."""
@@ -120,23 +133,22 @@ def template_db(pg_server: Server) -> str:
 @pytest.fixture
 def dsn(pg_server: Server, template_db: str) -> Iterator[str]:
     """A fresh database (with pgvector) for this test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with pg_server.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
-    yield pg_server.dsn(name)
-    with pg_server.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with pg_server.database(template_db) as fresh:
+        yield fresh
+
+
+@pytest.fixture
+def second_dsn(pg_server: Server, template_db: str) -> Iterator[str]:
+    """Another fresh database (with pgvector), e.g. for an uninterrupted twin run."""
+    with pg_server.database(template_db) as fresh:
+        yield fresh
 
 
 @pytest.fixture
 def bare_dsn(pg_server: Server) -> Iterator[str]:
     """A fresh database without the pgvector extension."""
-    name = f"b_{uuid.uuid4().hex[:12]}"
-    with pg_server.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield pg_server.dsn(name)
-    with pg_server.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with pg_server.database() as fresh:
+        yield fresh
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,19 @@ class HashEmbedder:
         return np.stack([hash_vector(t, self.signature.dimension) for t in texts])
 
 
+def stopping_after(emb: HashEmbedder, stop: Any, *, calls: int, reason: str = "SIGINT") -> HashEmbedder:
+    """Make `emb` ask `stop` to stop (as a signal would) when its encode call number `calls` starts."""
+    original = emb.encode
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        if emb.calls + 1 == calls:
+            stop.request(reason)
+        return original(texts)
+
+    emb.encode = encode  # type: ignore[method-assign]
+    return emb
+
+
 def sentence(i: int) -> str:
     rng = np.random.default_rng(i)
     words = rng.choice(WORDS, size=int(rng.integers(4, 14)))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import HashEmbedder, fetch, make_table, one, snapshot
+from helpers import HashEmbedder, fetch, make_table, one, snapshot, stopping_after
 from reembed.errors import ConfigError
 from reembed.job import run
 from reembed.settings import ModelSpec, RunOptions, Settings, Target
@@ -127,17 +127,7 @@ def test_rerun_after_completion_is_a_noop_that_writes_nothing(dsn: str) -> None:
 def test_different_target_is_refused_while_a_job_is_active(dsn: str) -> None:
     make_table(dsn, rows=50)
     stop = StopSignal()
-    first = HashEmbedder(32)
-    calls = {"n": 0}
-    original = first.encode
-
-    def encode_then_stop(texts: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            stop.request("SIGINT")
-        return original(texts)
-
-    first.encode = encode_then_stop  # type: ignore[method-assign]
+    first = stopping_after(HashEmbedder(32), stop, calls=2)
     stopped = run(settings(dsn, batch_size=10, pipeline=False), embedder=first, stop=stop)
     assert stopped.exit_code == 130
     before = snapshot(dsn)
@@ -149,14 +139,7 @@ def test_different_target_is_refused_while_a_job_is_active(dsn: str) -> None:
 def test_abandon_active_drops_the_old_job_and_re_embeds_everything_with_the_new_model(dsn: str) -> None:
     make_table(dsn, rows=50)
     stop = StopSignal()
-    first = HashEmbedder(32)
-    original = first.encode
-
-    def encode_then_stop(texts: Any) -> Any:
-        stop.request("SIGTERM")
-        return original(texts)
-
-    first.encode = encode_then_stop  # type: ignore[method-assign]
+    first = stopping_after(HashEmbedder(32), stop, calls=1, reason="SIGTERM")
     assert run(settings(dsn, batch_size=10, pipeline=False), embedder=first, stop=stop).exit_code == 143
     report = run(settings(dsn, batch_size=10, abandon_active=True), embedder=HashEmbedder(16))
     assert report.state == "done" and report.rows_updated == 50
@@ -184,15 +167,7 @@ def test_plan_writes_nothing_and_reports_what_run_would_do(dsn: str) -> None:
 def test_stop_request_commits_the_batch_in_flight_and_a_rerun_resumes_exactly_there(dsn: str) -> None:
     make_table(dsn, rows=100, old_dim=32)
     stop = StopSignal()
-    emb = HashEmbedder(32)
-    original = emb.encode
-
-    def encode_then_stop(texts: Any) -> Any:
-        if emb.calls == 3:
-            stop.request("SIGINT")
-        return original(texts)
-
-    emb.encode = encode_then_stop  # type: ignore[method-assign]
+    emb = stopping_after(HashEmbedder(32), stop, calls=4)
     report = run(settings(dsn, batch_size=10), embedder=emb, stop=stop)
     assert report.state == "stopped" and report.exit_code == 130
     last_id = one(dsn, "SELECT last_id FROM reembed_checkpoint_range")

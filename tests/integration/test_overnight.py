@@ -13,7 +13,9 @@ import numpy as np
 import psycopg
 import pytest
 
-from helpers import HashEmbedder, fetch, hash_vector, job_rows_done, make_table, one, run_cli, spawn, wait_for
+from helpers import (
+    HashEmbedder, fetch, hash_vector, job_rows_done, make_table, one, run_cli, spawn, stopping_after, wait_for,
+)
 from reembed import db, retry
 from reembed.errors import DatabaseError, ReembedError
 from reembed.job import run
@@ -277,14 +279,7 @@ def _ghost_holder(dsn: str, heartbeat_age: str) -> psycopg.Connection[Any]:
     from reembed.signals import StopSignal
 
     stop = StopSignal()
-    emb = HashEmbedder(32)
-    original = emb.encode
-
-    def encode_then_stop(texts: Any) -> Any:
-        stop.request("SIGTERM")
-        return original(texts)
-
-    emb.encode = encode_then_stop  # type: ignore[method-assign]
+    emb = stopping_after(HashEmbedder(32), stop, calls=1, reason="SIGTERM")
     assert run(settings(dsn, batch_size=10, pipeline=False), embedder=emb, stop=stop).exit_code == 143
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("UPDATE reembed_checkpoint SET heartbeat_at = now() - %s::interval, holder = 'gpu-7:4242'",

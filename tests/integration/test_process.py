@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 ROWS = 480
 BATCH = 16
-
-
-@pytest.fixture
-def second_dsn(pg_server: Any, template_db: str) -> Iterator[str]:
-    import uuid
-
-    name = f"t2_{uuid.uuid4().hex[:12]}"
-    with pg_server.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
-    yield pg_server.dsn(name)
-    with pg_server.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def run_args(dsn: str, model: Path, *extra: str) -> list[str]:
