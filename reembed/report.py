@@ -41,7 +41,7 @@ class Report:
             return self.message
         if self.state == "planned":
             return self.message
-        rate = self.rows_updated / self.duration_secs if self.duration_secs > 0 else 0.0
+        rate = self.details.get("embed_rows_per_sec") or 0.0
         head = {
             "done": "done",
             "stopped": "stopped (resumable)",
@@ -49,7 +49,7 @@ class Report:
         }.get(self.state, self.state)
         return (
             f"{head}: job {self.job_id}, {self.rows_updated} rows re-embedded, {self.rows_skipped} skipped "
-            f"(NULL content), {self.rows_failed} failed, in {self.duration_secs:.1f} s ({rate:.0f} rows/s); "
+            f"(NULL content), {self.rows_failed} failed, in {self.duration_secs:.1f} s (embedding at {rate:.0f} rows/s); "
             f"index rebuild {self.index_rebuild_secs:.1f} s; model {self.model_name} ({self.dimension}-d)"
             + (f"; {self.message}" if self.message else "")
         )

@@ -79,7 +79,9 @@ def main() -> int:
     if not (old_model / "modules.json").exists():
         save_static_model(old_model, tokenizer_dir=minilm, dim=64, seed=7)
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     rows = docstrings(args.rows)
     print(f"== loading {len(rows)} docstrings of the standard library, embedded by the old 64-d model", flush=True)
     old = SentenceTransformer(str(old_model), device="cpu")
