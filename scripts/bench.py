@@ -229,13 +229,11 @@ class Bench:
     # -------------------------------------------------------------- sections
 
     def section_writepaths(self) -> None:
-        from reembed.writer import WRITE_PATHS
-
         out: dict[str, dict[str, float]] = {}
         for dim in (384, 768):
             with self.database() as base:
                 self.fill(base, rows=self.args.rows, dim=dim, content=None, index=False)
-                for path in WRITE_PATHS:
+                for path in self.args.write_paths:
                     with self.database(_dbname(base)) as dsn:
                         out.setdefault(path, {})[str(dim)] = round(self.write_only(dsn, dim, path))
         self.results["write_paths_rows_per_sec"] = out
@@ -389,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-rows", type=int, nargs="+", default=[10_000, 200_000])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--encode-batch-size", type=int, default=None)
-    p.add_argument("--write-path", default="copy")
+    p.add_argument("--write-path", default="copy", help="the path the model section's write-only figure uses")
+    p.add_argument("--write-paths", nargs="+", default=["executemany", "copy", "unnest"],
+                   help="the paths the writepaths section compares")
     p.add_argument("--models", nargs="+", default=["minilm", "static"])
     p.add_argument("--precisions", nargs="+", default=["auto"])
     p.add_argument("--device", default="cpu")

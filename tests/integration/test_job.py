@@ -215,3 +215,12 @@ def test_keeping_the_index_through_the_writes_reindexes_it_at_the_end(dsn: str) 
     assert one(dsn, "SELECT index_dropped FROM reembed_checkpoint") is False
     assert one(dsn, "SELECT 'idx_knowledge_nodes_embedding_hnsw'::regclass::oid") == oid_before
     assert one(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_knowledge_nodes_embedding_hnsw'::regclass")
+
+
+def test_an_empty_table_finalizes_straight_away(dsn: str) -> None:
+    make_table(dsn, rows=0, old_dim=64)
+    report = run(settings(dsn), embedder=HashEmbedder(32))
+    assert report.state == "done" and report.rows_updated == 0
+    after = snapshot(dsn)
+    assert after["column"] == "vector(32)" and after["registry"][0]["dimension"] == 32
+    assert after["indexes"][0]["indexname"] == "idx_knowledge_nodes_embedding_hnsw"
