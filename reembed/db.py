@@ -158,8 +158,8 @@ class TableLock:
         return bool(row and row["n"])
 
 
-def describe_holder(conn: psycopg.Connection[Any], key: int) -> str:
-    row = conn.execute(query("lock_holder"), {"key": key}).fetchone()
+def describe_holder(row: dict[str, Any] | None) -> str:
+    """Who holds the lock, from a `lock_holder` row: host and pid (in the application name), since when."""
     if row is None:
         return "another run (it let go just now)"
     app = row["application_name"] or "unknown"
@@ -177,8 +177,9 @@ def try_lock(conninfo: str, table_oid: int, *, table: str, again: bool = False) 
         got = conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (key,)).fetchone()
         if got and got["got"]:
             return TableLock(conn=conn, key=key)
-        who = describe_holder(conn, key)
         row = conn.execute(query("lock_holder"), {"key": key}).fetchone()
-        holder_pid = row["pid"] if row else None
     conn.close()
-    raise LockHeld(f"{table} is being re-embedded by {who}; wait for it, or stop it first", holder=holder_pid)
+    raise LockHeld(
+        f"{table} is being re-embedded by {describe_holder(row)}; wait for it, or stop it first",
+        holder=row["pid"] if row else None,
+    )

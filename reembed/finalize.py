@@ -116,9 +116,9 @@ def run(
             _build_index(conninfo, info, job, sig, opts, rows)
             outcome.index_secs = time.monotonic() - started
         else:
-            _ddl(control, job, step, opts, lambda conn: _update_registry(conn, info, job, sig))
+            _ddl(control, job, step, opts, lambda conn, job=job: _update_registry(conn, info, job, sig))
         log.info("finalize_step_done", step=step, secs=round(time.monotonic() - started, 2))
-        job = _retried(opts, "reload_job", lambda: ckpt.reload(control.get(), job))
+        job = _retried(opts, "reload_job", lambda job=job: ckpt.reload(control.get(), job))
     outcome.finished = True
     return outcome
 

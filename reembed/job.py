@@ -25,7 +25,7 @@ from reembed.lease import LockKeeper, break_stale
 from reembed.pipeline import EmbedPhase
 from reembed.queries import query
 from reembed.report import Report
-from reembed.settings import Settings
+from reembed.settings import RunOptions, Settings
 from reembed.signals import StopSignal
 from reembed.target import TableInfo, inspect_target, read_registry
 
@@ -83,7 +83,7 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
         conn.close()
 
 
-def _take_lock(conn: psycopg.Connection[Any], conninfo: str, info: TableInfo, opts: Any) -> db.TableLock:
+def _take_lock(conn: psycopg.Connection[Any], conninfo: str, info: TableInfo, opts: RunOptions) -> db.TableLock:
     try:
         return db.try_lock(conninfo, info.oid, table=info.qualified)
     except LockHeld as held:

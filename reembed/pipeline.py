@@ -24,7 +24,7 @@ import structlog
 
 from reembed import checkpoint as ckpt
 from reembed import db, retry
-from reembed.checkpoint import Cursor, Job
+from reembed.checkpoint import Job
 from reembed.embedder import Embedder
 from reembed import failures
 from reembed.errors import CheckpointConflict
