@@ -149,7 +149,8 @@ def pick_precision(requested: str, device: str) -> str:
 class SentenceTransformerEmbedder:
     """A sentence-transformers model on CPU, CUDA or MPS."""
 
-    def __init__(self, spec: ModelSpec, *, encode_batch_size: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, *, encode_batch_size: int | None = None, model_hash: str | None = None) -> None:
+        """`model_hash`: the fingerprint's hash, when the caller has it (hashing reads every file)."""
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         path = resolve_model_path(spec.model)
@@ -170,7 +171,7 @@ class SentenceTransformerEmbedder:
                 "fix --dimension or pick the model you meant"
             )
         self.prefix = spec.prefix
-        self.signature = Signature(spec.registry_name, dimension, _hash(path, spec))
+        self.signature = Signature(spec.registry_name, dimension, model_hash or _hash(path, spec))
         default_batch = 256 if self.device.startswith("cuda") else 64
         self.encode_batch_size = encode_batch_size or default_batch
         log.info(

@@ -59,14 +59,14 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
             return _noop(registry, spec.dimension, started, info)
         _check_target(job, name, model_hash, info, settings)
         if opts.dry_run:
-            embedder = embedder or _load(settings)
+            embedder = embedder or _load(settings, model_hash)
             return plan_report(conn, info, registry, job, embedder.signature, embedder, settings, started)
 
         lock = _take_lock(conn, conninfo, info, opts)  # exit 3 at once, before the model loads
         keeper = LockKeeper(lock, conninfo, table_oid=info.oid, table=info.qualified)
         keeper.start()
         try:
-            embedder = embedder or _load(settings)
+            embedder = embedder or _load(settings, model_hash)
             if spec.dimension is not None and spec.dimension != embedder.signature.dimension:
                 raise ConfigError(
                     f"model produces {embedder.signature.dimension} dimensions but --dimension is {spec.dimension}"
@@ -123,9 +123,11 @@ def _noop(registry: dict[str, Any] | None, dimension: int | None, started: float
     )
 
 
-def _load(settings: Settings) -> Embedder:
+def _load(settings: Settings, model_hash: str) -> Embedder:
     assert settings.model is not None
-    return SentenceTransformerEmbedder(settings.model, encode_batch_size=settings.options.encode_batch_size)
+    return SentenceTransformerEmbedder(
+        settings.model, encode_batch_size=settings.options.encode_batch_size, model_hash=model_hash
+    )
 
 
 def _check_target(job: Job | None, name: str, model_hash: str, info: TableInfo, settings: Settings) -> None:

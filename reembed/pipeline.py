@@ -68,7 +68,6 @@ class EmbedPhase:
         self.rows_updated = 0
         self.rows_skipped = 0
         self.rows_failed = 0
-        self.completed = False
         self.secs = 0.0  # wall time of the embedding phase in this run
         self._errors: list[BaseException] = []
         self._abort = threading.Event()
@@ -77,22 +76,19 @@ class EmbedPhase:
     # ----------------------------------------------------------------- driver
 
     def run(self) -> None:
-        control = db.connect(self.conninfo, role="cursor", autocommit=True)
-        try:
-            cursors = [c for c in ckpt.cursors(control, self.job) if not c.done]
-            total = self.job.row["rows_total"]
-            done = sum(c.rows_done + c.rows_skipped for c in ckpt.cursors(control, self.job))
-        finally:
-            control.close()
-        if not cursors:
-            self.completed = True
-            return
-        self.cursor = cursors[0]  # one range per job today; ranges are claimed in order
-        self.progress = Progress(total=total, done=done, interval=self.opts.progress_interval)
         self.reader_session = db.Session(self.conninfo, role="reader")
         self.writer_session = db.Session(self.conninfo, role="writer")
         self._reader: Reader | None = None
         self._writer: Writer | None = None
+        cursors = ckpt.cursors(self.writer_session.get(), self.job)
+        open_cursors = [c for c in cursors if not c.done]
+        if not open_cursors:
+            self.writer_session.close()
+            return
+        self.cursor = open_cursors[0]  # one range per job today; ranges are claimed in order
+        total = self.job.row["rows_total"]
+        done = sum(c.rows_done + c.rows_skipped for c in cursors)
+        self.progress = Progress(total=total, done=done, interval=self.opts.progress_interval)
         log.info("embedding_started", last_id=self.cursor.last_id, rows_done=done, rows_total=total)
         started = time.monotonic()
         try:
@@ -207,7 +203,6 @@ class EmbedPhase:
                 ckpt.set_state(conn, self.job, to="finalizing", from_state="embedding")
 
         retry.call(attempt, what="finish_embedding", max_retries=self.opts.max_retries)
-        self.completed = True
         log.info("embedding_complete", rows_updated=self.rows_updated, rows_skipped=self.rows_skipped)
 
     # ------------------------------------------------------------ reconnects

@@ -51,9 +51,6 @@ class Batch:
     def skipped(self) -> int:
         return sum(1 for t in self.texts if t is None)
 
-    def size_bytes(self) -> int:
-        return sum(len(t) for t in self.texts if t is not None)
-
 
 class Reader:
     """Keyset pagination: WHERE id > last ORDER BY id LIMIT n, on its own connection."""
