@@ -21,6 +21,7 @@ from reembed import db, retry
 from reembed.checkpoint import Job
 from reembed.embedder import Embedder
 from reembed.errors import ReembedError
+from reembed.lease import LockKeeper
 from reembed.settings import RunOptions
 from reembed.target import TableInfo
 from reembed.writer import Batch, Writer
@@ -73,7 +74,14 @@ def pending(conn: psycopg.Connection[Any], job: Job) -> int:
 
 
 def settle(
-    control: db.Session, info: TableInfo, job: Job, embedder: Embedder, opts: RunOptions, *, batch_size: int = 256
+    control: db.Session,
+    info: TableInfo,
+    job: Job,
+    embedder: Embedder,
+    opts: RunOptions,
+    keeper: LockKeeper,
+    *,
+    batch_size: int = 256,
 ) -> str:
     """Before finalize: retry or accept the failed rows as told; refuse to finalize past them otherwise.
     Returns a note for the report ('' when there were none)."""
@@ -81,7 +89,7 @@ def settle(
     if not waiting:
         return ""
     if opts.retry_failed:
-        _retry(control, info, job, embedder, opts, batch_size)
+        _retry(control, info, job, embedder, opts, keeper, batch_size)
         waiting = pending(control.get(), job)
         if not waiting:
             log.info("failed_rows_recovered")
@@ -90,6 +98,7 @@ def settle(
         conn = control.get()
         with conn.transaction():
             conn.execute("UPDATE reembed_failed_rows SET accepted = true WHERE job_id = %s AND NOT accepted", (job.id,))
+            keeper.fence(conn)
         log.warning("failed_rows_accepted", count=waiting, detail="their embedding stays NULL")
         return f"{waiting} rows that the model could not encode were accepted: their embedding is NULL"
     raise RowsFailed(
@@ -99,16 +108,24 @@ def settle(
 
 
 def _retry(
-    control: db.Session, info: TableInfo, job: Job, embedder: Embedder, opts: RunOptions, batch_size: int
+    control: db.Session,
+    info: TableInfo,
+    job: Job,
+    embedder: Embedder,
+    opts: RunOptions,
+    keeper: LockKeeper,
+    batch_size: int,
 ) -> None:
     session = db.Session(control.conninfo, role="retry-failed")  # vectors registered, unlike control's
     try:
-        _retry_on(session.get(), info, job, embedder, batch_size)
+        _retry_on(session.get(), info, job, embedder, keeper, batch_size)
     finally:
         session.close()
 
 
-def _retry_on(conn: psycopg.Connection[Any], info: TableInfo, job: Job, embedder: Embedder, batch_size: int) -> None:
+def _retry_on(
+    conn: psycopg.Connection[Any], info: TableInfo, job: Job, embedder: Embedder, keeper: LockKeeper, batch_size: int
+) -> None:
     ids = [r["row_id"] for r in conn.execute(
         "SELECT row_id FROM reembed_failed_rows WHERE job_id = %s AND NOT accepted ORDER BY row_id", (job.id,)
     ).fetchall()]
@@ -134,4 +151,5 @@ def _retry_on(conn: psycopg.Connection[Any], info: TableInfo, job: Job, embedder
             )
             if batch.failed:
                 record(conn, job, batch)
+            keeper.fence(conn)
         log.info("failed_rows_retried", fixed=len(fixed), still_failing=len(batch.failed))

@@ -111,12 +111,12 @@ def run(
         keeper.check()
         started = time.monotonic()
         if step == "tighten_typmod":
-            _ddl(control, job, step, opts, lambda conn: _tighten(conn, info, sig))
+            _ddl(control, job, step, opts, keeper, lambda conn: _tighten(conn, info, sig))
         elif step == "build_index":
-            _build_index(conninfo, info, job, sig, opts, rows)
+            _build_index(conninfo, info, job, sig, opts, keeper, rows)
             outcome.index_secs = time.monotonic() - started
         else:
-            _ddl(control, job, step, opts, lambda conn, job=job: _update_registry(conn, info, job, sig))
+            _ddl(control, job, step, opts, keeper, lambda conn, job=job: _update_registry(conn, info, job, sig))
         log.info("finalize_step_done", step=step, secs=round(time.monotonic() - started, 2))
         job = _retried(opts, "reload_job", lambda job=job: ckpt.reload(control.get(), job))
     outcome.finished = True
@@ -135,9 +135,10 @@ def _retried(opts: RunOptions, what: str, fn: Any) -> Any:
     return retry.call(fn, what=what, max_retries=opts.max_retries)
 
 
-def _ddl(control: db.Session, job: Job, step: str, opts: RunOptions, body: Any) -> None:
+def _ddl(control: db.Session, job: Job, step: str, opts: RunOptions, keeper: LockKeeper, body: Any) -> None:
     """One DDL step and its record, in one transaction, under a short lock_timeout, retried
-    with backoff (a lock wait that times out is transient), on a connection that comes back."""
+    with backoff (a lock wait that times out is transient), on a connection that comes back,
+    and committed only while the table's lock is ours."""
 
     def attempt() -> None:
         conn = control.get()
@@ -145,6 +146,7 @@ def _ddl(control: db.Session, job: Job, step: str, opts: RunOptions, body: Any) 
             conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(opts.ddl_lock_timeout)))
             body(conn)
             ckpt.record_step(conn, job, step)
+            keeper.fence(conn)
 
     retry.call(attempt, what=step, max_retries=max(opts.max_retries, 8), maximum=30.0)
 
@@ -172,6 +174,7 @@ def _build_index(
     job: Job,
     sig: Signature,
     opts: RunOptions,
+    keeper: LockKeeper,
     rows: int,
 ) -> None:
     name = job.row["index_name"]
@@ -179,7 +182,7 @@ def _build_index(
         log.warning("no_index_to_rebuild", detail="the column had no HNSW index when the job started")
         control = db.Session(conninfo, role="control", vectors=False)
         try:
-            _ddl(control, job, "build_index", opts, lambda conn: None)
+            _ddl(control, job, "build_index", opts, keeper, lambda conn: None)
         finally:
             control.close()
         return
@@ -239,16 +242,20 @@ def _build_index(
                     if existing is not None:  # an invalid leftover of an interrupted CONCURRENTLY build
                         build_conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index))
                     if opts.concurrent_index:
+                        keeper.ensure()  # CONCURRENTLY cannot run inside a (fenced) transaction
                         build_conn.execute(statement)
                     else:
                         with build_conn.transaction():
                             build_conn.execute(statement)
                             ckpt.record_step(build_conn, job, "build_index")
+                            keeper.fence(build_conn)
                         return
             else:
+                keeper.ensure()
                 build_conn.execute(statement)
             with build_conn.transaction():
                 ckpt.record_step(build_conn, job, "build_index")
+                keeper.fence(build_conn)
 
         retry.call(attempt, what="build_index", max_retries=max(opts.max_retries, 8), maximum=30.0)
     finally:

@@ -188,7 +188,7 @@ def _locked_run(
             return Report(state="stopped", exit_code=stop.exit_code, message="aborted before any write")
         with db.translated():
             ckpt.ensure_schema(conn)  # the first write of a new job: after the banner
-        job = prepare(conn, info, sig, registry, job, settings)
+        job = prepare(conn, info, sig, registry, job, settings, keeper)
     structlog.contextvars.bind_contextvars(job_id=job.id)
     keeper.job_id = job.id
     try:
@@ -219,6 +219,7 @@ def prepare(
     registry: dict[str, Any] | None,
     old: Job | None,
     settings: Settings,
+    keeper: LockKeeper,
 ) -> Job:
     """One transaction: (abandon the old job,) record the new one, drop HNSW, relax the typmod."""
     opts = settings.options
@@ -267,6 +268,7 @@ def prepare(
                 conn.execute(
                     sql.SQL("ALTER TABLE {table} ALTER COLUMN {col} TYPE vector").format(**info.ids())
                 )
+            keeper.fence(conn)
             return ckpt.reload(conn, job)
 
     job = retry.call(attempt, what="prepare", max_retries=opts.max_retries)
@@ -326,7 +328,7 @@ def _drive(
         report.rows_failed = phase.rows_failed
         if stop.requested:
             return _stopped(report, stop, started, control, job)
-        note = failures.settle(control, info, job, embedder, opts, batch_size=opts.batch_size)
+        note = failures.settle(control, info, job, embedder, opts, keeper, batch_size=opts.batch_size)
         outcome = finalize.run(control, conninfo, info, job, sig, opts, stop, keeper, deadline=deadline)
         report.index_rebuild_secs = outcome.index_secs
         if not outcome.finished:

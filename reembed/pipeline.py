@@ -72,6 +72,7 @@ class EmbedPhase:
         self._errors: list[BaseException] = []
         self._abort = threading.Event()
         self._rate: float | None = None
+        self._deadline_lock = threading.Lock()
 
     # ----------------------------------------------------------------- driver
 
@@ -120,10 +121,15 @@ class EmbedPhase:
         return self._writer
 
     def _should_stop(self) -> bool:
-        if self.deadline is not None and time.monotonic() >= self.deadline and not self.stop.requested:
-            log.warning("time_budget_reached", detail="committing the batch in flight, then stopping")
-            self.stop.request("time_budget")
+        self._check_deadline()
         return self.stop.requested or self._abort.is_set()
+
+    def _check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            with self._deadline_lock:  # the reader and the encoder both look
+                if not self.stop.requested:
+                    log.warning("time_budget_reached", detail="committing the batch in flight, then stopping")
+                    self.stop.request("time_budget")
 
     # --------------------------------------------------------------- stages
 
@@ -174,6 +180,7 @@ class EmbedPhase:
                 if batch.failed:
                     failures.record(conn, self.job, batch)
                 ckpt.advance(conn, self.cursor, to_id=batch.last_id, rows=rows, skipped=skipped, rate=self._rate)
+                self.keeper.fence(conn)
 
         retry.call(attempt, what="commit_batch", max_retries=self.opts.max_retries)
         self.cursor.last_id = batch.last_id
@@ -201,6 +208,7 @@ class EmbedPhase:
             with conn.transaction():
                 ckpt.finish_range(conn, self.cursor)
                 ckpt.set_state(conn, self.job, to="finalizing", from_state="embedding")
+                self.keeper.fence(conn)
 
         retry.call(attempt, what="finish_embedding", max_retries=self.opts.max_retries)
         log.info("embedding_complete", rows_updated=self.rows_updated, rows_skipped=self.rows_skipped)
@@ -309,6 +317,7 @@ class EmbedPhase:
 
     def _put(self, q: queue.Queue[Any], item: Any, *, force: bool = False) -> bool:
         while True:
+            self._check_deadline()  # a writer held up by an application's lock must not hide the window's end
             if not force and (self._abort.is_set() or (self.stop.requested and item is not _END)):
                 return False
             try:

@@ -16,7 +16,7 @@ from helpers import (
     HashEmbedder, fetch, hash_vector, job_rows_done, make_table, one, run_cli, spawn, stopping_after, wait_for,
 )
 from reembed import db, retry
-from reembed.errors import DatabaseError, ReembedError
+from reembed.errors import DatabaseError, LockHeld, ReembedError
 from reembed.job import run
 from reembed.settings import ModelSpec, RunOptions, Settings, Target
 
@@ -91,16 +91,29 @@ def test_finalize_is_not_started_when_the_window_cannot_hold_it_and_the_next_run
 @pytest.mark.slow
 @pytest.mark.model
 def test_cli_max_runtime_exits_75_with_a_consistent_checkpoint(dsn: str, minilm_path: Path, workdir: Path) -> None:
-    make_table(dsn, rows=1500)
-    out = run_cli(cli_args(dsn, minilm_path, "--max-runtime", "9s"), cwd=workdir)
-    assert out.returncode == 75, out.stderr[-3000:]
-    report = json.loads(out.stdout)
+    make_table(dsn, rows=ROWS)
+    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
+    log = workdir / "window.log"
+    proc = spawn(cli_args(dsn, minilm_path, "--max-runtime", "9s"), cwd=workdir, log=log)
+    app = psycopg.connect(dsn)
+    try:
+        wait_for(lambda: job_rows_done(dsn), timeout=120, what="the first committed batch")
+        # However fast this machine, the job cannot be done before its window closes: an
+        # application transaction holds a row three quarters in, until the window has closed.
+        app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (ids[3 * ROWS // 4],))
+        wait_for(lambda: events(log, "time_budget_reached"), timeout=60, what="the window to close")
+    finally:
+        app.rollback()
+        app.close()
+    assert wait_exit(proc, timeout=60) == 75, log.read_text()[-3000:]
+    report = [json.loads(line) for line in log.read_text().splitlines()
+              if line.startswith("{") and '"state"' in line and '"event"' not in line][-1]
     assert report["state"] == "time_budget"
     done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
-    assert done == report["rows_updated"] < 1500
+    assert done == report["rows_updated"] < ROWS
     assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 384") == done
     again = run_cli(cli_args(dsn, minilm_path), cwd=workdir)
-    assert again.returncode == 0 and json.loads(again.stdout)["rows_updated"] == 1500 - done
+    assert again.returncode == 0 and json.loads(again.stdout)["rows_updated"] == ROWS - done
 
 
 # ------------------------------------------------------------- transient faults
@@ -240,27 +253,110 @@ def test_ddl_waits_only_briefly_for_its_lock_so_application_queries_do_not_queue
 # ------------------------------------------------------------------- the lock
 
 
+class Thief:
+    """Another run's lock request, queued behind ours, so that it gets the lock the moment
+    our lock's backend goes (no race with our keeper's re-take)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn = psycopg.connect(dsn, autocommit=True, application_name="the other run")
+        key = db.lock_key(one(dsn, "SELECT 'knowledge_nodes'::regclass::oid::bigint"))
+        self._thread = threading.Thread(target=self.conn.execute, args=("SELECT pg_advisory_lock(%s)", (key,)))
+
+    def steal(self) -> None:
+        self._thread.start()
+        wait_for(lambda: one(self.dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'the other run'"
+                                       " AND wait_event = 'advisory'"), timeout=30, what="the other run queued")
+        assert one(self.dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                             " WHERE application_name LIKE 'reembed lock %%'") == 1
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the other run never got the lock"
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 @pytest.mark.slow
-@pytest.mark.model
-def test_a_run_that_lost_its_lock_to_another_stops_with_exit_3(dsn: str, minilm_path: Path, workdir: Path) -> None:
-    make_table(dsn, rows=ROWS)
+def test_a_run_that_lost_its_lock_to_another_stops_with_exit_3_before_committing_again(
+    dsn: str, static_model_dir: Any, workdir: Path
+) -> None:
+    # Same dimension and no index: the job's start takes no table lock that the row lock below would block.
+    make_table(dsn, rows=ROWS, old_dim=48, with_index=False)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("UPDATE knowledge_nodes SET embedding = NULL")  # so that a written row shows
+    last = one(dsn, "SELECT id FROM knowledge_nodes ORDER BY id DESC LIMIT 1")
+    app = psycopg.connect(dsn)  # an application transaction holds the last row: the last batch waits on it
+    app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (last,))
     log = workdir / "lost.log"
-    proc = spawn(cli_args(dsn, minilm_path), cwd=workdir, log=log)
-    wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="a committed batch")
-    oid = one(dsn, "SELECT 'knowledge_nodes'::regclass::oid::bigint")
-    one(dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'reembed lock %%'")
-    thief = psycopg.connect(dsn, autocommit=True)
+    proc = spawn(cli_args(dsn, static_model_dir(48)), cwd=workdir, log=log)
+    thief = Thief(dsn)
     try:
-        wait_for(lambda: thief.execute("SELECT pg_try_advisory_lock(%s)", (db.lock_key(oid),)).fetchone()[0],  # type: ignore[index]
-                 timeout=30, what="the other run to take the lock")
+        wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed writer%%'"
+                                  " AND wait_event_type = 'Lock'"), timeout=120, what="the last batch's write waiting")
+        thief.steal()
+        app.rollback()  # the write goes on: its commit must see that the lock is no longer ours
         assert wait_exit(proc, timeout=60) == 3, log.read_text()[-3000:]
+        assert events(log, "lock_lost")
+        assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
+        done = job_rows_done(dsn)
+        assert done < ROWS  # the last batch was not committed
+        assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 48") == done
+    finally:
+        app.close()
+        thief.close()
+    again = run_cli(cli_args(dsn, static_model_dir(48)), cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all_rows_new(dsn, 48, ROWS)
+
+
+def test_a_finalize_step_is_not_committed_once_another_run_has_the_lock(dsn: str) -> None:
+    make_table(dsn, rows=40, old_dim=64)
+    emb = HashEmbedder(32)
+    original = emb.encode
+    go = threading.Event()
+    embedding = threading.Event()
+
+    def encode_when_told(texts: Any) -> Any:
+        embedding.set()
+        go.wait(30)
+        return original(texts)
+
+    emb.encode = encode_when_told  # type: ignore[method-assign]
+    result: dict[str, Any] = {}
+
+    def job() -> None:
+        try:
+            result["report"] = run(settings(dsn, ddl_lock_timeout="300ms", batch_size=20), embedder=emb)
+        except BaseException as exc:  # noqa: BLE001 - examined below
+            result["error"] = exc
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    embedding.wait(30)
+    blocker = psycopg.connect(dsn)  # holds finalize's ALTER TABLE back
+    blocker.execute("LOCK TABLE knowledge_nodes IN ACCESS SHARE MODE")
+    thief = Thief(dsn)
+    go.set()
+    try:
+        wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                  " AND query ILIKE 'ALTER TABLE%%'"), timeout=30, what="finalize's DDL waiting")
+        thief.steal()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    worker.join(timeout=120)
+    try:
+        assert isinstance(result.get("error"), LockHeld), result
+        row = fetch(dsn, "SELECT state, finalize_steps FROM reembed_checkpoint")[0]
+        assert row["state"] == "finalizing" and row["finalize_steps"] == []
+        assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                        "'knowledge_nodes'::regclass AND attname = 'embedding'") == "vector"
+        assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
     finally:
         thief.close()
-    assert events(log, "lock_lost")
-    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
-    again = run_cli(cli_args(dsn, minilm_path), cwd=workdir)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert all_rows_new(dsn, 384, ROWS)
+    again = run(settings(dsn), embedder=HashEmbedder(32))
+    assert again.state == "done"
+    assert one(dsn, "SELECT model_name FROM embedding_model") == HashEmbedder(32).signature.name
 
 
 def test_lock_connections_ask_the_server_for_tcp_keepalives(dsn: str) -> None:

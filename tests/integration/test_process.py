@@ -104,7 +104,7 @@ def test_sigkill_mid_embedding_then_rerun_resumes_at_checkpoint_and_matches_an_u
 
 
 def test_sigkill_during_finalize_then_rerun_completes_finalize(dsn: str, minilm_path: Path, workdir: Path) -> None:
-    make_table(dsn, rows=160)
+    make_table(dsn, rows=ROWS)  # enough rows that the lock below is taken long before finalize starts
     log = workdir / "finalize.log"
     blocker = psycopg.connect(dsn)
     try:
@@ -164,9 +164,14 @@ def test_second_run_exits_3_within_seconds_and_writes_nothing_while_status_shows
     dsn: str, minilm_path: Path, workdir: Path
 ) -> None:
     make_table(dsn, rows=ROWS)
+    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
     proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=workdir / "first.log")
+    app = psycopg.connect(dsn)
     try:
         wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="the first run under way")
+        # An application transaction holds a row near the end: the first run cannot finish
+        # while this test looks at it, however fast the machine.
+        app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (ids[-BATCH],))
         jobs_before = fetch(dsn, "SELECT job_id, target_model_name, started_at FROM reembed_checkpoint")
 
         started = time.monotonic()
@@ -188,6 +193,8 @@ def test_second_run_exits_3_within_seconds_and_writes_nothing_while_status_shows
         assert "state embedding" in text.stdout and f"/ {ROWS} rows" in text.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
+        app.rollback()
+        app.close()
         wait_exit(proc)
 
 
