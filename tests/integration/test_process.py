@@ -63,11 +63,20 @@ def test_sigkill_mid_embedding_then_rerun_resumes_at_checkpoint_and_matches_an_u
 ) -> None:
     make_table(dsn, rows=ROWS, null_every=25)
     make_table(second_dsn, rows=ROWS, null_every=25)
+    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
     log = workdir / "killed.log"
     proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=log)
-    wait_for(lambda: job_rows_done(dsn) >= 3 * BATCH, timeout=120, what="three committed batches")
-    proc.send_signal(signal.SIGKILL)
-    assert wait_exit(proc) == -signal.SIGKILL
+    app = psycopg.connect(dsn)
+    try:
+        wait_for(lambda: job_rows_done(dsn) >= 3 * BATCH, timeout=120, what="three committed batches")
+        # An application transaction holds a row three quarters in: however fast the machine,
+        # the kill lands in the middle of the embedding phase.
+        app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (ids[3 * ROWS // 4],))
+        proc.send_signal(signal.SIGKILL)
+        assert wait_exit(proc) == -signal.SIGKILL
+    finally:
+        app.rollback()
+        app.close()
 
     assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
     last_id = assert_checkpoint_agrees_with_data(dsn, 384)
@@ -143,10 +152,17 @@ def test_signal_stops_after_a_consistent_checkpoint_and_a_rerun_finishes(
     dsn: str, minilm_path: Path, workdir: Path, sig: signal.Signals, code: int
 ) -> None:
     make_table(dsn, rows=ROWS)
+    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
     log = workdir / "signal.log"
     proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=log)
-    wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="a committed batch")
-    proc.send_signal(sig)
+    app = psycopg.connect(dsn)
+    try:
+        wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="a committed batch")
+        app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (ids[3 * ROWS // 4],))
+        proc.send_signal(sig)
+    finally:
+        app.rollback()  # the batch in flight may now commit
+        app.close()
     assert wait_exit(proc, timeout=60) == code, log.read_text()[-3000:]
     report = last_json(log)
     assert report["state"] == "stopped" and report["exit_code"] == code
