@@ -23,10 +23,9 @@ import numpy as np
 import structlog
 
 from reembed import checkpoint as ckpt
-from reembed import db, retry
+from reembed import db, failures, retry
 from reembed.checkpoint import Job
 from reembed.embedder import Embedder
-from reembed import failures
 from reembed.errors import CheckpointConflict
 from reembed.lease import LockKeeper
 from reembed.progress import Progress

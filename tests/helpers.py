@@ -7,11 +7,12 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import psycopg
@@ -71,6 +72,42 @@ def stopping_after(emb: HashEmbedder, stop: Any, *, calls: int, reason: str = "S
 
     emb.encode = encode  # type: ignore[method-assign]
     return emb
+
+
+class Gate:
+    """Holds `emb`'s encode calls until open(); `reached` is set when the first one waits."""
+
+    def __init__(self, emb: HashEmbedder) -> None:
+        self.reached = threading.Event()
+        self._opened = threading.Event()
+        original = emb.encode
+
+        def encode(texts: Sequence[str]) -> np.ndarray:
+            self.reached.set()
+            self._opened.wait(30)
+            return original(texts)
+
+        emb.encode = encode  # type: ignore[method-assign]
+
+    def open(self) -> None:
+        self._opened.set()
+
+
+class Background(threading.Thread):
+    """fn() in a thread; afterwards `.result`, or `.error` if it raised."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self._fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - examined by the test
+            self.error = exc
 
 
 def sentence(i: int) -> str:
@@ -203,3 +240,44 @@ def job_rows_done(dsn: str) -> int:
     except psycopg.errors.UndefinedTable:
         return 0
     return int(value or 0)
+
+
+def keys(dsn: str, table: str = "knowledge_nodes") -> list[Any]:
+    """The table's ids in key order (the order the job walks them)."""
+    return [r["id"] for r in fetch(dsn, f"SELECT id FROM {table} ORDER BY id")]
+
+
+def ddl_waiting(dsn: str) -> int:
+    """How many ALTER TABLE statements wait on a lock right now."""
+    return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query ILIKE 'ALTER TABLE%%'"))
+
+
+def writer_waiting(dsn: str) -> int:
+    """Is the job's writer waiting on a lock (an application's row lock) right now?"""
+    return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed writer%%'"
+                        " AND wait_event_type = 'Lock'"))
+
+
+class Application:
+    """An application's open transaction, holding what a live system holds, until end()."""
+
+    def __init__(self, dsn: str) -> None:
+        self.conn = psycopg.connect(dsn)
+
+    def hold_row(self, key: Any, table: str = "knowledge_nodes") -> None:
+        self.conn.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", (key,))
+
+    def hold_table(self, table: str = "knowledge_nodes") -> None:
+        self.conn.execute(f"LOCK TABLE {table} IN ACCESS SHARE MODE")
+
+    def end(self) -> None:
+        if not self.conn.closed:
+            self.conn.rollback()
+            self.conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()

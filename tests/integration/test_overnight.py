@@ -13,7 +13,8 @@ import psycopg
 import pytest
 
 from helpers import (
-    HashEmbedder, fetch, hash_vector, job_rows_done, make_table, one, run_cli, spawn, stopping_after, wait_for,
+    Application, Background, Gate, HashEmbedder, ddl_waiting, fetch, hash_vector, job_rows_done, keys, make_table,
+    one, run_cli, spawn, stopping_after, wait_for, writer_waiting,
 )
 from reembed import db, retry
 from reembed.errors import DatabaseError, LockHeld, ReembedError
@@ -92,19 +93,15 @@ def test_finalize_is_not_started_when_the_window_cannot_hold_it_and_the_next_run
 @pytest.mark.model
 def test_cli_max_runtime_exits_75_with_a_consistent_checkpoint(dsn: str, minilm_path: Path, workdir: Path) -> None:
     make_table(dsn, rows=ROWS)
-    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
+    ids = keys(dsn)
     log = workdir / "window.log"
     proc = spawn(cli_args(dsn, minilm_path, "--max-runtime", "9s"), cwd=workdir, log=log)
-    app = psycopg.connect(dsn)
-    try:
+    with Application(dsn) as app:
         wait_for(lambda: job_rows_done(dsn), timeout=120, what="the first committed batch")
         # However fast this machine, the job cannot be done before its window closes: an
         # application transaction holds a row three quarters in, until the window has closed.
-        app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (ids[3 * ROWS // 4],))
+        app.hold_row(ids[3 * ROWS // 4])
         wait_for(lambda: events(log, "time_budget_reached"), timeout=60, what="the window to close")
-    finally:
-        app.rollback()
-        app.close()
     assert wait_exit(proc, timeout=60) == 75, log.read_text()[-3000:]
     report = [json.loads(line) for line in log.read_text().splitlines()
               if line.startswith("{") and '"state"' in line and '"event"' not in line][-1]
@@ -213,39 +210,20 @@ def test_a_permanent_error_is_not_retried() -> None:
 def test_ddl_waits_only_briefly_for_its_lock_so_application_queries_do_not_queue_behind_it(dsn: str) -> None:
     make_table(dsn, rows=40, old_dim=64)
     emb = HashEmbedder(32)
-    original = emb.encode
-    go = threading.Event()
-    embedding = threading.Event()
-
-    def encode_when_told(texts: Any) -> Any:
-        embedding.set()
-        go.wait(30)
-        return original(texts)
-
-    emb.encode = encode_when_told  # type: ignore[method-assign]
-    result: dict[str, Any] = {}
-    worker = threading.Thread(
-        target=lambda: result.setdefault("report", run(settings(dsn, ddl_lock_timeout="300ms", batch_size=20),
-                                                         embedder=emb)))
-    worker.start()
-    embedding.wait(30)  # prepared (index dropped, column relaxed): now an application transaction starts
-    blocker = psycopg.connect(dsn)
-    blocker.execute("LOCK TABLE knowledge_nodes IN ACCESS SHARE MODE")
-    go.set()
-    try:
-        wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                  " AND query ILIKE 'ALTER TABLE%%'"), timeout=30, what="the DDL waiting")
+    gate = Gate(emb)
+    worker = Background(lambda: run(settings(dsn, ddl_lock_timeout="300ms", batch_size=20), embedder=emb))
+    gate.reached.wait(30)  # prepared (index dropped, column relaxed): now an application transaction starts
+    with Application(dsn) as blocker:
+        blocker.hold_table()
+        gate.open()
+        wait_for(lambda: ddl_waiting(dsn), timeout=30, what="the DDL waiting")
         started = time.monotonic()
         with psycopg.connect(dsn) as app:  # queued behind the DDL's lock request, at most lock_timeout
             app.execute("SELECT count(*) FROM knowledge_nodes").fetchone()
         assert time.monotonic() - started < 3.0
-        wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                  " AND query ILIKE 'ALTER TABLE%%'"), timeout=30, what="the DDL's next attempt")
-    finally:
-        blocker.rollback()
-        blocker.close()
+        wait_for(lambda: ddl_waiting(dsn), timeout=30, what="the DDL's next attempt")
     worker.join(timeout=120)
-    assert result["report"].state == "done"
+    assert worker.error is None and worker.result.state == "done"
     assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
                     "'knowledge_nodes'::regclass AND attname = 'embedding'") == "vector(32)"
 
@@ -284,17 +262,15 @@ def test_a_run_that_lost_its_lock_to_another_stops_with_exit_3_before_committing
     make_table(dsn, rows=ROWS, old_dim=48, with_index=False)
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("UPDATE knowledge_nodes SET embedding = NULL")  # so that a written row shows
-    last = one(dsn, "SELECT id FROM knowledge_nodes ORDER BY id DESC LIMIT 1")
-    app = psycopg.connect(dsn)  # an application transaction holds the last row: the last batch waits on it
-    app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (last,))
+    app = Application(dsn)  # an application transaction holds the last row: the last batch waits on it
+    app.hold_row(keys(dsn)[-1])
     log = workdir / "lost.log"
     proc = spawn(cli_args(dsn, static_model_dir(48)), cwd=workdir, log=log)
     thief = Thief(dsn)
     try:
-        wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed writer%%'"
-                                  " AND wait_event_type = 'Lock'"), timeout=120, what="the last batch's write waiting")
+        wait_for(lambda: writer_waiting(dsn), timeout=120, what="the last batch's write waiting")
         thief.steal()
-        app.rollback()  # the write goes on: its commit must see that the lock is no longer ours
+        app.end()  # the write goes on: its commit must see that the lock is no longer ours
         assert wait_exit(proc, timeout=60) == 3, log.read_text()[-3000:]
         assert events(log, "lock_lost")
         assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
@@ -302,7 +278,7 @@ def test_a_run_that_lost_its_lock_to_another_stops_with_exit_3_before_committing
         assert done < ROWS  # the last batch was not committed
         assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 48") == done
     finally:
-        app.close()
+        app.end()
         thief.close()
     again = run_cli(cli_args(dsn, static_model_dir(48)), cwd=workdir)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -312,41 +288,18 @@ def test_a_run_that_lost_its_lock_to_another_stops_with_exit_3_before_committing
 def test_a_finalize_step_is_not_committed_once_another_run_has_the_lock(dsn: str) -> None:
     make_table(dsn, rows=40, old_dim=64)
     emb = HashEmbedder(32)
-    original = emb.encode
-    go = threading.Event()
-    embedding = threading.Event()
-
-    def encode_when_told(texts: Any) -> Any:
-        embedding.set()
-        go.wait(30)
-        return original(texts)
-
-    emb.encode = encode_when_told  # type: ignore[method-assign]
-    result: dict[str, Any] = {}
-
-    def job() -> None:
-        try:
-            result["report"] = run(settings(dsn, ddl_lock_timeout="300ms", batch_size=20), embedder=emb)
-        except BaseException as exc:  # noqa: BLE001 - examined below
-            result["error"] = exc
-
-    worker = threading.Thread(target=job)
-    worker.start()
-    embedding.wait(30)
-    blocker = psycopg.connect(dsn)  # holds finalize's ALTER TABLE back
-    blocker.execute("LOCK TABLE knowledge_nodes IN ACCESS SHARE MODE")
+    gate = Gate(emb)
+    worker = Background(lambda: run(settings(dsn, ddl_lock_timeout="300ms", batch_size=20), embedder=emb))
+    gate.reached.wait(30)
     thief = Thief(dsn)
-    go.set()
-    try:
-        wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                  " AND query ILIKE 'ALTER TABLE%%'"), timeout=30, what="finalize's DDL waiting")
+    with Application(dsn) as blocker:  # holds finalize's ALTER TABLE back
+        blocker.hold_table()
+        gate.open()
+        wait_for(lambda: ddl_waiting(dsn), timeout=30, what="finalize's DDL waiting")
         thief.steal()
-    finally:
-        blocker.rollback()
-        blocker.close()
     worker.join(timeout=120)
     try:
-        assert isinstance(result.get("error"), LockHeld), result
+        assert isinstance(worker.error, LockHeld), (worker.result, worker.error)
         row = fetch(dsn, "SELECT state, finalize_steps FROM reembed_checkpoint")[0]
         assert row["state"] == "finalizing" and row["finalize_steps"] == []
         assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "

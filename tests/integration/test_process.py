@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 import pytest
 
-from helpers import fetch, job_rows_done, make_table, one, run_cli, snapshot, spawn, wait_for
+from helpers import (
+    Application, ddl_waiting, fetch, job_rows_done, keys, make_table, one, run_cli, snapshot, spawn, wait_for,
+    writer_waiting,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
@@ -63,20 +65,16 @@ def test_sigkill_mid_embedding_then_rerun_resumes_at_checkpoint_and_matches_an_u
 ) -> None:
     make_table(dsn, rows=ROWS, null_every=25)
     make_table(second_dsn, rows=ROWS, null_every=25)
-    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
+    ids = keys(dsn)
     log = workdir / "killed.log"
     proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=log)
-    app = psycopg.connect(dsn)
-    try:
+    with Application(dsn) as app:
         wait_for(lambda: job_rows_done(dsn) >= 3 * BATCH, timeout=120, what="three committed batches")
         # An application transaction holds a row three quarters in: however fast the machine,
         # the kill lands in the middle of the embedding phase.
-        app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (ids[3 * ROWS // 4],))
+        app.hold_row(ids[3 * ROWS // 4])
         proc.send_signal(signal.SIGKILL)
         assert wait_exit(proc) == -signal.SIGKILL
-    finally:
-        app.rollback()
-        app.close()
 
     assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
     last_id = assert_checkpoint_agrees_with_data(dsn, 384)
@@ -115,23 +113,15 @@ def test_sigkill_mid_embedding_then_rerun_resumes_at_checkpoint_and_matches_an_u
 def test_sigkill_during_finalize_then_rerun_completes_finalize(dsn: str, minilm_path: Path, workdir: Path) -> None:
     make_table(dsn, rows=ROWS)  # enough rows that the lock below is taken long before finalize starts
     log = workdir / "finalize.log"
-    blocker = psycopg.connect(dsn)
-    try:
+    with Application(dsn) as blocker:
         proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=log)
         wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="embedding under way")
         # An application transaction holds a lock that the typmod change must wait for.
-        blocker.execute("LOCK TABLE knowledge_nodes IN ACCESS SHARE MODE")
-        wait_for(
-            lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                             " AND query ILIKE 'ALTER TABLE%%'"),
-            timeout=120, what="finalize waiting on the lock",
-        )
+        blocker.hold_table()
+        wait_for(lambda: ddl_waiting(dsn), timeout=120, what="finalize waiting on the lock")
         assert one(dsn, "SELECT state FROM reembed_checkpoint") == "finalizing"
         proc.send_signal(signal.SIGKILL)
         assert wait_exit(proc) == -signal.SIGKILL
-    finally:
-        blocker.rollback()
-        blocker.close()
     assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == []
     assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
                     " WHERE attrelid = 'knowledge_nodes'::regclass AND attname = 'embedding'") == "vector"
@@ -152,17 +142,13 @@ def test_signal_stops_after_a_consistent_checkpoint_and_a_rerun_finishes(
     dsn: str, minilm_path: Path, workdir: Path, sig: signal.Signals, code: int
 ) -> None:
     make_table(dsn, rows=ROWS)
-    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
+    ids = keys(dsn)
     log = workdir / "signal.log"
     proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=log)
-    app = psycopg.connect(dsn)
-    try:
+    with Application(dsn) as app:  # at its end, the batch in flight may commit
         wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="a committed batch")
-        app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (ids[3 * ROWS // 4],))
+        app.hold_row(ids[3 * ROWS // 4])
         proc.send_signal(sig)
-    finally:
-        app.rollback()  # the batch in flight may now commit
-        app.close()
     assert wait_exit(proc, timeout=60) == code, log.read_text()[-3000:]
     report = last_json(log)
     assert report["state"] == "stopped" and report["exit_code"] == code
@@ -180,14 +166,14 @@ def test_second_run_exits_3_within_seconds_and_writes_nothing_while_status_shows
     dsn: str, minilm_path: Path, workdir: Path
 ) -> None:
     make_table(dsn, rows=ROWS)
-    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
+    ids = keys(dsn)
     proc = spawn(run_args(dsn, minilm_path), cwd=workdir, log=workdir / "first.log")
-    app = psycopg.connect(dsn)
+    app = Application(dsn)
     try:
         wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="the first run under way")
         # An application transaction holds a row near the end: the first run cannot finish
         # while this test looks at it, however fast the machine.
-        app.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s FOR UPDATE", (ids[-BATCH],))
+        app.hold_row(ids[-BATCH])
         jobs_before = fetch(dsn, "SELECT job_id, target_model_name, started_at FROM reembed_checkpoint")
 
         started = time.monotonic()
@@ -209,8 +195,7 @@ def test_second_run_exits_3_within_seconds_and_writes_nothing_while_status_shows
         assert "state embedding" in text.stdout and f"/ {ROWS} rows" in text.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
-        app.rollback()
-        app.close()
+        app.end()
         wait_exit(proc)
 
 
@@ -252,27 +237,22 @@ def test_sigkill_with_a_read_an_encode_and_a_write_all_in_flight_loses_and_repea
     dsn: str, minilm_path: Path, workdir: Path
 ) -> None:
     make_table(dsn, rows=ROWS)
-    ids = [r["id"] for r in fetch(dsn, "SELECT id::text AS id FROM knowledge_nodes ORDER BY id")]
+    ids = [str(k) for k in keys(dsn)]
     log = workdir / "inflight.log"
     proc = spawn(run_args(dsn, minilm_path, "--log-level", "debug"), cwd=workdir, log=log)
-    blocker = psycopg.connect(dsn)
-    try:
+    with Application(dsn) as blocker:
         seen = wait_for(lambda: job_rows_done(dsn), timeout=120, what="the first committed batch")
         blocked_seq = seen // BATCH + 8  # a batch well ahead of the writer
-        blocker.execute("SELECT 1 FROM knowledge_nodes WHERE id = %s::uuid FOR UPDATE", (ids[blocked_seq * BATCH],))
+        blocker.hold_row(ids[blocked_seq * BATCH])
         # The writer waits inside batch `blocked_seq`'s transaction, while the encoder has
         # encoded the next batch and the reader has read further still.
         wait_for(lambda: _max_seq(log, "batch_committed") == blocked_seq - 1
                  and _max_seq(log, "batch_encoded") >= blocked_seq + 1
                  and _max_seq(log, "batch_read") >= blocked_seq + 2
-                 and one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed writer%%'"
-                              " AND wait_event_type = 'Lock'"),
+                 and writer_waiting(dsn),
                  timeout=120, what="read, encode and write all in flight")
         proc.send_signal(signal.SIGKILL)
         assert wait_exit(proc) == -signal.SIGKILL
-    finally:
-        blocker.rollback()
-        blocker.close()
     last_id = assert_checkpoint_agrees_with_data(dsn, 384)
     assert last_id == ids[blocked_seq * BATCH - 1]
     rerun = run_cli(run_args(dsn, minilm_path), cwd=workdir)
