@@ -89,7 +89,11 @@ def settle(
     if not waiting:
         return ""
     if opts.retry_failed:
-        _retry(control, info, job, embedder, opts, keeper, batch_size)
+        session = db.Session(control.conninfo, role="retry-failed")  # vectors registered, unlike control's
+        try:
+            _retry_on(session.get(), info, job, embedder, keeper, batch_size)
+        finally:
+            session.close()
         waiting = pending(control.get(), job)
         if not waiting:
             log.info("failed_rows_recovered")
@@ -105,22 +109,6 @@ def settle(
         f"{waiting} rows could not be encoded (see `reembed status` and reembed_failed_rows); fix them and "
         "run again with --retry-failed, or finalize without them with --accept-failed (their embedding stays NULL)"
     )
-
-
-def _retry(
-    control: db.Session,
-    info: TableInfo,
-    job: Job,
-    embedder: Embedder,
-    opts: RunOptions,
-    keeper: LockKeeper,
-    batch_size: int,
-) -> None:
-    session = db.Session(control.conninfo, role="retry-failed")  # vectors registered, unlike control's
-    try:
-        _retry_on(session.get(), info, job, embedder, keeper, batch_size)
-    finally:
-        session.close()
 
 
 def _retry_on(
