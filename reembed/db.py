@@ -147,14 +147,21 @@ class TableLock:
     def alive(self) -> bool:
         """Do we still hold it? False if the connection was lost (the server dropped the lock)."""
         try:
-            row = self.conn.execute(
-                "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                " AND pid = pg_backend_pid() AND objsubid = 1"
-                " AND classid = %s::bigint::oid AND objid = %s::bigint::oid",
-                (self.key >> 32, self.key & 0xFFFFFFFF),
-            ).fetchone()
+            return self.held_as_seen_from(self.conn)
         except psycopg.Error:
             return False
+
+    def held_as_seen_from(self, conn: psycopg.Connection[Any]) -> bool:
+        """Asked on `conn` (inside its transaction, if one is open): does this lock's backend hold it now?"""
+        try:
+            pid = self.conn.info.backend_pid  # libpq's copy: no round trip
+        except psycopg.Error:  # closed (the keeper is swapping it for a fresh one)
+            return False
+        row = conn.execute(
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+            " AND pid = %s AND classid = %s::bigint::oid AND objid = %s::bigint::oid",
+            (pid, self.key >> 32, self.key & 0xFFFFFFFF),
+        ).fetchone()
         return bool(row and row["n"])
 
 

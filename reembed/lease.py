@@ -8,8 +8,10 @@ stops with exit 3.
 The thread only notices a lost lock at its next tick, so every transaction that writes
 (a batch and its checkpoint, a finalize step, the registry) is also *fenced*: just before
 its commit, `fence(conn)` checks in that same transaction that the lock's backend still
-holds the lock, and re-takes it or raises LockHeld (the transaction rolls back) if not. `--break-stale-lock` terminates a
-holder whose heartbeat is older than the stale limit, and only such a holder.
+holds the lock, and re-takes it or raises LockHeld (the transaction rolls back) if not.
+
+`--break-stale-lock` terminates a holder whose heartbeat is older than the stale limit, and
+only such a holder.
 """
 
 from __future__ import annotations
@@ -71,26 +73,14 @@ class LockKeeper:
         If our lock's backend is gone, take the lock again (and go on) or raise LockHeld
         because another run has it (the caller's transaction then rolls back)."""
         self.check()
-        if self._held_by_us(conn):
+        if self.lock.held_as_seen_from(conn):
             return
         self.ensure()
-        if not self._held_by_us(conn):
+        if not self.lock.held_as_seen_from(conn):
             exc = LockHeld(f"{self.table}: the table's lock is no longer held by this run")
             log.error("lock_lost", detail=str(exc))
             self.lost = exc
             raise exc
-
-    def _held_by_us(self, conn: psycopg.Connection[Any]) -> bool:
-        try:
-            pid = self.lock.conn.info.backend_pid  # libpq's copy: no round trip
-        except psycopg.Error:  # closed while the keeper swaps it for a fresh one
-            return False
-        row = conn.execute(
-            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
-            " AND pid = %s AND classid = %s::bigint::oid AND objid = %s::bigint::oid",
-            (pid, self.lock.key >> 32, self.lock.key & 0xFFFFFFFF),
-        ).fetchone()
-        return bool(row and row["n"])
 
     def _loop(self) -> None:
         while not self._stop.wait(CHECK_EVERY):
