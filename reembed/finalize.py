@@ -13,7 +13,6 @@ application's queries never queue behind the tool for long.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from psycopg import sql
 
 from reembed import checkpoint as ckpt
 from reembed import db, retry
+from reembed.background import Background
 from reembed.checkpoint import Job
 from reembed.embedder import Signature
 from reembed.lease import LockKeeper
@@ -276,21 +276,13 @@ def _notice(diag: psycopg.errors.Diagnostic) -> None:
         log.info("server_notice", message=message)
 
 
-class _ProgressWatcher:
+class _ProgressWatcher(Background):
     """Logs pg_stat_progress_create_index for the table while the build runs."""
 
     def __init__(self, conninfo: str, table_oid: int) -> None:
+        super().__init__("reembed-index-progress", join_timeout=5)
         self.conninfo = conninfo
         self.table_oid = table_oid
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reembed-index-progress", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         try:
@@ -298,7 +290,7 @@ class _ProgressWatcher:
         except Exception:  # noqa: BLE001 - progress is a nicety; the build goes on without it
             return
         with conn:
-            while not self._stop.wait(_PROGRESS_EVERY):
+            while not self._stopped.wait(_PROGRESS_EVERY):
                 try:
                     row = conn.execute(
                         "SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total"

@@ -24,6 +24,7 @@ import structlog
 
 from reembed import checkpoint as ckpt
 from reembed import db
+from reembed.background import Background
 from reembed.errors import DatabaseError, LockHeld
 
 log = structlog.get_logger()
@@ -32,25 +33,17 @@ CHECK_EVERY = 2.0
 HEARTBEAT_EVERY = 10.0
 
 
-class LockKeeper:
+class LockKeeper(Background):
     def __init__(self, lock: db.TableLock, conninfo: str, *, table_oid: int, table: str) -> None:
+        super().__init__("reembed-lock-keeper", join_timeout=10)
         self.lock = lock
         self.conninfo = conninfo
         self.table_oid = table_oid
         self.table = table
         self.job_id: int | None = None
         self.lost: LockHeld | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reembed-lock-keeper", daemon=True)
         self._since_beat = HEARTBEAT_EVERY
         self._mutex = threading.Lock()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def check(self) -> None:
         """Raise LockHeld if another run took our lock while we were disconnected."""
@@ -83,7 +76,7 @@ class LockKeeper:
             raise exc
 
     def _loop(self) -> None:
-        while not self._stop.wait(CHECK_EVERY):
+        while not self._stopped.wait(CHECK_EVERY):
             try:
                 self._tick()
             except LockHeld as exc:
