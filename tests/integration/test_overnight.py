@@ -95,13 +95,17 @@ def test_cli_max_runtime_exits_75_with_a_consistent_checkpoint(dsn: str, minilm_
     make_table(dsn, rows=ROWS)
     ids = keys(dsn)
     log = workdir / "window.log"
-    proc = spawn(cli_args(dsn, minilm_path, "--max-runtime", "9s"), cwd=workdir, log=log)
+    proc = spawn(cli_args(dsn, minilm_path, "--max-runtime", "15s"), cwd=workdir, log=log)
     with Application(dsn) as app:
-        wait_for(lambda: job_rows_done(dsn), timeout=120, what="the first committed batch")
+        # The window counts from the start, model load included: on a slow host it may close
+        # before the first batch, and the promise (75, consistent, resumable) still holds.
+        wait_for(lambda: job_rows_done(dsn) or events(log, "time_budget_reached") or proc.poll() is not None,
+                 timeout=120, what="the first committed batch or the window's end")
         # However fast this machine, the job cannot be done before its window closes: an
         # application transaction holds a row three quarters in, until the window has closed.
         app.hold_row(ids[3 * ROWS // 4])
-        wait_for(lambda: events(log, "time_budget_reached"), timeout=60, what="the window to close")
+        wait_for(lambda: events(log, "time_budget_reached") or proc.poll() is not None,
+                 timeout=60, what="the window to close")
     assert wait_exit(proc, timeout=60) == 75, log.read_text()[-3000:]
     report = [json.loads(line) for line in log.read_text().splitlines()
               if line.startswith("{") and '"state"' in line and '"event"' not in line][-1]
