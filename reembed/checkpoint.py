@@ -1,71 +1,119 @@
-"""The reembed_checkpoint rows: create, find, resume, advance, finish.
+"""The reembed_checkpoint rows: create, find, claim, advance, finish.
 
 A job is one row of reembed_checkpoint per (table, target signature); its cursors live in
-reembed_checkpoint_range (one unbounded range today). Every cursor move happens in the
-same transaction as the vector writes it stands for, and must match exactly one row.
+reembed_checkpoint_range (one unbounded range today), each claimed by one worker at a time.
+Every cursor move happens in the same transaction as the vector writes it stands for, names
+the worker that claimed the range, and must match exactly one row.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from reembed.embedder import Signature
 from reembed.errors import CheckpointConflict
 from reembed.queries import query, schema_sql
+from reembed.signature import Signature
 from reembed.target import TableInfo
 
 ACTIVE = ("embedding", "finalizing")
 _SCHEMA_LOCK = 0x7265656D00000000  # 'reem' << 32: serialises schema creation across runs
 
+R = TypeVar("R")
+
 
 @dataclass(frozen=True)
 class Job:
-    row: dict[str, Any]
+    """A row of reembed_checkpoint (psycopg maps it by column name)."""
+
+    job_id: int
+    table_name: str
+    column_name: str
+    content_column: str
+    id_column: str
+    id_type: str
+    state: str
+    strategy: str
+    target_model_name: str
+    target_dimension: int
+    target_hash: str
+    source_model_name: str | None
+    source_dimension: int | None
+    source_hash: str | None
+    source_typmod: int | None
+    index_name: str | None
+    index_def: dict[str, Any] | None
+    index_dropped: bool
+    rows_total: int | None
+    finalize_steps: list[str]
+    holder: str | None
+    heartbeat_at: dt.datetime | None
+    last_error: str | None
+    started_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
 
     @property
     def id(self) -> int:
-        return int(self.row["job_id"])
+        return self.job_id
 
     @property
-    def state(self) -> str:
-        return str(self.row["state"])
+    def target(self) -> Signature:
+        return Signature(self.target_model_name, self.target_dimension, self.target_hash)
 
     @property
-    def target(self) -> tuple[str, int, str]:
-        return (self.row["target_model_name"], self.row["target_dimension"], self.row["target_hash"])
+    def source(self) -> Signature | None:
+        if self.source_model_name is None:
+            return None
+        return Signature(self.source_model_name, int(self.source_dimension or 0), self.source_hash or "")
 
     def matches(self, sig: Signature) -> bool:
-        return self.target == (sig.name, sig.dimension, sig.hash)
+        return self.target == sig
 
     def matches_fingerprint(self, name: str, model_hash: str) -> bool:
-        return self.row["target_model_name"] == name and self.row["target_hash"] == model_hash
+        return self.target_model_name == name and self.target_hash == model_hash
 
     @property
     def steps(self) -> list[str]:
-        return list(self.row["finalize_steps"] or [])
+        return list(self.finalize_steps or [])
 
 
 @dataclass
-class Cursor:
-    """One range's position, as last committed."""
+class Range:
+    """A row of reembed_checkpoint_range: one key range's cursor, as last committed."""
 
     job_id: int
     range_no: int
-    last_id: str | None
+    lower_id: str | None
     upper_id: str | None
+    last_id: str | None
     rows_done: int
     rows_skipped: int
+    rows_per_sec: float | None
     done: bool
+    claimed_by: str | None
+    updated_at: dt.datetime
+
+
+def _one(conn: psycopg.Connection[Any], cls: type[R], name: str, params: dict[str, Any]) -> R | None:
+    with conn.cursor(row_factory=class_row(cls)) as cur:
+        return cur.execute(query(name), params).fetchone()
+
+
+def _all(conn: psycopg.Connection[Any], cls: type[R], name: str, params: dict[str, Any]) -> list[R]:
+    with conn.cursor(row_factory=class_row(cls)) as cur:
+        return cur.execute(query(name), params).fetchall()
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     """Create reembed's own tables if missing (concurrent runs on other tables serialise here)."""
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        conn.execute(query("schema_lock"), {"key": _SCHEMA_LOCK})
         conn.execute(schema_sql())  # type: ignore[arg-type]
 
 
@@ -77,21 +125,19 @@ def schema_present(conn: psycopg.Connection[Any]) -> bool:
 def active_job(conn: psycopg.Connection[Any], info: TableInfo) -> Job | None:
     if not schema_present(conn):
         return None
-    row = conn.execute(query("active_job"), {"table": info.qualified, "column": info.column}).fetchone()
-    return Job(row) if row else None
+    return _one(conn, Job, "active_job", {"table": info.qualified, "column": info.column})
 
 
 def latest_job(conn: psycopg.Connection[Any], table: str, column: str) -> Job | None:
     if not schema_present(conn):
         return None
-    row = conn.execute(query("latest_job"), {"table": table, "column": column}).fetchone()
-    return Job(row) if row else None
+    return _one(conn, Job, "latest_job", {"table": table, "column": column})
 
 
 def reload(conn: psycopg.Connection[Any], job: Job) -> Job:
-    row = conn.execute(query("job_by_id"), {"job_id": job.id}).fetchone()
-    assert row is not None, f"job {job.id} vanished"
-    return Job(row)
+    fresh = _one(conn, Job, "job_by_id", {"job_id": job.id})
+    assert fresh is not None, f"job {job.id} vanished"
+    return fresh
 
 
 def create_job(
@@ -99,7 +145,7 @@ def create_job(
     info: TableInfo,
     *,
     target: Signature,
-    source: dict[str, Any] | None,
+    source: Signature | None,
     index: dict[str, Any] | None,
     index_name: str | None,
     source_typmod: int | None,
@@ -107,87 +153,95 @@ def create_job(
     holder: str,
 ) -> Job:
     """Insert the job and its single range. Call inside the caller's transaction."""
-    row = conn.execute(
-        query("insert_job"),
-        {
-            "table": info.qualified,
-            "column": info.column,
-            "content_column": info.content_column,
-            "id_column": info.id_column,
-            "id_type": info.id_type,
-            "target_model_name": target.name,
-            "target_dimension": target.dimension,
-            "target_hash": target.hash,
-            "source_model_name": source["model_name"] if source else None,
-            "source_dimension": source["dimension"] if source else None,
-            "source_hash": source["model_hash"] if source else None,
-            "source_typmod": source_typmod,
-            "index_name": index_name,
-            "index_def": Jsonb(index) if index is not None else None,
-            "rows_total": rows_total,
-            "holder": holder,
-        },
-    ).fetchone()
-    assert row is not None
-    conn.execute(query("insert_range"), {"job_id": row["job_id"], "range_no": 0, "lower_id": None, "upper_id": None})
-    return Job(row)
+    job = _one(conn, Job, "insert_job", {
+        "table": info.qualified,
+        "column": info.column,
+        "content_column": info.content_column,
+        "id_column": info.id_column,
+        "id_type": info.id_type,
+        "target_model_name": target.name,
+        "target_dimension": target.dimension,
+        "target_hash": target.hash,
+        "source_model_name": source.name if source else None,
+        "source_dimension": source.dimension if source else None,
+        "source_hash": source.hash if source else None,
+        "source_typmod": source_typmod,
+        "index_name": index_name,
+        "index_def": Jsonb(index) if index is not None else None,
+        "rows_total": rows_total,
+        "holder": holder,
+    })
+    assert job is not None
+    conn.execute(query("insert_range"), {"job_id": job.id, "range_no": 0, "lower_id": None, "upper_id": None})
+    return job
 
 
-def cursors(conn: psycopg.Connection[Any], job: Job) -> list[Cursor]:
-    rows = conn.execute(query("job_ranges"), {"job_id": job.id}).fetchall()
-    return [
-        Cursor(
-            job_id=job.id,
-            range_no=r["range_no"],
-            last_id=r["last_id"],
-            upper_id=r["upper_id"],
-            rows_done=r["rows_done"],
-            rows_skipped=r["rows_skipped"],
-            done=r["done"],
-        )
-        for r in rows
-    ]
+def ranges(conn: psycopg.Connection[Any], job: Job) -> list[Range]:
+    return _all(conn, Range, "job_ranges", {"job_id": job.id})
+
+
+def claim(conn: psycopg.Connection[Any], job: Job, worker: str) -> Range | None:
+    """The next unfinished, unclaimed range, claimed for `worker` (inside the caller's transaction)."""
+    rng = _one(conn, Range, "claim_range", {"job_id": job.id})
+    if rng is None:
+        return None
+    conn.execute(query("mark_claimed"), {"job_id": job.id, "range_no": rng.range_no, "worker": worker})
+    rng.claimed_by = worker
+    return rng
+
+
+def release_claims(conn: psycopg.Connection[Any], job: Job) -> None:
+    conn.execute(query("release_claims"), {"job_id": job.id})
+
+
+def open_ranges(conn: psycopg.Connection[Any], job: Job) -> int:
+    row = conn.execute(query("open_ranges"), {"job_id": job.id}).fetchone()
+    return int(row["n"]) if row else 0
+
+
+def committed_cursor(conn: psycopg.Connection[Any], rng: Range) -> str | None:
+    row = conn.execute(query("range_cursor"), {"job_id": rng.job_id, "range_no": rng.range_no}).fetchone()
+    return row["last_id"] if row else None
 
 
 def advance(
-    conn: psycopg.Connection[Any],
-    cursor: Cursor,
-    *,
-    to_id: str,
-    rows: int,
-    skipped: int,
-    rate: float | None,
+    conn: psycopg.Connection[Any], rng: Range, *, to_id: str, rows: int, skipped: int, rate: float | None
 ) -> None:
-    """Move the cursor from where we last left it; anything else is a conflict."""
+    """Move the cursor from where we last left it, as the range's claimant; anything else is a conflict."""
     moved = conn.execute(
         query("advance_checkpoint"),
         {
-            "job_id": cursor.job_id,
-            "range_no": cursor.range_no,
-            "from_id": cursor.last_id,
+            "job_id": rng.job_id,
+            "range_no": rng.range_no,
+            "from_id": rng.last_id,
             "to_id": to_id,
             "rows": rows,
             "skipped": skipped,
             "rate": rate,
+            "worker": rng.claimed_by,
         },
     ).rowcount
     if moved != 1:
-        raise CheckpointConflict(cursor.job_id, cursor.last_id)
+        raise CheckpointConflict(rng.job_id, rng.last_id)
 
 
-def finish_range(conn: psycopg.Connection[Any], cursor: Cursor) -> None:
+def finish_range(conn: psycopg.Connection[Any], rng: Range) -> None:
     moved = conn.execute(
         query("finish_range"),
-        {"job_id": cursor.job_id, "range_no": cursor.range_no, "last_id": cursor.last_id},
+        {"job_id": rng.job_id, "range_no": rng.range_no, "last_id": rng.last_id, "worker": rng.claimed_by},
     ).rowcount
     if moved != 1:
-        raise CheckpointConflict(cursor.job_id, cursor.last_id)
+        raise CheckpointConflict(rng.job_id, rng.last_id)
 
 
 def set_state(conn: psycopg.Connection[Any], job: Job, *, to: str, from_state: str) -> None:
     moved = conn.execute(query("set_job_state"), {"job_id": job.id, "state": to, "from_state": from_state}).rowcount
     if moved != 1:
         raise CheckpointConflict(job.id, from_state)
+
+
+def mark_index_dropped(conn: psycopg.Connection[Any], job: Job) -> None:
+    conn.execute(query("mark_index_dropped"), {"job_id": job.id})
 
 
 def record_step(conn: psycopg.Connection[Any], job: Job, step: str) -> None:

@@ -1,25 +1,29 @@
-"""Connections, vector registration, the advisory lock, and psycopg error translation.
+"""Connections, vector registration, and psycopg error translation.
 
-The job holds a few long-lived connections with distinct roles (the lock holder, the
-reader, the writer), so each is a plain psycopg connection made here rather than a pool:
-a pool would add nothing but indirection, and reconnecting is explicit (reembed.retry).
+Every connection of a run is opened here. The work (the coordinator's statements, the reader,
+the writer, the index build) runs on a psycopg_pool ConnectionPool whose `configure=` makes
+each new connection ready (vectors, the writer's session settings, its staging table) and
+whose `check=` replaces a connection that broke; a connection taken for a role carries the
+role in its application_name. The session-level advisory lock lives on a dedicated plain
+connection (reembed.lease), as does `reembed status`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import structlog
 from psycopg import errors as pgerrors
 from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from reembed.errors import ConfigError, DatabaseError, LockHeld
+from reembed.errors import ConfigError, DatabaseError
 from reembed.queries import query
 
 log = structlog.get_logger()
@@ -27,7 +31,7 @@ log = structlog.get_logger()
 # Server-side keepalives: a holder that lost power is dropped within ~2 minutes,
 # which releases its advisory lock (60 s idle + 6 probes x 10 s).
 _KEEPALIVE_OPTIONS = "-c tcp_keepalives_idle=60 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=6"
-_LOCK_NAMESPACE = 0x7265656D  # 'reem'
+_GETCONN_TIMEOUT = 10.0
 
 RETRYABLE = (
     pgerrors.SerializationFailure,
@@ -45,21 +49,28 @@ def holder_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def app_name(role: str) -> str:
+    return f"reembed {role} {holder_name()}"
+
+
+def _connect_kwargs(role: str) -> dict[str, Any]:
+    return {
+        "row_factory": dict_row,
+        "application_name": app_name(role),
+        "options": _KEEPALIVE_OPTIONS,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "connect_timeout": 10,
+    }
+
+
 def connect(conninfo: str, *, role: str, vectors: bool = True, autocommit: bool = False) -> psycopg.Connection[Any]:
-    """A connection for one role of the job. Raises ConfigError if the server cannot be reached."""
+    """A dedicated connection (the lock's, `status`'s, the first look at the target).
+    Raises ConfigError if the server cannot be reached."""
     try:
-        conn = psycopg.connect(
-            conninfo,
-            autocommit=autocommit,
-            row_factory=dict_row,
-            application_name=f"reembed {role} {holder_name()}",
-            options=_KEEPALIVE_OPTIONS,
-            keepalives=1,
-            keepalives_idle=30,
-            keepalives_interval=10,
-            keepalives_count=3,
-            connect_timeout=10,
-        )
+        conn = psycopg.connect(conninfo, autocommit=autocommit, **_connect_kwargs(role))
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
@@ -78,43 +89,20 @@ def reconnect(conninfo: str, *, role: str, vectors: bool = True, autocommit: boo
         raise DatabaseError(str(exc), retryable=True) from exc.__cause__
 
 
-class Session:
-    """A connection for one role that comes back: get() reconnects when the last one broke."""
-
-    def __init__(self, conninfo: str, *, role: str, vectors: bool = True, autocommit: bool = True) -> None:
-        self.conninfo = conninfo
-        self.role = role
-        self.vectors = vectors
-        self.autocommit = autocommit
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def get(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            if self._conn is not None:
-                log.warning("reconnecting", role=self.role)
-                with contextlib.suppress(psycopg.Error):
-                    self._conn.close()
-            self._conn = reconnect(self.conninfo, role=self.role, vectors=self.vectors, autocommit=self.autocommit)
-        return self._conn
-
-    def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._conn.close()
-            self._conn = None
-
-
 def register_vectors(conn: psycopg.Connection[Any]) -> None:
     from pgvector.psycopg import register_vector
 
     register_vector(conn)
 
 
-def translate(exc: psycopg.Error) -> DatabaseError:
-    """One place that turns psycopg errors into ours, keeping the cause."""
-    retryable = isinstance(exc, RETRYABLE) or isinstance(exc, psycopg.OperationalError)
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    err = DatabaseError(f"database error: {first}", retryable=retryable)
+def translate(exc: BaseException) -> DatabaseError:
+    """One place that turns psycopg (and pool) errors into ours, keeping the cause."""
+    if isinstance(exc, PoolTimeout):
+        err = DatabaseError(f"database error: no connection could be had ({exc})", retryable=True)
+    else:
+        retryable = isinstance(exc, RETRYABLE) or isinstance(exc, psycopg.OperationalError)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        err = DatabaseError(f"database error: {first}", retryable=retryable)
     err.__cause__ = exc
     return err
 
@@ -123,70 +111,137 @@ def translate(exc: psycopg.Error) -> DatabaseError:
 def translated() -> Iterator[None]:
     try:
         yield
-    except psycopg.Error as exc:
+    except (psycopg.Error, PoolTimeout) as exc:
         raise translate(exc) from exc
 
 
-def lock_key(table_oid: int) -> int:
-    return (_LOCK_NAMESPACE << 32) | (table_oid & 0xFFFFFFFF)
+class Connections:
+    """The run's connections by role: taken from one pool, configured once each."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        size: int = 6,
+        configure: Callable[[psycopg.Connection[Any]], None] | None = None,
+        reconnect_timeout: float = 300.0,
+    ) -> None:
+        self.conninfo = conninfo
+        self._extra_configure = configure
+        # psycopg_pool logs each failed reconnect attempt; reembed logs an outage once (reembed.retry)
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=size,
+            open=False,
+            kwargs={"autocommit": True, **_connect_kwargs("pool")},
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            reconnect_timeout=reconnect_timeout,
+            name="reembed",
+        )
+        self.pool.open()
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        register_vectors(conn)
+        if self._extra_configure is not None:
+            self._extra_configure(conn)
+
+    def take(self, role: str) -> psycopg.Connection[Any]:
+        """A connection for `role`, out of the pool until given back with give()."""
+        with translated():
+            conn = self.pool.getconn(timeout=_GETCONN_TIMEOUT)
+            name = app_name(role)
+            if conn.info.parameter_status("application_name") != name:
+                conn.execute(query("set_application_name"), {"name": name})
+        return conn
+
+    def give(self, conn: psycopg.Connection[Any]) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self.pool.putconn(conn)
+
+    @contextlib.contextmanager
+    def connection(self, role: str) -> Iterator[psycopg.Connection[Any]]:
+        conn = self.take(role)
+        try:
+            yield conn
+        finally:
+            self.give(conn)
+
+    def hold(self, role: str) -> Held:
+        return Held(self, role)
+
+    def dedicated(self, role: str, *, setup: Callable[[psycopg.Connection[Any]], None] | None = None) -> Dedicated:
+        return Dedicated(self.conninfo, role, setup=setup)
+
+    def close(self) -> None:
+        self.pool.close(timeout=5)
 
 
-@dataclass
-class TableLock:
-    """The session-level advisory lock for one table, held on its own connection."""
+class _Kept:
+    """One connection kept by one role for a phase; `.conn` replaces it when it broke."""
 
-    conn: psycopg.Connection[Any]
-    key: int
+    role: str
+    _conn: psycopg.Connection[Any] | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and (self._conn.closed or self._conn.broken):
+            log.warning("reconnecting", role=self.role)
+            self.release()
+        if self._conn is None:
+            self._conn = self._open()
+        return self._conn
+
+    def cancel(self) -> None:
+        """Cancel the statement running on this connection (its transaction then rolls back)."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.cancel_safe()
 
     def release(self) -> None:
+        if self._conn is not None:
+            self._close(self._conn)
+            self._conn = None
+
+    def _open(self) -> psycopg.Connection[Any]:
+        raise NotImplementedError
+
+    def _close(self, conn: psycopg.Connection[Any]) -> None:
+        raise NotImplementedError
+
+
+class Held(_Kept):
+    """A pool connection kept by one role (the reader's, the writer's, the coordinator's)."""
+
+    def __init__(self, connections: Connections, role: str) -> None:
+        self.connections = connections
+        self.role = role
+
+    def _open(self) -> psycopg.Connection[Any]:
+        return self.connections.take(self.role)
+
+    def _close(self, conn: psycopg.Connection[Any]) -> None:
+        self.connections.give(conn)
+
+
+class Dedicated(_Kept):
+    """A plain autocommit connection of its own for one role, outside the pool (the index
+    build's: its session settings die with it); `setup` runs on each new one."""
+
+    def __init__(self, conninfo: str, role: str, *, setup: Callable[[psycopg.Connection[Any]], None] | None = None):
+        self.conninfo = conninfo
+        self.role = role
+        self.setup = setup
+
+    def _open(self) -> psycopg.Connection[Any]:
+        conn = reconnect(self.conninfo, role=self.role, vectors=False, autocommit=True)
+        if self.setup is not None:
+            with translated():
+                self.setup(conn)
+        return conn
+
+    def _close(self, conn: psycopg.Connection[Any]) -> None:
         with contextlib.suppress(psycopg.Error):
-            self.conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
-        with contextlib.suppress(psycopg.Error):
-            self.conn.close()
-
-    def alive(self) -> bool:
-        """Do we still hold it? False if the connection was lost (the server dropped the lock)."""
-        try:
-            return self.held_as_seen_from(self.conn)
-        except psycopg.Error:
-            return False
-
-    def held_as_seen_from(self, conn: psycopg.Connection[Any]) -> bool:
-        """Asked on `conn` (inside its transaction, if one is open): does this lock's backend hold it now?"""
-        try:
-            pid = self.conn.info.backend_pid  # libpq's copy: no round trip
-        except psycopg.Error:  # closed (the keeper is swapping it for a fresh one)
-            return False
-        row = conn.execute(
-            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
-            " AND pid = %s AND classid = %s::bigint::oid AND objid = %s::bigint::oid",
-            (pid, self.key >> 32, self.key & 0xFFFFFFFF),
-        ).fetchone()
-        return bool(row and row["n"])
-
-
-def describe_holder(row: dict[str, Any] | None) -> str:
-    """Who holds the lock, from a `lock_holder` row: host and pid (in the application name), since when."""
-    if row is None:
-        return "another run (it let go just now)"
-    app = row["application_name"] or "unknown"
-    since = row["backend_start"].isoformat(timespec="seconds") if row["backend_start"] else "?"
-    where = f" from {row['client_addr']}" if row["client_addr"] else ""
-    return f"{app!r} (backend pid {row['pid']}{where}, since {since})"
-
-
-def try_lock(conninfo: str, table_oid: int, *, table: str, again: bool = False) -> TableLock:
-    """Take the table's advisory lock on a dedicated autocommit connection, or raise LockHeld.
-    `again`: we held it before, so a server that does not answer is a transient fault."""
-    conn = (reconnect if again else connect)(conninfo, role="lock", vectors=False, autocommit=True)
-    key = lock_key(table_oid)
-    with translated():
-        got = conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (key,)).fetchone()
-        if got and got["got"]:
-            return TableLock(conn=conn, key=key)
-        row = conn.execute(query("lock_holder"), {"key": key}).fetchone()
-    conn.close()
-    raise LockHeld(
-        f"{table} is being re-embedded by {describe_holder(row)}; wait for it, or stop it first",
-        holder=row["pid"] if row else None,
-    )
+            conn.close()

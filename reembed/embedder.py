@@ -18,6 +18,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ import structlog
 
 from reembed.errors import ConfigError
 from reembed.settings import ModelSpec
+from reembed.signature import Signature
 
 log = structlog.get_logger()
 
@@ -35,25 +37,38 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-@dataclass(frozen=True)
-class Signature:
-    name: str
-    dimension: int
-    hash: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"model_name": self.name, "dimension": self.dimension, "model_hash": self.hash}
-
-
 class Embedder(Protocol):
-    """What the job needs from a model. Implementations must be deterministic per text."""
+    """What the job needs from a model, as two stages. Implementations must be deterministic
+    per text. `tokenize` must be picklable with what it returns, so that it can run in
+    another thread or process; `forward` runs where the model is (the device)."""
 
     signature: Signature
-    encode_batch_size: int
+
+    def tokenize(self, texts: Sequence[str]) -> Any:
+        """The model's input for `texts` (token ids, or whatever `forward` takes)."""
+        ...
+
+    def forward(self, features: Any) -> np.ndarray:
+        """float32 array of shape (len(texts), signature.dimension), in the texts' order."""
+        ...
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 array of shape (len(texts), signature.dimension), in input order."""
+        """forward(tokenize(texts))."""
         ...
+
+
+@dataclass
+class Tokenized:
+    """Texts sorted longest first and cut into forward passes of the model's input, with the
+    permutation back to input order."""
+
+    order: np.ndarray  # sorted position i holds input text order[i]
+    texts: list[str]  # sorted, prefixed
+    chunks: list[Any]  # the model's input for texts[k * size : (k + 1) * size]
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.texts)
 
 
 def resolve_model_path(model: str) -> Path:
@@ -174,6 +189,8 @@ class SentenceTransformerEmbedder:
         self.signature = Signature(spec.registry_name, dimension, model_hash or _hash(path, spec))
         default_batch = 256 if self.device.startswith("cuda") else 64
         self.encode_batch_size = encode_batch_size or default_batch
+        self._tokenizer_lock = threading.Lock()
+        self.model.eval()
         log.info(
             "model_loaded",
             model=spec.model,
@@ -184,26 +201,55 @@ class SentenceTransformerEmbedder:
             load_secs=round(time.monotonic() - started, 2),
         )
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        if self.prefix:
-            texts = [self.prefix + t for t in texts]
-        # Longest first, so each forward pass pads to similar lengths; back to input order after.
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        ordered = [texts[i] for i in order]
-        while True:
-            try:
-                vectors = self.model.encode(
-                    ordered, batch_size=self.encode_batch_size, convert_to_numpy=True, show_progress_bar=False
-                )
-                break
-            except Exception as exc:
-                if not _is_oom(exc) or self.encode_batch_size <= 1:
-                    raise
-                self._halve(exc)
-        out = np.empty((len(texts), self.signature.dimension), dtype=np.float32)
-        out[order] = vectors
+    def tokenize(self, texts: Sequence[str]) -> Tokenized:
+        """Longest first, so each forward pass pads to similar lengths; cut into passes."""
+        prefixed = [self.prefix + t for t in texts] if self.prefix else list(texts)
+        order = np.argsort([-len(t) for t in prefixed], kind="stable")
+        ordered = [prefixed[i] for i in order]
+        size = self.encode_batch_size
+        with self._tokenizer_lock:  # a fast tokenizer is not to be shared by threads
+            chunks = [self.model.preprocess(ordered[i: i + size]) for i in range(0, len(ordered), size)]
+        return Tokenized(order=order, texts=ordered, chunks=chunks, size=size)
+
+    def forward(self, features: Tokenized) -> np.ndarray:
+        import torch
+
+        out = np.empty((len(features), self.signature.dimension), dtype=np.float32)
+        size, total = features.size, len(features)
+        pending = [(k * size, min(size, total - k * size), chunk) for k, chunk in enumerate(features.chunks)]
+        with torch.inference_mode():
+            while pending:
+                start, rows, chunk = pending.pop(0)
+                if rows > self.encode_batch_size:  # tokenized before the batch size was halved
+                    pending[:0] = self._recut(features.texts, start, rows)
+                    continue
+                try:
+                    vectors = self._forward_pass(chunk)
+                except Exception as exc:
+                    if not _is_oom(exc) or self.encode_batch_size <= 1:
+                        raise
+                    self._halve(exc)
+                    pending[:0] = self._recut(features.texts, start, rows)
+                    continue
+                out[features.order[start: start + rows]] = vectors
         return out
 
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self.forward(self.tokenize(texts))
+
+    def _forward_pass(self, chunk: Any) -> np.ndarray:
+        import torch
+
+        on_device = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in chunk.items()}
+        embeddings = self.model(on_device)["sentence_embedding"]
+        return embeddings.float().cpu().numpy()
+
+    def _recut(self, texts: list[str], start: int, rows: int) -> list[tuple[int, int, Any]]:
+        """The rows of a pass that did not fit, as passes of the (halved) encode batch size."""
+        size, end = self.encode_batch_size, start + rows
+        with self._tokenizer_lock:
+            return [(i, min(size, end - i), self.model.preprocess(texts[i: min(i + size, end)]))
+                    for i in range(start, end, size)]
 
     def _halve(self, exc: BaseException) -> None:
         """Out of GPU memory: halve the forward pass and keep the size that works for the rest of the run."""

@@ -10,21 +10,20 @@ finalizes only once every failed row is either encoded by `--retry-failed` or ac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
 import structlog
-from psycopg import sql
 
-from reembed import db, retry
+from reembed.batches import Batch, Writer
 from reembed.checkpoint import Job
 from reembed.embedder import Embedder
 from reembed.errors import ReembedError
-from reembed.lease import LockKeeper
-from reembed.settings import RunOptions
-from reembed.target import TableInfo
-from reembed.writer import Batch, Writer
+from reembed.queries import query
+
+if TYPE_CHECKING:
+    from reembed.context import RunContext
 
 log = structlog.get_logger()
 
@@ -59,50 +58,32 @@ def record(conn: psycopg.Connection[Any], job: Job, batch: Batch) -> None:
     """Inside the batch's transaction."""
     with conn.cursor() as cur:
         cur.executemany(
-            "INSERT INTO reembed_failed_rows (job_id, row_id, error) VALUES (%s, %s, %s)"
-            " ON CONFLICT (job_id, row_id) DO UPDATE SET attempts = reembed_failed_rows.attempts + 1,"
-            " error = EXCLUDED.error, last_seen = now()",
-            [(job.id, batch.id_texts[i], err) for i, err in batch.failed.items()],
+            query("record_failed_rows"),
+            [{"job_id": job.id, "row_id": batch.id_texts[i], "error": err} for i, err in batch.failed.items()],
         )
 
 
 def pending(conn: psycopg.Connection[Any], job: Job) -> int:
-    row = conn.execute(
-        "SELECT count(*) AS n FROM reembed_failed_rows WHERE job_id = %s AND NOT accepted", (job.id,)
-    ).fetchone()
+    row = conn.execute(query("failed_rows_pending"), {"job_id": job.id}).fetchone()
     return int(row["n"]) if row else 0
 
 
-def settle(
-    control: db.Session,
-    info: TableInfo,
-    job: Job,
-    embedder: Embedder,
-    opts: RunOptions,
-    keeper: LockKeeper,
-    *,
-    batch_size: int = 256,
-) -> str:
+def settle(ctx: RunContext) -> str:
     """Before finalize: retry or accept the failed rows as told; refuse to finalize past them otherwise.
     Returns a note for the report ('' when there were none)."""
-    waiting = retry.call(lambda: pending(control.get(), job), what="count_failed_rows", max_retries=opts.max_retries)
+    job, opts = ctx.active, ctx.opts
+    waiting = ctx.lease.read(lambda conn: pending(conn, job), on=ctx.control, what="count_failed_rows")
     if not waiting:
         return ""
     if opts.retry_failed:
-        session = db.Session(control.conninfo, role="retry-failed")  # vectors registered, unlike control's
-        try:
-            _retry_on(session.get(), info, job, embedder, keeper, batch_size)
-        finally:
-            session.close()
-        waiting = pending(control.get(), job)
+        _retry(ctx)
+        waiting = ctx.lease.read(lambda conn: pending(conn, job), on=ctx.control, what="count_failed_rows")
         if not waiting:
             log.info("failed_rows_recovered")
             return "every previously failed row was encoded on retry"
     if opts.accept_failed:
-        conn = control.get()
-        with conn.transaction():
-            conn.execute("UPDATE reembed_failed_rows SET accepted = true WHERE job_id = %s AND NOT accepted", (job.id,))
-            keeper.fence(conn)
+        ctx.lease.write(lambda conn: conn.execute(query("accept_failed_rows"), {"job_id": job.id}),
+                        on=ctx.control, what="accept_failed_rows")
         log.warning("failed_rows_accepted", count=waiting, detail="their embedding stays NULL")
         return f"{waiting} rows that the model could not encode were accepted: their embedding is NULL"
     raise RowsFailed(
@@ -111,33 +92,29 @@ def settle(
     )
 
 
-def _retry_on(
-    conn: psycopg.Connection[Any], info: TableInfo, job: Job, embedder: Embedder, keeper: LockKeeper, batch_size: int
-) -> None:
-    ids = [r["row_id"] for r in conn.execute(
-        "SELECT row_id FROM reembed_failed_rows WHERE job_id = %s AND NOT accepted ORDER BY row_id", (job.id,)
-    ).fetchall()]
-    select = sql.SQL(
-        "SELECT {id} AS id, {id}::text AS id_text, {content} AS content FROM {table}"
-        " WHERE {id} = ANY(CAST(%s AS {id_type}[])) ORDER BY {id}"
-    ).format(**info.ids())
-    writer = Writer(conn, info)
+def _retry(ctx: RunContext) -> None:
+    job, info, batch_size = ctx.active, ctx.info, ctx.opts.batch_size
+    ids = [r["row_id"] for r in ctx.lease.read(
+        lambda conn: conn.execute(query("failed_row_ids"), {"job_id": job.id}).fetchall(),
+        on=ctx.control, what="failed_row_ids")]
+    writer = Writer(info, column=ctx.strategy.column(ctx))
+    select = info.statement("rows_by_ids")
     for start in range(0, len(ids), batch_size):
-        rows = conn.execute(select, (ids[start: start + batch_size],)).fetchall()
-        batch = Batch(seq=-1, after=None, ids=[r["id"] for r in rows], id_texts=[r["id_text"] for r in rows],
-                      texts=[r["content"] for r in rows])
+        wanted = ids[start: start + batch_size]
+        rows = ctx.lease.read(lambda conn: conn.execute(select, {"ids": wanted}).fetchall(),  # noqa: B023
+                              on=ctx.control, what="read_failed_rows")
+        batch = Batch.of(-1, None, rows)
         vectors: list[np.ndarray | None] = [None] * len(rows)
-        present = [i for i, t in enumerate(batch.texts) if t is not None]
-        encode_isolating(embedder, batch.texts, present, vectors, batch.failed)
+        encode_isolating(ctx.embedder, batch.texts, batch.present, vectors, batch.failed)
         fixed = [i for i in range(len(rows)) if i not in batch.failed]
-        gone = set(ids[start: start + batch_size]) - set(batch.id_texts)  # deleted since: nothing to encode
-        with conn.transaction():
-            writer.write([batch.ids[i] for i in fixed], [vectors[i] for i in fixed])
-            conn.execute(
-                "DELETE FROM reembed_failed_rows WHERE job_id = %s AND row_id = ANY(%s)",
-                (job.id, [batch.id_texts[i] for i in fixed] + sorted(gone)),
-            )
-            if batch.failed:
-                record(conn, job, batch)
-            keeper.fence(conn)
+        gone = set(wanted) - set(batch.id_texts)  # deleted since: nothing to encode
+
+        def body(conn: psycopg.Connection[Any]) -> None:
+            writer.write(conn, [batch.ids[i] for i in fixed], [vectors[i] for i in fixed])  # noqa: B023
+            conn.execute(query("forget_failed_rows"),
+                         {"job_id": job.id, "row_ids": [batch.id_texts[i] for i in fixed] + sorted(gone)})  # noqa: B023
+            if batch.failed:  # noqa: B023
+                record(conn, job, batch)  # noqa: B023
+
+        ctx.lease.write(body, on=ctx.control, what="retry_failed_rows")
         log.info("failed_rows_retried", fixed=len(fixed), still_failing=len(batch.failed))

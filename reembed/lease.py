@@ -1,117 +1,119 @@
-"""Keeping the table's lock for the whole run, and proving we are alive.
+"""The table's advisory lock, the whole story: taking it, naming its holder, keeping it for
+the run, proving we are alive, breaking a stale holder, and the one fenced write.
 
-A LockKeeper thread checks every few seconds that our advisory lock is still held (a lost
-connection, a server restart or pg_terminate_backend drops it), takes it again when it can,
-and records a heartbeat on the job row. If another run took the lock meanwhile, the job
-stops with exit 3.
+A run holds a session-level advisory lock on the table (its own dedicated connection) from
+before prepare until the end. A LockKeeper thread checks every few seconds that it is still
+held (a lost connection, a server restart or pg_terminate_backend drops it), takes it again
+when it can, and records a heartbeat on the job row; if another run took it meanwhile, the
+job stops with exit 3.
 
-The thread only notices a lost lock at its next tick, so every transaction that writes
-(a batch and its checkpoint, a finalize step, the registry) is also *fenced*: just before
-its commit, `fence(conn)` checks in that same transaction that the lock's backend still
-holds the lock, and re-takes it or raises LockHeld (the transaction rolls back) if not.
-
-`--break-stale-lock` terminates a holder whose heartbeat is older than the stale limit, and
-only such a holder.
+The keeper only notices at its next tick, so every transaction that writes goes through
+`Lease.write()`: retry on transient faults, one transaction, optional lock_timeout, and,
+just before the commit, the fence: in that same transaction, does our lock's backend hold
+the lock right now? If not, the lock is taken again (and the commit goes on) or LockHeld is
+raised (the transaction rolls back). Statements that cannot run in a transaction (CREATE
+INDEX CONCURRENTLY) go through `Lease.outside_transaction()`, which checks first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
 
 from reembed import checkpoint as ckpt
-from reembed import db
+from reembed import db, retry
 from reembed.background import Background
 from reembed.errors import DatabaseError, LockHeld
+from reembed.queries import query
 
 log = structlog.get_logger()
 
+T = TypeVar("T")
+
 CHECK_EVERY = 2.0
 HEARTBEAT_EVERY = 10.0
+_LOCK_NAMESPACE = 0x7265656D  # 'reem'
 
 
-class LockKeeper(Background):
-    def __init__(self, lock: db.TableLock, conninfo: str, *, table_oid: int, table: str) -> None:
-        super().__init__("reembed-lock-keeper", join_timeout=10)
-        self.lock = lock
-        self.conninfo = conninfo
-        self.table_oid = table_oid
-        self.table = table
-        self.job_id: int | None = None
-        self.lost: LockHeld | None = None
-        self._since_beat = HEARTBEAT_EVERY
-        self._mutex = threading.Lock()
+def lock_key(table_oid: int) -> int:
+    return (_LOCK_NAMESPACE << 32) | (table_oid & 0xFFFFFFFF)
 
-    def check(self) -> None:
-        """Raise LockHeld if another run took our lock while we were disconnected."""
-        if self.lost is not None:
-            raise self.lost
 
-    def ensure(self) -> None:
-        """Verify the lock now (after a reconnect elsewhere, the lock's connection is suspect too)."""
-        self.check()
+@dataclass
+class TableLock:
+    """The session-level advisory lock for one table, held on its own connection."""
+
+    conn: psycopg.Connection[Any]
+    key: int
+
+    def release(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            self.conn.execute(query("release_lock"), {"key": self.key})
+        with contextlib.suppress(psycopg.Error):
+            self.conn.close()
+
+    def alive(self) -> bool:
+        """Do we still hold it? False if the connection was lost (the server dropped the lock)."""
         try:
-            self._tick(beat=False)
-        except LockHeld as exc:
-            log.error("lock_lost", detail=str(exc))
-            self.lost = exc
-            raise
+            return self.held_as_seen_from(self.conn)
+        except psycopg.Error:
+            return False
 
-    def fence(self, conn: psycopg.Connection[Any]) -> None:
-        """Inside a writing transaction, just before it commits: do we hold the lock right now?
+    def held_as_seen_from(self, conn: psycopg.Connection[Any]) -> bool:
+        """Asked on `conn` (inside its transaction, if one is open): does this lock's backend hold it now?"""
+        try:
+            pid = self.conn.info.backend_pid  # libpq's copy: no round trip
+        except psycopg.Error:  # closed (the keeper is swapping it for a fresh one)
+            return False
+        row = conn.execute(query("lock_held_by"), {"pid": pid, "key": self.key}).fetchone()
+        return bool(row and row["n"])
 
-        If our lock's backend is gone, take the lock again (and go on) or raise LockHeld
-        because another run has it (the caller's transaction then rolls back)."""
-        self.check()
-        if self.lock.held_as_seen_from(conn):
-            return
-        self.ensure()
-        if not self.lock.held_as_seen_from(conn):
-            exc = LockHeld(f"{self.table}: the table's lock is no longer held by this run")
-            log.error("lock_lost", detail=str(exc))
-            self.lost = exc
-            raise exc
 
-    def _loop(self) -> None:
-        while not self._stopped.wait(CHECK_EVERY):
-            try:
-                self._tick()
-            except LockHeld as exc:
-                log.error("lock_lost", detail=str(exc))
-                self.lost = exc
-                return
-            except (psycopg.Error, DatabaseError) as exc:  # the server is away: try again at the next tick
-                log.warning("lock_check_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+def describe_holder(row: dict[str, Any] | None) -> str:
+    """Who holds the lock, from a `lock_holder` row: host and pid (in the application name), since when."""
+    if row is None:
+        return "another run (it let go just now)"
+    app = row["application_name"] or "unknown"
+    since = row["backend_start"].isoformat(timespec="seconds") if row["backend_start"] else "?"
+    where = f" from {row['client_addr']}" if row["client_addr"] else ""
+    return f"{app!r} (backend pid {row['pid']}{where}, since {since})"
 
-    def _tick(self, *, beat: bool = True) -> None:
-        with self._mutex:
-            if not self.lock.alive():
-                self.lock.release()
-                fresh = db.try_lock(self.conninfo, self.table_oid, table=self.table, again=True)
-                self.lock.conn, self.lock.key = fresh.conn, fresh.key
-                log.warning("lock_reacquired", table=self.table)
-                self._since_beat = HEARTBEAT_EVERY
-            if beat:
-                self._beat()
 
-    def _beat(self) -> None:
-        self._since_beat += CHECK_EVERY
-        if self.job_id is not None and self._since_beat >= HEARTBEAT_EVERY:
-            ckpt.heartbeat(self.lock.conn, self.job_id, db.holder_name())
-            self._since_beat = 0.0
+def holder_of(conn: psycopg.Connection[Any], table_oid: int) -> dict[str, Any] | None:
+    return conn.execute(query("lock_holder"), {"key": lock_key(table_oid)}).fetchone()
+
+
+def try_lock(conninfo: str, table_oid: int, *, table: str, again: bool = False) -> TableLock:
+    """Take the table's advisory lock on a dedicated autocommit connection, or raise LockHeld.
+    `again`: we held it before, so a server that does not answer is a transient fault."""
+    conn = (db.reconnect if again else db.connect)(conninfo, role="lock", vectors=False, autocommit=True)
+    key = lock_key(table_oid)
+    with db.translated():
+        got = conn.execute(query("try_lock"), {"key": key}).fetchone()
+        if got and got["got"]:
+            return TableLock(conn=conn, key=key)
+        row = holder_of(conn, table_oid)
+    conn.close()
+    raise LockHeld(
+        f"{table} is being re-embedded by {describe_holder(row)}; wait for it, or stop it first",
+        holder=row["pid"] if row else None,
+    )
 
 
 def break_stale(conn: psycopg.Connection[Any], *, table: str, column: str, holder_pid: int | None,
                 stale_after: float) -> None:
     """Terminate the lock holder's backend if, and only if, its job heartbeat is stale."""
-    row = conn.execute(
-        "SELECT job_id, holder, extract(epoch FROM now() - heartbeat_at) AS age FROM reembed_checkpoint"
-        " WHERE table_name = %s AND column_name = %s AND state IN ('embedding', 'finalizing')",
-        (table, column),
-    ).fetchone() if _has_checkpoint(conn) else None
+    row = (
+        conn.execute(query("job_heartbeat_age"), {"table": table, "column": column}).fetchone()
+        if ckpt.schema_present(conn) else None
+    )
     if holder_pid is None:
         raise LockHeld(f"{table}: the lock's holder let go or cannot be seen; run again")
     if row is None or row["age"] is None:
@@ -126,9 +128,146 @@ def break_stale(conn: psycopg.Connection[Any], *, table: str, column: str, holde
         )
     log.warning("breaking_stale_lock", holder=row["holder"], backend_pid=holder_pid,
                 heartbeat_age_secs=round(float(row["age"])))
-    conn.execute("SELECT pg_terminate_backend(%s)", (holder_pid,))
+    conn.execute(query("terminate_backend"), {"pid": holder_pid})
 
 
-def _has_checkpoint(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute("SELECT to_regclass('reembed_checkpoint') IS NOT NULL AS p").fetchone()
-    return bool(row and row["p"])
+def take(conn: psycopg.Connection[Any], conninfo: str, table_oid: int, *, table: str, column: str,
+         break_stale_lock: bool, stale_after: float) -> TableLock:
+    """The lock, at once (exit 3 if held), or after terminating a stale holder when told to."""
+    try:
+        return try_lock(conninfo, table_oid, table=table)
+    except LockHeld as held:
+        if not break_stale_lock:
+            raise
+        break_stale(conn, table=table, column=column, holder_pid=held.holder, stale_after=stale_after)
+    deadline = time.monotonic() + 15
+    while True:  # the terminated backend lets go of the lock as it exits
+        try:
+            return try_lock(conninfo, table_oid, table=table)
+        except LockHeld:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class Lease(Background):
+    """The run's hold on the table: the keeper thread, and every write fenced by it."""
+
+    def __init__(self, lock: TableLock, conninfo: str, *, table_oid: int, table: str, max_retries: int) -> None:
+        super().__init__("reembed-lock-keeper", join_timeout=10)
+        self.lock = lock
+        self.conninfo = conninfo
+        self.table_oid = table_oid
+        self.table = table
+        self.max_retries = max_retries
+        self.job_id: int | None = None
+        self.lost: LockHeld | None = None
+        self._since_beat = HEARTBEAT_EVERY
+        self._mutex = threading.Lock()
+
+    # ---------------------------------------------------------- the writes
+
+    def write(
+        self,
+        body: Callable[[psycopg.Connection[Any]], T],
+        *,
+        on: db.Held,
+        what: str,
+        lock_timeout: str | None = None,
+        patient: bool = False,
+    ) -> T:
+        """body(conn) as one transaction on `on`'s connection, fenced, retried on transient
+        faults (`patient`: DDL that backs off from application locks gets more tries)."""
+
+        def attempt() -> T:
+            self.check()
+            conn = on.conn
+            with conn.transaction():
+                if lock_timeout is not None:
+                    conn.execute(query("set_lock_timeout"), {"value": lock_timeout})
+                result = body(conn)
+                self.fence(conn)
+            return result
+
+        return self._retried(attempt, what=what, patient=patient)
+
+    def read(self, body: Callable[[psycopg.Connection[Any]], T], *, on: db.Held, what: str) -> T:
+        """body(conn), retried on transient faults (no transaction of its own, no fence)."""
+        return self._retried(lambda: body(on.conn), what=what, patient=False)
+
+    def outside_transaction(self, body: Callable[[], T], *, what: str) -> T:
+        """A statement that cannot run inside a transaction: the lock is verified just before."""
+
+        def attempt() -> T:
+            self.ensure()
+            return body()
+
+        return self._retried(attempt, what=what, patient=True)
+
+    def _retried(self, fn: Callable[[], T], *, what: str, patient: bool) -> T:
+        retries = max(self.max_retries, 8) if patient else self.max_retries
+        return retry.call(fn, what=what, max_retries=retries)
+
+    # ------------------------------------------------------------ the fence
+
+    def check(self) -> None:
+        """Raise LockHeld if another run took our lock while we were disconnected."""
+        if self.lost is not None:
+            raise self.lost
+
+    def ensure(self) -> None:
+        """Verify the lock now (after a reconnect elsewhere, the lock's connection is suspect too)."""
+        self.check()
+        try:
+            self._tick(beat=False)
+        except LockHeld as exc:
+            self._lose(exc)
+            raise
+
+    def fence(self, conn: psycopg.Connection[Any]) -> None:
+        """Inside a writing transaction, just before it commits: do we hold the lock right now?"""
+        self.check()
+        if self.lock.held_as_seen_from(conn):
+            return
+        self.ensure()
+        if not self.lock.held_as_seen_from(conn):
+            exc = LockHeld(f"{self.table}: the table's lock is no longer held by this run")
+            self._lose(exc)
+            raise exc
+
+    def _lose(self, exc: LockHeld) -> None:
+        log.error("lock_lost", detail=str(exc))
+        self.lost = exc
+
+    # ----------------------------------------------------------- the keeper
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(CHECK_EVERY):
+            try:
+                self._tick()
+            except LockHeld as exc:
+                self._lose(exc)
+                return
+            except (psycopg.Error, DatabaseError) as exc:  # the server is away: try again at the next tick
+                log.warning("lock_check_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    def _tick(self, *, beat: bool = True) -> None:
+        with self._mutex:
+            if not self.lock.alive():
+                self.lock.release()
+                fresh = try_lock(self.conninfo, self.table_oid, table=self.table, again=True)
+                self.lock.conn, self.lock.key = fresh.conn, fresh.key
+                log.warning("lock_reacquired", table=self.table)
+                self._since_beat = HEARTBEAT_EVERY
+            if beat:
+                self._beat()
+
+    def _beat(self) -> None:
+        self._since_beat += CHECK_EVERY
+        if self.job_id is not None and self._since_beat >= HEARTBEAT_EVERY:
+            ckpt.heartbeat(self.lock.conn, self.job_id, db.holder_name())
+            self._since_beat = 0.0
+
+    def release(self) -> None:
+        self.stop()
+        self.lock.release()

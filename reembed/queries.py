@@ -1,4 +1,8 @@
-"""Loads the named SQL in sql/ once (shipped inside the wheel as package `reembed.sql`)."""
+"""The named SQL in sql/, loaded once (shipped inside the wheel as package `reembed.sql`).
+
+`queries.sql` holds reembed's own statements (plain values only). `table.sql` holds the
+statements on the user's table, whose identifiers are filled in by reembed.target.TableInfo.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from pathlib import Path
 from psycopg import sql
 
 _NAME = re.compile(r"^--\s*name:\s*(\S+)\s*$", re.MULTILINE)
+_LEADING_COMMENTS = re.compile(r"\A(?:\s*--[^\n]*\n)*")
+
+Fill = str | tuple[str, ...] | sql.Composable
 
 
 def read_sql(filename: str) -> str:
@@ -21,23 +28,33 @@ def read_sql(filename: str) -> str:
 
 
 @functools.cache
-def _named() -> dict[str, str]:
-    text = read_sql("queries.sql")
-    parts = _NAME.split(text)
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+def _named(filename: str) -> dict[str, str]:
+    parts = _NAME.split(read_sql(filename))
+    # parts = [preamble, name1, body1, name2, body2, ...]; a body's leading comment lines
+    # document it and stay out of the statement (pg_stat_activity shows what runs)
+    return {name: _LEADING_COMMENTS.sub("", body).strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-def query(name: str, **identifiers: str | tuple[str, ...]) -> sql.Composed | sql.SQL:
-    """The named query, with {braced} identifiers filled in safely."""
-    text = _named()[name]
+def query(name: str, **fill: Fill) -> sql.Composed | sql.SQL:
+    """A statement of queries.sql, with {braced} identifiers filled in safely."""
+    return _compose(_named("queries.sql")[name], fill)
+
+
+def table_statement(name: str, fill: dict[str, Fill]) -> sql.Composed | sql.SQL:
+    """A statement of table.sql; call it through TableInfo.sql(), which knows the identifiers."""
+    return _compose(_named("table.sql")[name], fill)
+
+
+def _compose(text: str, fill: dict[str, Fill]) -> sql.Composed | sql.SQL:
     template = sql.SQL(text)  # type: ignore[arg-type]
-    if not identifiers:
+    if not fill:
         return template
-    return template.format(**{k: _ident(v) for k, v in identifiers.items()})
+    return template.format(**{k: _part(v) for k, v in fill.items()})
 
 
-def _ident(value: str | tuple[str, ...]) -> sql.Identifier:
+def _part(value: Fill) -> sql.Composable:
+    if isinstance(value, sql.Composable):
+        return value
     return sql.Identifier(*value) if isinstance(value, tuple) else sql.Identifier(value)
 
 
@@ -46,4 +63,4 @@ def schema_sql() -> str:
 
 
 def names() -> list[str]:
-    return sorted(_named())
+    return sorted(_named("queries.sql"))

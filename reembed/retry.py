@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import psycopg
 import structlog
+from psycopg_pool import PoolTimeout
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from reembed.db import translate
@@ -25,7 +26,7 @@ T = TypeVar("T")
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, DatabaseError):
         return exc.retryable
-    if isinstance(exc, psycopg.Error):
+    if isinstance(exc, (psycopg.Error, PoolTimeout)):
         return translate(exc).retryable
     return False
 
@@ -63,5 +64,5 @@ def call(
     )
     try:
         return retrying(fn)
-    except psycopg.Error as exc:
+    except (psycopg.Error, PoolTimeout) as exc:
         raise translate(exc) from exc

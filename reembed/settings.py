@@ -7,12 +7,14 @@ import argparse
 import datetime as dt
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 from reembed.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
+T = TypeVar("T")
 _SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
 
 
@@ -123,54 +125,40 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
-        target = Target(
-            dsn=args.dsn,
-            table=args.table,
-            column=args.column,
-            content_column=args.content_column,
-            index=args.index,
-            registry=args.registry,
-        )
+        target = _from_namespace(Target, args)
         if not hasattr(args, "model"):
             return cls(target=target)
-        _positive("--batch-size", args.batch_size)
-        if args.encode_batch_size is not None:
-            _positive("--encode-batch-size", args.encode_batch_size)
-        if args.dimension is not None:
-            _positive("--dimension", args.dimension)
-        if args.max_retries < 0:
-            raise ConfigError("--max-retries must be 0 or more")
-        if args.retry_failed and args.accept_failed:
-            raise ConfigError("--retry-failed and --accept-failed exclude each other: pick one")
-        model = ModelSpec(
-            model=args.model,
-            model_name=args.model_name,
-            dimension=args.dimension,
-            device=args.device,
-            precision=args.precision,
-            prefix=args.prefix or "",
-            max_seq_length=args.max_seq_length,
-        )
-        options = RunOptions(
-            batch_size=args.batch_size,
-            encode_batch_size=args.encode_batch_size,
-            drop_hnsw_first=args.drop_hnsw_first,
-            concurrent_index=args.concurrent_index,
+        _check_args(args)
+        model = _from_namespace(ModelSpec, args, prefix=args.prefix or "")
+        options = _from_namespace(
+            RunOptions,
+            args,
             confirm_seconds=0.0 if args.no_confirm else 5.0,
-            dry_run=args.dry_run,
-            abandon_active=args.abandon_active,
-            pipeline=args.pipeline,
             max_runtime=parse_duration(args.max_runtime) if args.max_runtime else None,
             until=next_clock_time(args.until) if args.until else None,
-            max_retries=args.max_retries,
             ddl_lock_timeout=f"{int(parse_duration(args.ddl_lock_timeout) * 1000)}ms",
             index_memory=parse_size(args.index_memory),
-            progress_interval=args.progress_interval,
-            break_stale_lock=args.break_stale_lock,
-            retry_failed=args.retry_failed,
-            accept_failed=args.accept_failed,
         )
         return cls(target=target, model=model, options=options)
+
+
+def _from_namespace(cls: type[T], args: argparse.Namespace, **overrides: object) -> T:
+    """A settings dataclass from the argparse results that share its field names, plus overrides."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
+    values.update(overrides)
+    return cls(**values)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    _positive("--batch-size", args.batch_size)
+    if args.encode_batch_size is not None:
+        _positive("--encode-batch-size", args.encode_batch_size)
+    if args.dimension is not None:
+        _positive("--dimension", args.dimension)
+    if args.max_retries < 0:
+        raise ConfigError("--max-retries must be 0 or more")
+    if args.retry_failed and args.accept_failed:
+        raise ConfigError("--retry-failed and --accept-failed exclude each other: pick one")
 
 
 def _positive(flag: str, value: int) -> None:

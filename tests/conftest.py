@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,9 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+
+# The demo's and benchmark's model makers (scripts/fastmodel.py) are not part of the product.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -175,7 +179,7 @@ def static_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path
     def make(dim: int = 48, seed: int = 0) -> Path:
         if dim in made:
             return made[dim]
-        from reembed.fastmodel import save_static_model
+        from fastmodel import save_static_model
 
         path = tmp_path_factory.mktemp(f"static{dim}")
         save_static_model(path, tokenizer_dir=minilm_path, dim=dim, seed=seed)

@@ -18,7 +18,7 @@ import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
-from reembed.embedder import Signature
+from reembed.signature import Signature
 
 REGISTRY_DDL = """
 CREATE TABLE embedding_model (
@@ -46,12 +46,14 @@ class HashEmbedder:
 
     def __init__(self, dim: int = 32, *, name: str | None = None, poison: str | None = None) -> None:
         self.signature = Signature(name or f"test-hash-{dim}", dim, f"sha256:test-hash-{dim}")
-        self.encode_batch_size = 64
         self.poison = poison
         self.calls = 0
         self.texts_seen = 0
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def tokenize(self, texts: Sequence[str]) -> list[str]:
+        return list(texts)
+
+    def forward(self, texts: list[str]) -> np.ndarray:
         self.calls += 1
         self.texts_seen += len(texts)
         if self.poison is not None:
@@ -60,34 +62,37 @@ class HashEmbedder:
                 raise ValueError(f"cannot encode {bad[0][:30]!r}")
         return np.stack([hash_vector(t, self.signature.dimension) for t in texts])
 
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self.forward(self.tokenize(texts))
+
 
 def stopping_after(emb: HashEmbedder, stop: Any, *, calls: int, reason: str = "SIGINT") -> HashEmbedder:
-    """Make `emb` ask `stop` to stop (as a signal would) when its encode call number `calls` starts."""
-    original = emb.encode
+    """Make `emb` ask `stop` to stop (as a signal would) when its forward call number `calls` starts."""
+    original = emb.forward
 
-    def encode(texts: Sequence[str]) -> np.ndarray:
+    def forward(texts: list[str]) -> np.ndarray:
         if emb.calls + 1 == calls:
             stop.request(reason)
         return original(texts)
 
-    emb.encode = encode  # type: ignore[method-assign]
+    emb.forward = forward  # type: ignore[method-assign]
     return emb
 
 
 class Gate:
-    """Holds `emb`'s encode calls until open(); `reached` is set when the first one waits."""
+    """Holds `emb`'s forward calls until open(); `reached` is set when the first one waits."""
 
     def __init__(self, emb: HashEmbedder) -> None:
         self.reached = threading.Event()
         self._opened = threading.Event()
-        original = emb.encode
+        original = emb.forward
 
-        def encode(texts: Sequence[str]) -> np.ndarray:
+        def forward(texts: list[str]) -> np.ndarray:
             self.reached.set()
             self._opened.wait(30)
             return original(texts)
 
-        emb.encode = encode  # type: ignore[method-assign]
+        emb.forward = forward  # type: ignore[method-assign]
 
     def open(self) -> None:
         self._opened.set()

@@ -16,7 +16,7 @@ from helpers import (
     Application, Background, Gate, HashEmbedder, ddl_waiting, fetch, hash_vector, job_rows_done, keys, make_table,
     one, run_cli, spawn, stopping_after, wait_for, writer_waiting,
 )
-from reembed import db, retry
+from reembed import db, lease, retry
 from reembed.errors import DatabaseError, LockHeld, ReembedError
 from reembed.job import run
 from reembed.settings import ModelSpec, RunOptions, Settings, Target
@@ -61,7 +61,7 @@ def wait_exit(proc: Any, timeout: float = 180) -> int:
 def test_max_runtime_commits_the_batch_in_flight_exits_75_and_the_next_run_resumes(dsn: str) -> None:
     make_table(dsn, rows=100, old_dim=32)
     emb = HashEmbedder(32)
-    original = emb.encode
+    original = emb.forward
     started = time.monotonic()
 
     def encode_until_the_window_closes(texts: Any) -> Any:
@@ -69,7 +69,7 @@ def test_max_runtime_commits_the_batch_in_flight_exits_75_and_the_next_run_resum
             wait_for(lambda: time.monotonic() - started > 1.0, timeout=10, what="the window to close")
         return original(texts)
 
-    emb.encode = encode_until_the_window_closes  # type: ignore[method-assign]
+    emb.forward = encode_until_the_window_closes  # type: ignore[method-assign]
     report = run(settings(dsn, batch_size=10, max_runtime=1.0, pipeline=False), embedder=emb)
     assert report.state == "time_budget" and report.exit_code == 75
     assert one(dsn, "SELECT rows_done FROM reembed_checkpoint_range") == report.rows_updated == 30
@@ -242,7 +242,7 @@ class Thief:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.conn = psycopg.connect(dsn, autocommit=True, application_name="the other run")
-        key = db.lock_key(one(dsn, "SELECT 'knowledge_nodes'::regclass::oid::bigint"))
+        key = lease.lock_key(one(dsn, "SELECT 'knowledge_nodes'::regclass::oid::bigint"))
         self._thread = threading.Thread(target=self.conn.execute, args=("SELECT pg_advisory_lock(%s)", (key,)))
 
     def steal(self) -> None:
@@ -338,7 +338,7 @@ def _ghost_holder(dsn: str, heartbeat_age: str) -> psycopg.Connection[Any]:
                   (heartbeat_age,))
     ghost = psycopg.connect(dsn, autocommit=True, application_name="reembed lock gpu-7:4242")
     oid = one(dsn, "SELECT 'knowledge_nodes'::regclass::oid::bigint")
-    assert ghost.execute("SELECT pg_try_advisory_lock(%s)", (db.lock_key(oid),)).fetchone()[0]  # type: ignore[index]
+    assert ghost.execute("SELECT pg_try_advisory_lock(%s)", (lease.lock_key(oid),)).fetchone()[0]  # type: ignore[index]
     return ghost
 
 
@@ -387,16 +387,16 @@ def test_cuda_oom_halves_the_encode_batch_until_it_fits_and_keeps_that_size(
 
     make_table(dsn, rows=60, old_dim=48)
     emb = SentenceTransformerEmbedder(ModelSpec(model=str(static_model_dir(48)), device="cpu"), encode_batch_size=64)
-    real = emb.model.encode
+    real, forward = emb.model.encode, emb.model.forward
     sizes: list[int] = []
 
-    def tight_memory(texts: Any, batch_size: int, **kw: Any) -> Any:
-        sizes.append(batch_size)
-        if batch_size > 8:
+    def tight_memory(features: Any, **kw: Any) -> Any:  # a forward pass at the current encode batch size
+        sizes.append(emb.encode_batch_size)
+        if emb.encode_batch_size > 8:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(texts, batch_size=batch_size, **kw)
+        return forward(features, **kw)
 
-    emb.model.encode = tight_memory
+    emb.model.forward = tight_memory
     report = run(settings(dsn, batch_size=20), embedder=emb)
     assert report.state == "done" and report.rows_updated == 60
     assert emb.encode_batch_size == 8

@@ -1,0 +1,129 @@
+"""Batches: reading them in key order, and writing their vectors back.
+
+Three write paths, measured by `scripts/bench.py` (writepaths section): each batch of 256
+random vectors plus a checkpoint update, one transaction per batch, 20,000 rows, PostgreSQL 18
++ pgvector 0.8.2 embedded, in rows/s (best of two passes):
+
+    path                                 384-d (2 cores)   768-d (2 cores)   384-d / 768-d (H100 host, 16 cores)
+    executemany (pipeline mode)          26,795            15,797            29,367 / 14,867
+    binary COPY + UPDATE ... FROM        42,210            15,632            43,198 / 15,891
+    UPDATE ... FROM unnest(ids, vecs)     1,486               805             1,875 /    938
+
+COPY wins at 384-d and ties executemany at 768-d (where WAL and TOAST work on the server
+dominate), so it is the default. unnest loses by 20x: psycopg dumps a list of numpy arrays
+as a vector[] value element by element on the client (~0.24 s per 256 x 768 batch), and the
+planner hashes the whole table for each batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from reembed.queries import query
+from reembed.target import TableInfo
+
+WRITE_PATHS = ("executemany", "copy", "unnest")
+DEFAULT_WRITE_PATH = "copy"
+
+
+@dataclass
+class Batch:
+    """One keyset page: ids in key order, their text form, and their content (None = NULL)."""
+
+    seq: int
+    after: str | None  # the cursor before this batch (exclusive lower bound)
+    ids: list[Any]
+    id_texts: list[str]
+    texts: list[str | None]
+    vectors: list[np.ndarray | None] | None = None
+    failed: dict[int, str] = field(default_factory=dict)  # index -> why the model could not take it
+
+    @classmethod
+    def of(cls, seq: int, after: str | None, rows: Sequence[dict[str, Any]]) -> Batch:
+        return cls(
+            seq=seq,
+            after=after,
+            ids=[r["id"] for r in rows],
+            id_texts=[r["id_text"] for r in rows],
+            texts=[r["content"] for r in rows],
+        )
+
+    @property
+    def present(self) -> list[int]:
+        """Positions of the rows with content (NULL content is skipped)."""
+        return [i for i, t in enumerate(self.texts) if t is not None]
+
+    @property
+    def last_id(self) -> str:
+        return self.id_texts[-1]
+
+    @property
+    def skipped(self) -> int:
+        return sum(1 for t in self.texts if t is None)
+
+
+class Reader:
+    """Keyset pagination over one key range: WHERE id > last ORDER BY id LIMIT n."""
+
+    def __init__(self, info: TableInfo, *, batch_size: int, upper: str | None = None) -> None:
+        self.batch_size = batch_size
+        self.upper = upper
+        self._first = info.statement("read_first")
+        self._next = info.statement("read_next")
+
+    def read(self, conn: psycopg.Connection[Any], after: str | None, seq: int) -> Batch | None:
+        params = {"after": after, "n": self.batch_size, "upper": self.upper}
+        with conn.transaction():
+            rows = conn.execute(self._first if after is None else self._next, params).fetchall()
+        if not rows:
+            return None
+        return Batch.of(seq, after, rows)
+
+
+class Writer:
+    """Writes one batch of vectors into `column` (call inside the caller's transaction), on a
+    connection that `prepare_session` made ready."""
+
+    def __init__(self, info: TableInfo, *, column: str | None = None, path: str = DEFAULT_WRITE_PATH) -> None:
+        if path not in WRITE_PATHS:
+            raise ValueError(f"unknown write path {path!r}")
+        self.info = info
+        self.path = path
+        self._update_one = info.statement("write_one", column=column)
+        self._update_unnest = info.statement("write_unnest", column=column)
+        self._update_stage = info.statement("write_from_stage", column=column)
+        self._copy = info.statement("copy_stage")
+
+    def write(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[np.ndarray | None]) -> None:
+        if self.path == "executemany":
+            with conn.cursor() as cur:
+                cur.executemany(self._update_one, list(zip(vectors, ids, strict=True)))
+        elif self.path == "unnest":
+            conn.execute(self._update_unnest, (list(ids), list(vectors)))
+        else:
+            self._write_copy(conn, ids, vectors)
+
+    def _write_copy(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[np.ndarray | None]) -> None:
+        vector_oid = conn.adapters.types["vector"].oid
+        with conn.cursor() as cur:
+            with cur.copy(self._copy) as copy:
+                copy.set_types([self.info.id_type_oid, vector_oid])
+                for row_id, vec in zip(ids, vectors, strict=True):
+                    copy.write_row((row_id, vec))
+            cur.execute(self._update_stage)
+
+
+def prepare_session(info: TableInfo) -> Callable[[psycopg.Connection[Any]], None]:
+    """What each pool connection runs once (autocommit): the writer's join settings and its
+    session's staging table."""
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.execute(query("writer_session"))
+        conn.execute(info.statement("create_stage"))
+
+    return configure

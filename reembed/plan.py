@@ -1,0 +1,73 @@
+"""The dry run: what `run` would do, with an encode-rate sample from the table. No writes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+
+from reembed import checkpoint as ckpt
+from reembed.checkpoint import Job
+from reembed.embedder import Embedder
+from reembed.queries import query
+from reembed.report import Report
+from reembed.settings import Settings
+from reembed.signature import Signature
+from reembed.target import TableInfo
+
+
+def estimate_rows(conn: psycopg.Connection[Any], info: TableInfo) -> int:
+    """pg_class.reltuples when the table is large and analysed; an exact count otherwise."""
+    row = conn.execute(query("row_estimate"), {"table_oid": info.oid}).fetchone()
+    estimate = row["estimate"] if row else None
+    if estimate is not None and estimate >= 1_000_000:
+        return int(estimate)
+    counted = conn.execute(info.statement("count_rows")).fetchone()
+    return int(counted["n"]) if counted else 0
+
+
+def plan_report(
+    conn: psycopg.Connection[Any],
+    info: TableInfo,
+    registry: Signature | None,
+    job: Job | None,
+    embedder: Embedder,
+    settings: Settings,
+    started: float,
+) -> Report:
+    opts, sig = settings.options, embedder.signature
+    rows = estimate_rows(conn, info)
+    resume = job is not None and job.matches(sig)
+    done = ckpt.progress(conn, job)["rows_done"] if resume and job is not None else 0
+    to_update = max(rows - done, 0)
+    texts = [r["content"] for r in conn.execute(info.statement("sample_content"), {"n": 64}).fetchall()]
+    rate = None
+    if texts:
+        embedder.encode(texts[:8])  # warm-up
+        t0 = time.perf_counter()
+        embedder.encode(texts)
+        rate = len(texts) / max(time.perf_counter() - t0, 1e-6)
+    batches = -(-to_update // opts.batch_size)
+    estimate = round(to_update / rate, 1) if rate else None
+    alter = (job.source_typmod if resume and job is not None else info.typmod) != sig.dimension
+    details = {
+        "table": info.qualified,
+        "rows_to_update": to_update,
+        "embedder_batches": batches,
+        "estimated_walltime_secs": estimate,
+        "encode_rows_per_sec_sample": round(rate, 1) if rate else None,
+        "current_signature": registry.as_dict() if registry else None,
+        "target_signature": sig.as_dict(),
+        "would_alter_typmod": bool(alter),
+        "index": info.index.name if info.index else (job.index_name if job else None),
+        "resumes_job": job.id if resume and job else None,
+    }
+    message = (
+        f"plan: {to_update} rows of {info.qualified} to re-embed in {batches} batches with {sig.name} "
+        f"({sig.dimension}-d), about {estimate if estimate is not None else '?'} s of encoding; "
+        f"typmod change: {'yes' if alter else 'no'}; current model: {registry.name if registry else 'none'}"
+        + (f"; resumes job {job.id}" if resume and job else "")
+    )
+    return Report(state="planned", model_name=sig.name, dimension=sig.dimension, model_hash=sig.hash,
+                  duration_secs=time.monotonic() - started, message=message, details=details)
