@@ -40,6 +40,7 @@ class Batch:
     ids: list[Any]
     id_texts: list[str]
     texts: list[str | None]
+    xmins: list[int] = field(default_factory=list)  # each row's xmin when read: the write checks it
     vectors: list[np.ndarray | None] | None = None
     failed: dict[int, str] = field(default_factory=dict)  # index -> why the model could not take it
 
@@ -51,6 +52,7 @@ class Batch:
             ids=[r["id"] for r in rows],
             id_texts=[r["id_text"] for r in rows],
             texts=[r["content"] for r in rows],
+            xmins=[r["xmin"] for r in rows],
         )
 
     @property
@@ -87,35 +89,47 @@ class Reader:
 
 class Writer:
     """Writes one batch of vectors into `column` (call inside the caller's transaction), on a
-    connection that `prepare_session` made ready."""
+    connection that `prepare_session` made ready; only rows unchanged since they were read."""
 
-    def __init__(self, info: TableInfo, *, column: str | None = None, path: str = DEFAULT_WRITE_PATH) -> None:
+    def __init__(self, info: TableInfo, *, column: str | None = None, path: str = DEFAULT_WRITE_PATH,
+                 job_id: int) -> None:
         if path not in WRITE_PATHS:
             raise ValueError(f"unknown write path {path!r}")
         self.info = info
         self.path = path
+        self.job_id = str(job_id)
         self._update_one = info.statement("write_one", column=column)
         self._update_unnest = info.statement("write_unnest", column=column)
         self._update_stage = info.statement("write_from_stage", column=column)
         self._copy = info.statement("copy_stage")
 
-    def write(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[np.ndarray | None]) -> None:
+    def write(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[np.ndarray | None],
+              xmins: Sequence[int]) -> set[str]:
+        """The text form of the keys written: those whose xmin is still the one read."""
+        conn.execute(query("mark_job_write"), {"job_id": self.job_id})  # the capture trigger lets it pass
         if self.path == "executemany":
             with conn.cursor() as cur:
-                cur.executemany(self._update_one, list(zip(vectors, ids, strict=True)))
-        elif self.path == "unnest":
-            conn.execute(self._update_unnest, (list(ids), list(vectors)))
-        else:
-            self._write_copy(conn, ids, vectors)
+                cur.executemany(self._update_one, list(zip(vectors, ids, xmins, strict=True)), returning=True)
+                written = set()
+                while True:
+                    written.update(r["id_text"] for r in cur.fetchall())
+                    if not cur.nextset():
+                        break
+                return written
+        if self.path == "unnest":
+            rows = conn.execute(self._update_unnest, (list(ids), list(vectors), list(xmins))).fetchall()
+            return {r["id_text"] for r in rows}
+        return self._write_copy(conn, ids, vectors, xmins)
 
-    def _write_copy(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[np.ndarray | None]) -> None:
+    def _write_copy(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[np.ndarray | None],
+                    xmins: Sequence[int]) -> set[str]:
         vector_oid = conn.adapters.types["vector"].oid
         with conn.cursor() as cur:
             with cur.copy(self._copy) as copy:
-                copy.set_types([self.info.id_type_oid, vector_oid])
-                for row_id, vec in zip(ids, vectors, strict=True):
-                    copy.write_row((row_id, vec))
-            cur.execute(self._update_stage)
+                copy.set_types([self.info.id_type_oid, vector_oid, "int8"])
+                for row in zip(ids, vectors, xmins, strict=True):
+                    copy.write_row(row)
+            return {r["id_text"] for r in cur.execute(self._update_stage).fetchall()}
 
 
 def prepare_session(info: TableInfo) -> Callable[[psycopg.Connection[Any]], None]:

@@ -57,6 +57,12 @@ class Job:
     started_at: dt.datetime
     updated_at: dt.datetime
     finished_at: dt.datetime | None
+    capture_trigger: str | None = None
+    catchup_pass: int = 0
+    catchup_pass_total: int = 0
+    catchup_pass_done: int = 0
+    catchup_rows: int = 0
+    writers_held_secs: float | None = None
 
     @property
     def id(self) -> int:
@@ -132,6 +138,10 @@ def latest_job(conn: psycopg.Connection[Any], table: str, column: str) -> Job | 
     if not schema_present(conn):
         return None
     return _one(conn, Job, "latest_job", {"table": table, "column": column})
+
+
+def find(conn: psycopg.Connection[Any], job_id: int) -> Job | None:
+    return _one(conn, Job, "job_by_id", {"job_id": job_id})
 
 
 def reload(conn: psycopg.Connection[Any], job: Job) -> Job:
@@ -246,6 +256,12 @@ def mark_index_dropped(conn: psycopg.Connection[Any], job: Job) -> None:
 
 def record_step(conn: psycopg.Connection[Any], job: Job, step: str) -> None:
     conn.execute(query("record_finalize_step"), {"job_id": job.id, "step": step})
+
+
+def record_changed(conn: psycopg.Connection[Any], job: Job, row_ids: list[str]) -> None:
+    """Keys for catch-up: rows that changed between the job's read and its write."""
+    if row_ids:
+        conn.execute(query("capture_keys"), {"job_id": job.id, "row_ids": row_ids})
 
 
 def heartbeat(conn: psycopg.Connection[Any], job_id: int, holder: str) -> None:

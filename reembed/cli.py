@@ -51,7 +51,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="texts per forward pass (default 64 on CPU, 256 on CUDA)")
     j.add_argument("--drop-hnsw-first", action=argparse.BooleanOptionalAction, default=True,
                    help="drop the HNSW index before writing, rebuild at the end (default: yes)")
-    j.add_argument("--concurrent-index", action="store_true", help="rebuild with CREATE INDEX CONCURRENTLY")
+    j.add_argument("--concurrent-index", action=argparse.BooleanOptionalAction, default=True,
+                   help="build the HNSW index CONCURRENTLY, so the application's writes never wait for it "
+                        "(default: yes)")
     j.add_argument("--index-memory", default="2GB", help="cap on maintenance_work_mem for the HNSW build (2GB)")
     j.add_argument("--no-confirm", action="store_true", help="skip the 5-second warning pause")
     j.add_argument("--abandon-active", action="store_true",
@@ -60,9 +62,15 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="read, encode and write one after the other (for comparison)")
     j.add_argument("--max-runtime", default=None, help="stop resumably after this long (6h, 90m); exit 75")
     j.add_argument("--until", default=None, help="stop resumably at this local time (HH:MM); exit 75")
-    j.add_argument("--max-retries", type=int, default=5, help="retries of a transient database fault (5)")
+    j.add_argument("--max-outage", default="2m",
+                   help="how long a lost database (a restart, a failover) is waited out before failing (2m)")
+    j.add_argument("--max-retries", type=int, default=None,
+                   help="also stop retrying a transient fault after this many tries (default: --max-outage alone)")
     j.add_argument("--ddl-lock-timeout", default="5s",
                    help="how long each DDL statement may wait for its lock before backing off (5s)")
+    j.add_argument("--cut-over-lock-timeout", default="1s",
+                   help="how long the cut-over waits for its locks before backing off; writers queue "
+                        "behind it meanwhile (1s)")
     j.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress events (30)")
     j.add_argument("--break-stale-lock", action="store_true",
                    help="terminate a holder whose heartbeat is stale before taking over")

@@ -51,6 +51,14 @@ class DatabaseError(ReembedError):
         self.retryable = retryable
 
 
+class Interrupted(ReembedError):
+    """A stop (signal, time window) while waiting out a transient fault: nothing more was committed."""
+
+    def __init__(self, message: str, *, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class Stopped(BaseException):
     """Raised to unwind at once on a second SIGINT/SIGTERM. Open transactions roll back."""
 

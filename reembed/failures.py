@@ -16,6 +16,7 @@ import numpy as np
 import psycopg
 import structlog
 
+from reembed import checkpoint as ckpt
 from reembed.batches import Batch, Writer
 from reembed.checkpoint import Job
 from reembed.embedder import Embedder
@@ -97,7 +98,7 @@ def _retry(ctx: RunContext) -> None:
     ids = [r["row_id"] for r in ctx.lease.read(
         lambda conn: conn.execute(query("failed_row_ids"), {"job_id": job.id}).fetchall(),
         on=ctx.control, what="failed_row_ids")]
-    writer = Writer(info, column=ctx.strategy.column(ctx))
+    writer = Writer(info, column=ctx.strategy.column(ctx), job_id=job.id)
     select = info.statement("rows_by_ids")
     for start in range(0, len(ids), batch_size):
         wanted = ids[start: start + batch_size]
@@ -110,7 +111,10 @@ def _retry(ctx: RunContext) -> None:
         gone = set(wanted) - set(batch.id_texts)  # deleted since: nothing to encode
 
         def body(conn: psycopg.Connection[Any]) -> None:
-            writer.write(conn, [batch.ids[i] for i in fixed], [vectors[i] for i in fixed])  # noqa: B023
+            written = writer.write(conn, [batch.ids[i] for i in fixed], [vectors[i] for i in fixed],  # noqa: B023
+                                   [batch.xmins[i] for i in fixed])  # noqa: B023
+            changed = [batch.id_texts[i] for i in fixed if batch.id_texts[i] not in written]  # noqa: B023
+            ckpt.record_changed(conn, job, changed)  # changed since: catch-up re-embeds them
             conn.execute(query("forget_failed_rows"),
                          {"job_id": job.id, "row_ids": [batch.id_texts[i] for i in fixed] + sorted(gone)})  # noqa: B023
             if batch.failed:  # noqa: B023

@@ -43,6 +43,8 @@ class Step:
     role: str | None = None  # a dedicated connection for the step (None: the coordinator's)
     setup: Callable[[psycopg.Connection[Any]], None] | None = None  # that connection's session settings
     timed: bool = False  # its duration is the report's index_rebuild_secs
+    record: bool = True  # False: a phase that runs every time until a later step is recorded
+    lock_timeout: str | None = None  # None: --ddl-lock-timeout
 
 
 @dataclass
@@ -67,6 +69,9 @@ def run(ctx: RunContext) -> Outcome:
         ctx.lease.check()
         started = time.monotonic()
         _apply(ctx, step)
+        if ctx.stop.requested and not step.record:  # a phase cut short by a stop: go no further
+            outcome.message = f"stopped during {step.name}; re-run to finish"
+            return outcome
         secs = time.monotonic() - started
         if step.timed:
             outcome.index_secs = secs
@@ -85,10 +90,12 @@ def _apply(ctx: RunContext, step: Step) -> None:
                 step.apply(conn)
                 ckpt.record_step(conn, job, step.name)
 
-            lease.write(body, on=held, what=step.name, lock_timeout=ctx.opts.ddl_lock_timeout, patient=True)
+            lease.write(body, on=held, what=step.name, lock_timeout=step.lock_timeout or ctx.opts.ddl_lock_timeout,
+                        patient=True)
         else:
             lease.outside_transaction(lambda: step.apply(held.conn), what=step.name)
-            lease.write(lambda conn: ckpt.record_step(conn, job, step.name), on=ctx.control, what=step.name)
+            if step.record:
+                lease.write(lambda conn: ckpt.record_step(conn, job, step.name), on=ctx.control, what=step.name)
     finally:
         if held is not ctx.control:
             held.release()

@@ -18,13 +18,13 @@ import psycopg
 import structlog
 
 from reembed import checkpoint as ckpt
-from reembed import db, failures, finalize, lease
+from reembed import capture, db, failures, finalize, lease
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
 from reembed.context import RunContext
 from reembed.embedder import Embedder, SentenceTransformerEmbedder, fingerprint
 from reembed.errors import ConfigError, Stopped
-from reembed.plan import estimate_rows, plan_report
+from reembed.plan import estimate_rows, plan_report, rewrite_secs
 from reembed.report import Report
 from reembed.settings import Settings
 from reembed.signals import StopSignal
@@ -39,7 +39,11 @@ BANNER = """\
 WARNING: reembed is about to re-embed {table}.{column} with {model} ({dim}-d).
 WARNING: Until this job finishes, the column mixes two embedding spaces{index_note}:
 WARNING: search results over it are meaningless. Stop serving search from it now.
+WARNING: The application may keep writing: its writes are captured and re-embedded.{rewrite_note}
 WARNING: Press Ctrl-C within {secs:g} seconds to abort (--no-confirm skips this pause)."""
+REWRITE_NOTE = """
+WARNING: At the end the column becomes vector({dim}): that rewrites the table while writers
+WARNING: and readers wait, about {secs:.0f} s for {rows:,} rows (see `reembed plan`)."""
 
 
 def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSignal | None = None,
@@ -69,7 +73,8 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
 
         held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
                           break_stale_lock=opts.break_stale_lock, stale_after=opts.stale_after)
-        keeper = lease.Lease(held, conninfo, table_oid=info.oid, table=info.qualified, max_retries=opts.max_retries)
+        keeper = lease.Lease(held, conninfo, table_oid=info.oid, table=info.qualified, stop=stop,
+                             max_outage=opts.max_outage, max_retries=opts.max_retries)
         keeper.start()
         try:
             embedder = embedder or _load(settings, model_hash)
@@ -77,7 +82,7 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
                 raise ConfigError(
                     f"model produces {embedder.signature.dimension} dimensions but --dimension is {spec.dimension}"
                 )
-            connections = db.Connections(conninfo, configure=prepare_session(info))
+            connections = db.Connections(conninfo, configure=prepare_session(info), reconnect_timeout=opts.max_outage)
             ctx = RunContext(settings=settings, info=info, embedder=embedder, stop=stop, lease=keeper,
                              connections=connections, strategy=for_name("in_place"), started=started,
                              deadline=opts.deadline(started), write_path=write_path)
@@ -149,13 +154,16 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
 
     resumed_from: str | None = None
     if job is not None and job.matches(sig):
-        ctx.job = job
+        with db.translated():
+            ckpt.ensure_schema(conn)  # a job of an older version gains the newer columns and tables
+        ctx.job = ckpt.reload(conn, job)
+        job = ctx.job
         progress = ckpt.progress(conn, job)
         resumed_from = progress["last_id"]
         log.info("job_resumed", job_id=job.id, state=job.state, last_id=resumed_from,
                  rows_done=progress["rows_done"], finalize_steps=job.steps)
     else:
-        if _confirm(ctx, ctx.opts.confirm_seconds):
+        if _confirm(ctx, conn, ctx.opts.confirm_seconds):
             return Report(state="stopped", exit_code=ctx.stop.exit_code, message="aborted before any write")
         with db.translated():
             ckpt.ensure_schema(conn)  # the first write of a new job: after the banner
@@ -169,14 +177,18 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
         structlog.contextvars.unbind_contextvars("job_id")
 
 
-def _confirm(ctx: RunContext, seconds: float) -> bool:
+def _confirm(ctx: RunContext, conn: psycopg.Connection[Any], seconds: float) -> bool:
     """The warning banner and its pause. True if the operator aborted."""
     if seconds <= 0:
         return False
     info, sig = ctx.info, ctx.signature
     note = " and the HNSW index is dropped until the end" if info.index is not None else ""
+    rewrite = ""
+    if info.typmod != sig.dimension:
+        rows = estimate_rows(conn, info)
+        rewrite = REWRITE_NOTE.format(dim=sig.dimension, rows=rows, secs=rewrite_secs(conn, info, rows))
     print(BANNER.format(table=info.qualified, column=info.column, model=sig.name, dim=sig.dimension,
-                        index_note=note, secs=seconds), file=sys.stderr, flush=True)
+                        index_note=note, rewrite_note=rewrite, secs=seconds), file=sys.stderr, flush=True)
     return ctx.stop.wait(seconds)
 
 
@@ -196,6 +208,7 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
     def body(c: psycopg.Connection[Any]) -> Job:
         if old is not None:
             ckpt.set_state(c, old, to="abandoned", from_state=old.state)
+            capture.remove(ctx, c, old.id)
             log.warning("job_abandoned", old_job_id=old.id, old_model=old.target.name)
         job = ckpt.create_job(c, info, target=sig, source=source, index=index_def, index_name=index_name,
                               source_typmod=source_typmod, rows_total=rows_total, holder=db.holder_name())
@@ -229,6 +242,8 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
         note = failures.settle(ctx)
         outcome = finalize.run(ctx)
         report.index_rebuild_secs = outcome.index_secs
+        report.details["writers_held_secs"] = ctx.active.writers_held_secs
+        report.details["catch_up_rows"] = ctx.active.catchup_rows
         if not outcome.finished:
             return _stopped(ctx, report, message=outcome.message)
     except Stopped:

@@ -32,6 +32,7 @@ from reembed import db, retry
 from reembed.background import Background
 from reembed.errors import DatabaseError, LockHeld
 from reembed.queries import query
+from reembed.signals import StopSignal
 
 log = structlog.get_logger()
 
@@ -153,13 +154,16 @@ def take(conn: psycopg.Connection[Any], conninfo: str, table_oid: int, *, table:
 class Lease(Background):
     """The run's hold on the table: the keeper thread, and every write fenced by it."""
 
-    def __init__(self, lock: TableLock, conninfo: str, *, table_oid: int, table: str, max_retries: int) -> None:
+    def __init__(self, lock: TableLock, conninfo: str, *, table_oid: int, table: str, stop: StopSignal,
+                 max_outage: float = 120.0, max_retries: int | None = None) -> None:
         super().__init__("reembed-lock-keeper", join_timeout=10)
         self.lock = lock
         self.conninfo = conninfo
         self.table_oid = table_oid
         self.table = table
         self.max_retries = max_retries
+        self.max_outage = max_outage
+        self.stop_signal = stop
         self.job_id: int | None = None
         self.lost: LockHeld | None = None
         self._since_beat = HEARTBEAT_EVERY
@@ -205,8 +209,10 @@ class Lease(Background):
         return self._retried(attempt, what=what, patient=True)
 
     def _retried(self, fn: Callable[[], T], *, what: str, patient: bool) -> T:
-        retries = max(self.max_retries, 8) if patient else self.max_retries
-        return retry.call(fn, what=what, max_retries=retries)
+        """`patient`: DDL backing off from an application's locks waits at least 5 minutes."""
+        outage = max(self.max_outage, 300.0) if patient else self.max_outage
+        retries = None if self.max_retries is None else max(self.max_retries, 8) if patient else self.max_retries
+        return retry.call(fn, what=what, max_outage=outage, max_retries=retries, stop=self.stop_signal)
 
     # ------------------------------------------------------------ the fence
 
@@ -249,7 +255,8 @@ class Lease(Background):
                 self._lose(exc)
                 return
             except (psycopg.Error, DatabaseError) as exc:  # the server is away: try again at the next tick
-                log.warning("lock_check_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                retry.OUTAGES.failed(retry.kind_of(exc, "lock_check"), what="lock_check", attempt=1, error=exc,
+                                     sleep=CHECK_EVERY, max_outage=self.max_outage)
 
     def _tick(self, *, beat: bool = True) -> None:
         with self._mutex:

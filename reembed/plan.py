@@ -27,6 +27,34 @@ def estimate_rows(conn: psycopg.Connection[Any], info: TableInfo) -> int:
     return int(counted["n"]) if counted else 0
 
 
+# A typmod change rewrites the table inside the cut-over: measured here (scripts/bench.py, live
+# section) at about 100 MB/s and 50,000 rows/s of 384-d rows; the slower of the two is taken.
+_REWRITE_BYTES_PER_SEC = 100e6
+_REWRITE_ROWS_PER_SEC = 50_000.0
+
+
+def rewrite_secs(conn: psycopg.Connection[Any], info: TableInfo, rows: int) -> float:
+    """How long tightening the column's typmod (a table rewrite) is expected to hold the table."""
+    row = conn.execute(query("table_size"), {"table_oid": info.oid}).fetchone()
+    size = int(row["bytes"]) if row and row["bytes"] is not None else 0
+    return max(rows / _REWRITE_ROWS_PER_SEC, size / _REWRITE_BYTES_PER_SEC)
+
+
+def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, *, batch_size: int) -> float | None:
+    """Rows/s of the table's own rows through the stages a run uses (tokenize, then forward),
+    in the run's batches, after one warm-up batch (first passes over new shapes are slower)."""
+    rows = conn.execute(info.statement("sample_content"), {"n": 2 * batch_size}).fetchall()
+    texts = [r["content"] for r in rows]
+    if not texts:
+        return None
+    warm, timed = (texts[:batch_size], texts[batch_size:]) if len(texts) > batch_size else (texts, texts)
+    embedder.forward(embedder.tokenize(warm))
+    started = time.perf_counter()
+    for i in range(0, len(timed), batch_size):
+        embedder.forward(embedder.tokenize(timed[i: i + batch_size]))
+    return len(timed) / max(time.perf_counter() - started, 1e-6)
+
+
 def plan_report(
     conn: psycopg.Connection[Any],
     info: TableInfo,
@@ -41,13 +69,7 @@ def plan_report(
     resume = job is not None and job.matches(sig)
     done = ckpt.progress(conn, job)["rows_done"] if resume and job is not None else 0
     to_update = max(rows - done, 0)
-    texts = [r["content"] for r in conn.execute(info.statement("sample_content"), {"n": 64}).fetchall()]
-    rate = None
-    if texts:
-        embedder.encode(texts[:8])  # warm-up
-        t0 = time.perf_counter()
-        embedder.encode(texts)
-        rate = len(texts) / max(time.perf_counter() - t0, 1e-6)
+    rate = sample_rate(conn, info, embedder, batch_size=opts.batch_size)
     batches = -(-to_update // opts.batch_size)
     estimate = round(to_update / rate, 1) if rate else None
     alter = (job.source_typmod if resume and job is not None else info.typmod) != sig.dimension
@@ -62,12 +84,15 @@ def plan_report(
         "would_alter_typmod": bool(alter),
         "index": info.index.name if info.index else (job.index_name if job else None),
         "resumes_job": job.id if resume and job else None,
+        "cut_over_rewrite_secs": round(rewrite_secs(conn, info, rows), 1) if alter else 0.0,
     }
     message = (
         f"plan: {to_update} rows of {info.qualified} to re-embed in {batches} batches with {sig.name} "
         f"({sig.dimension}-d), about {estimate if estimate is not None else '?'} s of encoding; "
         f"typmod change: {'yes' if alter else 'no'}; current model: {registry.name if registry else 'none'}"
         + (f"; resumes job {job.id}" if resume and job else "")
+        + (f"; at the cut-over the table is rewritten (vector({sig.dimension})): writers and readers wait "
+           f"about {details['cut_over_rewrite_secs']} s" if alter else "")
     )
     return Report(state="planned", model_name=sig.name, dimension=sig.dimension, model_hash=sig.hash,
                   duration_secs=time.monotonic() - started, message=message, details=details)

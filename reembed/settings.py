@@ -90,15 +90,17 @@ class RunOptions:
     batch_size: int = 256  # rows per checkpoint transaction
     encode_batch_size: int | None = None  # texts per forward pass; None: 64 on CPU, 256 on GPU
     drop_hnsw_first: bool = True
-    concurrent_index: bool = False
+    concurrent_index: bool = True  # the HNSW build never blocks the application's writes
     confirm_seconds: float = 5.0  # the warning banner's pause; 0 with --no-confirm
     dry_run: bool = False
     abandon_active: bool = False
     pipeline: bool = True
     max_runtime: float | None = None  # seconds
     until: dt.datetime | None = None
-    max_retries: int = 5
+    max_retries: int | None = None  # None: transient faults are bounded by max_outage alone
+    max_outage: float = 120.0  # seconds a transient fault (a restart, a failover) is waited out
     ddl_lock_timeout: str = "5s"  # every DDL statement waits at most this long for its lock
+    cut_over_lock_timeout: str = "1s"  # the cut-over's lock requests (writers queue behind a waiting one)
     index_memory: int = 2 * 1024**3  # cap on maintenance_work_mem for the HNSW build
     progress_interval: float = 30.0
     break_stale_lock: bool = False
@@ -136,7 +138,9 @@ class Settings:
             confirm_seconds=0.0 if args.no_confirm else 5.0,
             max_runtime=parse_duration(args.max_runtime) if args.max_runtime else None,
             until=next_clock_time(args.until) if args.until else None,
-            ddl_lock_timeout=f"{int(parse_duration(args.ddl_lock_timeout) * 1000)}ms",
+            ddl_lock_timeout=_millis(args.ddl_lock_timeout),
+            cut_over_lock_timeout=_millis(args.cut_over_lock_timeout),
+            max_outage=parse_duration(args.max_outage),
             index_memory=parse_size(args.index_memory),
         )
         return cls(target=target, model=model, options=options)
@@ -155,10 +159,15 @@ def _check_args(args: argparse.Namespace) -> None:
         _positive("--encode-batch-size", args.encode_batch_size)
     if args.dimension is not None:
         _positive("--dimension", args.dimension)
-    if args.max_retries < 0:
+    if args.max_retries is not None and args.max_retries < 0:
         raise ConfigError("--max-retries must be 0 or more")
     if args.retry_failed and args.accept_failed:
         raise ConfigError("--retry-failed and --accept-failed exclude each other: pick one")
+
+
+def _millis(duration: str) -> str:
+    """A duration as PostgreSQL's lock_timeout takes it."""
+    return f"{int(parse_duration(duration) * 1000)}ms"
 
 
 def _positive(flag: str, value: int) -> None:

@@ -48,6 +48,17 @@ class Status:
                 f"WARNING    the holder's heartbeat is {_age(d.get('heartbeat_age_secs'))} old: it probably died; "
                 "`reembed run --break-stale-lock` takes over"
             )
+        capture = d.get("capture")
+        if capture:
+            on = "capturing" if capture["installed"] else "off"
+            lines.append(f"capture    {capture['trigger']} ({on}): {capture['pending_changes']:,} changed rows to catch up"
+                         + ("; it keeps capturing until the job resumes" if capture["installed"] and not holder else ""))
+        catch_up = d.get("catch_up")
+        if catch_up:
+            lines.append(f"catch-up   pass {catch_up['pass']}: {catch_up['keys_done']:,} / {catch_up['keys_total']:,} "
+                         f"keys; {catch_up['rows']:,} rows re-embedded by catch-up in all")
+        if d.get("writers_held_secs") is not None:
+            lines.append(f"cut-over   writers held off {d['writers_held_secs']:.3f} s")
         if d.get("last_error"):
             lines.append(f"last error {d['last_error']}")
         lines.append(f"started    {d['started_at']}   updated {d['updated_at']}")
@@ -115,7 +126,17 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
             "since": holder_row["backend_start"],
         }
     active = job.state in ckpt.ACTIVE
+    capture = None
+    if job.capture_trigger is not None:
+        installed = any(r["trigger_name"].startswith(job.capture_trigger + "_") and r["enabled"]
+                        for r in conn.execute(query("capture_triggers"), {"table_oid": int(row["oid"])}).fetchall())
+        pending = conn.execute(query("changes_pending"), {"job_id": job.id}).fetchone()["n"]
+        capture = {"trigger": job.capture_trigger, "installed": installed, "pending_changes": int(pending)}
     data.update(
+        capture=capture,
+        catch_up={"pass": job.catchup_pass, "keys_done": job.catchup_pass_done, "keys_total": job.catchup_pass_total,
+                  "rows": job.catchup_rows} if job.catchup_pass else None,
+        writers_held_secs=job.writers_held_secs,
         job_id=job.id,
         state=job.state,
         target=job.target.as_dict(),

@@ -4,19 +4,24 @@ second strategy (a shadow column swapped in at the end) is a new module here.
 
 in_place (the default, the origin plan's): the live column is rewritten. A dimension change
 drops the HNSW index and relaxes the column to plain `vector` at prepare (catalog only), and
-tightens it again at finalize (the integrity gate); search must not be served meanwhile.
+tightens it again in the cut-over (the integrity gate); search must not be served meanwhile.
+Prepare also installs the change capture (reembed.capture); finalize catches up, cuts over
+(writers held off briefly, readers never), drops the capture, builds the index (CONCURRENTLY
+by default, so it never blocks the application's writes) and marks the job done.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 import structlog
 from psycopg import sql
 
+from reembed import capture, failures, finalize
 from reembed import checkpoint as ckpt
-from reembed import finalize
 from reembed.errors import ConfigError
 from reembed.finalize import Step
 from reembed.queries import query
@@ -58,6 +63,7 @@ class InPlace:
 
     def prepare(self, ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job, *, resumed_from: ckpt.Job | None) -> None:
         info, what = ctx.info, self.plan(ctx)
+        capture.settle_others(ctx, conn, job)  # a stale trigger on the column would block the type change
         if what["drop_index"]:
             assert info.index is not None
             conn.execute(info.statement("drop_index", index=info.index_ident(info.index.name)))
@@ -66,28 +72,53 @@ class InPlace:
             ckpt.mark_index_dropped(conn, job)  # the abandoned job dropped it already
         if what["relax_typmod"]:
             conn.execute(info.statement("relax_typmod"))
+        capture.install(ctx, conn, job)
 
     def column(self, ctx: RunContext) -> str:
         return ctx.info.column
 
     def finalize_steps(self, ctx: RunContext) -> list[Step]:
         return [
-            Step("tighten_typmod", lambda conn: self._tighten(ctx, conn)),
+            Step("catch_up", lambda conn: self._catch_up(ctx), in_transaction=False, record=False),
+            Step("cut_over", lambda conn: self._cut_over(ctx, conn), lock_timeout=ctx.opts.cut_over_lock_timeout),
+            Step("drop_capture", lambda conn: capture.drop(ctx, conn)),
             finalize.index_step(ctx),
-            Step("update_registry", lambda conn: self._update_registry(ctx, conn)),
+            Step("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
         ]
+
+    def _catch_up(self, ctx: RunContext) -> None:
+        capture.catch_up(ctx)
+        failures.settle(ctx)  # rows the application wrote that the model cannot take
+
+    def _cut_over(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+        """Writers held off, readers not: the last catch-up, the typmod (the integrity gate; a
+        dimension change rewrites the table here), the registry, capture off, the news. One
+        transaction: the application never sees the registry and the column disagree."""
+        ahead = capture.encode_ahead(ctx, conn)  # no lock taken yet: writers go on
+        began = capture.hold_writers(ctx, conn)
+        rows = capture.final_catch_up(ctx, conn, ahead)
+        if self._typmod_changes(ctx, conn):
+            # The capture trigger names the column, which blocks a type change: it goes first
+            # (that needs ACCESS EXCLUSIVE, which the rewrite takes anyway).
+            capture.drop(ctx, conn)
+            self._tighten(ctx, conn)
+        else:
+            capture.stop_capturing(ctx, conn)  # dropped by the next step: readers need not wait here
+        conn.execute(query("upsert_registry", registry=ctx.info.registry), ctx.signature.as_dict())
+        conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
+        held = time.monotonic() - began
+        conn.execute(query("record_writers_held"), {"secs": held, "job_id": ctx.active.id})
+        ctx.writers_held_secs = held
+        log.info("cut_over", writers_held_secs=round(held, 3), rows_caught_up=rows)
+
+    def _typmod_changes(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> bool:
+        info = ctx.info
+        current = conn.execute(query("column_info"), {"table_oid": info.oid, "column": info.column}).fetchone()
+        return current is None or current["typmod"] != ctx.signature.dimension
 
     def _tighten(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
         """The integrity gate: every vector must have the target dimension, or this fails."""
-        info, dim = ctx.info, ctx.signature.dimension
-        current = conn.execute(query("column_info"), {"table_oid": info.oid, "column": info.column}).fetchone()
-        if current is not None and current["typmod"] == dim:
-            return
-        conn.execute(info.statement("tighten_typmod", dim=sql.Literal(dim)))
-
-    def _update_registry(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
-        conn.execute(query("upsert_registry", registry=ctx.info.registry), ctx.signature.as_dict())
-        ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")
+        conn.execute(ctx.info.statement("tighten_typmod", dim=sql.Literal(ctx.signature.dimension)))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {"in_place": InPlace}

@@ -90,7 +90,7 @@ class _RangeRun:
         self.writer_conn = writer
         self.progress = progress
         self.reader = Reader(self.ctx.info, batch_size=self.ctx.opts.batch_size, upper=rng.upper_id)
-        self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx),
+        self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx), job_id=self.ctx.active.id,
                              **({"path": self.ctx.write_path} if self.ctx.write_path else {}))
 
     def run(self) -> None:
@@ -143,30 +143,41 @@ class _RangeRun:
         return batch
 
     def _commit(self, batch: Batch) -> None:
+        """The batch's vectors where each row is unchanged since the read, the rows that changed
+        recorded for catch-up (not counted as done), the failed rows, the cursor: one transaction."""
         assert batch.vectors is not None
         ctx, rng, worker = self.ctx, self.rng, self.worker
-        skipped, failed = batch.skipped, len(batch.failed)
-        rows = len(batch.ids) - skipped - failed
         started = time.monotonic()
         attempts = 0
+        counts = (0, 0)
 
         def body(conn: psycopg.Connection[Any]) -> None:
-            nonlocal attempts
+            nonlocal attempts, counts
             attempts += 1
             if attempts > 1 and self._already_committed(conn, batch):
                 return
-            self.writer.write(conn, batch.ids, batch.vectors)  # type: ignore[arg-type]
+            written = self.writer.write(conn, batch.ids, batch.vectors, batch.xmins)  # type: ignore[arg-type]
+            changed = [t for t in batch.id_texts if t not in written]
+            ckpt.record_changed(conn, ctx.active, changed)
             if batch.failed:
                 failures.record(conn, ctx.active, batch)
+            rows = sum(1 for i, t in enumerate(batch.id_texts)
+                       if t in written and batch.texts[i] is not None and i not in batch.failed)
+            skipped = sum(1 for i, t in enumerate(batch.id_texts) if t in written and batch.texts[i] is None)
             ckpt.advance(conn, rng, to_id=batch.last_id, rows=rows, skipped=skipped, rate=self.progress.rate)
+            counts = (rows, skipped)
+            if changed:
+                log.info("rows_changed_under_the_job", count=len(changed), ids=changed[:10],
+                         detail="not overwritten; re-embedded by catch-up")
 
         ctx.lease.write(body, on=self.writer_conn, what="commit_batch")
+        rows, skipped = counts
         rng.last_id = batch.last_id
         rng.rows_done += rows
         rng.rows_skipped += skipped
         worker.rows_updated += rows
         worker.rows_skipped += skipped
-        worker.rows_failed += failed
+        worker.rows_failed += len(batch.failed)
         self.progress.advance(len(batch.ids))
         log.debug("batch_committed", seq=batch.seq, rows=rows, skipped=skipped, last_id=batch.last_id,
                   commit_secs=round(time.monotonic() - started, 4))

@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("writepaths", "models", "hnsw", "rss")
+SECTIONS = ("writepaths", "models", "hnsw", "rss", "live")
 WORDS = (
     "database index vector search model embedding query table row column cosine graph python compiler "
     "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
@@ -173,25 +173,30 @@ class Bench:
         conn = db.connect(dsn, role="bench", autocommit=True)
         info = inspect_target(conn, Target(dsn=dsn))
         reader = Reader(info, batch_size=self.args.batch_size)
-        batches, after = [], None
-        while (b := reader.read(conn, after, len(batches))) is not None:
-            batches.append(b)
-            after = b.last_id
+
+        def read_all() -> list[Any]:  # again before each pass: the write checks each row's xmin
+            batches, after = [], None
+            while (b := reader.read(conn, after, len(batches))) is not None:
+                batches.append(b)
+                after = b.last_id
+            return batches
+
         conn.execute("CREATE TEMP TABLE cursor_t (last_id text)")
         conn.execute("INSERT INTO cursor_t VALUES (NULL)")
         if info.typmod is not None and info.typmod != dim:
             conn.execute("ALTER TABLE knowledge_nodes ALTER COLUMN embedding TYPE vector")
         conn.execute("DROP INDEX IF EXISTS idx_knowledge_nodes_embedding_hnsw")
         prepare_session(info)(conn)
-        writer = Writer(info, path=path)
+        writer = Writer(info, path=path, job_id=0)
         rng = np.random.default_rng(1)
         best = 0.0
         for _ in range(repeats):
+            batches = read_all()
             vecs = [list(rng.standard_normal((len(b.ids), dim), dtype=np.float32)) for b in batches]
             t0 = time.perf_counter()
             for b, v in zip(batches, vecs, strict=True):
                 with conn.transaction():
-                    writer.write(conn, b.ids, v)
+                    writer.write(conn, b.ids, v, b.xmins)
                     conn.execute("UPDATE cursor_t SET last_id = %s", (b.last_id,))
             best = max(best, sum(len(b.ids) for b in batches) / (time.perf_counter() - t0))
         conn.close()
@@ -295,13 +300,14 @@ class Bench:
                     "SELECT current_setting('maintenance_work_mem') AS maintenance_work_mem,"
                     " current_setting('max_parallel_maintenance_workers') AS workers"
                 ).fetchone()
-                for label in ("defaults", "sized"):
+                for label in ("defaults", "sized", "sized_concurrent"):
                     conn.execute("RESET maintenance_work_mem; RESET max_parallel_maintenance_workers")
-                    if label == "sized":
+                    if label.startswith("sized"):
                         conn.execute(f"SET maintenance_work_mem = '{mem // 1024}kB'")
                         conn.execute(f"SET max_parallel_maintenance_workers = {workers}")
                     t0 = time.perf_counter()
-                    conn.execute(sql)
+                    conn.execute(sql.replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY")
+                                 if label == "sized_concurrent" else sql)
                     timings[label] = time.perf_counter() - t0
                     conn.execute("DROP INDEX bench_hnsw")
             # Same dimension, no typmod rewrite: every row was updated once (dead tuples).
@@ -324,9 +330,140 @@ class Bench:
             "sized_secs": round(timings["sized"], 2),
             "sized_maintenance_work_mem_mb": mem // 1024**2, "sized_workers": workers,
             "speedup": round(timings["defaults"] / timings["sized"], 2),
+            "sized_concurrent_secs": round(timings["sized_concurrent"], 2),
+            "concurrent_over_plain": round(timings["sized_concurrent"] / timings["sized"], 2),
             "same_dim_build_secs_no_vacuum": round(vacuum["no_vacuum"], 2),
             "same_dim_build_secs_with_vacuum_analyze": round(vacuum["vacuum_analyze"], 2),
         }
+
+    def section_live(self) -> None:
+        """Live tables: the capture trigger's cost on the application's single-row writes, the
+        no-lost-update check (xmin against content), and the cut-over's hold on writers while an
+        application writes ~100 times a second."""
+        rows = self.args.live_rows
+        out: dict[str, Any] = {}
+        with self.database() as base:
+            self.fill(base, rows=rows, dim=384, content=texts(rows), index=False)
+            name = _dbname(base)
+            with self.database(name) as dsn:
+                out["trigger"] = self._trigger_cost(dsn)
+            with self.database(name) as dsn:
+                out["write_check"] = self._write_check_cost(dsn)
+        emb = self.embedder("static", "auto")
+        for old_dim in (384, 64):
+            with self.database() as dsn:
+                self.fill(dsn, rows=rows, dim=384, content=texts(rows), old_dim=old_dim)
+                out[f"cut_over_{old_dim}_to_384"] = self._cut_over_under_writes(dsn, emb, old_dim)
+        self.results["live"] = out
+
+    def _trigger_cost(self, dsn: str, n: int = 1500) -> dict[str, float]:
+        from reembed import capture, checkpoint, db
+        from reembed.settings import Target
+        from reembed.target import inspect_target
+
+        rng = np.random.default_rng(3)
+        rates: dict[str, list[float]] = {}
+        with db.connect(dsn, role="bench", autocommit=True) as conn:
+            info = inspect_target(conn, Target(dsn=dsn))
+            checkpoint.ensure_schema(conn)
+            ids = [r["id"] for r in conn.execute("SELECT id FROM knowledge_nodes LIMIT %s", (n,)).fetchall()]
+            for label in ("without", "with", "without", "with"):
+                if label == "with":
+                    capture.create(conn, info, 1)
+                vecs = rng.standard_normal((n, 384), dtype=np.float32)
+                t0 = time.perf_counter()
+                for i in range(n):  # one row per transaction, as an application writes
+                    conn.execute("INSERT INTO knowledge_nodes (id, content, embedding) VALUES (%s, %s, %s)",
+                                 (uuid.uuid4(), f"inserted {i}", vecs[i]))
+                rates.setdefault(f"insert_{label}", []).append(n / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                for i, key in enumerate(ids):
+                    conn.execute("UPDATE knowledge_nodes SET content = %s, embedding = %s WHERE id = %s",
+                                 (f"edited {i} {label}", vecs[i], key))
+                rates.setdefault(f"update_{label}", []).append(n / (time.perf_counter() - t0))
+                if label == "with":
+                    conn.execute("DROP TRIGGER reembed_capture_1_ins ON knowledge_nodes;"
+                                 " DROP TRIGGER reembed_capture_1_upd ON knowledge_nodes")
+            captured = conn.execute("SELECT count(*) AS n FROM reembed_changes").fetchone()["n"]
+        best = {k: max(v) for k, v in rates.items()}
+        return {**{f"{k}_per_sec": round(v) for k, v in best.items()}, "rows_captured": captured,
+                "insert_slowdown": round(1 - best["insert_with"] / best["insert_without"], 3),
+                "update_slowdown": round(1 - best["update_with"] / best["update_without"], 3)}
+
+    def _write_check_cost(self, dsn: str) -> dict[str, float]:
+        """The write path with its xmin check (the product's) against one comparing the content."""
+        from reembed import db
+        from reembed.batches import Reader, prepare_session
+        from reembed.settings import Target
+        from reembed.target import inspect_target
+
+        xmin_rate = self.write_only(dsn, 384, "copy")
+        conn = db.connect(dsn, role="bench", autocommit=True)
+        info = inspect_target(conn, Target(dsn=dsn))
+        prepare_session(info)(conn)
+        conn.execute("CREATE TEMP TABLE stage_c (id uuid, e vector, c text) ON COMMIT DELETE ROWS")
+        reader = Reader(info, batch_size=self.args.batch_size)
+        rng, best = np.random.default_rng(2), 0.0
+        for _ in range(2):
+            batches, after = [], None
+            while (b := reader.read(conn, after, len(batches))) is not None:
+                batches.append(b)
+                after = b.last_id
+            t0 = time.perf_counter()
+            for b in batches:
+                vecs = rng.standard_normal((len(b.ids), 384), dtype=np.float32)
+                with conn.transaction():
+                    with conn.cursor() as cur, cur.copy("COPY stage_c (id, e, c) FROM STDIN (FORMAT BINARY)") as copy:
+                        copy.set_types(["uuid", "vector", "text"])
+                        for row in zip(b.ids, vecs, b.texts, strict=True):
+                            copy.write_row(row)
+                    conn.execute("UPDATE knowledge_nodes AS t SET embedding = s.e FROM stage_c AS s"
+                                 " WHERE t.id = s.id AND t.content IS NOT DISTINCT FROM s.c RETURNING t.id").fetchall()
+            best = max(best, sum(len(b.ids) for b in batches) / (time.perf_counter() - t0))
+        conn.close()
+        return {"xmin_rows_per_sec": round(xmin_rate), "content_rows_per_sec": round(best),
+                "xmin_over_content": round(xmin_rate / best, 3)}
+
+    def _cut_over_under_writes(self, dsn: str, emb: Any, old_dim: int, rate: float = 100.0) -> dict[str, Any]:
+        """A job while an application writes `rate` times a second, reading the registry FOR SHARE."""
+        import threading
+
+        from reembed.job import run
+        from reembed.settings import ModelSpec, RunOptions, Settings, Target
+
+        stop, latencies, errors = threading.Event(), [], []
+
+        def application() -> None:
+            rng = np.random.default_rng(5)
+            with psycopg.connect(dsn) as conn:
+                register_vector(conn)
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        with conn.transaction():
+                            name, dim = conn.execute("SELECT model_name, dimension FROM embedding_model"
+                                                     " WHERE id = 1 FOR SHARE").fetchone()
+                            text = f"app {rng.integers(1 << 30)} " + " ".join(rng.choice(WORDS, size=8))
+                            vec = emb.encode([text])[0] if name == "static" else rng.standard_normal(dim).astype(np.float32)
+                            w0 = time.perf_counter()
+                            conn.execute("INSERT INTO knowledge_nodes (id, content, embedding) VALUES (%s, %s, %s)",
+                                         (uuid.uuid4(), text, vec))
+                        latencies.append(time.perf_counter() - w0)
+                    except Exception as exc:  # noqa: BLE001 - counted and shown
+                        errors.append(str(exc)[:200])
+                    stop.wait(max(0.0, 1 / rate - (time.perf_counter() - t0)))
+
+        writer = threading.Thread(target=application, daemon=True)
+        writer.start()
+        settings = Settings(target=Target(dsn=dsn), model=ModelSpec(model="bench"),
+                            options=RunOptions(batch_size=self.args.batch_size, confirm_seconds=0, progress_interval=3600))
+        report = run(settings, embedder=emb).as_dict()
+        stop.set()
+        writer.join()
+        return {"state": report["state"], "writers_held_secs": round(report["writers_held_secs"], 3),
+                "app_writes": len(latencies), "app_errors": len(errors),
+                "app_longest_write_secs": round(max(latencies), 3) if latencies else None,
+                "catch_up_rows": report["catch_up_rows"], "embed_rows_per_sec": report["embed_rows_per_sec"]}
 
     def section_rss(self) -> None:
         model = self.model_dir("static")
@@ -372,8 +509,23 @@ def render(results: dict[str, Any]) -> str:
                      f"{h['defaults_secs']} s; sized "
                      f"({h['sized_maintenance_work_mem_mb']} MB, {h['sized_workers']} workers) {h['sized_secs']} s; "
                      f"speed-up {h['speedup']}x")
+        lines.append(f"  CONCURRENTLY, sized: {h['sized_concurrent_secs']} s ({h['concurrent_over_plain']}x the plain build)")
         lines.append(f"  same dimension after a full update: build {h['same_dim_build_secs_no_vacuum']} s; "
                      f"VACUUM (ANALYZE) + build {h['same_dim_build_secs_with_vacuum_analyze']} s")
+    if "live" in results:
+        lv = results["live"]
+        t = lv["trigger"]
+        lines.append(f"\nlive tables: single-row writes/s without / with the capture trigger (no HNSW index): "
+                     f"INSERT {t['insert_without_per_sec']} / {t['insert_with_per_sec']} "
+                     f"({100 * t['insert_slowdown']:.1f}% slower), UPDATE {t['update_without_per_sec']} / "
+                     f"{t['update_with_per_sec']} ({100 * t['update_slowdown']:.1f}% slower)")
+        w = lv["write_check"]
+        lines.append(f"  no-lost-update check, write-only rows/s: xmin {w['xmin_rows_per_sec']}, content "
+                     f"{w['content_rows_per_sec']} (xmin/content {w['xmin_over_content']})")
+        for key in ("cut_over_384_to_384", "cut_over_64_to_384"):
+            c = lv[key]
+            lines.append(f"  {key}: writers held off {c['writers_held_secs']} s; application: {c['app_writes']} writes, "
+                         f"{c['app_errors']} errors, longest {c['app_longest_write_secs']} s; caught up {c['catch_up_rows']} rows")
     if "peak_rss_mb" in results:
         r = results["peak_rss_mb"]
         rows = [k for k in r if k != "growth_mb"]
@@ -388,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minilm-rows", type=int, default=3_000, help="rows for the real MiniLM on CPU (~200 rows/s)")
     p.add_argument("--index-rows", type=int, default=50_000)
     p.add_argument("--rss-rows", type=int, nargs="+", default=[10_000, 200_000])
+    p.add_argument("--live-rows", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--encode-batch-size", type=int, default=None)
     p.add_argument("--write-path", default="copy", help="the path the model section's write-only figure uses")

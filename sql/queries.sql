@@ -295,3 +295,61 @@ UPDATE reembed_failed_rows SET accepted = true WHERE job_id = %(job_id)s AND NOT
 -- name: set_application_name
 -- A pool connection takes the name of the role it serves (pg_stat_activity shows who is who).
 SELECT set_config('application_name', %(name)s, false);
+
+-- name: tool_schema
+-- Where reembed's own tables live (the capture function names its table with it).
+SELECT n.nspname AS schema
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = to_regclass('reembed_changes');
+
+-- name: capture_triggers
+-- reembed's capture triggers on a table (any job's).
+SELECT t.tgname AS trigger_name, t.tgenabled <> 'D' AS enabled
+  FROM pg_trigger t
+ WHERE t.tgrelid = %(table_oid)s::oid AND NOT t.tgisinternal
+   AND t.tgname LIKE 'reembed\_capture\_%%'
+ ORDER BY t.tgname;
+
+-- name: set_capture_trigger
+UPDATE reembed_checkpoint SET capture_trigger = %(name)s, updated_at = now() WHERE job_id = %(job_id)s;
+
+-- name: mark_job_write
+-- Inside each of the job's own writing transactions: its capture trigger lets these pass.
+SELECT set_config('reembed.writer', %(job_id)s, true);
+
+-- name: capture_keys
+INSERT INTO reembed_changes (job_id, row_id) SELECT %(job_id)s, unnest(%(row_ids)s::text[]);
+
+-- name: changes_pending
+SELECT count(DISTINCT row_id) AS n FROM reembed_changes WHERE job_id = %(job_id)s;
+
+-- name: forget_changes
+DELETE FROM reembed_changes WHERE job_id = %(job_id)s AND row_id = ANY(%(row_ids)s::text[]);
+
+-- name: forget_job_changes
+DELETE FROM reembed_changes WHERE job_id = %(job_id)s;
+
+-- name: catchup_pass_started
+UPDATE reembed_checkpoint
+   SET catchup_pass = %(pass)s, catchup_pass_total = %(pending)s, catchup_pass_done = 0, updated_at = now()
+ WHERE job_id = %(job_id)s;
+
+-- name: catchup_advanced
+UPDATE reembed_checkpoint
+   SET catchup_pass_done = catchup_pass_done + %(keys)s, catchup_rows = catchup_rows + %(rows)s,
+       updated_at = now()
+ WHERE job_id = %(job_id)s;
+
+-- name: lock_registry_row
+-- The cut-over takes the registry row first, as the application's writers do (FOR SHARE):
+-- writers that read it wait here before touching the table, so no one deadlocks.
+SELECT id FROM {registry} WHERE id = 1 FOR UPDATE;
+
+-- name: notify_model_changed
+SELECT pg_notify('reembed_model_changed', %(payload)s);
+
+-- name: record_writers_held
+UPDATE reembed_checkpoint SET writers_held_secs = %(secs)s, updated_at = now() WHERE job_id = %(job_id)s;
+
+-- name: table_size
+SELECT pg_table_size(%(table_oid)s::oid) AS bytes;

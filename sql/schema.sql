@@ -66,3 +66,22 @@ CREATE TABLE IF NOT EXISTS reembed_failed_rows (
     last_seen   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, row_id)
 );
+
+-- reembed_changes: the keys an application inserted, or whose content or embedding it changed,
+-- while a job ran (written by the job's capture trigger, and by the job itself for rows that
+-- changed between its read and its write). Catch-up passes re-embed them; no foreign key, so
+-- that an application's write pays for one index insert and nothing more.
+CREATE TABLE IF NOT EXISTS reembed_changes (
+    job_id      bigint      NOT NULL,
+    row_id      text        NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reembed_changes_job_row ON reembed_changes (job_id, row_id);
+
+-- Added with live-table support (a job's capture and catch-up); idempotent for older schemas.
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS capture_trigger    text,            -- prefix of the job's triggers, while installed
+    ADD COLUMN IF NOT EXISTS catchup_pass       int    NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS catchup_pass_total bigint NOT NULL DEFAULT 0,  -- keys pending when the pass began
+    ADD COLUMN IF NOT EXISTS catchup_pass_done  bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS catchup_rows       bigint NOT NULL DEFAULT 0,  -- rows re-embedded by catch-up, all passes
+    ADD COLUMN IF NOT EXISTS writers_held_secs  double precision;           -- the cut-over's hold on writers

@@ -11,42 +11,49 @@ SELECT count(*) AS n FROM {table};
 SELECT {content} AS content FROM {table} WHERE {content} IS NOT NULL LIMIT %(n)s;
 
 -- name: read_first
--- Keyset pagination, first page of a range (upper bound inclusive, NULL: none).
-SELECT {id} AS id, {id}::text AS id_text, {content} AS content
+-- Keyset pagination, first page of a range (upper bound inclusive, NULL: none). xmin tells
+-- the write whether the row changed since this read.
+SELECT {id} AS id, {id}::text AS id_text, {content} AS content, xmin::text::bigint AS xmin
   FROM {table}
  WHERE (%(upper)s::text IS NULL OR {id} <= CAST(%(upper)s AS {id_type}))
  ORDER BY {id} LIMIT %(n)s;
 
 -- name: read_next
-SELECT {id} AS id, {id}::text AS id_text, {content} AS content
+SELECT {id} AS id, {id}::text AS id_text, {content} AS content, xmin::text::bigint AS xmin
   FROM {table}
  WHERE {id} > CAST(%(after)s AS {id_type})
    AND (%(upper)s::text IS NULL OR {id} <= CAST(%(upper)s AS {id_type}))
  ORDER BY {id} LIMIT %(n)s;
 
 -- name: rows_by_ids
-SELECT {id} AS id, {id}::text AS id_text, {content} AS content
+SELECT {id} AS id, {id}::text AS id_text, {content} AS content, xmin::text::bigint AS xmin
   FROM {table}
  WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]))
  ORDER BY {id};
 
 -- name: create_stage
 -- The writer's staging table, one per session (binary COPY lands here).
-CREATE TEMP TABLE IF NOT EXISTS reembed_stage (id {id_type}, e vector) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS reembed_stage (id {id_type}, e vector, x bigint) ON COMMIT DELETE ROWS;
 
 -- name: copy_stage
-COPY pg_temp.reembed_stage (id, e) FROM STDIN (FORMAT BINARY);
+COPY pg_temp.reembed_stage (id, e, x) FROM STDIN (FORMAT BINARY);
 
 -- name: write_from_stage
-UPDATE {table} AS t SET {col} = s.e FROM pg_temp.reembed_stage AS s WHERE t.{id} = s.id;
+-- Only rows unchanged since the batch read them (same xmin): an application's newer write is
+-- never overwritten with a vector of older content. The rows written come back.
+UPDATE {table} AS t SET {col} = s.e FROM pg_temp.reembed_stage AS s
+ WHERE t.{id} = s.id AND t.xmin::text::bigint = s.x
+RETURNING t.{id}::text AS id_text;
 
 -- name: write_one
-UPDATE {table} SET {col} = %s WHERE {id} = %s;
+UPDATE {table} SET {col} = %s WHERE {id} = %s AND xmin::text::bigint = %s
+RETURNING {id}::text AS id_text;
 
 -- name: write_unnest
 UPDATE {table} AS t SET {col} = v.e
-  FROM unnest(%s::{id_type}[], %s::vector[]) AS v(id, e)
- WHERE t.{id} = v.id;
+  FROM unnest(%s::{id_type}[], %s::vector[], %s::bigint[]) AS v(id, e, x)
+ WHERE t.{id} = v.id AND t.xmin::text::bigint = v.x
+RETURNING t.{id}::text AS id_text;
 
 -- name: drop_index
 DROP INDEX {index};
@@ -68,3 +75,44 @@ CREATE INDEX {concurrently} {index_name} ON {table} USING hnsw ({col} {opclass})
 
 -- name: reindex
 REINDEX INDEX {concurrently} {index};
+
+-- name: pending_keys
+-- The next page of captured keys, deduplicated, in key order.
+SELECT DISTINCT CAST(row_id AS {id_type}) AS k, row_id
+  FROM reembed_changes
+ WHERE job_id = %(job_id)s
+   AND (%(after)s::text IS NULL OR CAST(row_id AS {id_type}) > CAST(%(after)s AS {id_type}))
+ ORDER BY k LIMIT %(n)s;
+
+-- name: create_capture_function
+-- Runs as its owner (reembed's role), whatever role the application writes as.
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
+BEGIN
+    INSERT INTO {changes} (job_id, row_id) VALUES ({job_id}, NEW.{id}::text);
+    RETURN NULL;
+END
+$capture$;
+
+-- name: create_capture_triggers
+-- Inserted rows, and rows whose content or embedding anyone but the job changed.
+CREATE TRIGGER {insert_trigger} AFTER INSERT ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {function}();
+CREATE TRIGGER {update_trigger} AFTER UPDATE OF {content}, {col} ON {table}
+    FOR EACH ROW
+    WHEN ((OLD.{content} IS DISTINCT FROM NEW.{content} OR OLD.{col} IS DISTINCT FROM NEW.{col})
+          AND current_setting('reembed.writer', true) IS DISTINCT FROM {job_text})
+    EXECUTE FUNCTION {function}();
+
+-- name: disable_capture_triggers
+-- SHARE ROW EXCLUSIVE, as the cut-over already holds: readers are not held up.
+ALTER TABLE {table} DISABLE TRIGGER {insert_trigger}, DISABLE TRIGGER {update_trigger};
+
+-- name: drop_capture
+DROP TRIGGER IF EXISTS {insert_trigger} ON {table};
+DROP TRIGGER IF EXISTS {update_trigger} ON {table};
+DROP FUNCTION IF EXISTS {function}();
+
+-- name: lock_for_cut_over
+-- Holds writers off (and this job's triggers still), never readers.
+LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE;

@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,19 @@ class Server:
         from pgserver._commands import pg_ctl
 
         pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.handle.pgdata, user=self.handle.system_user)
+
+    def outage(self, seconds: float) -> None:
+        """Stop the server, keep it down for `seconds` (the outage is the scenario, not a wait
+        for something that could be polled), and start it again as the embedded server does."""
+        if self.kind != "embedded":
+            pytest.skip("stopping the server needs the embedded provider")
+        from pgserver._commands import pg_ctl
+
+        socket_dir = psycopg.conninfo.conninfo_to_dict(self.base_dsn)["host"]
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.handle.pgdata, user=self.handle.system_user)
+        time.sleep(seconds)
+        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self.handle.log), "start"],
+               pgdata=self.handle.pgdata, user=self.handle.system_user)
 
     def pg_ctl(self, *args: str) -> None:
         if self.kind != "embedded":

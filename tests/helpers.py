@@ -253,9 +253,10 @@ def keys(dsn: str, table: str = "knowledge_nodes") -> list[Any]:
 
 
 def ddl_waiting(dsn: str) -> int:
-    """How many ALTER TABLE statements wait on a lock right now."""
+    """How many of the job's DDL statements (ALTER TABLE, or DROP TRIGGER before a type change)
+    wait on a lock right now."""
     return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND query ILIKE 'ALTER TABLE%%'"))
+                        " AND (query ILIKE 'ALTER TABLE%%' OR query ILIKE 'DROP TRIGGER%%')"))
 
 
 def writer_waiting(dsn: str) -> int:
@@ -286,3 +287,17 @@ class Application:
 
     def __exit__(self, *exc: object) -> None:
         self.end()
+
+
+def job_settings(dsn: str, **opts: Any) -> Any:
+    """Settings for an in-process run with a test embedder (no banner pause)."""
+    from reembed.settings import ModelSpec, RunOptions, Settings, Target
+
+    opts.setdefault("confirm_seconds", 0)
+    return Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused"), options=RunOptions(**opts))
+
+
+def cli_run_args(dsn: str, model: Path, *extra: str, batch: int = 16) -> list[str]:
+    """`reembed run` for the real CLI: JSON logs and the JSON report, no banner pause."""
+    return ["run", "--dsn", dsn, "--model", str(model), "--no-confirm", "--batch-size", str(batch),
+            "--log-format", "json", "--json", *extra]

@@ -204,13 +204,13 @@ def test_same_dimension_keeps_typmod_and_rebuilds_index(dsn: str) -> None:
     after = snapshot(dsn)
     assert after["column"] == "vector(32)"
     assert after["indexes"][0]["indexname"] == "idx_knowledge_nodes_embedding_hnsw"
-    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == ["tighten_typmod", "build_index", "update_registry"]
+    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == ["cut_over", "drop_capture", "build_index", "done"]
 
 
 def test_keeping_the_index_through_the_writes_reindexes_it_at_the_end(dsn: str) -> None:
     make_table(dsn, rows=40, old_dim=32)
     oid_before = one(dsn, "SELECT 'idx_knowledge_nodes_embedding_hnsw'::regclass::oid")
-    report = run(settings(dsn, batch_size=16, drop_hnsw_first=False), embedder=HashEmbedder(32))
+    report = run(settings(dsn, batch_size=16, drop_hnsw_first=False, concurrent_index=False), embedder=HashEmbedder(32))
     assert report.state == "done"
     assert one(dsn, "SELECT index_dropped FROM reembed_checkpoint") is False
     assert one(dsn, "SELECT 'idx_knowledge_nodes_embedding_hnsw'::regclass::oid") == oid_before

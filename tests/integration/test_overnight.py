@@ -5,34 +5,45 @@ from __future__ import annotations
 import json
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
-
 from helpers import (
-    Application, Background, Gate, HashEmbedder, ddl_waiting, fetch, hash_vector, job_rows_done, keys, make_table,
-    one, run_cli, spawn, stopping_after, wait_for, writer_waiting,
+    Application,
+    Background,
+    Gate,
+    HashEmbedder,
+    cli_run_args,
+    ddl_waiting,
+    fetch,
+    hash_vector,
+    job_rows_done,
+    job_settings,
+    keys,
+    make_table,
+    one,
+    run_cli,
+    spawn,
+    stopping_after,
+    wait_for,
+    writer_waiting,
 )
+
 from reembed import db, lease, retry
 from reembed.errors import DatabaseError, LockHeld, ReembedError
 from reembed.job import run
-from reembed.settings import ModelSpec, RunOptions, Settings, Target
+from reembed.settings import ModelSpec
 
 ROWS = 480
 BATCH = 16
 
 
-def settings(dsn: str, **opts: Any) -> Settings:
-    opts.setdefault("confirm_seconds", 0)
-    return Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused"), options=RunOptions(**opts))
-
-
-def cli_args(dsn: str, model: Path, *extra: str) -> list[str]:
-    return ["run", "--dsn", dsn, "--model", str(model), "--no-confirm", "--batch-size", str(BATCH),
-            "--log-format", "json", "--json", *extra]
+settings = job_settings
+cli_args = partial(cli_run_args, batch=BATCH)
 
 
 def all_rows_new(dsn: str, dim: int, rows: int) -> bool:

@@ -130,7 +130,7 @@ def test_sigkill_during_finalize_then_rerun_completes_finalize(dsn: str, minilm_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     report = json.loads(rerun.stdout)
     assert report["state"] == "done" and report["rows_updated"] == 0
-    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == ["tighten_typmod", "build_index", "update_registry"]
+    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == ["cut_over", "drop_capture", "build_index", "done"]
     after = snapshot(dsn)
     assert after["column"] == "vector(384)"
     assert after["indexes"][0]["indexname"] == "idx_knowledge_nodes_embedding_hnsw"

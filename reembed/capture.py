@@ -1,0 +1,254 @@
+"""Live tables: capture what the application writes during a job, catch it up, cut over.
+
+From prepare until the cut-over, two triggers named after the job record in reembed_changes
+the keys of inserted rows and of rows whose content or embedding anyone but the job changed
+(the job's own transactions set `reembed.writer` to its id, which the update trigger lets
+pass). The job records, too, the rows that changed between its read and its write (their
+write is skipped: no lost update). After the main pass, catch-up passes re-embed the captured
+keys, deduplicated and in key order, each batch in one fenced transaction with the removal of
+its keys, until what is left is under one batch or stops shrinking. The rest is re-embedded
+inside the cut-over, which holds writers off (never readers) while it commits the last
+catch-up, the strategy's swap and the registry together, and turns capture off.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import psycopg
+import structlog
+from psycopg import sql
+
+from reembed import checkpoint as ckpt
+from reembed import failures
+from reembed.batches import Batch, Writer
+from reembed.queries import query
+from reembed.target import TableInfo
+
+if TYPE_CHECKING:
+    from reembed.context import RunContext
+
+log = structlog.get_logger()
+
+_OURS = re.compile(r"^reembed_capture_(\d+)_(ins|upd)$")
+
+
+@dataclass(frozen=True)
+class Capture:
+    """The names of one job's capture objects."""
+
+    job_id: int
+    schema: str  # where reembed's tables (and so the function) live
+
+    @property
+    def prefix(self) -> str:
+        return f"reembed_capture_{self.job_id}"
+
+    def fill(self) -> dict[str, Any]:
+        return {
+            "function": (self.schema, self.prefix),
+            "insert_trigger": f"{self.prefix}_ins",
+            "update_trigger": f"{self.prefix}_upd",
+        }
+
+
+def _tool_schema(conn: psycopg.Connection[Any]) -> str:
+    row = conn.execute(query("tool_schema")).fetchone()
+    assert row is not None, "reembed_changes is missing: ensure_schema first"
+    return str(row["schema"])
+
+
+def install(ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job) -> None:
+    """Inside prepare's transaction: the job's triggers and their function."""
+    cap = create(conn, ctx.info, job.id)
+    conn.execute(query("set_capture_trigger"), {"name": cap.prefix, "job_id": job.id})
+
+
+def create(conn: psycopg.Connection[Any], info: TableInfo, job_id: int) -> Capture:
+    """The triggers and their function, for job `job_id` (reembed's tables must exist)."""
+    cap = Capture(job_id, _tool_schema(conn))
+    conn.execute(info.statement("create_capture_function", changes=(cap.schema, "reembed_changes"),
+                                job_id=sql.Literal(job_id), **cap.fill()))
+    conn.execute(info.statement("create_capture_triggers", column=info.column,
+                                job_text=sql.Literal(str(job_id)), **cap.fill()))
+    return cap
+
+
+def remove(ctx: RunContext, conn: psycopg.Connection[Any], job_id: int) -> None:
+    """Drop a job's triggers and function, and forget what they captured."""
+    cap = Capture(job_id, _tool_schema(conn))
+    conn.execute(ctx.info.statement("drop_capture", **cap.fill()))
+    conn.execute(query("forget_job_changes"), {"job_id": job_id})
+    conn.execute(query("set_capture_trigger"), {"name": None, "job_id": job_id})
+
+
+def settle_others(ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job) -> None:
+    """Capture triggers of other jobs on this table: those of a job that is no longer active
+    (abandoned, done, or gone) are dropped; those of an active job on another column stay."""
+    seen: set[int] = set()
+    for row in conn.execute(query("capture_triggers"), {"table_oid": ctx.info.oid}).fetchall():
+        match = _OURS.match(row["trigger_name"])
+        if match is None or int(match.group(1)) in seen or int(match.group(1)) == job.id:
+            continue
+        other_id = int(match.group(1))
+        seen.add(other_id)
+        other = ckpt.find(conn, other_id)
+        if other is not None and other.state in ckpt.ACTIVE:
+            log.info("other_job_capturing", other_job_id=other_id, column=other.column_name,
+                     detail="an active job on another column of this table keeps its own capture")
+            continue
+        log.warning("stale_capture_dropped", other_job_id=other_id,
+                    state=other.state if other else "missing",
+                    detail="its job is not active; its triggers would capture for nobody")
+        remove(ctx, conn, other_id)
+
+
+def pending(conn: psycopg.Connection[Any], job: ckpt.Job) -> int:
+    row = conn.execute(query("changes_pending"), {"job_id": job.id}).fetchone()
+    return int(row["n"]) if row else 0
+
+
+# --------------------------------------------------------------- catch-up passes
+
+
+def catch_up(ctx: RunContext) -> None:
+    """Passes over the captured keys until fewer than a batch are left or they stop shrinking."""
+    job, lease, size = ctx.active, ctx.lease, ctx.opts.batch_size
+    if "cut_over" in job.steps:
+        return
+    writer = Writer(ctx.info, column=ctx.strategy.column(ctx), job_id=job.id)
+    previous: int | None = None
+    while not ctx.stop.requested:
+        left = lease.read(lambda conn: pending(conn, job), on=ctx.control, what="count_changes")
+        if left < size or (previous is not None and left >= previous):
+            log.info("catch_up_done", keys_left=left, shrinking=previous is None or left < previous,
+                     detail="the rest is re-embedded inside the cut-over")
+            return
+        number = ctx.refresh_job().catchup_pass + 1
+        lease.write(lambda conn: conn.execute(query("catchup_pass_started"),  # noqa: B023
+                                              {"pass": number, "pending": left, "job_id": job.id}),  # noqa: B023
+                    on=ctx.control, what="catch_up_pass")
+        started, rows, keys = time.monotonic(), 0, 0
+        log.info("catch_up_pass_started", catch_up_pass=number, keys=left)
+        after: str | None = None
+        while not ctx.stop.requested:
+            page = lease.read(lambda conn: _page(ctx, conn, after, size), on=ctx.control,  # noqa: B023
+                              what="read_changes")
+            if not page:
+                break
+            batch = lease.read(lambda conn: _read(ctx, conn, page), on=ctx.control, what="read_changed_rows")  # noqa: B023
+            _encode(ctx, batch)
+            rows += lease.write(lambda conn: _write(ctx, conn, writer, page, batch), on=ctx.control,  # noqa: B023
+                                what="commit_catch_up")
+            keys, after = keys + len(page), page[-1]
+        log.info("catch_up_pass_done", catch_up_pass=number, keys=keys, rows=rows,
+                 secs=round(time.monotonic() - started, 2))
+        previous = left
+
+
+Encoded = dict[tuple[str, int], np.ndarray]
+
+
+def encode_ahead(ctx: RunContext, conn: psycopg.Connection[Any]) -> Encoded:
+    """Before the cut-over takes its locks: the rows still captured, encoded, keyed by (key,
+    xmin), so that only rows changed since are encoded while writers wait."""
+    done: Encoded = {}
+    after: str | None = None
+    while page := _page(ctx, conn, after, ctx.opts.batch_size):
+        batch = _read(ctx, conn, page)
+        _encode(ctx, batch)
+        assert batch.vectors is not None
+        for i, vec in enumerate(batch.vectors):
+            if vec is not None:
+                done[(batch.id_texts[i], batch.xmins[i])] = vec
+        after = page[-1]
+    return done
+
+
+def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> int:
+    """Inside the cut-over's transaction, writers held off: every key still captured."""
+    job, size = ctx.active, ctx.opts.batch_size
+    writer = Writer(ctx.info, column=ctx.strategy.column(ctx), job_id=job.id)
+    rows, after = 0, None
+    while page := _page(ctx, conn, after, size):
+        batch = _read(ctx, conn, page)
+        _encode(ctx, batch, ahead)
+        if batch.failed and not ctx.opts.accept_failed:
+            raise failures.RowsFailed(
+                f"{len(batch.failed)} rows written by the application during the job cannot be encoded "
+                f"(e.g. {batch.id_texts[next(iter(batch.failed))]}); the cut-over is rolled back. Fix them, or run "
+                "again with --accept-failed to cut over with their embedding NULL"
+            )
+        rows += _write(ctx, conn, writer, page, batch)
+        after = page[-1]
+    return rows
+
+
+def _page(ctx: RunContext, conn: psycopg.Connection[Any], after: str | None, size: int) -> list[str]:
+    rows = conn.execute(ctx.info.statement("pending_keys"),
+                        {"job_id": ctx.active.id, "after": after, "n": size}).fetchall()
+    return [r["row_id"] for r in rows]
+
+
+def _read(ctx: RunContext, conn: psycopg.Connection[Any], row_ids: list[str]) -> Batch:
+    return Batch.of(-1, None, conn.execute(ctx.info.statement("rows_by_ids"), {"ids": row_ids}).fetchall())
+
+
+def _encode(ctx: RunContext, batch: Batch, ahead: Encoded | None = None) -> None:
+    vectors: list[np.ndarray | None] = [None] * len(batch.ids)
+    todo = []
+    for i in batch.present:
+        known = ahead.get((batch.id_texts[i], batch.xmins[i])) if ahead else None
+        if known is None:
+            todo.append(i)
+        else:
+            vectors[i] = known
+    if todo:
+        failures.encode_isolating(ctx.embedder, batch.texts, todo, vectors, batch.failed)
+    batch.vectors = vectors
+
+
+def _write(ctx: RunContext, conn: psycopg.Connection[Any], writer: Writer, page: list[str], batch: Batch) -> int:
+    """The batch's vectors (where the row is unchanged since the read), its keys forgotten, the
+    keys that changed again recorded anew; returns the rows re-embedded."""
+    job = ctx.active
+    assert batch.vectors is not None
+    written = writer.write(conn, batch.ids, batch.vectors, batch.xmins)
+    conn.execute(query("forget_changes"), {"job_id": job.id, "row_ids": page})
+    ckpt.record_changed(conn, job, [t for t in batch.id_texts if t not in written])
+    if batch.failed:
+        failures.record(conn, job, batch)
+    encoded = [t for i, t in enumerate(batch.id_texts) if t in written and i not in batch.failed]
+    conn.execute(query("forget_failed_rows"), {"job_id": job.id, "row_ids": encoded})
+    conn.execute(query("catchup_advanced"), {"keys": len(page), "rows": len(encoded), "job_id": job.id})
+    return len(encoded)
+
+
+# ------------------------------------------------------------------- the cut-over
+
+
+def hold_writers(ctx: RunContext, conn: psycopg.Connection[Any]) -> float:
+    """The registry row first (as the application's writers take it), then the table against
+    writers. Returns when the hold began (monotonic): from the first request, since writers
+    queue behind a waiting request too."""
+    began = time.monotonic()
+    conn.execute(query("lock_registry_row", registry=ctx.info.registry))
+    conn.execute(ctx.info.statement("lock_for_cut_over"))
+    return began
+
+
+def stop_capturing(ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+    """Inside the cut-over: the job's triggers off (dropped by the next step, which needs a
+    lock that readers would wait for)."""
+    if ctx.active.capture_trigger is None:  # a job started before capture existed
+        return
+    cap = Capture(ctx.active.id, _tool_schema(conn))
+    conn.execute(ctx.info.statement("disable_capture_triggers", **cap.fill()))
+
+
+def drop(ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+    remove(ctx, conn, ctx.active.id)

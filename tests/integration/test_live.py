@@ -1,0 +1,325 @@
+"""Live tables: an application keeps writing while reembed runs; nothing it writes is lost or
+left stale, and it is held off only briefly at the cut-over."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from helpers import (
+    Application,
+    Background,
+    Gate,
+    HashEmbedder,
+    cli_env,
+    cli_run_args,
+    fetch,
+    job_rows_done,
+    job_settings,
+    make_table,
+    one,
+    run_cli,
+    spawn,
+    wait_for,
+    writer_waiting,
+)
+
+from reembed.job import run
+from reembed.settings import ModelSpec, RunOptions, Settings, Target
+
+ROWS = 480
+BATCH = 16
+APP = Path(__file__).resolve().parent.parent / "app_workload.py"
+
+
+settings = job_settings
+cli_args = partial(cli_run_args, batch=BATCH)
+
+
+def events(log: Path, name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()
+            if line.startswith("{") and f'"event": "{name}"' in line]
+
+
+def report_of(log: Path) -> dict[str, Any]:
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith("{") and '"state"' in line and '"event"' not in line:
+            return json.loads(line)
+    raise AssertionError(log.read_text()[-3000:])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def assert_every_row_is_the_new_encoding_of_its_current_content(dsn: str, model: Any, dim: int) -> int:
+    rows = fetch(dsn, "SELECT id::text AS id, content, embedding::text AS e FROM knowledge_nodes")
+    assert rows
+    want = model.encode([r["content"] for r in rows])
+    stale = [(r["id"], r["content"][:40], None if r["e"] is None else len(json.loads(r["e"])))
+             for r, w in zip(rows, want, strict=True)
+             if r["e"] is None or len(json.loads(r["e"])) != dim or cosine(np.array(json.loads(r["e"])), w) <= 0.999]
+    assert stale == [], f"{len(stale)} of {len(rows)} rows hold no vector, an old one, or one of older content"
+    return len(rows)
+
+
+def assert_final(dsn: str, dim: int, model_name: str, *, index: bool = True) -> None:
+    assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                    "'knowledge_nodes'::regclass AND attname = 'embedding'") == f"vector({dim})"
+    if index:
+        assert one(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_knowledge_nodes_embedding_hnsw'::regclass")
+    assert one(dsn, "SELECT model_name FROM embedding_model") == model_name
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%'") == 0
+    assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reembed_capture_%%'") == 0
+    assert one(dsn, "SELECT count(*) FROM reembed_changes") == 0
+    assert one(dsn, "SELECT state FROM reembed_checkpoint ORDER BY job_id DESC LIMIT 1") == "done"
+
+
+class App:
+    """The application process (tests/app_workload.py), writing until stopped."""
+
+    def __init__(self, dsn: str, workdir: Path, *, new_model: Path, new_name: str, rate: float = 30.0,
+                 id_type: str = "uuid") -> None:
+        self.stop_file, self.out = workdir / "app.stop", workdir / "app.json"
+        with (workdir / "app.log").open("wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, str(APP), dsn, str(self.stop_file), str(self.out), "--new-model", str(new_model),
+                 "--new-name", new_name, "--rate", str(rate), "--id-type", id_type],
+                env=cli_env(), stdout=subprocess.DEVNULL, stderr=log)
+        wait_for(lambda: (workdir / "app.json.ready").exists() or self.proc.poll() is not None, timeout=120,
+                 what="the application to start")
+        assert self.proc.poll() is None, (workdir / "app.log").read_text()[-2000:]
+
+    def writes(self) -> int:
+        stats = self.stats()
+        return sum(stats.get(k, 0) for k in ("inserts", "edits", "deletes", "null_inserts"))
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.out.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_file.write_text("stop")
+        self.proc.wait(timeout=60)
+        return self.stats()
+
+
+# -------------------------------------------------------------- the application writes
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@pytest.mark.parametrize("old_dim", [384, 64], ids=["same-dimension", "dimension-change"])
+def test_an_application_writing_throughout_loses_nothing_and_leaves_nothing_stale(
+    dsn: str, minilm_path: Path, minilm: Any, workdir: Path, old_dim: int
+) -> None:
+    make_table(dsn, rows=ROWS, old_dim=old_dim)
+    name = minilm.signature.name
+    app = App(dsn, workdir, new_model=minilm_path, new_name=name)
+    try:
+        wait_for(lambda: app.writes() >= 20, timeout=60, what="the application writing")
+        log = workdir / "run.log"
+        proc = spawn(cli_args(dsn, minilm_path, "--model-name", name), cwd=workdir, log=log)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        writes_during = app.writes()
+        wait_for(lambda: app.stats().get("writes_with_new_model", 0) >= 10, timeout=60,
+                 what="the application writing with the new model")
+    finally:
+        stats = app.stop()
+    report = report_of(log)
+    assert stats["errors"] == [], stats["errors"][:5]
+    assert writes_during >= 50 and stats["edits"] and stats["inserts"] and stats["null_inserts"]
+    cut = events(log, "cut_over")[-1]
+    print(f"\n[{old_dim}->384] app writes {app.writes()}, rows caught up by catch-up {report['catch_up_rows']}, "
+          f"writers held off by the cut-over {cut['writers_held_secs']:.3f} s (reported "
+          f"{report['writers_held_secs']:.3f} s), longest application write {stats['max_write_secs']:.3f} s")
+    assert report["writers_held_secs"] == pytest.approx(cut["writers_held_secs"], abs=1e-3)
+    assert report["writers_held_secs"] < 5.0
+    assert events(log, "catch_up_done")
+    assert_final(dsn, 384, name)
+    assert_every_row_is_the_new_encoding_of_its_current_content(dsn, minilm, 384)
+
+
+def test_a_row_edited_between_the_jobs_read_and_write_is_not_overwritten_and_is_caught_up(dsn: str) -> None:
+    make_table(dsn, rows=40, old_dim=32)
+    emb = HashEmbedder(32)
+    gate = Gate(emb)  # the first batch is read and tokenized; its forward waits
+    worker = Background(lambda: run(settings(dsn, batch_size=40, pipeline=False), embedder=emb))
+    assert gate.reached.wait(30), worker.error
+    key = one(dsn, "SELECT id FROM knowledge_nodes ORDER BY id LIMIT 1")
+    with psycopg.connect(dsn, autocommit=True) as app:  # the application edits a row of that batch
+        app.execute("UPDATE knowledge_nodes SET content = 'edited by the application' WHERE id = %s", (key,))
+    gate.open()
+    worker.join(timeout=120)
+    assert worker.error is None and worker.result.state == "done"
+    from helpers import hash_vector
+
+    (row,) = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes WHERE id = %s", (key,))
+    assert row["content"] == "edited by the application"
+    assert cosine(np.array(json.loads(row["e"])), hash_vector("edited by the application", 32)) > 0.9999
+    assert worker.result.rows_updated == 39  # the edited row did not count as done by the main pass
+    assert one(dsn, "SELECT catchup_rows FROM reembed_checkpoint") == 1  # fewer than a batch: the cut-over did it
+    assert one(dsn, "SELECT count(*) FROM reembed_changes") == 0
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+def _paused_at_the_end(dsn: str, workdir: Path, model: Path, *, captured: int,
+                       extra: tuple[str, ...] = ()) -> tuple[Any, Path, Application, Application]:
+    """A run whose main pass waits on its last row while `captured` rows are inserted behind its
+    cursor (negative keys), the first of which an application transaction then holds. (No HNSW
+    index and the same dimension: prepare takes no lock that the held row would block.)"""
+    make_table(dsn, rows=ROWS, id_type="bigint", old_dim=48, with_index=False)
+    last = one(dsn, "SELECT max(id) FROM knowledge_nodes")
+    tail = Application(dsn)
+    tail.hold_row(last)
+    log = workdir / "run.log"
+    proc = spawn(cli_args(dsn, model, *extra), cwd=workdir, log=log)
+    try:
+        wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="the main pass under way")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        tail.end()
+        raise
+    with psycopg.connect(dsn, autocommit=True) as app:
+        for k in range(1, captured + 1):
+            app.execute("INSERT INTO knowledge_nodes (id, content, source) VALUES (%s, %s, 'app')",
+                        (-k, f"written by the application during the job, number {k}"))
+    holder = Application(dsn)
+    holder.hold_row(-captured)  # the first captured key in key order
+    tail.end()
+    return proc, log, holder, tail
+
+
+def _holding_writers(dsn: str) -> int:
+    return int(one(dsn, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE "
+                        "a.application_name LIKE 'reembed control%%' AND l.mode = 'ShareRowExclusiveLock'"
+                        " AND l.granted AND l.relation = 'knowledge_nodes'::regclass"))
+
+
+def _waiting_write(dsn: str) -> int:
+    return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed control%%'"
+                        " AND wait_event_type = 'Lock' AND query ILIKE 'UPDATE%%reembed_stage%%'"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["catch-up", "cut-over"])
+def test_sigkill_during_a_catch_up_pass_or_the_cut_over_then_a_rerun_finishes_right(
+    dsn: str, static_model_dir: Any, workdir: Path, phase: str
+) -> None:
+    model = static_model_dir(48)
+    captured = 3 * BATCH if phase == "catch-up" else BATCH // 2
+    proc, log, holder, tail = _paused_at_the_end(dsn, workdir, model, captured=captured,
+                                                 extra=("--cut-over-lock-timeout", "5s"))
+    try:
+        if phase == "catch-up":
+            wait_for(lambda: events(log, "catch_up_pass_started") and _waiting_write(dsn), timeout=120,
+                     what="a catch-up pass waiting on the application's row")
+        else:  # inside the cut-over: the table held against writers, its last catch-up waiting
+            wait_for(lambda: events(log, "catch_up_done") and _waiting_write(dsn) and _holding_writers(dsn),
+                     timeout=120, what="the cut-over waiting on the application's row")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        holder.end()
+        tail.end()
+    job = fetch(dsn, "SELECT state, finalize_steps FROM reembed_checkpoint")[0]
+    assert job["state"] == "finalizing" and "cut_over" not in job["finalize_steps"]
+    assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%' AND tgenabled <> 'D'") == 2
+    rerun = run_cli(cli_args(dsn, model), cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    from sentence_transformers import SentenceTransformer
+
+    assert_final(dsn, 48, str(model), index=False)
+    assert_every_row_is_the_new_encoding_of_its_current_content(dsn, SentenceTransformer(str(model), device="cpu"), 48)
+
+
+@pytest.mark.slow
+def test_the_server_down_for_30_seconds_mid_run_is_waited_out_and_every_row_is_right(
+    dsn: str, pg_server: Any, static_model_dir: Any, workdir: Path
+) -> None:
+    model = static_model_dir(48)
+    make_table(dsn, rows=ROWS, old_dim=48, with_index=False)  # prepare takes no lock the held row blocks
+    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
+    log = workdir / "outage.log"
+    app = Application(dsn)  # however fast the machine, the outage lands mid-run: a row is held
+    app.hold_row(ids[ROWS // 2])
+    proc = spawn(cli_args(dsn, model), cwd=workdir, log=log)
+    wait_for(lambda: writer_waiting(dsn), timeout=120, what="the run waiting on the held row")
+    pg_server.outage(30.0)  # ends the application's transaction too
+    with contextlib.suppress(psycopg.Error):
+        app.end()
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    waits = events(log, "transient_error_retrying")
+    assert waits and len(waits) <= 6, [w["step"] for w in waits]  # each wait logged once, not per attempt and role
+    assert events(log, "transient_error_over")
+    from sentence_transformers import SentenceTransformer
+
+    assert_final(dsn, 48, str(model), index=False)
+    assert_every_row_is_the_new_encoding_of_its_current_content(dsn, SentenceTransformer(str(model), device="cpu"), 48)
+
+
+# ------------------------------------------------------------------- the triggers
+
+
+def test_abandon_and_a_finished_job_leave_no_trigger_behind(dsn: str) -> None:
+    from helpers import stopping_after
+
+    from reembed.signals import StopSignal
+
+    make_table(dsn, rows=50, old_dim=32)
+    stop = StopSignal()
+    first = stopping_after(HashEmbedder(32), stop, calls=2)
+    assert run(settings(dsn, batch_size=10, pipeline=False), embedder=first, stop=stop).exit_code == 130
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_1_%%'") == 2
+    with psycopg.connect(dsn, autocommit=True) as app:  # captured while the crashed job waits
+        app.execute("UPDATE knowledge_nodes SET content = 'changed meanwhile' WHERE id = (SELECT id FROM knowledge_nodes ORDER BY id LIMIT 1)")
+    assert one(dsn, "SELECT count(*) FROM reembed_changes WHERE job_id = 1") == 1
+    status = json.loads(run_cli(["status", "--dsn", dsn, "--json"], cwd=Path("/")).stdout)
+    assert status["capture"] == {"trigger": "reembed_capture_1", "installed": True, "pending_changes": 1}
+    report = run(settings(dsn, batch_size=10, abandon_active=True), embedder=HashEmbedder(16))
+    assert report.state == "done"
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%'") == 0
+    assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reembed_capture_%%'") == 0
+    assert one(dsn, "SELECT count(*) FROM reembed_changes") == 0
+
+
+def test_a_trigger_left_by_an_abandoned_job_on_another_column_is_dropped_and_an_active_ones_kept(dsn: str) -> None:
+    from helpers import stopping_after
+
+    from reembed.signals import StopSignal
+
+    make_table(dsn, rows=30, old_dim=32)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE knowledge_nodes ADD COLUMN summary_vec vector(32)")
+    stop = StopSignal()  # a job on the other column, stopped: still active, its capture stays
+    other = stopping_after(HashEmbedder(32), stop, calls=1)
+    other_settings = Settings(target=Target(dsn=dsn, column="summary_vec"), model=ModelSpec(model="unused"),
+                              options=RunOptions(confirm_seconds=0, batch_size=10, pipeline=False))
+    assert run(other_settings, embedder=other, stop=stop).exit_code == 130
+    report = run(settings(dsn, batch_size=10), embedder=HashEmbedder(32))
+    assert report.state == "done"
+    assert [r["tgname"] for r in fetch(dsn, "SELECT tgname FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%'"
+                                            " ORDER BY 1")] == ["reembed_capture_1_ins", "reembed_capture_1_upd"]
+    with psycopg.connect(dsn, autocommit=True) as c:  # now that job is abandoned by hand, triggers left behind
+        c.execute("UPDATE reembed_checkpoint SET state = 'abandoned' WHERE job_id = 1")
+    again = run(settings(dsn, batch_size=10, abandon_active=True), embedder=HashEmbedder(24))
+    assert again.state == "done"
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%'") == 0
