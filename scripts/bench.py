@@ -346,7 +346,7 @@ class Bench:
             self.fill(base, rows=rows, dim=384, content=texts(rows), index=False)
             name = _dbname(base)
             with self.database(name) as dsn:
-                out["trigger"] = self._trigger_cost(dsn)
+                out["trigger"] = self._trigger_cost(dsn, n=self.args.live_writes)
             with self.database(name) as dsn:
                 out["write_check"] = self._write_check_cost(dsn)
         emb = self.embedder("static", "auto")
@@ -367,7 +367,7 @@ class Bench:
             info = inspect_target(conn, Target(dsn=dsn))
             checkpoint.ensure_schema(conn)
             ids = [r["id"] for r in conn.execute("SELECT id FROM knowledge_nodes LIMIT %s", (n,)).fetchall()]
-            for label in ("without", "with", "without", "with"):
+            for label in ("without", "with", "without", "with", "without", "with"):
                 if label == "with":
                     capture.create(conn, info, 1)
                 vecs = rng.standard_normal((n, 384), dtype=np.float32)
@@ -541,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-rows", type=int, default=50_000)
     p.add_argument("--rss-rows", type=int, nargs="+", default=[10_000, 200_000])
     p.add_argument("--live-rows", type=int, default=20_000)
+    p.add_argument("--live-writes", type=int, default=3_000, help="single-row writes per trigger-cost pass")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--encode-batch-size", type=int, default=None)
     p.add_argument("--write-path", default="copy", help="the path the model section's write-only figure uses")

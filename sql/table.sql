@@ -96,9 +96,9 @@ $capture$;
 
 -- name: create_capture_triggers
 -- Inserted rows, and rows whose content or embedding anyone but the job changed.
-CREATE TRIGGER {insert_trigger} AFTER INSERT ON {table}
+CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
-CREATE TRIGGER {update_trigger} AFTER UPDATE OF {content}, {col} ON {table}
+CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE OF {content}, {col} ON {table}
     FOR EACH ROW
     WHEN ((OLD.{content} IS DISTINCT FROM NEW.{content} OR OLD.{col} IS DISTINCT FROM NEW.{col})
           AND current_setting('reembed.writer', true) IS DISTINCT FROM {job_text})

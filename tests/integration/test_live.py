@@ -252,6 +252,43 @@ def test_sigkill_during_a_catch_up_pass_or_the_cut_over_then_a_rerun_finishes_ri
 
 
 @pytest.mark.slow
+def test_a_connection_lost_inside_the_cut_over_is_retried_and_the_run_finishes_right(
+    dsn: str, static_model_dir: Any, workdir: Path
+) -> None:
+    model = static_model_dir(48)
+    proc, log, holder, tail = _paused_at_the_end(dsn, workdir, model, captured=BATCH // 2,
+                                                 extra=("--cut-over-lock-timeout", "5s"))
+    try:
+        wait_for(lambda: events(log, "catch_up_done") and _waiting_write(dsn) and _holding_writers(dsn),
+                 timeout=120, what="the cut-over waiting on the application's row")
+        assert one(dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE application_name LIKE 'reembed control%%'") >= 1
+        holder.end()
+        assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        holder.end()
+        tail.end()
+    assert events(log, "transient_error_retrying")
+    from sentence_transformers import SentenceTransformer
+
+    assert_final(dsn, 48, str(model), index=False)
+    assert_every_row_is_the_new_encoding_of_its_current_content(dsn, SentenceTransformer(str(model), device="cpu"), 48)
+
+
+def test_the_cut_over_notifies_listeners_with_the_new_signature(dsn: str) -> None:
+    make_table(dsn, rows=30, old_dim=32)
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN reembed_model_changed")
+        emb = HashEmbedder(24)
+        assert run(settings(dsn, batch_size=10), embedder=emb).state == "done"
+        notes = list(listener.notifies(timeout=5, stop_after=1))
+    assert [json.loads(n.payload) for n in notes] == [emb.signature.as_dict()]
+
+
+@pytest.mark.slow
 def test_the_server_down_for_30_seconds_mid_run_is_waited_out_and_every_row_is_right(
     dsn: str, pg_server: Any, static_model_dir: Any, workdir: Path
 ) -> None:

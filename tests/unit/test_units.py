@@ -125,3 +125,47 @@ def test_progress_rate_and_eta_come_from_recent_samples() -> None:
     progress._samples.extend([(0.0, 0), (10.0, 500)])
     progress.done = 500
     assert progress.rate == 50.0 and progress.eta_secs == 10.0
+
+
+def test_a_stop_while_waiting_out_an_outage_ends_the_wait_with_the_stops_exit_code() -> None:
+    import threading
+    import time
+
+    import psycopg
+
+    from reembed import retry
+    from reembed.errors import Interrupted
+    from reembed.signals import StopSignal
+
+    stop = StopSignal()
+
+    def server_away() -> None:
+        raise psycopg.OperationalError("connection refused")
+
+    threading.Timer(0.3, stop.request, args=("SIGTERM",)).start()
+    started = time.monotonic()
+    with pytest.raises(Interrupted) as stopped:
+        retry.call(server_away, what="commit_batch", max_outage=120, stop=stop)
+    assert stopped.value.exit_code == 143 and time.monotonic() - started < 6
+
+
+def test_transient_faults_are_waited_out_for_the_outage_bound_with_waits_never_near_zero() -> None:
+    import time
+
+    import psycopg
+
+    from reembed import retry
+    from reembed.errors import DatabaseError
+
+    calls: list[float] = []
+
+    def away() -> None:
+        calls.append(time.monotonic())
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    started = time.monotonic()
+    with pytest.raises(DatabaseError):
+        retry.call(away, what="read_batch", max_outage=1.5, initial=0.1, maximum=0.4)
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert 1.4 < time.monotonic() - started < 3.0 and len(calls) >= 4
+    assert min(gaps) >= 0.09  # capped exponential with a little jitter: never a near-zero wait
