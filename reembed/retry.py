@@ -63,20 +63,28 @@ def kind_of(exc: BaseException, what: str) -> str:
 
 
 class Outages:
-    """One log line when a wait begins, one when it ends, per kind of wait, for all roles."""
+    """One log line when a wait begins, one when it ends, per kind of wait, for all roles. The
+    connections of other roles fail once each when they are next used after the database came
+    back: those echoes, within a few seconds of the end, are not logged as new waits."""
+
+    ECHO_SECS = 10.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: dict[str, float] = {}
+        self._open: dict[str, tuple[float, bool]] = {}  # kind -> (began, logged)
+        self._ended: dict[str, float] = {}
 
     def failed(self, kind: str, *, what: str, attempt: int, error: BaseException, sleep: float,
                max_outage: float) -> None:
+        now = time.monotonic()
         with self._lock:
             first = kind not in self._open
             if first:
-                self._open[kind] = time.monotonic()
+                echo = now - self._ended.get(kind, -self.ECHO_SECS) < self.ECHO_SECS
+                self._open[kind] = (now, not echo)
+            log_it = first and self._open[kind][1]
         line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if first:
+        if log_it:
             log.warning("transient_error_retrying", step=what, kind=kind, attempt=attempt, sleep_secs=round(sleep, 2),
                         max_outage_secs=max_outage, error=line,
                         detail="waiting it out; logged once until it ends")
@@ -85,8 +93,10 @@ class Outages:
 
     def recovered(self, kind: str) -> None:
         with self._lock:
-            began = self._open.pop(kind, None)
-        if began is not None:
+            began, logged = self._open.pop(kind, (None, False))
+            if began is not None:
+                self._ended[kind] = time.monotonic()
+        if began is not None and logged:
             log.warning("transient_error_over", kind=kind, waited_secs=round(time.monotonic() - began, 1))
 
 

@@ -155,6 +155,9 @@ class _RangeRun:
             nonlocal attempts, counts
             attempts += 1
             if attempts > 1 and self._already_committed(conn, batch):
+                # It landed before the connection went; what it wrote is not known here (the
+                # rows that had changed are in reembed_changes either way): count it as read.
+                counts = (len(batch.present) - len(batch.failed), batch.skipped)
                 return
             written = self.writer.write(conn, batch.ids, batch.vectors, batch.xmins)  # type: ignore[arg-type]
             changed = [t for t in batch.id_texts if t not in written]
