@@ -161,6 +161,52 @@ def pick_precision(requested: str, device: str) -> str:
     return requested
 
 
+_LOADED: dict[tuple[str, int | None], Any] = {}  # a tokenizer process's own copy of the model
+
+
+class ModelTokenizer:
+    """The tokenize stage, picklable: the model's own `preprocess` (its max length, casing and
+    special tokens), with the prefix, longest first, in passes of `size`. In the process that
+    loaded the model it uses that model; sent to another process (a process pool's worker) it
+    loads the model from `path` there, once."""
+
+    def __init__(self, path: str, *, prefix: str, size: int, max_seq_length: int | None, model: Any = None) -> None:
+        self.path = path
+        self.prefix = prefix
+        self.size = size
+        self.max_seq_length = max_seq_length
+        self._model = model
+        self._lock = threading.Lock()  # a fast tokenizer is not to be shared by threads
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_model", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _model=None, _lock=threading.Lock())
+
+    def __call__(self, texts: Sequence[str]) -> Tokenized:
+        prefixed = [self.prefix + t for t in texts] if self.prefix else list(texts)
+        order = np.argsort([-len(t) for t in prefixed], kind="stable")
+        ordered = [prefixed[i] for i in order]
+        chunks = [self.preprocess(ordered[i: i + self.size]) for i in range(0, len(ordered), self.size)]
+        return Tokenized(order=order, texts=ordered, chunks=chunks, size=self.size)
+
+    def preprocess(self, texts: list[str]) -> Any:
+        with self._lock:
+            return self._the_model().preprocess(texts)
+
+    def _the_model(self) -> Any:
+        if self._model is None:
+            key = (self.path, self.max_seq_length)
+            if key not in _LOADED:
+                os.environ["HF_HUB_OFFLINE"] = "1"
+                _LOADED[key] = _load(Path(self.path), "cpu")
+                if self.max_seq_length is not None:
+                    _LOADED[key].max_seq_length = self.max_seq_length
+            self._model = _LOADED[key]
+        return self._model
+
+
 class SentenceTransformerEmbedder:
     """A sentence-transformers model on CPU, CUDA or MPS."""
 
@@ -189,8 +235,9 @@ class SentenceTransformerEmbedder:
         self.signature = Signature(spec.registry_name, dimension, model_hash or _hash(path, spec))
         default_batch = 256 if self.device.startswith("cuda") else 64
         self.encode_batch_size = encode_batch_size or default_batch
-        self._tokenizer_lock = threading.Lock()
         self.model.eval()
+        self.tokenizer = ModelTokenizer(str(path), prefix=spec.prefix, size=self.encode_batch_size,
+                                        max_seq_length=spec.max_seq_length, model=self.model)
         log.info(
             "model_loaded",
             model=spec.model,
@@ -203,13 +250,8 @@ class SentenceTransformerEmbedder:
 
     def tokenize(self, texts: Sequence[str]) -> Tokenized:
         """Longest first, so each forward pass pads to similar lengths; cut into passes."""
-        prefixed = [self.prefix + t for t in texts] if self.prefix else list(texts)
-        order = np.argsort([-len(t) for t in prefixed], kind="stable")
-        ordered = [prefixed[i] for i in order]
-        size = self.encode_batch_size
-        with self._tokenizer_lock:  # a fast tokenizer is not to be shared by threads
-            chunks = [self.model.preprocess(ordered[i: i + size]) for i in range(0, len(ordered), size)]
-        return Tokenized(order=order, texts=ordered, chunks=chunks, size=size)
+        self.tokenizer.size = self.encode_batch_size
+        return self.tokenizer(texts)
 
     def forward(self, features: Tokenized) -> np.ndarray:
         import torch
@@ -247,9 +289,8 @@ class SentenceTransformerEmbedder:
     def _recut(self, texts: list[str], start: int, rows: int) -> list[tuple[int, int, Any]]:
         """The rows of a pass that did not fit, as passes of the (halved) encode batch size."""
         size, end = self.encode_batch_size, start + rows
-        with self._tokenizer_lock:
-            return [(i, min(size, end - i), self.model.preprocess(texts[i: min(i + size, end)]))
-                    for i in range(start, end, size)]
+        return [(i, min(size, end - i), self.tokenizer.preprocess(texts[i: min(i + size, end)]))
+                for i in range(start, end, size)]
 
     def _halve(self, exc: BaseException) -> None:
         """Out of GPU memory: halve the forward pass and keep the size that works for the rest of the run."""

@@ -158,6 +158,7 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
             ckpt.ensure_schema(conn)  # a job of an older version gains the newer columns and tables
         ctx.job = ckpt.reload(conn, job)
         job = ctx.job
+        ctx.strategy = for_name(job.strategy)  # the strategy the job was started with
         progress = ckpt.progress(conn, job)
         resumed_from = progress["last_id"]
         log.info("job_resumed", job_id=job.id, state=job.state, last_id=resumed_from,
