@@ -4,9 +4,10 @@ each writing transaction reads the registry row FOR SHARE and embeds with the mo
     python app_workload.py DSN STOP_FILE OUT_JSON --new-model DIR --new-name NAME [--rate 30] [--seed 1]
 
 Until STOP_FILE exists: inserts (some with a NULL embedding), content edits, deletes, at about
---rate writes per second. The old model is the tests' deterministic hash model (`old:` + text);
-the new one is a real sentence-transformers model. Writes the counts, the errors and the
-longest time a write waited (the statements and the commit, not the embedding) to OUT_JSON.
+--rate writes per second, each followed by a read of a few rows. The old model is the tests'
+deterministic hash model (`old:` + text); the new one is a real sentence-transformers model.
+Writes the counts, the errors, and the longest time a write waited (the statements and the
+commit, not the embedding) and a read took, to OUT_JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def old_vector(text: str, dim: int) -> np.ndarray:
     return vec / np.linalg.norm(vec)
 
 
+def key_of(rng: np.random.Generator, id_type: str) -> Any:
+    """A key that may or may not exist (the reader looks up rows the way an application would)."""
+    return uuid.UUID(int=int(rng.integers(1 << 62))) if id_type == "uuid" else int(rng.integers(-100, 2000))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("dsn")
@@ -53,7 +59,8 @@ def main() -> int:
     new_model = SentenceTransformer(args.new_model, device="cpu")  # loaded up front: ready at the cut-over
     rng = np.random.default_rng(args.seed)
     stats: dict[str, Any] = {"inserts": 0, "edits": 0, "deletes": 0, "null_inserts": 0, "errors": [],
-                             "max_write_secs": 0.0, "writes_with_new_model": 0}
+                             "max_write_secs": 0.0, "writes_with_new_model": 0, "reads": 0, "read_errors": [],
+                             "max_read_secs": 0.0}
     conn = psycopg.connect(args.dsn)
     register_vector(conn)
     next_id = 10_000_000
@@ -76,8 +83,11 @@ def main() -> int:
                     conn.execute("INSERT INTO knowledge_nodes (id, content, source, embedding) VALUES (%s, %s, 'app', %s)",
                                  (key, text, None if op == "null_insert" else vec))
                 else:
-                    row = conn.execute("SELECT id FROM knowledge_nodes TABLESAMPLE SYSTEM (5) LIMIT 1").fetchone() \
-                        or conn.execute("SELECT id FROM knowledge_nodes LIMIT 1").fetchone()
+                    # SKIP LOCKED: a row some other transaction holds is left alone, as a queue-like
+                    # application would (the tests hold rows to pause reembed)
+                    row = conn.execute("SELECT id FROM knowledge_nodes TABLESAMPLE SYSTEM (5) LIMIT 1"
+                                       " FOR UPDATE SKIP LOCKED").fetchone() \
+                        or conn.execute("SELECT id FROM knowledge_nodes LIMIT 1 FOR UPDATE SKIP LOCKED").fetchone()
                     if row is not None and op == "edit":
                         conn.execute("UPDATE knowledge_nodes SET content = %s, embedding = %s WHERE id = %s",
                                      (text, vec, row[0]))
@@ -92,6 +102,16 @@ def main() -> int:
             if conn.broken:
                 conn = psycopg.connect(args.dsn)
                 register_vector(conn)
+        read_started = time.monotonic()  # and a reader: it must never wait for reembed (but a rewrite)
+        try:
+            conn.execute("SELECT count(*), max(content) FROM knowledge_nodes WHERE id = ANY(%s)",
+                         ([key_of(rng, args.id_type)],)).fetchone()
+            conn.commit()
+            stats["reads"] += 1
+            stats["max_read_secs"] = max(stats["max_read_secs"], time.monotonic() - read_started)
+        except Exception as exc:  # noqa: BLE001 - counted and shown
+            stats["read_errors"].append(f"{type(exc).__name__}: {exc}"[:300])
+            conn.rollback()
         args.out.write_text(json.dumps(stats))
         pause = 1.0 / args.rate - (time.monotonic() - started)
         if pause > 0:

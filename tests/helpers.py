@@ -274,6 +274,10 @@ class Application:
     def hold_row(self, key: Any, table: str = "knowledge_nodes") -> None:
         self.conn.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", (key,))
 
+    def hold_registry(self) -> None:
+        """What every writer of the runbook's protocol holds for a moment: the registry row FOR SHARE."""
+        self.conn.execute("SELECT 1 FROM embedding_model WHERE id = 1 FOR SHARE")
+
     def hold_table(self, table: str = "knowledge_nodes") -> None:
         self.conn.execute(f"LOCK TABLE {table} IN ACCESS SHARE MODE")
 

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from functools import partial
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +178,8 @@ def test_a_row_edited_between_the_jobs_read_and_write_is_not_overwritten_and_is_
 
 
 @contextlib.contextmanager
-def _paused_at_the_end(dsn: str, workdir: Path, model: Path, *, captured: int,
-                       extra: tuple[str, ...] = ()) -> Iterator[tuple[Any, Path, Application]]:
+def _paused_at_the_end(dsn: str, workdir: Path, model: Path, *, captured: int, extra: tuple[str, ...] = (),
+                       before_run: Callable[[], Any] = lambda: None) -> Iterator[tuple[Any, Path, Application]]:
     """A run whose main pass waits on its last row while `captured` rows are inserted behind its
     cursor (negative keys), the first of which an application transaction then holds. (No HNSW
     index and the same dimension: prepare takes no lock that the held row would block.)
@@ -188,6 +188,7 @@ def _paused_at_the_end(dsn: str, workdir: Path, model: Path, *, captured: int,
     last = one(dsn, "SELECT max(id) FROM knowledge_nodes")
     tail, holder = Application(dsn), Application(dsn)
     tail.hold_row(last)
+    before_run()
     log = workdir / "run.log"
     proc = spawn(cli_args(dsn, model, *extra), cwd=workdir, log=log)
     try:
@@ -196,7 +197,8 @@ def _paused_at_the_end(dsn: str, workdir: Path, model: Path, *, captured: int,
             for k in range(1, captured + 1):
                 app.execute("INSERT INTO knowledge_nodes (id, content, source) VALUES (%s, %s, 'app')",
                             (-k, f"written by the application during the job, number {k}"))
-        holder.hold_row(-captured)  # the first captured key in key order
+        if captured:
+            holder.hold_row(-captured)  # the first captured key in key order
         tail.end()
         yield proc, log, holder
     finally:
@@ -253,6 +255,49 @@ def test_sigkill_during_a_catch_up_pass_or_the_cut_over_then_a_rerun_finishes_ri
     assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%' AND tgenabled <> 'D'") == 2
     rerun = run_cli(cli_args(dsn, model), cwd=workdir)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_done_right(dsn, model)
+
+
+def _cut_over_waiting_for_the_registry(dsn: str) -> int:
+    return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed control%%'"
+                        " AND wait_event_type = 'Lock' AND query ILIKE '%%embedding_model%%FOR UPDATE%%'"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["catch-up", "cut-over"])
+def test_an_application_writing_and_reading_through_a_sigkill_in_catch_up_or_the_cut_over_loses_nothing(
+    dsn: str, static_model_dir: Any, workdir: Path, phase: str
+) -> None:
+    model = static_model_dir(48)
+    apps: list[App] = []
+    start_app = lambda: apps.append(App(dsn, workdir, new_model=model, new_name=str(model), id_type="bigint"))  # noqa: E731
+    captured = 3 * BATCH if phase == "catch-up" else 0
+    try:
+        with _paused_at_the_end(dsn, workdir, model, captured=captured, before_run=start_app,
+                                extra=("--cut-over-lock-timeout", "5s")) as (proc, log, holder):
+            if phase == "catch-up":
+                wait_for(lambda: events(log, "catch_up_pass_started") and _waiting_write(dsn), timeout=120,
+                         what="a catch-up pass waiting on the application's row")
+            else:  # a writer of the protocol holds the registry row: the cut-over waits for it
+                holder.hold_registry()
+                wait_for(lambda: events(log, "catch_up_done") and _cut_over_waiting_for_the_registry(dsn),
+                         timeout=120, what="the cut-over waiting for the registry row")
+            writes_before_kill = apps[0].writes()
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
+        wait_for(lambda: apps[0].writes() >= writes_before_kill + 20, timeout=60,
+                 what="the application writing on after the kill")
+        rerun = run_cli(cli_args(dsn, model), cwd=workdir)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        wait_for(lambda: apps[0].stats().get("writes_with_new_model", 0) >= 10, timeout=60,
+                 what="the application writing with the new model")
+    finally:
+        stats = apps[0].stop() if apps else {}
+    assert stats["errors"] == [] and stats["read_errors"] == [], (stats["errors"][:3], stats["read_errors"][:3])
+    assert stats["reads"] > 50 and stats["edits"] and stats["inserts"] and stats["deletes"]
+    print(f"\n[kill in {phase}] application: {apps[0].writes()} writes, {stats['reads']} reads, longest write "
+          f"{stats['max_write_secs']:.3f} s, longest read {stats['max_read_secs']:.3f} s")
     _assert_done_right(dsn, model)
 
 
