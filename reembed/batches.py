@@ -91,13 +91,11 @@ class Writer:
     """Writes one batch of vectors into `column` (call inside the caller's transaction), on a
     connection that `prepare_session` made ready; only rows unchanged since they were read."""
 
-    def __init__(self, info: TableInfo, *, column: str | None = None, path: str = DEFAULT_WRITE_PATH,
-                 job_id: int) -> None:
+    def __init__(self, info: TableInfo, *, column: str | None = None, path: str = DEFAULT_WRITE_PATH) -> None:
         if path not in WRITE_PATHS:
             raise ValueError(f"unknown write path {path!r}")
         self.info = info
         self.path = path
-        self.job_id = str(job_id)
         self._update_one = info.statement("write_one", column=column)
         self._update_unnest = info.statement("write_unnest", column=column)
         self._update_stage = info.statement("write_from_stage", column=column)
@@ -106,7 +104,6 @@ class Writer:
     def write(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[np.ndarray | None],
               xmins: Sequence[int]) -> set[str]:
         """The text form of the keys written: those whose xmin is still the one read."""
-        conn.execute(query("mark_job_write"), {"job_id": self.job_id})  # the capture trigger lets it pass
         if self.path == "executemany":
             with conn.cursor() as cur:
                 cur.executemany(self._update_one, list(zip(vectors, ids, xmins, strict=True)), returning=True)
@@ -133,8 +130,9 @@ class Writer:
 
 
 def prepare_session(info: TableInfo) -> Callable[[psycopg.Connection[Any]], None]:
-    """What each pool connection runs once (autocommit): the writer's join settings and its
-    session's staging table."""
+    """What each pool connection runs once (autocommit): the writer's join settings, the mark
+    that the capture trigger lets pass (every write on these connections is reembed's own), and
+    the session's staging table."""
 
     def configure(conn: psycopg.Connection[Any]) -> None:
         conn.execute(query("writer_session"))

@@ -2,8 +2,7 @@
 
 From prepare until the cut-over, two triggers named after the job record in reembed_changes
 the keys of inserted rows and of rows whose content or embedding anyone but the job changed
-(the job's own transactions set `reembed.writer` to its id, which the update trigger lets
-pass). The job records, too, the rows that changed between its read and its write (their
+(reembed's own connections carry `reembed.writer = on`, which the update trigger lets pass). The job records, too, the rows that changed between its read and its write (their
 write is skipped: no lost update). After the main pass, catch-up passes re-embed the captured
 keys, deduplicated and in key order, each batch in one fenced transaction with the removal of
 its keys, until what is left is under one batch or stops shrinking. The rest is re-embedded
@@ -73,8 +72,7 @@ def create(conn: psycopg.Connection[Any], info: TableInfo, job_id: int) -> Captu
     cap = Capture(job_id, _tool_schema(conn))
     conn.execute(info.statement("create_capture_function", changes=(cap.schema, "reembed_changes"),
                                 job_id=sql.Literal(job_id), **cap.fill()))
-    conn.execute(info.statement("create_capture_triggers", column=info.column,
-                                job_text=sql.Literal(str(job_id)), **cap.fill()))
+    conn.execute(info.statement("create_capture_triggers", column=info.column, **cap.fill()))
     return cap
 
 
@@ -120,7 +118,7 @@ def catch_up(ctx: RunContext) -> None:
     job, lease, size = ctx.active, ctx.lease, ctx.opts.batch_size
     if "cut_over" in job.steps:
         return
-    writer = Writer(ctx.info, column=ctx.strategy.column(ctx), job_id=job.id)
+    writer = Writer(ctx.info, column=ctx.strategy.column(ctx))
     previous: int | None = None
     while not ctx.stop.requested:
         left = lease.read(lambda conn: pending(conn, job), on=ctx.control, what="count_changes")
@@ -171,8 +169,8 @@ def encode_ahead(ctx: RunContext, conn: psycopg.Connection[Any]) -> Encoded:
 
 def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> int:
     """Inside the cut-over's transaction, writers held off: every key still captured."""
-    job, size = ctx.active, ctx.opts.batch_size
-    writer = Writer(ctx.info, column=ctx.strategy.column(ctx), job_id=job.id)
+    size = ctx.opts.batch_size
+    writer = Writer(ctx.info, column=ctx.strategy.column(ctx))
     rows, after = 0, None
     while page := _page(ctx, conn, after, size):
         batch = _read(ctx, conn, page)

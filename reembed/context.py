@@ -32,7 +32,6 @@ class RunContext:
     deadline: float | None = None  # monotonic; None: no time window
     job: Job | None = None
     write_path: str | None = None
-    writers_held_secs: float | None = None  # the cut-over's hold on the application's writers
     _control: db.Held | None = field(default=None, repr=False)
 
     @property

@@ -33,6 +33,15 @@ log = structlog.get_logger()
 _KEEPALIVE_OPTIONS = "-c tcp_keepalives_idle=60 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=6"
 _GETCONN_TIMEOUT = 10.0
 
+# Bumped when the server is found gone: every connection kept from before is replaced before
+# its next use (it would fail once, and each role would report a fresh outage).
+_generation = 0
+
+
+def server_lost() -> None:
+    global _generation
+    _generation += 1
+
 RETRYABLE = (
     pgerrors.SerializationFailure,
     pgerrors.DeadlockDetected,
@@ -184,13 +193,15 @@ class _Kept:
 
     role: str
     _conn: psycopg.Connection[Any] | None = None
+    _generation: int = 0
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
-        if self._conn is not None and (self._conn.closed or self._conn.broken):
-            log.warning("reconnecting", role=self.role)
+        if self._conn is not None and (self._conn.closed or self._conn.broken or self._generation != _generation):
+            log.info("reconnecting", role=self.role)
             self.release()
         if self._conn is None:
+            self._generation = _generation
             self._conn = self._open()
         return self._conn
 

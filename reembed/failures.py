@@ -98,7 +98,7 @@ def _retry(ctx: RunContext) -> None:
     ids = [r["row_id"] for r in ctx.lease.read(
         lambda conn: conn.execute(query("failed_row_ids"), {"job_id": job.id}).fetchall(),
         on=ctx.control, what="failed_row_ids")]
-    writer = Writer(info, column=ctx.strategy.column(ctx), job_id=job.id)
+    writer = Writer(info, column=ctx.strategy.column(ctx))
     select = info.statement("rows_by_ids")
     for start in range(0, len(ids), batch_size):
         wanted = ids[start: start + batch_size]

@@ -120,11 +120,17 @@ def _postponed(ctx: RunContext, outcome: Outcome) -> bool:
     return True
 
 
+# A typmod change rewrites the table (inside the cut-over): measured at about 50,000 rows/s of
+# 384-d rows here (scripts/bench.py, live section), and about 100 MB/s.
+REWRITE_ROWS_PER_SEC = 50_000.0
+REWRITE_BYTES_PER_SEC = 100e6
+
+
 def estimate_finalize_secs(rows: int, dimension: int, *, typmod_change: bool) -> float:
     """A conservative guess: HNSW builds here ran at ~3,000 rows/s for 384-d with 2 cores;
-    a typmod change rewrites the table (~50,000 rows/s)."""
+    a typmod change rewrites the table."""
     build = rows * (dimension / 384.0) / 3000.0
-    rewrite = rows / 50000.0 if typmod_change else 0.0
+    rewrite = rows / REWRITE_ROWS_PER_SEC if typmod_change else 0.0
     return 5.0 + build + rewrite
 
 

@@ -164,11 +164,12 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
         log.info("job_resumed", job_id=job.id, state=job.state, last_id=resumed_from,
                  rows_done=progress["rows_done"], finalize_steps=job.steps)
     else:
-        if _confirm(ctx, conn, ctx.opts.confirm_seconds):
+        rows_total = estimate_rows(conn, info)
+        if _confirm(ctx, conn, rows_total, ctx.opts.confirm_seconds):
             return Report(state="stopped", exit_code=ctx.stop.exit_code, message="aborted before any write")
         with db.translated():
             ckpt.ensure_schema(conn)  # the first write of a new job: after the banner
-        ctx.job = prepare(ctx, conn, registry, job)
+        ctx.job = prepare(ctx, conn, registry, job, rows_total=rows_total)
     structlog.contextvars.bind_contextvars(job_id=ctx.active.id)
     ctx.lease.job_id = ctx.active.id
     ctx.stop.deadline(ctx.deadline)
@@ -178,7 +179,7 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
         structlog.contextvars.unbind_contextvars("job_id")
 
 
-def _confirm(ctx: RunContext, conn: psycopg.Connection[Any], seconds: float) -> bool:
+def _confirm(ctx: RunContext, conn: psycopg.Connection[Any], rows: int, seconds: float) -> bool:
     """The warning banner and its pause. True if the operator aborted."""
     if seconds <= 0:
         return False
@@ -186,14 +187,14 @@ def _confirm(ctx: RunContext, conn: psycopg.Connection[Any], seconds: float) -> 
     note = " and the HNSW index is dropped until the end" if info.index is not None else ""
     rewrite = ""
     if info.typmod != sig.dimension:
-        rows = estimate_rows(conn, info)
         rewrite = REWRITE_NOTE.format(dim=sig.dimension, rows=rows, secs=rewrite_secs(conn, info, rows))
     print(BANNER.format(table=info.qualified, column=info.column, model=sig.name, dim=sig.dimension,
                         index_note=note, rewrite_note=rewrite, secs=seconds), file=sys.stderr, flush=True)
     return ctx.stop.wait(seconds)
 
 
-def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature | None, old: Job | None) -> Job:
+def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature | None, old: Job | None, *,
+            rows_total: int) -> Job:
     """One fenced transaction: (abandon the old job,) record the new one, make room (strategy)."""
     info, sig = ctx.info, ctx.signature
     index_name = info.index.name if info.index else None
@@ -204,7 +205,6 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
         index_def = index_def or old.index_def
         source_typmod = old.source_typmod
         source = old.source or source
-    rows_total = estimate_rows(conn, info)
 
     def body(c: psycopg.Connection[Any]) -> Job:
         if old is not None:

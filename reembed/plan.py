@@ -10,6 +10,7 @@ import psycopg
 from reembed import checkpoint as ckpt
 from reembed.checkpoint import Job
 from reembed.embedder import Embedder
+from reembed.finalize import REWRITE_BYTES_PER_SEC, REWRITE_ROWS_PER_SEC
 from reembed.queries import query
 from reembed.report import Report
 from reembed.settings import Settings
@@ -27,17 +28,11 @@ def estimate_rows(conn: psycopg.Connection[Any], info: TableInfo) -> int:
     return int(counted["n"]) if counted else 0
 
 
-# A typmod change rewrites the table inside the cut-over: measured here (scripts/bench.py, live
-# section) at about 100 MB/s and 50,000 rows/s of 384-d rows; the slower of the two is taken.
-_REWRITE_BYTES_PER_SEC = 100e6
-_REWRITE_ROWS_PER_SEC = 50_000.0
-
-
 def rewrite_secs(conn: psycopg.Connection[Any], info: TableInfo, rows: int) -> float:
     """How long tightening the column's typmod (a table rewrite) is expected to hold the table."""
     row = conn.execute(query("table_size"), {"table_oid": info.oid}).fetchone()
     size = int(row["bytes"]) if row and row["bytes"] is not None else 0
-    return max(rows / _REWRITE_ROWS_PER_SEC, size / _REWRITE_BYTES_PER_SEC)
+    return max(rows / REWRITE_ROWS_PER_SEC, size / REWRITE_BYTES_PER_SEC)  # the slower of the two
 
 
 def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, *, batch_size: int) -> float | None:

@@ -30,7 +30,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from reembed.db import translate
+from reembed.db import server_lost, translate
 from reembed.errors import DatabaseError, Interrupted
 from reembed.signals import StopSignal
 
@@ -54,37 +54,30 @@ def kind_of(exc: BaseException, what: str) -> str:
     """'database' when the server cannot be reached (every role waits on the same outage);
     else the step's own name (a lock wait, a serialization failure)."""
     cause = exc.__cause__ if isinstance(exc, DatabaseError) and exc.__cause__ is not None else exc
-    unreachable = isinstance(cause, _UNREACHABLE) or (
-        isinstance(cause, psycopg.OperationalError) and not isinstance(cause, pgerrors.LockNotAvailable)
-        and not isinstance(cause, pgerrors.QueryCanceled) and not isinstance(cause, pgerrors.DeadlockDetected)
-        and not isinstance(cause, pgerrors.SerializationFailure)
-    )
+    # a lost connection is a bare OperationalError; lock, cancel and rollback errors are subclasses
+    unreachable = isinstance(cause, _UNREACHABLE) or type(cause) is psycopg.OperationalError
     return "database" if unreachable else what
 
 
 class Outages:
-    """One log line when a wait begins, one when it ends, per kind of wait, for all roles. The
-    connections of other roles fail once each when they are next used after the database came
-    back: those echoes, within a few seconds of the end, are not logged as new waits."""
-
-    ECHO_SECS = 10.0
+    """One log line when a wait begins, one when it ends, per kind of wait, for all roles. When
+    the database itself is found gone, every connection kept from before is replaced before its
+    next use (db.server_lost), so other roles do not each fail once more afterwards."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: dict[str, tuple[float, bool]] = {}  # kind -> (began, logged)
-        self._ended: dict[str, float] = {}
+        self._open: dict[str, float] = {}
 
     def failed(self, kind: str, *, what: str, attempt: int, error: BaseException, sleep: float,
                max_outage: float) -> None:
-        now = time.monotonic()
         with self._lock:
             first = kind not in self._open
             if first:
-                echo = now - self._ended.get(kind, -self.ECHO_SECS) < self.ECHO_SECS
-                self._open[kind] = (now, not echo)
-            log_it = first and self._open[kind][1]
+                self._open[kind] = time.monotonic()
+        if first and kind == "database":
+            server_lost()
         line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if log_it:
+        if first:
             log.warning("transient_error_retrying", step=what, kind=kind, attempt=attempt, sleep_secs=round(sleep, 2),
                         max_outage_secs=max_outage, error=line,
                         detail="waiting it out; logged once until it ends")
@@ -93,10 +86,8 @@ class Outages:
 
     def recovered(self, kind: str) -> None:
         with self._lock:
-            began, logged = self._open.pop(kind, (None, False))
-            if began is not None:
-                self._ended[kind] = time.monotonic()
-        if began is not None and logged:
+            began = self._open.pop(kind, None)
+        if began is not None:
             log.warning("transient_error_over", kind=kind, waited_secs=round(time.monotonic() - began, 1))
 
 

@@ -108,7 +108,6 @@ class InPlace:
         conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
         held = time.monotonic() - began
         conn.execute(query("record_writers_held"), {"secs": held, "job_id": ctx.active.id})
-        ctx.writers_held_secs = held
         log.info("cut_over", writers_held_secs=round(held, 3), rows_caught_up=rows)
 
     def _typmod_changes(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> bool:

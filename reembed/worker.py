@@ -90,7 +90,7 @@ class _RangeRun:
         self.writer_conn = writer
         self.progress = progress
         self.reader = Reader(self.ctx.info, batch_size=self.ctx.opts.batch_size, upper=rng.upper_id)
-        self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx), job_id=self.ctx.active.id,
+        self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx),
                              **({"path": self.ctx.write_path} if self.ctx.write_path else {}))
 
     def run(self) -> None:

@@ -187,7 +187,7 @@ class Bench:
             conn.execute("ALTER TABLE knowledge_nodes ALTER COLUMN embedding TYPE vector")
         conn.execute("DROP INDEX IF EXISTS idx_knowledge_nodes_embedding_hnsw")
         prepare_session(info)(conn)
-        writer = Writer(info, path=path, job_id=0)
+        writer = Writer(info, path=path)
         rng = np.random.default_rng(1)
         best = 0.0
         for _ in range(repeats):

@@ -241,8 +241,10 @@ SELECT set_config('lock_timeout', %(value)s, true);
 -- name: writer_session
 -- Batch updates join a few hundred staged rows to the table by primary key: without stats on
 -- the staged rows the planner hashes the whole table for each batch (measured: 9 of 17 ms at
--- 20k rows, worse with size). Index nested loops are always right for them.
-SELECT set_config('enable_hashjoin', 'off', false), set_config('enable_mergejoin', 'off', false);
+-- 20k rows, worse with size). Index nested loops are always right for them. `reembed.writer`
+-- marks the session's writes as reembed's own: its capture triggers let them pass.
+SELECT set_config('enable_hashjoin', 'off', false), set_config('enable_mergejoin', 'off', false),
+       set_config('reembed.writer', 'on', false);
 
 -- name: vector_type_oid
 SELECT 'vector'::regtype::oid::int AS oid;
@@ -312,10 +314,6 @@ SELECT t.tgname AS trigger_name, t.tgenabled <> 'D' AS enabled
 
 -- name: set_capture_trigger
 UPDATE reembed_checkpoint SET capture_trigger = %(name)s, updated_at = now() WHERE job_id = %(job_id)s;
-
--- name: mark_job_write
--- Inside each of the job's own writing transactions: its capture trigger lets these pass.
-SELECT set_config('reembed.writer', %(job_id)s, true);
 
 -- name: capture_keys
 INSERT INTO reembed_changes (job_id, row_id) SELECT %(job_id)s, unnest(%(row_ids)s::text[]);

@@ -101,7 +101,7 @@ CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
 CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE OF {content}, {col} ON {table}
     FOR EACH ROW
     WHEN ((OLD.{content} IS DISTINCT FROM NEW.{content} OR OLD.{col} IS DISTINCT FROM NEW.{col})
-          AND current_setting('reembed.writer', true) IS DISTINCT FROM {job_text})
+          AND current_setting('reembed.writer', true) IS DISTINCT FROM 'on')
     EXECUTE FUNCTION {function}();
 
 -- name: disable_capture_triggers

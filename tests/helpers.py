@@ -4,6 +4,7 @@ subprocess, and polling (never fixed sleeps)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -305,3 +306,17 @@ def cli_run_args(dsn: str, model: Path, *extra: str, batch: int = 16) -> list[st
     """`reembed run` for the real CLI: JSON logs and the JSON report, no banner pause."""
     return ["run", "--dsn", dsn, "--model", str(model), "--no-confirm", "--batch-size", str(batch),
             "--log-format", "json", "--json", *extra]
+
+
+def events(log: Path, name: str) -> list[dict[str, Any]]:
+    """The JSON log lines of one event, in order, from a CLI run's log file."""
+    return [json.loads(line) for line in log.read_text().splitlines()
+            if line.startswith("{") and f'"event": "{name}"' in line]
+
+
+def last_report(log: Path) -> dict[str, Any]:
+    """The run's `--json` report (the last JSON line that is not a log event)."""
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith("{") and '"state"' in line and '"event"' not in line:
+            return json.loads(line)
+    raise AssertionError(f"no report in {log.read_text()[-2000:]}")

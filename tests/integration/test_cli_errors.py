@@ -8,8 +8,8 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from helpers import make_table, snapshot
+
 from reembed.cli import main
 
 

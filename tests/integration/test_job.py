@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from helpers import HashEmbedder, fetch, make_table, one, snapshot, stopping_after
+
 from reembed.errors import ConfigError
 from reembed.job import run
 from reembed.settings import ModelSpec, RunOptions, Settings, Target

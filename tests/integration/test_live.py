@@ -8,8 +8,8 @@ import json
 import signal
 import subprocess
 import sys
-from functools import partial
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,11 @@ from helpers import (
     HashEmbedder,
     cli_env,
     cli_run_args,
+    events,
     fetch,
     job_rows_done,
     job_settings,
+    last_report,
     make_table,
     one,
     run_cli,
@@ -44,18 +46,6 @@ APP = Path(__file__).resolve().parent.parent / "app_workload.py"
 
 settings = job_settings
 cli_args = partial(cli_run_args, batch=BATCH)
-
-
-def events(log: Path, name: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines()
-            if line.startswith("{") and f'"event": "{name}"' in line]
-
-
-def report_of(log: Path) -> dict[str, Any]:
-    for line in reversed(log.read_text().splitlines()):
-        if line.startswith("{") and '"state"' in line and '"event"' not in line:
-            return json.loads(line)
-    raise AssertionError(log.read_text()[-3000:])
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,7 +128,7 @@ def test_an_application_writing_throughout_loses_nothing_and_leaves_nothing_stal
                  what="the application writing with the new model")
     finally:
         stats = app.stop()
-    report = report_of(log)
+    report = last_report(log)
     assert stats["errors"] == [], stats["errors"][:5]
     assert writes_during >= 50 and stats["edits"] and stats["inserts"] and stats["null_inserts"]
     cut = events(log, "cut_over")[-1]

@@ -19,6 +19,7 @@ from helpers import (
     HashEmbedder,
     cli_run_args,
     ddl_waiting,
+    events,
     fetch,
     hash_vector,
     job_rows_done,
@@ -48,14 +49,6 @@ cli_args = partial(cli_run_args, batch=BATCH)
 
 def all_rows_new(dsn: str, dim: int, rows: int) -> bool:
     return one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = %s", (dim,)) == rows
-
-
-def events(log: Path, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text().splitlines():
-        if line.startswith("{") and f'"event": "{name}"' in line:
-            out.append(json.loads(line))
-    return out
 
 
 def wait_exit(proc: Any, timeout: float = 180) -> int:

@@ -6,14 +6,27 @@ import json
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
 from helpers import (
-    Application, ddl_waiting, fetch, job_rows_done, keys, make_table, one, run_cli, snapshot, spawn, wait_for,
+    Application,
+    cli_run_args,
+    ddl_waiting,
+    events,
+    fetch,
+    job_rows_done,
+    keys,
+    last_report,
+    make_table,
+    one,
+    run_cli,
+    snapshot,
+    spawn,
+    wait_for,
     writer_waiting,
 )
 
@@ -23,9 +36,7 @@ ROWS = 480
 BATCH = 16
 
 
-def run_args(dsn: str, model: Path, *extra: str) -> list[str]:
-    return ["run", "--dsn", dsn, "--model", str(model), "--no-confirm", "--batch-size", str(BATCH),
-            "--log-format", "json", "--json", *extra]
+run_args = partial(cli_run_args, batch=BATCH)
 
 
 def vectors(dsn: str) -> dict[str, np.ndarray | None]:
@@ -51,13 +62,6 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-
-
-def last_json(log: Path) -> dict[str, Any]:
-    for line in reversed(log.read_text().splitlines()):
-        if line.startswith("{") and '"state"' in line and '"event"' not in line:
-            return json.loads(line)
-    raise AssertionError(f"no report in {log.read_text()[-2000:]}")
 
 
 def test_sigkill_mid_embedding_then_rerun_resumes_at_checkpoint_and_matches_an_uninterrupted_run(
@@ -150,7 +154,7 @@ def test_signal_stops_after_a_consistent_checkpoint_and_a_rerun_finishes(
         app.hold_row(ids[3 * ROWS // 4])
         proc.send_signal(sig)
     assert wait_exit(proc, timeout=60) == code, log.read_text()[-3000:]
-    report = last_json(log)
+    report = last_report(log)
     assert report["state"] == "stopped" and report["exit_code"] == code
     assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
     assert_checkpoint_agrees_with_data(dsn, 384)
@@ -224,13 +228,8 @@ def test_plan_cli_prints_the_plan_and_writes_nothing(dsn: str, static_model_dir:
     assert snapshot(dsn) == before
 
 
-def _events(log: Path, name: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines()
-            if line.startswith("{") and f'"event": "{name}"' in line]
-
-
 def _max_seq(log: Path, name: str) -> int:
-    return max((e["seq"] for e in _events(log, name)), default=-1)
+    return max((e["seq"] for e in events(log, name)), default=-1)
 
 
 def test_sigkill_with_a_read_an_encode_and_a_write_all_in_flight_loses_and_repeats_nothing(
@@ -272,7 +271,7 @@ def test_ctrl_c_during_the_warning_banner_aborts_with_nothing_written(
     wait_for(lambda: "Press Ctrl-C within 5 seconds" in log.read_text(), timeout=60, what="the warning banner")
     proc.send_signal(signal.SIGINT)
     assert wait_exit(proc) == 130
-    assert last_json(log)["message"] == "aborted before any write"
+    assert last_report(log)["message"] == "aborted before any write"
     assert snapshot(dsn) == before and before["tool_tables"] is False
 
 
