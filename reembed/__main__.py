@@ -1,3 +1,4 @@
 from reembed.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # a spawned tokenizer process imports this module too
+    raise SystemExit(main())

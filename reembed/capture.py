@@ -127,7 +127,7 @@ def catch_up(ctx: RunContext) -> None:
                      detail="the rest is re-embedded inside the cut-over")
             return
         number = ctx.refresh_job().catchup_pass + 1
-        lease.write(lambda conn: conn.execute(query("catchup_pass_started"),  # noqa: B023
+        lease.write(lambda conn: conn.execute(query("catchup_pass_started"),
                                               {"pass": number, "pending": left, "job_id": job.id}),  # noqa: B023
                     on=ctx.control, what="catch_up_pass")
         started, rows, keys = time.monotonic(), 0, 0

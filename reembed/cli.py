@@ -47,8 +47,20 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
     j = p.add_argument_group("job")
     j.add_argument("--batch-size", type=int, default=256, help="rows per checkpoint transaction (256)")
+    j.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded tokens per forward pass; rows are sorted by length and cut by this budget, "
+                        "halved on CUDA out-of-memory (default 65536 on CUDA, 4096 on CPU)")
+    j.add_argument("--tokenizer-workers", type=int, default=None,
+                   help="tokenizer processes feeding the device (default: CPU cores - 1; 0: tokenise in this "
+                        "process)")
+    j.add_argument("--window-rows", type=int, default=None,
+                   help="rows of several batches sorted by length together before encoding; a stop abandons "
+                        "the window being encoded (default 4096 on CUDA, 1024 on CPU)")
+    j.add_argument("--writers", type=int, default=None,
+                   help="writer connections; batches are written in parallel and commit in key order "
+                        "(default 4 beside a CUDA device, 1 on CPU)")
     j.add_argument("--encode-batch-size", type=int, default=None,
-                   help="texts per forward pass (default 64 on CPU, 256 on CUDA)")
+                   help="deprecated by --max-batch-tokens: now an upper bound on rows per forward pass")
     j.add_argument("--drop-hnsw-first", action=argparse.BooleanOptionalAction, default=True,
                    help="drop the HNSW index before writing, rebuild at the end (default: yes)")
     j.add_argument("--concurrent-index", action=argparse.BooleanOptionalAction, default=True,

@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -234,6 +234,7 @@ class SentenceTransformerEmbedder:
         self.prefix = spec.prefix
         self.signature = Signature(spec.registry_name, dimension, model_hash or _hash(path, spec))
         default_batch = 256 if self.device.startswith("cuda") else 64
+        self.max_rows = encode_batch_size  # the operator's cap on rows per forward pass, if any
         self.encode_batch_size = encode_batch_size or default_batch
         self.model.eval()
         self.tokenizer = ModelTokenizer(str(path), prefix=spec.prefix, size=self.encode_batch_size,
@@ -247,6 +248,22 @@ class SentenceTransformerEmbedder:
             encode_batch_size=self.encode_batch_size,
             load_secs=round(time.monotonic() - started, 2),
         )
+
+    def feed(self, *, workers: int | None = None, max_batch_tokens: int | None = None,
+             window_rows: int | None = None) -> Any:
+        """The fast feed (tokenizer processes, token-budget batches) when this model's input can be
+        built exactly; else its own stages, one batch at a time, with one log line saying why."""
+        from reembed.feed import BatchFeed, TokenFeed, default_workers, spec_for
+
+        spec = spec_for(self.model, self.prefix)
+        if isinstance(spec, str):
+            log.warning("fast_feed_fallback", reason=f"the model: {spec}",
+                        detail="this model is encoded with SentenceTransformer's own stages, one batch at a time")
+            return BatchFeed(self)
+        cuda = self.device.startswith("cuda")
+        return TokenFeed(self, spec, workers=default_workers() if workers is None else workers,
+                         max_batch_tokens=max_batch_tokens or (65536 if cuda else 4096), max_rows=self.max_rows,
+                         window_rows=window_rows or (4096 if cuda else 1024))
 
     def tokenize(self, texts: Sequence[str]) -> Tokenized:
         """Longest first, so each forward pass pads to similar lengths; cut into passes."""
@@ -268,7 +285,7 @@ class SentenceTransformerEmbedder:
                 try:
                     vectors = self._forward_pass(chunk)
                 except Exception as exc:
-                    if not _is_oom(exc) or self.encode_batch_size <= 1:
+                    if not is_oom(exc) or self.encode_batch_size <= 1:
                         raise
                     self._halve(exc)
                     pending[:0] = self._recut(features.texts, start, rows)
@@ -309,7 +326,7 @@ class SentenceTransformerEmbedder:
         )
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     import torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError

@@ -17,11 +17,11 @@ from typing import Any
 import psycopg
 import structlog
 
-from reembed import checkpoint as ckpt
 from reembed import capture, db, failures, finalize, lease
+from reembed import checkpoint as ckpt
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
-from reembed.context import RunContext
+from reembed.context import RunContext, writer_count
 from reembed.embedder import Embedder, SentenceTransformerEmbedder, fingerprint
 from reembed.errors import ConfigError, Stopped
 from reembed.plan import estimate_rows, plan_report, rewrite_secs
@@ -82,7 +82,8 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
                 raise ConfigError(
                     f"model produces {embedder.signature.dimension} dimensions but --dimension is {spec.dimension}"
                 )
-            connections = db.Connections(conninfo, configure=prepare_session(info), reconnect_timeout=opts.max_outage)
+            connections = db.Connections(conninfo, size=5 + writer_count(opts, embedder),
+                                         configure=prepare_session(info), reconnect_timeout=opts.max_outage)
             ctx = RunContext(settings=settings, info=info, embedder=embedder, stop=stop, lease=keeper,
                              connections=connections, strategy=for_name("in_place"), started=started,
                              deadline=opts.deadline(started), write_path=write_path)

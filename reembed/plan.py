@@ -10,10 +10,12 @@ import psycopg
 from reembed import checkpoint as ckpt
 from reembed.checkpoint import Job
 from reembed.embedder import Embedder
+from reembed.feed import TokenFeed
 from reembed.finalize import REWRITE_BYTES_PER_SEC, REWRITE_ROWS_PER_SEC
 from reembed.queries import query
 from reembed.report import Report
-from reembed.settings import Settings
+from reembed.settings import RunOptions, Settings
+from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.target import TableInfo
 
@@ -35,19 +37,34 @@ def rewrite_secs(conn: psycopg.Connection[Any], info: TableInfo, rows: int) -> f
     return max(rows / REWRITE_ROWS_PER_SEC, size / REWRITE_BYTES_PER_SEC)  # the slower of the two
 
 
-def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, *, batch_size: int) -> float | None:
-    """Rows/s of the table's own rows through the stages a run uses (tokenize, then forward),
-    in the run's batches, after one warm-up batch (first passes over new shapes are slower)."""
-    rows = conn.execute(info.statement("sample_content"), {"n": 2 * batch_size}).fetchall()
+def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, opts: RunOptions) -> float | None:
+    """Rows/s of the table's own rows through the pipeline a run uses (its feed: tokenizer
+    processes, a sorted window, token-budget batches), after a warm-up over the same rows (first
+    passes over new shapes are slower). The stages overlap in a run, so the slower sets the pace:
+    tokenizer processes beside the device; a tokenizer thread of this process shares its GIL."""
+    from reembed.worker import make_feed
+
+    rows = conn.execute(info.statement("sample_content"), {"n": max(2 * opts.batch_size, 512)}).fetchall()
     texts = [r["content"] for r in rows]
     if not texts:
         return None
-    warm, timed = (texts[:batch_size], texts[batch_size:]) if len(texts) > batch_size else (texts, texts)
-    embedder.forward(embedder.tokenize(warm))
-    started = time.perf_counter()
-    for i in range(0, len(timed), batch_size):
-        embedder.forward(embedder.tokenize(timed[i: i + batch_size]))
-    return len(timed) / max(time.perf_counter() - started, 1e-6)
+    feed = make_feed(embedder, opts)
+    never = StopSignal()
+    try:
+        feed.encode([feed.submit(texts[:64])], never)
+        started = time.perf_counter()
+        pending = [feed.submit(texts[i: i + opts.batch_size]) for i in range(0, len(texts), opts.batch_size)]
+        for p in pending:
+            p.result()
+        tokenized = time.perf_counter()
+        feed.encode(pending, never)
+        encoded = time.perf_counter()
+    finally:
+        feed.close()
+    tokenize_secs, forward_secs = tokenized - started, encoded - tokenized
+    overlapped = isinstance(feed, TokenFeed) and feed.pool.workers > 0
+    secs = max(tokenize_secs, forward_secs) if overlapped else tokenize_secs + forward_secs
+    return len(texts) / max(secs, 1e-6)
 
 
 def plan_report(
@@ -64,7 +81,7 @@ def plan_report(
     resume = job is not None and job.matches(sig)
     done = ckpt.progress(conn, job)["rows_done"] if resume and job is not None else 0
     to_update = max(rows - done, 0)
-    rate = sample_rate(conn, info, embedder, batch_size=opts.batch_size)
+    rate = sample_rate(conn, info, embedder, opts)
     batches = -(-to_update // opts.batch_size)
     estimate = round(to_update / rate, 1) if rate else None
     alter = (job.source_typmod if resume and job is not None else info.typmod) != sig.dimension

@@ -88,7 +88,11 @@ class RunOptions:
     """How the job runs."""
 
     batch_size: int = 256  # rows per checkpoint transaction
-    encode_batch_size: int | None = None  # texts per forward pass; None: 64 on CPU, 256 on GPU
+    encode_batch_size: int | None = None  # a cap on rows per forward pass (the token budget decides by default)
+    max_batch_tokens: int | None = None  # padded tokens per forward pass; None: 65,536 on CUDA, 4,096 elsewhere
+    tokenizer_workers: int | None = None  # tokenizer processes; None: cores - 1; 0: a thread of this process
+    writers: int | None = None  # writer connections committing in order; None: 4 beside CUDA, 1 elsewhere
+    window_rows: int | None = None  # rows sorted by length together; None: 4,096 on CUDA, 1,024 elsewhere
     drop_hnsw_first: bool = True
     concurrent_index: bool = True  # the HNSW build never blocks the application's writes
     confirm_seconds: float = 5.0  # the warning banner's pause; 0 with --no-confirm
@@ -155,8 +159,11 @@ def _from_namespace(cls: type[T], args: argparse.Namespace, **overrides: object)
 
 def _check_args(args: argparse.Namespace) -> None:
     _positive("--batch-size", args.batch_size)
-    if args.encode_batch_size is not None:
-        _positive("--encode-batch-size", args.encode_batch_size)
+    for flag in ("encode_batch_size", "max_batch_tokens", "window_rows", "writers"):
+        if getattr(args, flag) is not None:
+            _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.tokenizer_workers is not None and args.tokenizer_workers < 0:
+        raise ConfigError(f"--tokenizer-workers must be 0 (tokenise in this process) or more, got {args.tokenizer_workers}")
     if args.dimension is not None:
         _positive("--dimension", args.dimension)
     if args.max_retries is not None and args.max_retries < 0:

@@ -87,7 +87,7 @@ class Chain:
         on_abort: Callable[[], None],
     ) -> None:
         channels = [Channel(self.depth) for _ in steps]
-        cancel_all = lambda: [c.cancel() for c in channels]  # noqa: E731
+        cancel_all = lambda: [c.cancel() for c in channels]
         forget = self.stop.on_request(cancel_all)
         threads = [threading.Thread(target=self._guard, args=(self._feed, source, channels[0], cancel_all),
                                     name="reembed-source", daemon=True)]
@@ -99,7 +99,7 @@ class Chain:
             else:
                 body = (self._pass, step, channels[i], out)
             if step.on_caller:
-                caller = lambda body=body: self._guard(*body, cancel_all)  # noqa: E731
+                caller = lambda body=body: self._guard(*body, cancel_all)
             else:
                 threads.append(threading.Thread(target=self._guard, args=(*body, cancel_all),
                                                 name=f"reembed-{step.name}", daemon=True))

@@ -3,22 +3,25 @@ that range's cursor. Today one worker runs one range, in the coordinator's proce
 shape is the one several workers on several hosts will share (pgai's Executor: one worker
 shape, many instances, no special first worker).
 
-One batch's path, as a chain of stages (reembed.stages) with bounded channels:
+A window of batches (transactions) goes through a chain of stages (reembed.stages) with
+bounded channels:
 
-    read (thread) -> tokenize (executor, results in order) -> forward (caller's thread,
-    the device) -> write (thread)
+    read (thread; each batch's texts handed to the feed's tokenizers at once) -> encode
+    (caller's thread, the device: reembed.feed sorts the window's rows by token length and
+    cuts token-budget batches) -> write (thread)
 
 The write commits each batch's vectors and the range's cursor advance in ONE fenced
 transaction, strictly in key order, and the advance names this worker's claim (a range
 claimed by someone else cannot be moved by us). So the checkpoint only ever names rows whose
-vectors are committed, whatever dies when. At most depth x 3 + 3 batches are in memory.
+vectors are committed, whatever dies when. A stop abandons the window being encoded (nothing
+of it was written) and commits no more than the batch being written. At most depth x 3 + 3
+windows are in memory.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,12 +31,16 @@ import structlog
 from reembed import checkpoint as ckpt
 from reembed import db, failures
 from reembed.batches import Batch, Reader, Writer
+from reembed.commits import Writers
 from reembed.errors import CheckpointConflict
+from reembed.feed import BatchFeed, Feed
 from reembed.progress import Progress
 from reembed.stages import Chain, Step
+from reembed.tokens import TokenizerDied
 
 if TYPE_CHECKING:
     from reembed.context import RunContext
+    from reembed.settings import RunOptions
 
 log = structlog.get_logger()
 
@@ -53,8 +60,11 @@ class Worker:
         """Claim ranges until none is left, the run is asked to stop, or a batch fails."""
         ctx = self.ctx
         started = time.monotonic()
-        reader, writer = ctx.connections.hold("reader"), ctx.connections.hold("writer")
+        reader, writers = ctx.connections.hold("reader"), Writers(ctx.connections, ctx.writers)
+        writer = writers.primary
         progress: Progress | None = None
+        feed: Feed | None = None
+        clean = False
         try:
             while not ctx.stop.requested:
                 rng = ctx.lease.write(lambda conn: ckpt.claim(conn, ctx.active, self.name),
@@ -63,15 +73,19 @@ class Worker:
                     return
                 if progress is None:
                     progress = self._progress(writer)
+                    feed = make_feed(ctx.embedder, ctx.opts)
                 log.info("embedding_started", range_no=rng.range_no, last_id=rng.last_id, worker=self.name,
                          rows_done=progress.done, rows_total=progress.total)
-                _RangeRun(self, rng, reader, writer, progress).run()
+                _RangeRun(self, rng, reader, writers, progress, feed).run()  # type: ignore[arg-type]
+            clean = True
         finally:
+            if feed is not None:
+                feed.close(now=not clean)  # a failure or a second Ctrl-C: no tokenizer process outlives us
             self.secs += time.monotonic() - started
             if progress is not None:
                 progress.close()
             reader.release()
-            writer.release()
+            writers.release()
 
     def _progress(self, writer: db.Held) -> Progress:
         ranges = self.ctx.lease.read(lambda conn: ckpt.ranges(conn, self.ctx.active), on=writer, what="read_ranges")
@@ -79,15 +93,26 @@ class Worker:
         return Progress(total=self.ctx.active.rows_total, done=done, interval=self.ctx.opts.progress_interval)
 
 
+def make_feed(embedder: Any, opts: RunOptions) -> Feed:
+    """The embedder's fast feed when it has one (sentence-transformers), else its own stages."""
+    factory = getattr(embedder, "feed", None)
+    if factory is None:
+        return BatchFeed(embedder)
+    return factory(workers=opts.tokenizer_workers, max_batch_tokens=opts.max_batch_tokens,
+                   window_rows=opts.window_rows)  # type: ignore[no-any-return]
+
+
 class _RangeRun:
     """One claimed range, through the stages."""
 
-    def __init__(self, worker: Worker, rng: ckpt.Range, reader: db.Held, writer: db.Held, progress: Progress):
+    def __init__(self, worker: Worker, rng: ckpt.Range, reader: db.Held, writers: Writers, progress: Progress,
+                 feed: Feed) -> None:
         self.worker = worker
+        self.feed = feed
         self.ctx = worker.ctx
         self.rng = rng
         self.reader_conn = reader
-        self.writer_conn = writer
+        self.writers = writers
         self.progress = progress
         self.reader = Reader(self.ctx.info, batch_size=self.ctx.opts.batch_size, upper=rng.upper_id)
         self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx),
@@ -95,41 +120,69 @@ class _RangeRun:
 
     def run(self) -> None:
         chain = Chain(self.ctx.stop, depth=_DEPTH)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reembed-tokenize") as tokenizers:
-            source = self._source(tokenizers)
-            steps = [Step("forward", self._forward, on_caller=True), Step("write", self._commit)]
+        steps = [Step("encode", self._encode, on_caller=True), Step("write", self._write)]
+        self.writers.start(0)
+        try:
             if self.ctx.opts.pipeline:
-                chain.run(source, steps, on_end=self._finish, on_abort=self.writer_conn.cancel)
+                chain.run(self._source(), steps, on_end=self._finish, on_abort=self.writers.abort)
             else:
-                chain.run_serial(source, steps, on_end=self._finish)
+                chain.run_serial(self._source(), steps, on_end=self._finish)
+            if not chain.errors:
+                self.writers.drain()  # a stop: the batches in flight commit, in order
+        except BaseException:
+            self.writers.abort()
+            raise
         if chain.errors:
+            self.writers.abort()
             raise chain.errors[0]
 
     # --------------------------------------------------------------- stages
 
-    def _source(self, tokenizers: Executor) -> Iterator[tuple[Batch, Future[Any] | None]]:
+    def _source(self) -> Iterator[list[tuple[Batch, Any]]]:
+        """Windows of batches, each batch's texts already on their way through the tokenizers."""
         after, seq = self.rng.last_id, 0
+        window: list[tuple[Batch, Any]] = []
+        rows = 0
         while not self.ctx.stop.requested:
             batch = self.ctx.lease.read(lambda conn: self.reader.read(conn, after, seq),  # noqa: B023
                                         on=self.reader_conn, what="read_batch")
             log.debug("batch_read", seq=seq, rows=len(batch.ids) if batch else 0)
             if batch is None:
-                return
+                break
             texts = [batch.texts[i] for i in batch.present]
-            yield batch, tokenizers.submit(self.ctx.embedder.tokenize, texts) if texts else None
+            window.append((batch, self.feed.submit(texts) if texts else None))
+            rows += len(texts)
+            if rows >= self.feed.window_rows:
+                yield window
+                window, rows = [], 0
             after, seq = batch.last_id, seq + 1
+        if window and not self.ctx.stop.requested:
+            yield window
 
-    def _forward(self, item: tuple[Batch, Future[Any] | None]) -> Batch:
-        batch, tokenized = item
+    def _encode(self, window: list[tuple[Batch, Any]]) -> list[Batch] | None:
+        pending = [p for _, p in window if p is not None]
+        try:
+            encoded = self.feed.encode(pending, self.ctx.stop) if pending else []
+        except TokenizerDied:
+            raise
+        except Exception as exc:  # noqa: BLE001 - narrowed down to the rows the model cannot take
+            log.debug("window_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            encoded = [None] * len(pending)
+        if encoded is None:
+            return None  # stopped: nothing of this window is written
+        results = iter(encoded)
+        for batch, tokenized in window:
+            self._vectors(batch, next(results) if tokenized is not None else None)
+        return [batch for batch, _ in window]
+
+    def _vectors(self, batch: Batch, encoded: np.ndarray | None) -> None:
         present = batch.present
         vectors: list[np.ndarray | None] = [None] * len(batch.texts)
-        if tokenized is not None:
-            try:
-                encoded = self.ctx.embedder.forward(tokenized.result())
-                for slot, vec in zip(present, encoded, strict=True):
-                    vectors[slot] = vec
-            except Exception:  # noqa: BLE001 - narrowed down to the rows the model cannot take
-                failures.encode_isolating(self.ctx.embedder, batch.texts, present, vectors, batch.failed)
+        if encoded is not None:
+            for slot, vec in zip(present, encoded, strict=True):
+                vectors[slot] = vec
+        elif present:
+            failures.encode_isolating(self.ctx.embedder, batch.texts, present, vectors, batch.failed)
         if batch.failed:
             log.warning(
                 "rows_failed_to_encode",
@@ -140,9 +193,14 @@ class _RangeRun:
             )
         batch.vectors = vectors
         log.debug("batch_encoded", seq=batch.seq, rows=len(present))
-        return batch
 
-    def _commit(self, batch: Batch) -> None:
+    def _write(self, batches: list[Batch] | None) -> None:
+        for batch in batches or []:
+            if self.ctx.stop.requested:
+                return  # the batches in flight commit; the rest is encoded again by the next run
+            self.writers.submit(self._commit, batch)
+
+    def _commit(self, batch: Batch, conn: db.Held) -> None:
         """The batch's vectors where each row is unchanged since the read, the rows that changed
         recorded for catch-up (not counted as done), the failed rows, the cursor: one transaction."""
         assert batch.vectors is not None
@@ -154,6 +212,8 @@ class _RangeRun:
         def body(conn: psycopg.Connection[Any]) -> None:
             nonlocal attempts, counts
             attempts += 1
+            if attempts > 1:
+                turns.wait(batch.seq)  # the batches before this one are committed: the cursor is theirs
             if attempts > 1 and self._already_committed(conn, batch):
                 # It landed before the connection went; what it wrote is not known here (the
                 # rows that had changed are in reembed_changes either way): count it as read.
@@ -167,13 +227,15 @@ class _RangeRun:
             rows = sum(1 for i, t in enumerate(batch.id_texts)
                        if t in written and batch.texts[i] is not None and i not in batch.failed)
             skipped = sum(1 for i, t in enumerate(batch.id_texts) if t in written and batch.texts[i] is None)
+            turns.wait(batch.seq)  # the cursor moves, and commits, in key order
             ckpt.advance(conn, rng, to_id=batch.last_id, rows=rows, skipped=skipped, rate=self.progress.rate)
             counts = (rows, skipped)
             if changed:
                 log.info("rows_changed_under_the_job", count=len(changed), ids=changed[:10],
                          detail="not overwritten; re-embedded by catch-up")
 
-        ctx.lease.write(body, on=self.writer_conn, what="commit_batch")
+        turns = self.writers.turns
+        ctx.lease.write(body, on=conn, what="commit_batch")
         rows, skipped = counts
         rng.last_id = batch.last_id
         rng.rows_done += rows
@@ -184,10 +246,13 @@ class _RangeRun:
         self.progress.advance(len(batch.ids))
         log.debug("batch_committed", seq=batch.seq, rows=rows, skipped=skipped, last_id=batch.last_id,
                   commit_secs=round(time.monotonic() - started, 4))
+        turns.done(batch.seq)
 
     def _finish(self) -> None:
         """Every row of the range is done: close it."""
-        self.ctx.lease.write(lambda conn: ckpt.finish_range(conn, self.rng), on=self.writer_conn, what="finish_range")
+        self.writers.drain()
+        self.ctx.lease.write(lambda conn: ckpt.finish_range(conn, self.rng), on=self.writers.primary,
+                             what="finish_range")
         log.info("range_complete", range_no=self.rng.range_no, rows_done=self.rng.rows_done)
 
     def _already_committed(self, conn: psycopg.Connection[Any], batch: Batch) -> bool:

@@ -44,7 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("writepaths", "models", "hnsw", "rss", "live")
+sys.path.insert(0, str(ROOT / "scripts"))
+SECTIONS = ("writepaths", "models", "feed", "hnsw", "rss", "live")
 WORDS = (
     "database index vector search model embedding query table row column cosine graph python compiler "
     "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
@@ -53,9 +54,29 @@ WORDS = (
 
 
 def texts(n: int, seed: int = 1) -> list[str]:
+    """Short synthetic strings: 6-40 words."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(6, 40, size=n)
     return [f"item {i}: " + " ".join(rng.choice(WORDS, size=int(k))) for i, k in enumerate(lengths)]
+
+
+def paragraphs(n: int, seed: int = 2) -> list[str]:
+    """Paragraph-length synthetic texts: lognormal word counts (mean ~110 words, ~140 tokens
+    after truncation at 256), the shape of the issue's GPU measurements."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(mean=4.5, sigma=0.6, size=n), 5, 600).astype(int)
+    return [f"note {i}. " + " ".join(rng.choice(WORDS, size=int(k))) + "." for i, k in enumerate(lengths)]
+
+
+def corpus(name: str, n: int) -> list[str]:
+    if name == "short":
+        return texts(n)
+    if name == "paragraph":
+        return paragraphs(n)
+    from corpus import HELD_OUT, docstrings  # real text, from packages the code was not tuned on
+
+    found = docstrings(HELD_OUT, limit=n, seed=5)
+    return (found * (n // max(len(found), 1) + 1))[:n]
 
 
 class Bench:
@@ -202,6 +223,42 @@ class Bench:
         conn.close()
         return best
 
+    def write_parallel(self, dsn: str, dim: int, writers: int) -> float:
+        """rows/s of `writers` connections writing disjoint batches at once (random vectors)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from reembed import db
+        from reembed.batches import Reader, Writer, prepare_session
+        from reembed.settings import Target
+        from reembed.target import inspect_target
+
+        conns = [db.connect(dsn, role=f"bench-{i}", autocommit=True) for i in range(writers)]
+        info = inspect_target(conns[0], Target(dsn=dsn))
+        conns[0].execute("DROP INDEX IF EXISTS idx_knowledge_nodes_embedding_hnsw")
+        reader, batches, after = Reader(info, batch_size=self.args.batch_size), [], None
+        while (b := reader.read(conns[0], after, len(batches))) is not None:
+            batches.append(b)
+            after = b.last_id
+        for conn in conns:
+            prepare_session(info)(conn)
+        writer = Writer(info, path=self.args.write_path)
+        rng = np.random.default_rng(1)
+        vecs = [list(rng.standard_normal((len(b.ids), dim), dtype=np.float32)) for b in batches]
+
+        def write(k: int) -> None:
+            conn = conns[k]
+            for i in range(k, len(batches), writers):
+                with conn.transaction():
+                    writer.write(conn, batches[i].ids, vecs[i], batches[i].xmins)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(writers) as pool:
+            list(pool.map(write, range(writers)))
+        rate = sum(len(b.ids) for b in batches) / (time.perf_counter() - t0)
+        for conn in conns:
+            conn.close()
+        return rate
+
     def encode_only(self, emb: Any, content: list[str]) -> float:
         bs = self.args.batch_size
         emb.encode(content[: min(len(content), 64)])  # warm-up (CUDA kernels, caches)
@@ -217,22 +274,27 @@ class Bench:
 
             torch.cuda.synchronize()
 
-    def end_to_end(self, template: str, emb: Any, *, pipeline: bool) -> dict[str, Any]:
+    def end_to_end(self, template: str, emb: Any, *, pipeline: bool, plan: bool = False,
+                   tokenizer_workers: int | None = None) -> dict[str, Any]:
+        """The job's run on a copy of `template`; with `plan`, `reembed plan`'s estimate first."""
         from reembed.job import run
         from reembed.settings import ModelSpec, RunOptions, Settings, Target
 
         with self.database(template) as dsn:
-            settings = Settings(
-                target=Target(dsn=dsn),
-                model=ModelSpec(model="bench"),
-                options=RunOptions(batch_size=self.args.batch_size, confirm_seconds=0, pipeline=pipeline,
-                                   progress_interval=3600),
-            )
-            report = run(settings, embedder=emb).as_dict()
+            options = RunOptions(batch_size=self.args.batch_size, confirm_seconds=0, pipeline=pipeline,
+                                 progress_interval=3600, tokenizer_workers=tokenizer_workers)
+            estimate = None
+            if plan:
+                planned = run(Settings(target=Target(dsn=dsn), model=ModelSpec(model="bench"),
+                                       options=RunOptions(batch_size=self.args.batch_size, dry_run=True)), embedder=emb)
+                estimate = planned.details.get("estimated_walltime_secs")
+            report = run(Settings(target=Target(dsn=dsn), model=ModelSpec(model="bench"), options=options),
+                         embedder=emb).as_dict()
             if report["state"] != "done":
                 raise SystemExit(f"bench run ended {report}")
         return {"rows_per_sec": report["embed_rows_per_sec"], "embed_secs": report["embed_secs"],
-                "total_secs": report["duration_secs"], "index_rebuild_secs": report["index_rebuild_secs"]}
+                "total_secs": report["duration_secs"], "index_rebuild_secs": report["index_rebuild_secs"],
+                "plan_secs": estimate}
 
     # -------------------------------------------------------------- sections
 
@@ -282,6 +344,153 @@ class Bench:
                 self.checkpoint(f"model {kind}/{emb.precision}")
                 del emb
         self.results["models"] = out
+
+    def section_feed(self) -> None:
+        """Per model and text kind: the ceilings (tokenise-only, forward-only, write-only,
+        SentenceTransformer.encode) and the job's embedding phase, measured in this run."""
+        out: dict[str, Any] = {}
+        for kind in self.args.models:
+            for precision in self.args.precisions:
+                emb = self.embedder(kind, precision)
+                for text_kind in self.args.texts:
+                    rows = self.args.minilm_rows if kind == "minilm" else self.args.rows
+                    key = f"{kind}/{emb.precision}/{text_kind}"
+                    out[key] = self._feed_figures(emb, corpus(text_kind, rows))
+                    self.results["feed"] = out
+                    self.checkpoint(f"feed {key}")
+                del emb
+        if self.args.simulated:
+            out["simulated-device/docstrings"] = self._simulated(corpus("docstrings", self.args.rows))
+        self.results["feed"] = out
+
+    def _feed_figures(self, emb: Any, content: list[str]) -> dict[str, Any]:
+        from reembed.feed import TokenFeed, default_workers
+        from reembed.signals import StopSignal
+
+        dim = emb.signature.dimension
+        lengths = [len(t) for t in content]
+        figures: dict[str, Any] = {"rows": len(content), "mean_chars": round(float(np.mean(lengths)))}
+        for workers in sorted({1, default_workers()}):
+            feed = emb.feed(workers=workers)
+            if not isinstance(feed, TokenFeed):
+                raise SystemExit(f"{emb.signature.name}: the fast feed is not available")
+            feed.encode([feed.submit(content[:64])], StopSignal())  # spawn, the exactness check
+            t0 = time.perf_counter()
+            pending = [feed.submit(content[i: i + self.args.batch_size])
+                       for i in range(0, len(content), self.args.batch_size)]
+            tokens = [p.result() for p in pending]
+            figures[f"tokenize_{workers}p"] = round(len(content) / (time.perf_counter() - t0), 1)
+            feed.close()
+        figures["tokens_mean"] = round(float(np.mean(np.concatenate([t.lengths for t in tokens]))), 1)
+        figures["forward_only"] = round(self.forward_only(emb, tokens), 1)
+        figures["encode_only"] = round(self.encode_default(emb, content), 1)
+        with self.database() as base:
+            name = _dbname(base)
+            self.fill(base, rows=len(content), dim=dim, content=content, old_dim=dim)
+            with self.database(name) as dsn:
+                figures["write_only"] = round(self.write_only(dsn, dim, self.args.write_path))
+            from reembed.context import writer_count
+            from reembed.settings import RunOptions
+
+            writers = writer_count(RunOptions(), emb)
+            if writers > 1:  # the job's own writer count: its write ceiling
+                with self.database(name) as dsn:
+                    figures["write_only"] = round(self.write_parallel(dsn, dim, writers))
+                figures["writers"] = writers
+            runs = [self.end_to_end(name, emb, pipeline=True, plan=i == 0) for i in range(2)]
+        best = max(runs, key=lambda r: r["rows_per_sec"])
+        e2e = best["rows_per_sec"]
+        figures.update(
+            end_to_end=e2e,
+            e2e_over_encode=round(e2e / figures["encode_only"], 3),
+            e2e_over_min_encode_write=round(e2e / min(figures["encode_only"], figures["write_only"]), 3),
+            e2e_over_min_forward_write=round(e2e / min(figures["forward_only"], figures["write_only"]), 3),
+            plan_estimate_secs=runs[0]["plan_secs"], embed_secs=runs[0]["embed_secs"],
+            plan_over_run=round(runs[0]["plan_secs"] / runs[0]["embed_secs"], 3) if runs[0]["plan_secs"] else None,
+        )
+        return figures
+
+    def forward_only(self, emb: Any, tokens: list[Any]) -> float:
+        """The model's forward on pre-tokenised, length-sorted token-budget batches already on the
+        device, after a pass that warms every shape: the device's ceiling."""
+        import torch
+
+        from reembed.feed import TokenFeed
+        from reembed.tokens import Tokens
+
+        feed = emb.feed(workers=0)
+        assert isinstance(feed, TokenFeed)
+        feed.checked = True
+        joined = Tokens.join(tokens)
+        order = np.argsort(-joined.lengths, kind="stable")
+        lengths = joined.lengths[order]
+        batches, start = [], 0
+        while start < len(order):
+            end, width = feed.cut(lengths, start)
+            arrays = feed.features(joined, order[start:end], width)
+            batches.append({k: torch.from_numpy(v).long().to(emb.device) for k, v in arrays.items()})
+            start = end
+        feed.close()
+        best = 0.0
+        with torch.inference_mode():
+            for _ in range(2):  # the first pass warms the shapes
+                self._sync()
+                t0 = time.perf_counter()
+                for features in batches:
+                    emb.model(dict(features))["sentence_embedding"]
+                self._sync()
+                best = max(best, len(order) / (time.perf_counter() - t0))
+        return best
+
+    def encode_default(self, emb: Any, content: list[str]) -> float:
+        """SentenceTransformer.encode with its defaults, in one process, all rows in one call."""
+        emb.model.encode(content[:64])
+        self._sync()
+        t0 = time.perf_counter()
+        emb.model.encode(content)
+        self._sync()
+        return len(content) / (time.perf_counter() - t0)
+
+    def _simulated(self, content: list[str]) -> dict[str, Any]:
+        """A simulated device (CPU development only, clearly not a GPU): MiniLM's real tokenizer and
+        a forward that costs a fixed time per padded token, sleeping (the GIL released), set to
+        run 3x as fast as one core tokenises. The job with two tokenizer processes against the same
+        device fed by one core (tokenisation in this process)."""
+        import torch
+
+        from reembed.feed import TokenFeed
+        from reembed.signals import StopSignal
+
+        emb = self.embedder("minilm", "fp32")
+        feed = emb.feed(workers=1)
+        assert isinstance(feed, TokenFeed)
+        feed.encode([feed.submit(content[:64])], StopSignal())
+        t0 = time.perf_counter()
+        tokens = [feed.submit(content[i: i + 256]).result() for i in range(0, len(content), 256)]
+        one_core = len(content) / (time.perf_counter() - t0)
+        feed.close()
+        padded = float(np.mean(np.concatenate([t.lengths for t in tokens]))) * 1.1
+        per_token = 1.0 / (3.0 * one_core * padded)
+        dim = emb.signature.dimension
+
+        def device(features: dict[str, Any], **_: Any) -> dict[str, Any]:
+            ids = features["input_ids"]
+            time.sleep(per_token * ids.numel())
+            base = ids.float().mean(dim=1, keepdim=True) + torch.arange(1, dim + 1, dtype=torch.float32)
+            return {**features, "sentence_embedding": torch.nn.functional.normalize(base, dim=1)}
+
+        emb.model.forward = device
+        figures: dict[str, Any] = {"rows": len(content), "one_core_tokenize": round(one_core, 1),
+                                   "device_rows_per_sec": round(3.0 * one_core, 1)}
+        with self.database() as base:
+            name = _dbname(base)
+            self.fill(base, rows=len(content), dim=dim, content=content, old_dim=dim)
+            for label, workers in (("fed_by_this_process", 0), ("fed_by_2_processes", 2)):
+                runs = [self.end_to_end(name, emb, pipeline=True, tokenizer_workers=workers) for _ in range(2)]
+                figures[label] = max(r["rows_per_sec"] for r in runs)
+        figures["processes_over_one_core"] = round(figures["fed_by_2_processes"] / one_core, 3)
+        figures["processes_over_this_process"] = round(figures["fed_by_2_processes"] / figures["fed_by_this_process"], 3)
+        return figures
 
     def section_hnsw(self) -> None:
         from reembed.finalize import build_memory, build_workers
@@ -502,6 +711,27 @@ def render(results: dict[str, Any]) -> str:
             vals = (m["rows"], m["encode_only"], m["write_only"], m["end_to_end"], m["end_to_end_serial"],
                     m["e2e_over_bound"], m["e2e_over_encode"], m["pipelined_over_serial"], m["finalize_secs"])
             lines.append(f"  {name:<22}" + "".join(f"{v:>11}" for v in vals))
+    if "feed" in results:
+        lines.append("\nfeed (rows/s; ratios measured in this run): tokenise-only with 1 and N processes, forward-only "
+                     "(pre-tokenised, sorted, on the device, warmed), SentenceTransformer.encode with its defaults, "
+                     "write-only, the job's embedding phase; plan's estimate over the run's embedding time")
+        head = ("model/text", "tokens", "tok 1p", "tok Np", "forward", "encode", "write", "e2e",
+                "e2e/enc", "e2e/min(e,w)", "e2e/min(f,w)", "plan/run")
+        lines.append("  " + "".join(f"{h:>13}" if i else f"{h:<30}" for i, h in enumerate(head)))
+        for name, f in results["feed"].items():
+            if name.startswith("simulated"):
+                continue
+            many = max((k for k in f if k.startswith("tokenize_")), key=lambda k: int(k[9:-1]))
+            vals = (f["tokens_mean"], f["tokenize_1p"], f[many], f["forward_only"], f["encode_only"], f["write_only"],
+                    f["end_to_end"], f["e2e_over_encode"], f["e2e_over_min_encode_write"],
+                    f["e2e_over_min_forward_write"], f["plan_over_run"])
+            lines.append(f"  {name:<30}" + "".join(f"{v:>13}" for v in vals))
+        sim = results["feed"].get("simulated-device/docstrings")
+        if sim:
+            lines.append(f"  SIMULATED DEVICE (sleeps per padded token; not a GPU), docstrings: one core tokenises "
+                         f"{sim['one_core_tokenize']} rows/s, the device takes {sim['device_rows_per_sec']}; the job "
+                         f"fed by this process {sim['fed_by_this_process']}, by 2 tokenizer processes "
+                         f"{sim['fed_by_2_processes']} ({sim['processes_over_one_core']}x one core's tokenisation)")
     if "hnsw" in results:
         h = results["hnsw"]
         lines.append(f"\nHNSW build, {h['rows']} x {h['dimension']}-d: server defaults "
@@ -548,6 +778,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-paths", nargs="+", default=["executemany", "copy", "unnest"],
                    help="the paths the writepaths section compares")
     p.add_argument("--models", nargs="+", default=["minilm", "static"])
+    p.add_argument("--texts", nargs="+", default=["short", "paragraph", "docstrings"],
+                   choices=["short", "paragraph", "docstrings"], help="the feed section's text kinds")
+    p.add_argument("--no-simulated", dest="simulated", action="store_false",
+                   help="leave out the feed section's simulated device")
     p.add_argument("--precisions", nargs="+", default=["auto"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)

@@ -17,7 +17,9 @@ def save_static_model(path: Path, *, tokenizer_dir: Path, dim: int, seed: int = 
         from sentence_transformers import SentenceTransformer
 
         try:
-            from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+            from sentence_transformers.sentence_transformer.modules import (
+                StaticEmbedding,
+            )
         except ImportError:  # sentence-transformers < 6
             from sentence_transformers.models import StaticEmbedding
 
@@ -63,4 +65,25 @@ def save_random_bert(
     pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
     pooling["word_embedding_dimension"] = hidden
     (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return path
+
+
+def save_variant(path: Path, *, base: Path, pooling: str = "mean", dense: int | None = None,
+                 normalize: bool = True, seed: int = 0) -> Path:
+    """The base model's transformer (its weights and tokenizer) with another module chain: CLS or
+    mean pooling, an optional seeded Dense layer, optional normalisation. Saved as a model directory."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(seed)
+    transformer = models.Transformer(str(base))
+    modules = [transformer, models.Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
+    if dense is not None:
+        modules.append(models.Dense(transformer.get_embedding_dimension(), dense))
+    if normalize:
+        modules.append(models.Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(path))
     return path

@@ -28,11 +28,7 @@ CREATE TABLE embedding_model (
     created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now()
 )"""
 
-WORDS = (
-    "database index vector search model embedding query table row column cosine graph "
-    "python compiler kernel network packet socket thread lock mutex cache memory disk "
-    "river mountain forest ocean city music painting poem novel chess football weather"
-).split()
+WORDS = ["database", "index", "vector", "search", "model", "embedding", "query", "table", "row", "column", "cosine", "graph", "python", "compiler", "kernel", "network", "packet", "socket", "thread", "lock", "mutex", "cache", "memory", "disk", "river", "mountain", "forest", "ocean", "city", "music", "painting", "poem", "novel", "chess", "football", "weather"]
 
 
 def hash_vector(text: str, dim: int) -> np.ndarray:
@@ -240,6 +236,27 @@ def run_cli(args: Sequence[str], *, cwd: Path, timeout: float = 300) -> subproce
     )
 
 
+def assert_checkpoint_agrees_with_data(dsn: str, new_dim: int) -> str:
+    """Rows up to last_id carry new vectors, the others old ones: nothing lost, nothing extra."""
+    last_id = one(dsn, "SELECT last_id FROM reembed_checkpoint_range")
+    done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
+    rows = fetch(dsn, "SELECT id::text AS id, vector_dims(embedding) AS d FROM knowledge_nodes"
+                      " WHERE content IS NOT NULL ORDER BY id")
+    new = [r["d"] == new_dim for r in rows]
+    assert new == [last_id is not None and r["id"] <= last_id for r in rows]
+    assert sum(new) == done
+    return str(last_id)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 180) -> int:
+    """The process's exit code; killed (and the test failed) if it does not end in time."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
 def job_rows_done(dsn: str) -> int:
     try:
         value = one(dsn, "SELECT coalesce(sum(rows_done + rows_skipped), 0) FROM reembed_checkpoint_range")
@@ -302,10 +319,11 @@ def job_settings(dsn: str, **opts: Any) -> Any:
     return Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused"), options=RunOptions(**opts))
 
 
-def cli_run_args(dsn: str, model: Path, *extra: str, batch: int = 16) -> list[str]:
-    """`reembed run` for the real CLI: JSON logs and the JSON report, no banner pause."""
+def cli_run_args(dsn: str, model: Path, *extra: str, batch: int = 16, window: int | None = None) -> list[str]:
+    """`reembed run` for the real CLI: JSON logs and the JSON report, no banner pause. `window`:
+    rows sorted and encoded together (a test that acts between two commits wants one batch)."""
     return ["run", "--dsn", dsn, "--model", str(model), "--no-confirm", "--batch-size", str(batch),
-            "--log-format", "json", "--json", *extra]
+            "--log-format", "json", "--json", *(["--window-rows", str(window)] if window else []), *extra]
 
 
 def events(log: Path, name: str) -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ APP = Path(__file__).resolve().parent.parent / "app_workload.py"
 
 
 settings = job_settings
-cli_args = partial(cli_run_args, batch=BATCH)
+cli_args = partial(cli_run_args, batch=BATCH, window=BATCH)  # these tests act between two commits
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -260,7 +260,7 @@ def test_an_application_writing_and_reading_through_a_sigkill_in_catch_up_or_the
 ) -> None:
     model = static_model_dir(48)
     apps: list[App] = []
-    start_app = lambda: apps.append(App(dsn, workdir, new_model=model, new_name=str(model), id_type="bigint"))  # noqa: E731
+    start_app = lambda: apps.append(App(dsn, workdir, new_model=model, new_name=str(model), id_type="bigint"))
     captured = 3 * BATCH if phase == "catch-up" else 0
     try:
         with _paused_at_the_end(dsn, workdir, model, captured=captured, before_run=start_app,

@@ -30,6 +30,7 @@ from helpers import (
     run_cli,
     spawn,
     stopping_after,
+    wait_exit,
     wait_for,
     writer_waiting,
 )
@@ -44,19 +45,11 @@ BATCH = 16
 
 
 settings = job_settings
-cli_args = partial(cli_run_args, batch=BATCH)
+cli_args = partial(cli_run_args, batch=BATCH, window=BATCH)  # these tests act between two commits
 
 
 def all_rows_new(dsn: str, dim: int, rows: int) -> bool:
     return one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = %s", (dim,)) == rows
-
-
-def wait_exit(proc: Any, timeout: float = 180) -> int:
-    try:
-        return int(proc.wait(timeout=timeout))
-    except Exception:
-        proc.kill()
-        raise
 
 
 # ------------------------------------------------------------------ time windows
@@ -382,31 +375,36 @@ def test_break_stale_lock_never_breaks_a_live_holder(dsn: str) -> None:
 # --------------------------------------------------------------------- the model
 
 
-def test_cuda_oom_halves_the_encode_batch_until_it_fits_and_keeps_that_size(
+def test_cuda_oom_halves_the_token_budget_until_it_fits_and_keeps_that_budget(
     dsn: str, static_model_dir: Any
 ) -> None:
+    import structlog
     import torch
 
     from reembed.embedder import SentenceTransformerEmbedder
 
     make_table(dsn, rows=60, old_dim=48)
-    emb = SentenceTransformerEmbedder(ModelSpec(model=str(static_model_dir(48)), device="cpu"), encode_batch_size=64)
+    emb = SentenceTransformerEmbedder(ModelSpec(model=str(static_model_dir(48)), device="cpu"))
     real, forward = emb.model.encode, emb.model.forward
-    sizes: list[int] = []
+    tried: list[int] = []
 
-    def tight_memory(features: Any, **kw: Any) -> Any:  # a forward pass at the current encode batch size
-        sizes.append(emb.encode_batch_size)
-        if emb.encode_batch_size > 8:
+    def tight_memory(features: Any, **kw: Any) -> Any:  # the device holds 64 tokens at a time
+        tried.append(int(features["input_ids"].numel()))
+        if tried[-1] > 64:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(features, **kw)
 
     emb.model.forward = tight_memory
-    report = run(settings(dsn, batch_size=20), embedder=emb)
+    with structlog.testing.capture_logs() as logs:
+        report = run(settings(dsn, batch_size=20, max_batch_tokens=512, tokenizer_workers=0), embedder=emb)
     assert report.state == "done" and report.rows_updated == 60
-    assert emb.encode_batch_size == 8
-    assert sizes[:4] == [64, 32, 16, 8] and set(sizes[4:]) == {8}
+    halved = [e["max_batch_tokens"] for e in logs if e["event"] == "token_budget_halved"]
+    assert halved == [256, 128, 64]  # halved until a batch fits, then kept: no later batch fails
+    failed = [n for n in tried if n > 64]
+    assert len(failed) == 3 and tried[:3] == failed and all(n <= 64 for n in tried[3:])
+    emb.model.forward = forward
     rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
-    want = real([r["content"] for r in rows], batch_size=8)
+    want = real([r["content"] for r in rows])
     for row, vec in zip(rows, want, strict=True):
         np.testing.assert_allclose(np.array(json.loads(row["e"])), vec, atol=1e-5)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import (
     Application,
+    assert_checkpoint_agrees_with_data,
     cli_run_args,
     ddl_waiting,
     events,
@@ -26,6 +27,7 @@ from helpers import (
     run_cli,
     snapshot,
     spawn,
+    wait_exit,
     wait_for,
     writer_waiting,
 )
@@ -36,32 +38,12 @@ ROWS = 480
 BATCH = 16
 
 
-run_args = partial(cli_run_args, batch=BATCH)
+run_args = partial(cli_run_args, batch=BATCH, window=BATCH)  # these tests act between two commits
 
 
 def vectors(dsn: str) -> dict[str, np.ndarray | None]:
     rows = fetch(dsn, "SELECT id::text AS id, embedding::text AS e FROM knowledge_nodes")
     return {r["id"]: (np.array(json.loads(r["e"]), dtype=np.float32) if r["e"] else None) for r in rows}
-
-
-def assert_checkpoint_agrees_with_data(dsn: str, new_dim: int) -> str:
-    """Rows up to last_id carry new vectors, the others old ones: nothing lost, nothing extra."""
-    last_id = one(dsn, "SELECT last_id FROM reembed_checkpoint_range")
-    done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
-    rows = fetch(dsn, "SELECT id::text AS id, vector_dims(embedding) AS d FROM knowledge_nodes"
-                      " WHERE content IS NOT NULL ORDER BY id")
-    new = [r["d"] == new_dim for r in rows]
-    assert new == [last_id is not None and r["id"] <= last_id for r in rows]
-    assert sum(new) == done
-    return str(last_id)
-
-
-def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
 
 
 def test_sigkill_mid_embedding_then_rerun_resumes_at_checkpoint_and_matches_an_uninterrupted_run(

@@ -1,0 +1,332 @@
+"""The encoder's feed: keeps the device busy (DESIGN.md, "The encoder on a GPU host").
+
+    transactions ─► tokenizer processes (reembed.tokens) ─► a window of many transactions,
+    its rows sorted by token length ─► device batches cut by a token budget (widths a
+    multiple of 8) ─► the model's own module chain ─► vectors back in each transaction's order
+
+On CUDA, each batch's inputs are built and copied (pinned memory, non-blocking, on a copy
+stream of their own) while the device runs the batch before it, and the results come back
+through pinned memory, read one batch later: the device never waits for the host.
+
+`TokenFeed` runs a sentence-transformers model whose input it can build exactly: a
+transformer with a fast tokenizer (right padding, text only) or a StaticEmbedding. Every
+run checks the first rows it tokenises against the model's own `preprocess`; a model the
+fast path cannot build exactly runs through `BatchFeed` (the embedder's own stages, one
+transaction at a time), with one log line saying why. CUDA out of memory halves the budget.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import structlog
+
+from reembed.signals import StopSignal
+from reembed.tokens import FLAT, PADDED, Pending, TokenizerPool, TokenizerSpec, Tokens
+
+if TYPE_CHECKING:
+    from reembed.embedder import SentenceTransformerEmbedder
+
+log = structlog.get_logger()
+
+CHECKED_ROWS = 256  # rows of the first window compared with the model's own preprocess
+_WIDTH = 8  # padded widths are rounded up to a multiple of this: few shapes, warm kernels
+
+
+class Feed(Protocol):
+    window_rows: int  # rows of transactions gathered before sorting (1: one transaction at a time)
+
+    def submit(self, texts: Sequence[str]) -> Any: ...
+
+    def encode(self, pending: Sequence[Any], stop: StopSignal) -> list[np.ndarray] | None:
+        """Each transaction's vectors, in its texts' order; None when a stop came first."""
+        ...
+
+    def close(self, *, now: bool = False) -> None: ...
+
+
+class BatchFeed:
+    """Any Embedder's own stages, one transaction at a time: tokenize in a thread, forward here."""
+
+    window_rows = 1
+
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reembed-tokenize")
+
+    def submit(self, texts: Sequence[str]) -> Any:
+        return self._executor.submit(self.embedder.tokenize, texts)
+
+    def encode(self, pending: Sequence[Any], stop: StopSignal) -> list[np.ndarray] | None:
+        return [self.embedder.forward(p.result()) for p in pending]
+
+    def close(self, *, now: bool = False) -> None:
+        self._executor.shutdown(wait=not now, cancel_futures=True)
+
+
+def default_workers() -> int:
+    """Cores - 1 (the device's own thread keeps one), at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def spec_for(model: Any, prefix: str) -> TokenizerSpec | str:
+    """The spec that tokenises exactly as `model` does, or why there is none."""
+    first = model[0]
+    kind = type(first).__name__
+    if kind == "StaticEmbedding":
+        return TokenizerSpec(json=first.tokenizer.to_str(), layout=FLAT, max_length=None, direction="right",
+                             prefix=prefix, special_tokens=False, pad_id=0, keys=("input_ids", "offsets"))
+    tokenizer = getattr(first, "tokenizer", None)
+    if kind != "Transformer" or tokenizer is None:
+        return f"its first module is {kind}, not a text Transformer or a StaticEmbedding"
+    if not getattr(tokenizer, "is_fast", False):
+        return "its tokenizer is not a fast (Rust) tokenizer"
+    if getattr(first, "processing_kwargs", None):
+        return f"it sets processing_kwargs {first.processing_kwargs!r}"
+    if set(getattr(first, "modality_config", {"text": None})) != {"text"}:
+        return "it is not a text-only model"
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        return "its tokenizer pads on the left"
+    keys = tuple(k for k in tokenizer.model_input_names if k in ("input_ids", "attention_mask", "token_type_ids"))
+    if len(keys) != len(tokenizer.model_input_names) or "input_ids" not in keys:
+        return f"it takes inputs {tokenizer.model_input_names} the fast path does not build"
+    max_length = first.max_seq_length
+    return TokenizerSpec(json=tokenizer.backend_tokenizer.to_str(), layout=PADDED,
+                         max_length=int(max_length) if max_length and max_length < 1_000_000 else None,
+                         direction=getattr(tokenizer, "truncation_side", "right"), prefix=prefix,
+                         special_tokens=True, pad_id=int(tokenizer.pad_token_id or 0), keys=keys)
+
+
+def differs(model: Any, spec: TokenizerSpec, texts: Sequence[str], tokens: Tokens) -> str | None:
+    """Where `tokens` (for `texts`) differ from what the model's own preprocess gives, or None."""
+    import torch
+
+    ref = model.preprocess([spec.prefix + t for t in texts])
+    extra = sorted(k for k, v in ref.items() if isinstance(v, torch.Tensor) and k not in spec.keys)
+    if extra:
+        return f"the model's input also has {extra}"
+    offsets = tokens.offsets
+    if spec.layout == FLAT:
+        mine = torch.from_numpy(tokens.ids.astype(np.int64))
+        if not torch.equal(ref["input_ids"], mine) or not torch.equal(ref["offsets"], torch.from_numpy(offsets)):
+            return "its token ids differ from the model's own"
+        return None
+    mask = ref["attention_mask"].bool() if "attention_mask" in ref else ref["input_ids"] != spec.pad_id
+    for row in range(len(texts)):
+        span = slice(int(offsets[row]), int(offsets[row] + tokens.lengths[row]))
+        theirs = ref["input_ids"][row][mask[row]].tolist()
+        if theirs != tokens.ids[span].tolist():
+            return f"row {row} ({len(theirs)} tokens) is tokenised differently"
+        if tokens.types is not None and ref["token_type_ids"][row][mask[row]].tolist() != tokens.types[span].tolist():
+            return f"row {row}'s token type ids differ"
+    return None
+
+
+class TokenFeed:
+    """A sentence-transformers model fed by tokenizer processes and token-budget batches."""
+
+    def __init__(self, embedder: SentenceTransformerEmbedder, spec: TokenizerSpec, *, workers: int,
+                 max_batch_tokens: int, max_rows: int | None, window_rows: int) -> None:
+        self.embedder = embedder
+        self.spec = spec
+        self.max_batch_tokens = max_batch_tokens
+        self.max_rows = max_rows
+        self.window_rows = window_rows
+        self.checked = False
+        self.inexact: str | None = None
+        self.pool = TokenizerPool(spec, workers)
+        self.extras: dict[str, Any] = {}
+        self.device = _Device(embedder.device)
+
+    def submit(self, texts: Sequence[str]) -> Pending:
+        return self.pool.submit(texts) if self.inexact is None else Pending([], texts)
+
+    def encode(self, pending: Sequence[Pending], stop: StopSignal) -> list[np.ndarray] | None:
+        if not self.checked:
+            self._check(pending)
+        if self.inexact is not None:
+            return [self.embedder.encode(p.texts) for p in pending]
+        tokens = Tokens.join([p.result() for p in pending])
+        vectors = self._run(tokens, stop)
+        if vectors is None:
+            return None
+        bounds = np.cumsum([0] + [p.rows for p in pending])
+        return [vectors[bounds[i]: bounds[i + 1]] for i in range(len(pending))]
+
+    def close(self, *, now: bool = False) -> None:
+        self.pool.close(now=now)
+
+    # ------------------------------------------------------------------ exactness
+
+    def _check(self, pending: Sequence[Pending]) -> None:
+        texts: list[str] = []
+        parts: list[Tokens] = []
+        for p in pending:
+            if len(texts) >= CHECKED_ROWS:
+                break
+            texts += p.texts
+            parts.append(p.result())
+        tokens = Tokens.join(parts)
+        reason = differs(self.embedder.model, self.spec, texts, tokens) if texts else None
+        if reason is not None:
+            self.inexact = reason
+            log.warning("fast_feed_fallback", reason=reason,
+                        detail="this model is encoded with SentenceTransformer's own stages, one batch at a time")
+        elif texts:
+            ref = self.embedder.model.preprocess(texts[:1])
+            self.extras = {k: v for k, v in ref.items() if not hasattr(v, "shape")}  # e.g. modality: text
+            self.checked = True
+            log.info("fast_feed", layout=self.spec.layout, tokenizer_workers=self.pool.workers,
+                     max_batch_tokens=self.max_batch_tokens, window_rows=self.window_rows,
+                     checked_rows=len(texts))
+
+    # ------------------------------------------------------------------ the device
+
+    def cut(self, lengths: np.ndarray, start: int) -> tuple[int, int]:
+        """The next device batch of the length-sorted rows from `start`: (end, padded width)."""
+        longest = int(lengths[start])
+        limit = len(lengths) if self.max_rows is None else min(len(lengths), start + self.max_rows)
+        if self.spec.layout == FLAT:
+            spent = np.cumsum(lengths[start:limit])
+            return start + max(1, int(np.searchsorted(spent, self.max_batch_tokens, side="right"))), longest
+        width = -(-max(longest, 1) // _WIDTH) * _WIDTH
+        if self.spec.max_length is not None and width > self.spec.max_length:
+            width = self.spec.max_length
+        return min(limit, start + max(1, self.max_batch_tokens // width)), width
+
+    def features(self, tokens: Tokens, rows: np.ndarray, width: int) -> dict[str, np.ndarray]:
+        lengths = tokens.lengths[rows]
+        starts = tokens.offsets[rows]
+        total = int(lengths.sum())
+        within = np.zeros(len(rows), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=within[1:])
+        source = np.repeat(starts - within, lengths) + np.arange(total)
+        if self.spec.layout == FLAT:
+            return {"input_ids": tokens.ids[source], "offsets": within}
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        ids = np.full((len(rows), width), self.spec.pad_id, dtype=np.int32)
+        ids[mask] = tokens.ids[source]
+        features = {"input_ids": ids, "attention_mask": mask.astype(np.int32)}
+        if tokens.types is not None:
+            types = np.zeros((len(rows), width), dtype=np.int32)
+            types[mask] = tokens.types[source]
+            features["token_type_ids"] = types
+        return {k: v for k, v in features.items() if k in self.spec.keys}
+
+    def _run(self, tokens: Tokens, stop: StopSignal) -> np.ndarray | None:
+        """Every row's vector, in `tokens`' order. The next batch is staged while the device runs
+        this one; each batch's results are read after the next one was launched."""
+        import torch
+
+        from reembed.embedder import is_oom
+
+        out = np.empty((len(tokens), self.embedder.signature.dimension), dtype=np.float32)
+        order = np.argsort(-tokens.lengths, kind="stable")
+        lengths = tokens.lengths[order]
+
+        def stage(start: int) -> tuple[np.ndarray, int, Any] | None:
+            if start >= len(order):
+                return None
+            end, width = self.cut(lengths, start)
+            return order[start:end], end, self.device.stage(self.features(tokens, order[start:end], width))
+
+        landing: list[tuple[np.ndarray, Any]] = []
+        with torch.inference_mode():
+            staged = stage(0)
+            while staged is not None:
+                rows, end, inputs = staged
+                try:
+                    result = self.embedder.model({**self.device.take(inputs), **self.extras})
+                except Exception as exc:
+                    if not is_oom(exc) or self.max_batch_tokens <= 1:
+                        raise
+                    self._halve(exc)
+                    staged = stage(end - len(rows))
+                    continue
+                landing.append((rows, self.device.fetch(result["sentence_embedding"])))
+                staged = stage(end)  # built and copied while the device runs this batch
+                if len(landing) > 1:
+                    done, host = landing.pop(0)
+                    out[done] = self.device.read(host)
+                if stop.requested:
+                    return None
+            for done, host in landing:
+                out[done] = self.device.read(host)
+        return out
+
+    def _halve(self, exc: BaseException) -> None:
+        self.device.empty_cache()
+        before = self.max_batch_tokens
+        self.max_batch_tokens = max(1, before // 2)
+        if self.max_rows is not None:
+            self.max_rows = max(1, self.max_rows // 2)
+        log.warning("token_budget_halved", max_batch_tokens=self.max_batch_tokens, was=before,
+                    error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    detail="out of GPU memory; this budget is kept for the rest of the run")
+
+
+class _Device:
+    """Host <-> device copies. On CUDA: pinned buffers, non-blocking copies on a stream of their
+    own, events to know when a copy landed. Elsewhere: plain tensors."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.copies = torch.cuda.Stream(device=device) if self.cuda else None
+
+    def stage(self, arrays: dict[str, np.ndarray]) -> Any:
+        import torch
+
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        if not self.cuda:
+            return {k: t.long() for k, t in tensors.items()}
+        with torch.cuda.stream(self.copies):
+            moved = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in tensors.items()}
+            ready = torch.cuda.Event()
+            ready.record(self.copies)
+        return moved, ready
+
+    def take(self, staged: Any) -> dict[str, Any]:
+        """The staged inputs, usable by the compute stream (which waits for their copy, not the host)."""
+        if not self.cuda:
+            return staged
+        import torch
+
+        moved, ready = staged
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(ready)
+        for t in moved.values():
+            t.record_stream(current)
+        return {k: t.long() for k, t in moved.items()}
+
+    def fetch(self, embeddings: Any) -> Any:
+        """Start copying the results to the host; `read` waits for them."""
+        if not self.cuda:
+            return embeddings.float()
+        import torch
+
+        host = torch.empty(embeddings.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(embeddings.float(), non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        return host, landed
+
+    def read(self, fetched: Any) -> np.ndarray:
+        if not self.cuda:
+            return fetched.numpy()
+        host, landed = fetched
+        landed.synchronize()
+        return host.numpy()
+
+    def empty_cache(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
