@@ -8,7 +8,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import HashEmbedder, fetch, make_table, one, snapshot, stopping_after
+from helpers import (
+    Application,
+    Background,
+    Gate,
+    HashEmbedder,
+    fetch,
+    job_settings,
+    keys,
+    make_table,
+    one,
+    snapshot,
+    stopping_after,
+    wait_for,
+)
 
 from reembed.errors import ConfigError
 from reembed.job import run
@@ -224,3 +237,29 @@ def test_an_empty_table_finalizes_straight_away(dsn: str) -> None:
     after = snapshot(dsn)
     assert after["column"] == "vector(32)" and after["registry"][0]["dimension"] == 32
     assert after["indexes"][0]["indexname"] == "idx_knowledge_nodes_embedding_hnsw"
+
+
+def test_several_writers_commit_in_key_order_so_the_checkpoint_never_names_an_uncommitted_row(dsn: str) -> None:
+    make_table(dsn, rows=100, old_dim=64)
+    first = keys(dsn)[0]
+
+    def writers(state: str, waiting: bool = False) -> int:
+        return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed writer%%'"
+                            " AND state = %s AND (wait_event_type = 'Lock') = %s", (state, waiting)))
+
+    emb = HashEmbedder(32)
+    gate = Gate(emb)  # prepared (its DDL done), the first batch read: now the application holds a row
+    job = Background(lambda: run(job_settings(dsn, batch_size=10, writers=3), embedder=emb))
+    gate.reached.wait(30)
+    with Application(dsn) as app:
+        app.hold_row(first)  # the first batch's write waits for this row
+        gate.open()
+        # The first batch waits on the row; the next two wrote their rows and wait for their turn.
+        wait_for(lambda: writers("active", waiting=True) == 1 and writers("idle in transaction") == 2,
+                 timeout=60, what="one writer waiting on the row, two waiting for their turn")
+        assert one(dsn, "SELECT last_id FROM reembed_checkpoint_range") is None
+        assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 32") == 0
+    job.join(timeout=120)
+    assert job.error is None and job.result.state == "done" and job.result.rows_updated == 100
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 32") == 100
+    assert one(dsn, "SELECT rows_done FROM reembed_checkpoint_range") == 100
