@@ -215,6 +215,7 @@ class SentenceTransformerEmbedder:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         path = resolve_model_path(spec.model)
+        self.model_path = path
         self.device = pick_device(spec.device)
         self.precision = pick_precision(spec.precision, self.device)
         started = time.monotonic()

@@ -355,7 +355,7 @@ class Bench:
                 for text_kind in self.args.texts:
                     rows = self.args.minilm_rows if kind == "minilm" else self.args.rows
                     key = f"{kind}/{emb.precision}/{text_kind}"
-                    out[key] = self._feed_figures(emb, corpus(text_kind, rows))
+                    out[key] = self._feed_figures(emb, corpus(text_kind, rows), cli=text_kind == "docstrings")
                     self.results["feed"] = out
                     self.checkpoint(f"feed {key}")
                 del emb
@@ -363,7 +363,7 @@ class Bench:
             out["simulated-device/docstrings"] = self._simulated(corpus("docstrings", self.args.rows))
         self.results["feed"] = out
 
-    def _feed_figures(self, emb: Any, content: list[str]) -> dict[str, Any]:
+    def _feed_figures(self, emb: Any, content: list[str], *, cli: bool = False) -> dict[str, Any]:
         from reembed.feed import TokenFeed, default_workers
         from reembed.signals import StopSignal
 
@@ -398,8 +398,13 @@ class Bench:
                     figures["write_only"] = round(self.write_parallel(dsn, dim, writers))
                 figures["writers"] = writers
             runs = [self.end_to_end(name, emb, pipeline=True, plan=i == 0) for i in range(2)]
+            if cli:  # the held-out check: the real command line, its own process, on this corpus
+                with self.database(name) as dsn:
+                    figures["cli_end_to_end"] = self.cli_run(dsn, emb)
         best = max(runs, key=lambda r: r["rows_per_sec"])
         e2e = best["rows_per_sec"]
+        if cli:
+            figures["cli_over_encode"] = round(figures["cli_end_to_end"] / figures["encode_only"], 3)
         figures.update(
             end_to_end=e2e,
             e2e_over_encode=round(e2e / figures["encode_only"], 3),
@@ -409,6 +414,17 @@ class Bench:
             plan_over_run=round(runs[0]["plan_secs"] / runs[0]["embed_secs"], 3) if runs[0]["plan_secs"] else None,
         )
         return figures
+
+    def cli_run(self, dsn: str, emb: Any) -> float:
+        """`reembed run` as an operator runs it (its own process, default options): the embedding
+        phase's rows/s from its --json report."""
+        cmd = [sys.executable, "-m", "reembed", "run", "--dsn", dsn, "--model", str(emb.model_path),
+               "--no-confirm", "--json", "--log-level", "warning", "--device", self.args.device,
+               "--precision", emb.precision, "--batch-size", str(self.args.batch_size)]
+        done = subprocess.run(cmd, cwd=self.args.data, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"cli run failed ({done.returncode}): {done.stderr[-2000:]}")
+        return float(json.loads(done.stdout)["embed_rows_per_sec"])
 
     def forward_only(self, emb: Any, tokens: list[Any]) -> float:
         """The model's forward on pre-tokenised, length-sorted token-budget batches already on the
