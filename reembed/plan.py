@@ -37,14 +37,17 @@ def rewrite_secs(conn: psycopg.Connection[Any], info: TableInfo, rows: int) -> f
     return max(rows / REWRITE_ROWS_PER_SEC, size / REWRITE_BYTES_PER_SEC)  # the slower of the two
 
 
-def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, opts: RunOptions) -> float | None:
+def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, opts: RunOptions,
+                rows_total: int) -> float | None:
     """Rows/s of the table's own rows through the pipeline a run uses (its feed: tokenizer
     processes, a sorted window, token-budget batches), after a warm-up over the same rows (first
     passes over new shapes are slower). The stages overlap in a run, so the slower sets the pace:
     tokenizer processes beside the device; a tokenizer thread of this process shares its GIL."""
     from reembed.worker import make_feed
 
-    rows = conn.execute(info.statement("sample_content"), {"n": max(2 * opts.batch_size, 512)}).fetchall()
+    n = max(2 * opts.batch_size, 512)
+    percent = min(100.0, 120.0 * n / max(rows_total, 1))
+    rows = conn.execute(info.statement("sample_content"), {"n": n, "percent": percent}).fetchall()
     texts = [r["content"] for r in rows]
     if not texts:
         return None
@@ -81,7 +84,7 @@ def plan_report(
     resume = job is not None and job.matches(sig)
     done = ckpt.progress(conn, job)["rows_done"] if resume and job is not None else 0
     to_update = max(rows - done, 0)
-    rate = sample_rate(conn, info, embedder, opts)
+    rate = sample_rate(conn, info, embedder, opts, rows)
     batches = -(-to_update // opts.batch_size)
     estimate = round(to_update / rate, 1) if rate else None
     alter = (job.source_typmod if resume and job is not None else info.typmod) != sig.dimension

@@ -8,7 +8,10 @@
 SELECT count(*) AS n FROM {table};
 
 -- name: sample_content
-SELECT {content} AS content FROM {table} WHERE {content} IS NOT NULL LIMIT %(n)s;
+-- Pages drawn from the whole table (SYSTEM sampling reads only those), not its first rows: a
+-- table loaded in some order (long texts first) would bias the estimate.
+SELECT {content} AS content FROM {table} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (7)
+WHERE {content} IS NOT NULL LIMIT %(n)s;
 
 -- name: read_first
 -- Keyset pagination, first page of a range (upper bound inclusive, NULL: none). xmin tells
