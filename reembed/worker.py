@@ -196,9 +196,9 @@ class _RangeRun:
 
     def _write(self, batches: list[Batch] | None) -> None:
         for batch in batches or []:
+            self.writers.submit(self._commit, batch)
             if self.ctx.stop.requested:
                 return  # the batches in flight commit; the rest is encoded again by the next run
-            self.writers.submit(self._commit, batch)
 
     def _commit(self, batch: Batch, conn: db.Held) -> None:
         """The batch's vectors where each row is unchanged since the read, the rows that changed
