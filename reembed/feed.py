@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -139,7 +140,7 @@ class TokenFeed:
         self.window_rows = window_rows
         self.checked = False
         self.inexact: str | None = None
-        self.pool = TokenizerPool(spec, workers)
+        self.pool = _pool(spec, workers)
         self.extras: dict[str, Any] = {}
         self.device = _Device(embedder.device)
 
@@ -268,6 +269,19 @@ class TokenFeed:
         log.warning("token_budget_halved", max_batch_tokens=self.max_batch_tokens, was=before,
                     error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                     detail="out of GPU memory; this budget is kept for the rest of the run")
+
+
+def _pool(spec: TokenizerSpec, workers: int) -> TokenizerPool:
+    """The tokenizer processes; where processes cannot be started (a sandbox without /dev/shm, a
+    process limit), tokenisation in this process, said once."""
+    try:
+        return TokenizerPool(spec, workers)
+    except (OSError, BrokenProcessPool) as exc:
+        if workers == 0:
+            raise
+        log.warning("tokenizer_processes_unavailable", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    detail="tokenising in this process instead; the device may wait for it")
+        return TokenizerPool(spec, 0)
 
 
 class _Device:

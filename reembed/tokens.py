@@ -153,8 +153,12 @@ class TokenizerPool:
             self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_start_worker, initargs=(spec,))
             self._call = _in_worker
-            started = [self._executor.submit(_ready) for _ in range(workers)]
-            self.pids = [f.result() for f in started]
+            try:
+                started = [self._executor.submit(_ready) for _ in range(workers)]
+                self.pids = [f.result() for f in started]
+            except BaseException:
+                self.close(now=True)
+                raise
 
     def submit(self, texts: Sequence[str]) -> Pending:
         share = max(32, -(-len(texts) // max(self.workers, 1)))

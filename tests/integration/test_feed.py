@@ -162,6 +162,31 @@ def test_tokens_that_differ_from_the_models_own_are_caught_and_the_run_falls_bac
     assert _cosines(got, emb.model.encode(texts, convert_to_numpy=True)).min() >= 0.9999
 
 
+def test_where_no_process_can_be_started_tokenisation_runs_in_this_process_said_once(
+    minilm_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    from multiprocessing.context import SpawnProcess
+
+    from reembed.feed import TokenFeed
+
+    def refused(*_: Any, **__: Any) -> Any:  # what spawning raises on a host out of processes
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(SpawnProcess, "_Popen", staticmethod(refused))
+    emb = _embedder(minilm_path)
+    with structlog.testing.capture_logs() as logs:
+        feed = emb.feed(workers=2)
+    assert isinstance(feed, TokenFeed) and feed.pool.workers == 0
+    assert [e["event"] for e in logs].count("tokenizer_processes_unavailable") == 1
+    texts = _texts(60)
+    try:
+        got = _through_feed(feed, texts, per_batch=25)
+    finally:
+        feed.close()
+    assert _cosines(got, emb.model.encode(texts, convert_to_numpy=True)).min() >= 0.9999
+
+
 # ------------------------------------------------------------------ processes
 
 ROWS, BATCH = 960, 32
