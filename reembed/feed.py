@@ -40,6 +40,7 @@ _WIDTH = 8  # padded widths are rounded up to a multiple of this: few shapes, wa
 
 class Feed(Protocol):
     window_rows: int  # rows of transactions gathered before sorting (1: one transaction at a time)
+    overlapped: bool  # tokenisation runs beside the device (in other processes), not in turn with it
 
     def submit(self, texts: Sequence[str]) -> Any: ...
 
@@ -54,6 +55,7 @@ class BatchFeed:
     """Any Embedder's own stages, one transaction at a time: tokenize in a thread, forward here."""
 
     window_rows = 1
+    overlapped = False  # its tokenizer thread shares this process's GIL with the forward
 
     def __init__(self, embedder: Any) -> None:
         self.embedder = embedder
@@ -103,11 +105,10 @@ def spec_for(model: Any, prefix: str) -> TokenizerSpec | str:
                          special_tokens=True, pad_id=int(tokenizer.pad_token_id or 0), keys=keys)
 
 
-def differs(model: Any, spec: TokenizerSpec, texts: Sequence[str], tokens: Tokens) -> str | None:
-    """Where `tokens` (for `texts`) differ from what the model's own preprocess gives, or None."""
+def differs(ref: dict[str, Any], spec: TokenizerSpec, tokens: Tokens) -> str | None:
+    """Where `tokens` differ from `ref`, the model's own preprocess of the same texts, or None."""
     import torch
 
-    ref = model.preprocess([spec.prefix + t for t in texts])
     extra = sorted(k for k, v in ref.items() if isinstance(v, torch.Tensor) and k not in spec.keys)
     if extra:
         return f"the model's input also has {extra}"
@@ -118,7 +119,7 @@ def differs(model: Any, spec: TokenizerSpec, texts: Sequence[str], tokens: Token
             return "its token ids differ from the model's own"
         return None
     mask = ref["attention_mask"].bool() if "attention_mask" in ref else ref["input_ids"] != spec.pad_id
-    for row in range(len(texts)):
+    for row in range(len(tokens)):
         span = slice(int(offsets[row]), int(offsets[row] + tokens.lengths[row]))
         theirs = ref["input_ids"][row][mask[row]].tolist()
         if theirs != tokens.ids[span].tolist():
@@ -148,7 +149,7 @@ class TokenFeed:
         return self.pool.submit(texts) if self.inexact is None else Pending([], texts)
 
     def encode(self, pending: Sequence[Pending], stop: StopSignal) -> list[np.ndarray] | None:
-        if not self.checked:
+        if not self.checked and self.inexact is None:
             self._check(pending)
         if self.inexact is not None:
             return [self.embedder.encode(p.texts) for p in pending]
@@ -158,6 +159,10 @@ class TokenFeed:
             return None
         bounds = np.cumsum([0] + [p.rows for p in pending])
         return [vectors[bounds[i]: bounds[i + 1]] for i in range(len(pending))]
+
+    @property
+    def overlapped(self) -> bool:
+        return self.pool.workers > 0
 
     def close(self, *, now: bool = False) -> None:
         self.pool.close(now=now)
@@ -172,14 +177,15 @@ class TokenFeed:
                 break
             texts += p.texts
             parts.append(p.result())
-        tokens = Tokens.join(parts)
-        reason = differs(self.embedder.model, self.spec, texts, tokens) if texts else None
+        if not texts:
+            return
+        ref = self.embedder.model.preprocess([self.spec.prefix + t for t in texts])
+        reason = differs(ref, self.spec, Tokens.join(parts))
         if reason is not None:
             self.inexact = reason
             log.warning("fast_feed_fallback", reason=reason,
                         detail="this model is encoded with SentenceTransformer's own stages, one batch at a time")
-        elif texts:
-            ref = self.embedder.model.preprocess(texts[:1])
+        else:
             self.extras = {k: v for k, v in ref.items() if not hasattr(v, "shape")}  # e.g. modality: text
             self.checked = True
             log.info("fast_feed", layout=self.spec.layout, tokenizer_workers=self.pool.workers,
@@ -193,7 +199,7 @@ class TokenFeed:
         longest = int(lengths[start])
         limit = len(lengths) if self.max_rows is None else min(len(lengths), start + self.max_rows)
         if self.spec.layout == FLAT:
-            spent = np.cumsum(lengths[start:limit])
+            spent = np.cumsum(lengths[start: min(limit, start + self.max_batch_tokens)])
             return start + max(1, int(np.searchsorted(spent, self.max_batch_tokens, side="right"))), longest
         width = -(-max(longest, 1) // _WIDTH) * _WIDTH
         if self.spec.max_length is not None and width > self.spec.max_length:

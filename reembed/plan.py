@@ -10,7 +10,6 @@ import psycopg
 from reembed import checkpoint as ckpt
 from reembed.checkpoint import Job
 from reembed.embedder import Embedder
-from reembed.feed import TokenFeed
 from reembed.finalize import REWRITE_BYTES_PER_SEC, REWRITE_ROWS_PER_SEC
 from reembed.queries import query
 from reembed.report import Report
@@ -65,8 +64,7 @@ def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedd
     finally:
         feed.close()
     tokenize_secs, forward_secs = tokenized - started, encoded - tokenized
-    overlapped = isinstance(feed, TokenFeed) and feed.pool.workers > 0
-    secs = max(tokenize_secs, forward_secs) if overlapped else tokenize_secs + forward_secs
+    secs = max(tokenize_secs, forward_secs) if feed.overlapped else tokenize_secs + forward_secs
     return len(texts) / max(secs, 1e-6)
 
 

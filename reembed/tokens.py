@@ -15,6 +15,7 @@ Linux), so no run leaves a tokenizer process behind.
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import multiprocessing
 import os
@@ -59,8 +60,8 @@ class Tokens:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    @property
-    def offsets(self) -> np.ndarray:
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:  # once per window, not once per device batch
         offsets = np.zeros(len(self.lengths), dtype=np.int64)
         np.cumsum(self.lengths[:-1], out=offsets[1:])
         return offsets

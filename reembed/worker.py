@@ -32,11 +32,10 @@ from reembed import checkpoint as ckpt
 from reembed import db, failures
 from reembed.batches import Batch, Reader, Writer
 from reembed.commits import Writers
-from reembed.errors import CheckpointConflict
+from reembed.errors import CheckpointConflict, ReembedError
 from reembed.feed import BatchFeed, Feed
 from reembed.progress import Progress
 from reembed.stages import Chain, Step
-from reembed.tokens import TokenizerDied
 
 if TYPE_CHECKING:
     from reembed.context import RunContext
@@ -163,7 +162,7 @@ class _RangeRun:
         pending = [p for _, p in window if p is not None]
         try:
             encoded = self.feed.encode(pending, self.ctx.stop) if pending else []
-        except TokenizerDied:
+        except ReembedError:  # the run's own failures (a dead tokenizer process): not a row's fault
             raise
         except Exception as exc:  # noqa: BLE001 - narrowed down to the rows the model cannot take
             log.debug("window_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -472,7 +472,7 @@ class Bench:
         a forward that costs a fixed time per padded token, sleeping (the GIL released), set to
         run 3x as fast as one core tokenises. The job with two tokenizer processes against the same
         device fed by one core (tokenisation in this process)."""
-        import torch
+        import fastmodel
 
         from reembed.feed import TokenFeed
         from reembed.signals import StopSignal
@@ -488,14 +488,7 @@ class Bench:
         padded = float(np.mean(np.concatenate([t.lengths for t in tokens]))) * 1.1
         per_token = 1.0 / (3.0 * one_core * padded)
         dim = emb.signature.dimension
-
-        def device(features: dict[str, Any], **_: Any) -> dict[str, Any]:
-            ids = features["input_ids"]
-            time.sleep(per_token * ids.numel())
-            base = ids.float().mean(dim=1, keepdim=True) + torch.arange(1, dim + 1, dtype=torch.float32)
-            return {**features, "sentence_embedding": torch.nn.functional.normalize(base, dim=1)}
-
-        emb.model.forward = device
+        emb.model.forward = fastmodel.simulated_forward(per_token, dim)
         figures: dict[str, Any] = {"rows": len(content), "one_core_tokenize": round(one_core, 1),
                                    "device_rows_per_sec": round(3.0 * one_core, 1)}
         with self.database() as base:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 
 def save_static_model(path: Path, *, tokenizer_dir: Path, dim: int, seed: int = 0) -> Path:
@@ -87,3 +88,22 @@ def save_variant(path: Path, *, base: Path, pooling: str = "mean", dense: int | 
         modules.append(models.Normalize())
     SentenceTransformer(modules=modules, device="cpu").save(str(path))
     return path
+
+
+def simulated_forward(per_token: float, dim: int, busy: list[tuple[float, float]] | None = None) -> Any:
+    """A SIMULATED DEVICE for CPU-only development, never a measurement of a GPU: a forward that
+    costs `per_token` seconds per padded token, sleeping (the GIL released, as a kernel launch
+    leaves it), and returns deterministic unit vectors. `busy` collects its (start, end) times."""
+    import time
+
+    import torch
+
+    def forward(features: dict[str, Any], **_: Any) -> dict[str, Any]:
+        started = time.monotonic()
+        time.sleep(per_token * features["input_ids"].numel())
+        if busy is not None:
+            busy.append((started, time.monotonic()))
+        base = features["input_ids"].float().mean(dim=1, keepdim=True) + torch.arange(1, dim + 1, dtype=torch.float32)
+        return {**features, "sentence_embedding": torch.nn.functional.normalize(base, dim=1)}
+
+    return forward

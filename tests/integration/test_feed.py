@@ -15,7 +15,7 @@ import psutil
 import pytest
 import structlog
 from corpus import docstrings
-from fastmodel import save_variant
+from fastmodel import save_variant, simulated_forward
 from helpers import (
     assert_checkpoint_agrees_with_data,
     cli_run_args,
@@ -250,7 +250,6 @@ def test_with_a_simulated_device_the_next_rows_are_tokenised_while_the_device_ru
     import threading
     import time
 
-    import torch
     from helpers import job_settings
 
     from reembed.job import run
@@ -261,14 +260,6 @@ def test_with_a_simulated_device_the_next_rows_are_tokenised_while_the_device_ru
     busy: list[tuple[float, float]] = []
     tokenised: list[float] = []
     lock = threading.Lock()
-
-    def device(features: dict[str, Any], **_: Any) -> dict[str, Any]:
-        started = time.monotonic()
-        time.sleep(2e-5 * features["input_ids"].numel())
-        busy.append((started, time.monotonic()))
-        ids = features["input_ids"].float()
-        vectors = torch.nn.functional.normalize(ids.mean(1, keepdim=True) + torch.arange(1, 385), dim=1)
-        return {**features, "sentence_embedding": vectors}
 
     make = emb.feed
 
@@ -286,7 +277,7 @@ def test_with_a_simulated_device_the_next_rows_are_tokenised_while_the_device_ru
         return feed
 
     emb.feed = recording_feed
-    emb.model.forward = device
+    emb.model.forward = simulated_forward(2e-5, 384, busy)
     report = run(job_settings(dsn, batch_size=32, window_rows=64, tokenizer_workers=2, max_batch_tokens=2048),
                  embedder=emb)
     assert report.state == "done" and report.rows_updated == 320

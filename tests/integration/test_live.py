@@ -27,6 +27,7 @@ from helpers import (
     fetch,
     job_rows_done,
     job_settings,
+    keys,
     last_report,
     make_table,
     one,
@@ -218,9 +219,14 @@ def _holding_writers(dsn: str) -> int:
                         " AND l.granted AND l.relation = 'knowledge_nodes'::regclass"))
 
 
-def _waiting_write(dsn: str) -> int:
+def _control_waiting_on(dsn: str, statement: str) -> int:
+    """Is the coordinator waiting on a lock in a statement ILIKE `statement` right now?"""
     return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed control%%'"
-                        " AND wait_event_type = 'Lock' AND query ILIKE 'UPDATE%%reembed_stage%%'"))
+                        " AND wait_event_type = 'Lock' AND query ILIKE %s", (statement,)))
+
+
+def _waiting_write(dsn: str) -> int:
+    return _control_waiting_on(dsn, "UPDATE%reembed_stage%")
 
 
 @pytest.mark.slow
@@ -249,8 +255,7 @@ def test_sigkill_during_a_catch_up_pass_or_the_cut_over_then_a_rerun_finishes_ri
 
 
 def _cut_over_waiting_for_the_registry(dsn: str) -> int:
-    return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed control%%'"
-                        " AND wait_event_type = 'Lock' AND query ILIKE '%%embedding_model%%FOR UPDATE%%'"))
+    return _control_waiting_on(dsn, "%embedding_model%FOR UPDATE%")
 
 
 @pytest.mark.slow
@@ -289,6 +294,55 @@ def test_an_application_writing_and_reading_through_a_sigkill_in_catch_up_or_the
     print(f"\n[kill in {phase}] application: {apps[0].writes()} writes, {stats['reads']} reads, longest write "
           f"{stats['max_write_secs']:.3f} s, longest read {stats['max_read_secs']:.3f} s")
     _assert_done_right(dsn, model)
+
+
+@pytest.mark.slow
+def test_an_application_writing_and_reading_through_a_sigkill_among_windows_and_writers_loses_nothing(
+    dsn: str, static_model_dir: Any, workdir: Path
+) -> None:
+    """The main pass as the feed runs it: windows of four transactions, a tokenizer process, three
+    writers committing in key order. Killed while a writer waits on an application's row and the
+    writers after it wait for their turn; the application writes and reads on throughout."""
+    model = static_model_dir(48)
+    make_table(dsn, rows=ROWS, id_type="bigint", old_dim=48, with_index=False)
+    middle = keys(dsn)[ROWS // 2]
+    app = App(dsn, workdir, new_model=model, new_name=str(model), id_type="bigint")
+    try:
+        wait_for(lambda: app.writes() >= 20, timeout=60, what="the application writing")
+        log = workdir / "run.log"
+        with Application(dsn) as holder:
+            holder.hold_row(middle)
+            proc = spawn(cli_run_args(dsn, model, "--writers", "3", "--tokenizer-workers", "1", batch=BATCH,
+                                      window=4 * BATCH), cwd=workdir, log=log)
+            try:
+                wait_for(lambda: writer_waiting(dsn) and _writers_waiting_for_their_turn(dsn) >= 1,
+                         timeout=120, what="a writer on the held row, a later one waiting for its turn")
+                done = job_rows_done(dsn)
+                assert 0 < done < ROWS // 2 + BATCH
+                writes_before_kill = app.writes()
+                proc.send_signal(signal.SIGKILL)
+                assert proc.wait(timeout=60) == -signal.SIGKILL
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        assert job_rows_done(dsn) == done  # what was in flight rolled back, nothing beyond the checkpoint
+        wait_for(lambda: app.writes() >= writes_before_kill + 20, timeout=60,
+                 what="the application writing on after the kill")
+        rerun = run_cli(cli_run_args(dsn, model, "--writers", "3", batch=BATCH), cwd=workdir)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        wait_for(lambda: app.stats().get("writes_with_new_model", 0) >= 10, timeout=60,
+                 what="the application writing with the new model")
+    finally:
+        stats = app.stop()
+    assert stats["errors"] == [] and stats["read_errors"] == [], (stats["errors"][:3], stats["read_errors"][:3])
+    assert stats["reads"] > 20 and stats["edits"] and stats["inserts"]
+    _assert_done_right(dsn, model)
+
+
+def _writers_waiting_for_their_turn(dsn: str) -> int:
+    """Writers with their rows written, their transaction open, waiting (in reembed) for an earlier batch."""
+    return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed writer%%'"
+                        " AND state = 'idle in transaction'"))
 
 
 @pytest.mark.slow
