@@ -61,6 +61,11 @@ class Batch:
         return [i for i, t in enumerate(self.texts) if t is not None]
 
     @property
+    def present_texts(self) -> list[str]:
+        """The content of the rows that have some, in their order."""
+        return [t for t in self.texts if t is not None]
+
+    @property
     def last_id(self) -> str:
         return self.id_texts[-1]
 
@@ -107,7 +112,7 @@ class Writer:
         if self.path == "executemany":
             with conn.cursor() as cur:
                 cur.executemany(self._update_one, list(zip(vectors, ids, xmins, strict=True)), returning=True)
-                written = set()
+                written: set[str] = set()
                 while True:
                     written.update(r["id_text"] for r in cur.fetchall())
                     if not cur.nextset():

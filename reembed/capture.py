@@ -2,8 +2,9 @@
 
 From prepare until the cut-over, two triggers named after the job record in reembed_changes
 the keys of inserted rows and of rows whose content or embedding anyone but the job changed
-(reembed's own connections carry `reembed.writer = on`, which the update trigger lets pass). The job records, too, the rows that changed between its read and its write (their
-write is skipped: no lost update). After the main pass, catch-up passes re-embed the captured
+(reembed's own connections carry `reembed.writer = on`, which the update trigger lets pass).
+The job records, too, the rows that changed between its read and its write (their write is
+skipped: no lost update). After the main pass, catch-up passes re-embed the captured
 keys, deduplicated and in key order, each batch in one fenced transaction with the removal of
 its keys, until what is left is under one batch or stops shrinking. The rest is re-embedded
 inside the cut-over, which holds writers off (never readers) while it commits the last
@@ -12,10 +13,11 @@ catch-up, the strategy's swap and the registry together, and turns capture off.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -25,11 +27,11 @@ from psycopg import sql
 from reembed import checkpoint as ckpt
 from reembed import failures
 from reembed.batches import Batch, Writer
+from reembed.commits import Written, commit_batch
+from reembed.context import RunContext
+from reembed.errors import ReembedError
 from reembed.queries import query
 from reembed.target import TableInfo
-
-if TYPE_CHECKING:
-    from reembed.context import RunContext
 
 log = structlog.get_logger()
 
@@ -57,7 +59,8 @@ class Capture:
 
 def _tool_schema(conn: psycopg.Connection[Any]) -> str:
     row = conn.execute(query("tool_schema")).fetchone()
-    assert row is not None, "reembed_changes is missing: ensure_schema first"
+    if row is None:
+        raise ReembedError("reembed_changes is missing (dropped by hand?); re-run to create reembed's tables again")
     return str(row["schema"])
 
 
@@ -76,10 +79,10 @@ def create(conn: psycopg.Connection[Any], info: TableInfo, job_id: int) -> Captu
     return cap
 
 
-def remove(ctx: RunContext, conn: psycopg.Connection[Any], job_id: int) -> None:
+def remove(conn: psycopg.Connection[Any], info: TableInfo, job_id: int) -> None:
     """Drop a job's triggers and function, and forget what they captured."""
     cap = Capture(job_id, _tool_schema(conn))
-    conn.execute(ctx.info.statement("drop_capture", **cap.fill()))
+    conn.execute(info.statement("drop_capture", **cap.fill()))
     conn.execute(query("forget_job_changes"), {"job_id": job_id})
     conn.execute(query("set_capture_trigger"), {"name": None, "job_id": job_id})
 
@@ -102,7 +105,7 @@ def settle_others(ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job)
         log.warning("stale_capture_dropped", other_job_id=other_id,
                     state=other.state if other else "missing",
                     detail="its job is not active; its triggers would capture for nobody")
-        remove(ctx, conn, other_id)
+        remove(conn, ctx.info, other_id)
 
 
 def pending(conn: psycopg.Connection[Any], job: ckpt.Job) -> int:
@@ -121,31 +124,31 @@ def catch_up(ctx: RunContext) -> None:
     writer = Writer(ctx.info, column=ctx.strategy.column(ctx))
     previous: int | None = None
     while not ctx.stop.requested:
-        left = lease.read(lambda conn: pending(conn, job), on=ctx.control, what="count_changes")
+        left = lease.read(pending, job, on=ctx.control, what="count_changes")
         if left < size or (previous is not None and left >= previous):
             log.info("catch_up_done", keys_left=left, shrinking=previous is None or left < previous,
                      detail="the rest is re-embedded inside the cut-over")
             return
-        number = ctx.refresh_job().catchup_pass + 1
-        lease.write(lambda conn: conn.execute(query("catchup_pass_started"),
-                                              {"pass": number, "pending": left, "job_id": job.id}),  # noqa: B023
-                    on=ctx.control, what="catch_up_pass")
+        number = lease.read(ckpt.reload, job, on=ctx.control, what="reload_job").catchup_pass + 1
+        lease.write(_pass_started, job, number, left, on=ctx.control, what="catch_up_pass")
         started, rows, keys = time.monotonic(), 0, 0
         log.info("catch_up_pass_started", catch_up_pass=number, keys=left)
         after: str | None = None
         while not ctx.stop.requested:
-            page = lease.read(lambda conn: _page(ctx, conn, after, size), on=ctx.control,  # noqa: B023
-                              what="read_changes")
+            page = lease.read(_page, ctx.info, job, after, size, on=ctx.control, what="read_changes")
             if not page:
                 break
-            batch = lease.read(lambda conn: _read(ctx, conn, page), on=ctx.control, what="read_changed_rows")  # noqa: B023
+            batch = lease.read(_read, ctx.info, page, on=ctx.control, what="read_changed_rows")
             _encode(ctx, batch)
-            rows += lease.write(lambda conn: _write(ctx, conn, writer, page, batch), on=ctx.control,  # noqa: B023
-                                what="commit_catch_up")
+            rows += lease.write(_write, job, writer, page, batch, on=ctx.control, what="commit_catch_up")
             keys, after = keys + len(page), page[-1]
         log.info("catch_up_pass_done", catch_up_pass=number, keys=keys, rows=rows,
                  secs=round(time.monotonic() - started, 2))
         previous = left
+
+
+def _pass_started(conn: psycopg.Connection[Any], job: ckpt.Job, number: int, pending_keys: int) -> None:
+    conn.execute(query("catchup_pass_started"), {"pass": number, "pending": pending_keys, "job_id": job.id})
 
 
 Encoded = dict[tuple[str, int], np.ndarray]
@@ -156,11 +159,9 @@ def encode_ahead(ctx: RunContext, conn: psycopg.Connection[Any]) -> Encoded:
     xmin), so that only rows changed since are encoded while writers wait."""
     done: Encoded = {}
     after: str | None = None
-    while page := _page(ctx, conn, after, ctx.opts.batch_size):
-        batch = _read(ctx, conn, page)
-        _encode(ctx, batch)
-        assert batch.vectors is not None
-        for i, vec in enumerate(batch.vectors):
+    while page := _page(conn, ctx.info, ctx.active, after, ctx.opts.batch_size):
+        batch = _read(conn, ctx.info, page)
+        for i, vec in enumerate(_encode(ctx, batch)):
             if vec is not None:
                 done[(batch.id_texts[i], batch.xmins[i])] = vec
         after = page[-1]
@@ -172,8 +173,8 @@ def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encode
     size = ctx.opts.batch_size
     writer = Writer(ctx.info, column=ctx.strategy.column(ctx))
     rows, after = 0, None
-    while page := _page(ctx, conn, after, size):
-        batch = _read(ctx, conn, page)
+    while page := _page(conn, ctx.info, ctx.active, after, size):
+        batch = _read(conn, ctx.info, page)
         _encode(ctx, batch, ahead)
         if batch.failed and not ctx.opts.accept_failed:
             raise failures.RowsFailed(
@@ -181,22 +182,22 @@ def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encode
                 f"(e.g. {batch.id_texts[next(iter(batch.failed))]}); the cut-over is rolled back. Fix them, or run "
                 "again with --accept-failed to cut over with their embedding NULL"
             )
-        rows += _write(ctx, conn, writer, page, batch)
+        rows += _write(conn, ctx.active, writer, page, batch)
         after = page[-1]
     return rows
 
 
-def _page(ctx: RunContext, conn: psycopg.Connection[Any], after: str | None, size: int) -> list[str]:
-    rows = conn.execute(ctx.info.statement("pending_keys"),
-                        {"job_id": ctx.active.id, "after": after, "n": size}).fetchall()
+def _page(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, after: str | None, size: int) -> list[str]:
+    rows = conn.execute(info.statement("pending_keys"), {"job_id": job.id, "after": after, "n": size}).fetchall()
     return [r["row_id"] for r in rows]
 
 
-def _read(ctx: RunContext, conn: psycopg.Connection[Any], row_ids: list[str]) -> Batch:
-    return Batch.of(-1, None, conn.execute(ctx.info.statement("rows_by_ids"), {"ids": row_ids}).fetchall())
+def _read(conn: psycopg.Connection[Any], info: TableInfo, row_ids: list[str]) -> Batch:
+    return Batch.of(-1, None, conn.execute(info.statement("rows_by_ids"), {"ids": row_ids}).fetchall())
 
 
-def _encode(ctx: RunContext, batch: Batch, ahead: Encoded | None = None) -> None:
+def _encode(ctx: RunContext, batch: Batch, ahead: Encoded | None = None) -> list[np.ndarray | None]:
+    """The batch's vectors (those encoded ahead for the same row version reused), set on it."""
     vectors: list[np.ndarray | None] = [None] * len(batch.ids)
     todo = []
     for i in batch.present:
@@ -208,22 +209,19 @@ def _encode(ctx: RunContext, batch: Batch, ahead: Encoded | None = None) -> None
     if todo:
         failures.encode_isolating(ctx.embedder, batch.texts, todo, vectors, batch.failed)
     batch.vectors = vectors
+    return vectors
 
 
-def _write(ctx: RunContext, conn: psycopg.Connection[Any], writer: Writer, page: list[str], batch: Batch) -> int:
+def _write(conn: psycopg.Connection[Any], job: ckpt.Job, writer: Writer, page: list[str], batch: Batch) -> int:
     """The batch's vectors (where the row is unchanged since the read), its keys forgotten, the
     keys that changed again recorded anew; returns the rows re-embedded."""
-    job = ctx.active
-    assert batch.vectors is not None
-    written = writer.write(conn, batch.ids, batch.vectors, batch.xmins)
-    conn.execute(query("forget_changes"), {"job_id": job.id, "row_ids": page})
-    ckpt.record_changed(conn, job, [t for t in batch.id_texts if t not in written])
-    if batch.failed:
-        failures.record(conn, job, batch)
-    encoded = [t for i, t in enumerate(batch.id_texts) if t in written and i not in batch.failed]
-    conn.execute(query("forget_failed_rows"), {"job_id": job.id, "row_ids": encoded})
-    conn.execute(query("catchup_advanced"), {"keys": len(page), "rows": len(encoded), "job_id": job.id})
-    return len(encoded)
+    written = commit_batch(conn, job, writer, batch, settles=page, forget_failed=(),
+                           advance=functools.partial(_catch_up_advanced, job, len(page)))
+    return len(written.encoded)
+
+
+def _catch_up_advanced(job: ckpt.Job, keys: int, conn: psycopg.Connection[Any], written: Written) -> None:
+    conn.execute(query("catchup_advanced"), {"keys": keys, "rows": len(written.encoded), "job_id": job.id})
 
 
 # ------------------------------------------------------------------- the cut-over
@@ -249,4 +247,4 @@ def stop_capturing(ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
 
 
 def drop(ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
-    remove(ctx, conn, ctx.active.id)
+    remove(conn, ctx.info, ctx.active.id)

@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from reembed.errors import CheckpointConflict
+from reembed.errors import CheckpointConflict, InternalError, ReembedError
 from reembed.queries import query, schema_sql
 from reembed.signature import Signature
 from reembed.target import TableInfo
@@ -120,7 +120,7 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     """Create reembed's own tables if missing (concurrent runs on other tables serialise here)."""
     with conn.transaction():
         conn.execute(query("schema_lock"), {"key": _SCHEMA_LOCK})
-        conn.execute(schema_sql())  # type: ignore[arg-type]
+        conn.execute(schema_sql())
 
 
 def schema_present(conn: psycopg.Connection[Any]) -> bool:
@@ -146,7 +146,9 @@ def find(conn: psycopg.Connection[Any], job_id: int) -> Job | None:
 
 def reload(conn: psycopg.Connection[Any], job: Job) -> Job:
     fresh = _one(conn, Job, "job_by_id", {"job_id": job.id})
-    assert fresh is not None, f"job {job.id} vanished"
+    if fresh is None:
+        raise ReembedError(f"job {job.id} is gone from reembed_checkpoint (deleted by hand?); "
+                           "run again to start a new job")
     return fresh
 
 
@@ -181,7 +183,8 @@ def create_job(
         "rows_total": rows_total,
         "holder": holder,
     })
-    assert job is not None
+    if job is None:
+        raise InternalError("insert_job returned no row")
     conn.execute(query("insert_range"), {"job_id": job.id, "range_no": 0, "lower_id": None, "upper_id": None})
     return job
 
@@ -264,6 +267,18 @@ def record_changed(conn: psycopg.Connection[Any], job: Job, row_ids: list[str]) 
         conn.execute(query("capture_keys"), {"job_id": job.id, "row_ids": row_ids})
 
 
+def record_failed(conn: psycopg.Connection[Any], job: Job, errors: dict[str, str]) -> None:
+    """Rows the model could not take (key -> why), inside their batch's transaction."""
+    with conn.cursor() as cur:
+        cur.executemany(query("record_failed_rows"),
+                        [{"job_id": job.id, "row_id": row_id, "error": error} for row_id, error in errors.items()])
+
+
+def forget_failed(conn: psycopg.Connection[Any], job: Job, row_ids: list[str]) -> None:
+    """Rows no longer failed: encoded at last, or deleted."""
+    conn.execute(query("forget_failed_rows"), {"job_id": job.id, "row_ids": row_ids})
+
+
 def heartbeat(conn: psycopg.Connection[Any], job_id: int, holder: str) -> None:
     conn.execute(query("heartbeat"), {"job_id": job_id, "holder": holder})
 
@@ -274,5 +289,6 @@ def record_error(conn: psycopg.Connection[Any], job: Job, error: str) -> None:
 
 def progress(conn: psycopg.Connection[Any], job: Job) -> dict[str, Any]:
     row = conn.execute(query("job_progress"), {"job_id": job.id}).fetchone()
-    assert row is not None
+    if row is None:  # an aggregate: always one row
+        raise InternalError("job_progress returned no row")
     return dict(row)

@@ -11,8 +11,10 @@ from typing import Any
 
 from reembed import __version__
 from reembed.errors import ReembedError, Stopped
+from reembed.job import plan, run
 from reembed.logs import configure_logging
 from reembed.settings import Settings
+from reembed.status import status as job_status
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -122,29 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from reembed.job import run
-
     report = run(settings)
     _emit(report.as_dict(), report.summary(), args, quiet=report.state == "noop")
     return report.exit_code
 
 
 def _plan(settings: Settings, args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from reembed.job import run
-
-    report = run(replace(settings, options=replace(settings.options, dry_run=True)))
+    report = plan(settings)
     _emit(report.as_dict(), report.summary(), args, quiet=False)
     return report.exit_code
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
-    from reembed.status import status
-
     try:
         while True:
-            result = status(settings)
+            result = job_status(settings)
             if args.json:
                 print(json.dumps(result.as_dict(), default=str, sort_keys=True), flush=True)
             else:

@@ -1,25 +1,97 @@
-"""One run's context: what every part of the job needs, in one object instead of long
-parameter lists. Built by the coordinator (reembed.job) once the lock is held."""
+"""One run's context, and the two protocols that take it: the strategy and its finalize steps.
+
+`RunContext` is what every part of the job needs, in one object instead of long parameter
+lists. What is fixed for the run (settings, the target, the embedder and so the signature, the
+stop signal, the deadline, the connections) is frozen; what the coordinator learns as the job
+advances (the job row, the strategy of a resumed job) lives in `JobState`, which has one
+setter. Nothing here does I/O: the coordinator (reembed.job) builds the context once the lock
+is held, and reloads the job row itself.
+
+The strategy protocol and the finalize step are here, below every strategy (reembed.strategy)
+and the finalize loop (reembed.finalize), because both take a context and the context names
+the strategy: one module, no import cycle.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
 
 from reembed import db
+from reembed.checkpoint import Job
+from reembed.encoding import Embedder
+from reembed.errors import InternalError
+from reembed.lease import Lease
 from reembed.settings import RunOptions, Settings
 from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.target import TableInfo
 
-if TYPE_CHECKING:
-    from reembed.checkpoint import Job
-    from reembed.embedder import Embedder
-    from reembed.lease import Lease
-    from reembed.strategy import Strategy
+
+@dataclass(frozen=True)
+class FinalizeStep:
+    """One step of finalize: applied, and recorded in reembed_checkpoint.finalize_steps."""
+
+    name: str
+    apply: Callable[[psycopg.Connection[Any]], None]
+    in_transaction: bool = True
+    role: str | None = None  # a dedicated connection for the step (None: the coordinator's)
+    setup: Callable[[psycopg.Connection[Any]], None] | None = None  # that connection's session settings
+    timed: bool = False  # its duration is the report's index_rebuild_secs
+    record: bool = True  # False: a phase that runs every time until a later step is recorded
+    lock_timeout: str | None = None  # None: --ddl-lock-timeout
 
 
-@dataclass
+class Strategy(Protocol):
+    """How a job makes room for the new vectors, where batches write them, how it finishes."""
+
+    name: str
+
+    def plan(self, ctx: RunContext) -> dict[str, Any]:
+        """What prepare would do, for the plan and the log (no writes)."""
+        ...
+
+    def prepare(self, ctx: RunContext, conn: psycopg.Connection[Any], job: Job, *,
+                resumed_from: Job | None) -> None:
+        """Make room for the new vectors, inside prepare's fenced transaction."""
+        ...
+
+    def column(self, ctx: RunContext) -> str:
+        """The column batches write to."""
+        ...
+
+    def finalize_steps(self, ctx: RunContext) -> list[FinalizeStep]:
+        """What finalize does, in order; each step recorded when done."""
+        ...
+
+
+class JobState:
+    """The job row and the strategy, as the coordinator last set them (`advance`, the one setter)."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self._job: Job | None = None
+        self._strategy = strategy
+
+    @property
+    def job(self) -> Job | None:
+        return self._job
+
+    @property
+    def strategy(self) -> Strategy:
+        return self._strategy
+
+    def advance(self, job: Job, *, strategy: Strategy | None = None) -> Job:
+        """The job row as just read or written (and, for a resumed job, the strategy it started with)."""
+        self._job = job
+        if strategy is not None:
+            self._strategy = strategy
+        return job
+
+
+@dataclass(frozen=True)
 class RunContext:
     settings: Settings
     info: TableInfo
@@ -27,54 +99,35 @@ class RunContext:
     stop: StopSignal
     lease: Lease
     connections: db.Connections
-    strategy: Strategy
+    control: db.Held  # the coordinator's connection (its statements and fenced writes)
+    state: JobState
     started: float  # monotonic
     deadline: float | None = None  # monotonic; None: no time window
-    job: Job | None = None
-    write_path: str | None = None
-    _control: db.Held | None = field(default=None, repr=False)
+    writers: int = 1  # writer connections (writer_count)
 
     @property
     def opts(self) -> RunOptions:
         return self.settings.options
 
     @property
-    def writers(self) -> int:
-        """Writer connections: --writers, else 4 beside a CUDA device (one connection absorbs
-        ~15k vectors/s, a GPU encodes more) and 1 elsewhere."""
-        return writer_count(self.opts, self.embedder)
-
-    @property
     def signature(self) -> Signature:
         return self.embedder.signature
 
     @property
-    def active(self) -> Job:
-        assert self.job is not None, "no job yet"
-        return self.job
+    def strategy(self) -> Strategy:
+        return self.state.strategy
 
     @property
-    def control(self) -> db.Held:
-        """The coordinator's connection (its statements and fenced writes)."""
-        if self._control is None:
-            self._control = self.connections.hold("control")
-        return self._control
-
-    def refresh_job(self) -> Job:
-        from reembed import checkpoint as ckpt
-
-        self.job = self.lease.read(lambda conn: ckpt.reload(conn, self.active), on=self.control, what="reload_job")
-        return self.job
-
-    def close(self) -> None:
-        if self._control is not None:
-            self._control.release()
-
-    def log_fields(self) -> dict[str, Any]:
-        return {"table": self.info.qualified, "column": self.info.column}
+    def active(self) -> Job:
+        if self.state.job is None:
+            raise InternalError("the run has no job yet: the coordinator records it before any part asks")
+        return self.state.job
 
 
-def writer_count(opts: RunOptions, embedder: Any) -> int:
+def writer_count(opts: RunOptions, device: str) -> int:
+    """--writers, else 4 beside a CUDA device (one connection absorbs ~15k vectors/s, a GPU
+    encodes more) and 1 elsewhere."""
     if opts.writers is not None:
         return opts.writers
-    return 4 if str(getattr(embedder, "device", "cpu")).startswith("cuda") else 1
+    return 4 if str(device).startswith("cuda") else 1
+

@@ -11,7 +11,6 @@ connection (reembed.lease), as does `reembed status`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -32,15 +31,6 @@ log = structlog.get_logger()
 # which releases its advisory lock (60 s idle + 6 probes x 10 s).
 _KEEPALIVE_OPTIONS = "-c tcp_keepalives_idle=60 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=6"
 _GETCONN_TIMEOUT = 10.0
-
-# Bumped when the server is found gone: every connection kept from before is replaced before
-# its next use (it would fail once, and each role would report a fresh outage).
-_generation = 0
-
-
-def server_lost() -> None:
-    global _generation
-    _generation += 1
 
 RETRYABLE = (
     pgerrors.SerializationFailure,
@@ -137,8 +127,10 @@ class Connections:
     ) -> None:
         self.conninfo = conninfo
         self._extra_configure = configure
-        # psycopg_pool logs each failed reconnect attempt; reembed logs an outage once (reembed.retry)
-        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        # Bumped when the server is found gone (server_lost): every connection kept from before
+        # is replaced before its next use (it would fail once, and each role would report a
+        # fresh outage).
+        self.generation = 0
         self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             conninfo,
             min_size=1,
@@ -151,6 +143,10 @@ class Connections:
             name="reembed",
         )
         self.pool.open()
+
+    def server_lost(self) -> None:
+        """The server was found gone: connections kept from before are replaced before their next use."""
+        self.generation += 1
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         register_vectors(conn)
@@ -182,26 +178,29 @@ class Connections:
         return Held(self, role)
 
     def dedicated(self, role: str, *, setup: Callable[[psycopg.Connection[Any]], None] | None = None) -> Dedicated:
-        return Dedicated(self.conninfo, role, setup=setup)
+        return Dedicated(self, role, setup=setup)
 
     def close(self) -> None:
         self.pool.close(timeout=5)
 
 
-class _Kept:
-    """One connection kept by one role for a phase; `.conn` replaces it when it broke."""
+class Kept:
+    """One connection kept by one role for a phase; `.conn` replaces it when it broke, or when
+    the server was found gone since it was opened (`Connections.generation`)."""
 
+    connections: Connections
     role: str
     _conn: psycopg.Connection[Any] | None = None
     _generation: int = 0
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
-        if self._conn is not None and (self._conn.closed or self._conn.broken or self._generation != _generation):
+        current = self.connections.generation
+        if self._conn is not None and (self._conn.closed or self._conn.broken or self._generation != current):
             log.info("reconnecting", role=self.role)
             self.release()
         if self._conn is None:
-            self._generation = _generation
+            self._generation = current
             self._conn = self._open()
         return self._conn
 
@@ -223,7 +222,7 @@ class _Kept:
         raise NotImplementedError
 
 
-class Held(_Kept):
+class Held(Kept):
     """A pool connection kept by one role (the reader's, the writer's, the coordinator's)."""
 
     def __init__(self, connections: Connections, role: str) -> None:
@@ -237,17 +236,18 @@ class Held(_Kept):
         self.connections.give(conn)
 
 
-class Dedicated(_Kept):
+class Dedicated(Kept):
     """A plain autocommit connection of its own for one role, outside the pool (the index
     build's: its session settings die with it); `setup` runs on each new one."""
 
-    def __init__(self, conninfo: str, role: str, *, setup: Callable[[psycopg.Connection[Any]], None] | None = None):
-        self.conninfo = conninfo
+    def __init__(self, connections: Connections, role: str, *,
+                 setup: Callable[[psycopg.Connection[Any]], None] | None = None) -> None:
+        self.connections = connections
         self.role = role
         self.setup = setup
 
     def _open(self) -> psycopg.Connection[Any]:
-        conn = reconnect(self.conninfo, role=self.role, vectors=False, autocommit=True)
+        conn = reconnect(self.connections.conninfo, role=self.role, vectors=False, autocommit=True)
         if self.setup is not None:
             with translated():
                 self.setup(conn)

@@ -21,12 +21,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import structlog
 
+from reembed.encoding import Feed, halved, is_oom
 from reembed.errors import ConfigError
+from reembed.feed import BatchFeed, TokenFeed, default_workers, spec_for
 from reembed.settings import ModelSpec
 from reembed.signature import Signature
 
@@ -35,26 +37,6 @@ log = structlog.get_logger()
 _SKIP_FILES = {"README.md", ".gitattributes"}
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-class Embedder(Protocol):
-    """What the job needs from a model, as two stages. Implementations must be deterministic
-    per text. `tokenize` must be picklable with what it returns, so that it can run in
-    another thread or process; `forward` runs where the model is (the device)."""
-
-    signature: Signature
-
-    def tokenize(self, texts: Sequence[str]) -> Any:
-        """The model's input for `texts` (token ids, or whatever `forward` takes)."""
-        ...
-
-    def forward(self, features: Any) -> np.ndarray:
-        """float32 array of shape (len(texts), signature.dimension), in the texts' order."""
-        ...
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """forward(tokenize(texts))."""
-        ...
 
 
 @dataclass
@@ -251,11 +233,9 @@ class SentenceTransformerEmbedder:
         )
 
     def feed(self, *, workers: int | None = None, max_batch_tokens: int | None = None,
-             window_rows: int | None = None) -> Any:
+             window_rows: int | None = None) -> Feed:
         """The fast feed (tokenizer processes, token-budget batches) when this model's input can be
         built exactly; else its own stages, one batch at a time, with one log line saying why."""
-        from reembed.feed import BatchFeed, TokenFeed, default_workers, spec_for
-
         spec = spec_for(self.model, self.prefix)
         if isinstance(spec, str):
             log.warning("fast_feed_fallback", reason=f"the model: {spec}",
@@ -302,7 +282,8 @@ class SentenceTransformerEmbedder:
 
         on_device = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in chunk.items()}
         embeddings = self.model(on_device)["sentence_embedding"]
-        return embeddings.float().cpu().numpy()
+        vectors: np.ndarray = embeddings.float().cpu().numpy()
+        return vectors
 
     def _recut(self, texts: list[str], start: int, rows: int) -> list[tuple[int, int, Any]]:
         """The rows of a pass that did not fit, as passes of the (halved) encode batch size."""
@@ -312,26 +293,8 @@ class SentenceTransformerEmbedder:
 
     def _halve(self, exc: BaseException) -> None:
         """Out of GPU memory: halve the forward pass and keep the size that works for the rest of the run."""
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        before = self.encode_batch_size
-        self.encode_batch_size = max(1, before // 2)
-        log.warning(
-            "encode_batch_halved",
-            encode_batch_size=self.encode_batch_size,
-            was=before,
-            error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-            detail="out of GPU memory; this size is kept for the rest of the run",
-        )
-
-
-def is_oom(exc: BaseException) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom)
+        self.encode_batch_size = halved(self.encode_batch_size, exc, device=self.device, event="encode_batch_halved",
+                                        field="encode_batch_size")
 
 
 def _load(path: Path, device: str) -> Any:
@@ -343,7 +306,8 @@ def _load(path: Path, device: str) -> Any:
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in an operator's log
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+        # ("Loading weights" bars are noise in an operator's log)
         try:
             return SentenceTransformer(str(path), device=device, local_files_only=True)
         except TypeError:  # older sentence-transformers without local_files_only

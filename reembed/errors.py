@@ -1,4 +1,5 @@
-"""The exceptions users can see, each with its exit code (DESIGN.md, "Exit codes")."""
+"""The exceptions users can see, each with its exit code (the README's table of exit codes), and the one
+they should never see (InternalError: a bug, shown with its traceback)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ class Interrupted(ReembedError):
     def __init__(self, message: str, *, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class InternalError(RuntimeError):
+    """A broken invariant of reembed itself: a bug. Not a ReembedError, so the CLI shows its traceback."""
 
 
 class Stopped(BaseException):

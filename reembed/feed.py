@@ -19,56 +19,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
+from reembed.encoding import BatchFeed, Embedder, Feed, halved, is_oom
 from reembed.signals import StopSignal
 from reembed.tokens import FLAT, PADDED, Pending, TokenizerPool, TokenizerSpec, Tokens
 
-if TYPE_CHECKING:
-    from reembed.embedder import SentenceTransformerEmbedder
-
 log = structlog.get_logger()
+
+__all__ = ["BatchFeed", "Feed", "TokenFeed", "default_workers", "spec_for"]
 
 CHECKED_ROWS = 256  # rows of the first window compared with the model's own preprocess
 _WIDTH = 8  # padded widths are rounded up to a multiple of this: few shapes, warm kernels
 
 
-class Feed(Protocol):
-    window_rows: int  # rows of transactions gathered before sorting (1: one transaction at a time)
-    overlapped: bool  # tokenisation runs beside the device (in other processes), not in turn with it
+class ModelEmbedder(Embedder, Protocol):
+    """An embedder whose sentence-transformers model the feed drives itself."""
 
-    def submit(self, texts: Sequence[str]) -> Any: ...
-
-    def encode(self, pending: Sequence[Any], stop: StopSignal) -> list[np.ndarray] | None:
-        """Each transaction's vectors, in its texts' order; None when a stop came first."""
-        ...
-
-    def close(self, *, now: bool = False) -> None: ...
-
-
-class BatchFeed:
-    """Any Embedder's own stages, one transaction at a time: tokenize in a thread, forward here."""
-
-    window_rows = 1
-    overlapped = False  # its tokenizer thread shares this process's GIL with the forward
-
-    def __init__(self, embedder: Any) -> None:
-        self.embedder = embedder
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reembed-tokenize")
-
-    def submit(self, texts: Sequence[str]) -> Any:
-        return self._executor.submit(self.embedder.tokenize, texts)
-
-    def encode(self, pending: Sequence[Any], stop: StopSignal) -> list[np.ndarray] | None:
-        return [self.embedder.forward(p.result()) for p in pending]
-
-    def close(self, *, now: bool = False) -> None:
-        self._executor.shutdown(wait=not now, cancel_futures=True)
+    model: Any  # its preprocess and its module chain
 
 
 def default_workers() -> int:
@@ -132,7 +104,7 @@ def differs(ref: dict[str, Any], spec: TokenizerSpec, tokens: Tokens) -> str | N
 class TokenFeed:
     """A sentence-transformers model fed by tokenizer processes and token-budget batches."""
 
-    def __init__(self, embedder: SentenceTransformerEmbedder, spec: TokenizerSpec, *, workers: int,
+    def __init__(self, embedder: ModelEmbedder, spec: TokenizerSpec, *, workers: int,
                  max_batch_tokens: int, max_rows: int | None, window_rows: int) -> None:
         self.embedder = embedder
         self.spec = spec
@@ -230,8 +202,6 @@ class TokenFeed:
         this one; each batch's results are read after the next one was launched."""
         import torch
 
-        from reembed.embedder import is_oom
-
         out = np.empty((len(tokens), self.embedder.signature.dimension), dtype=np.float32)
         order = np.argsort(-tokens.lengths, kind="stable")
         lengths = tokens.lengths[order]
@@ -267,14 +237,10 @@ class TokenFeed:
         return out
 
     def _halve(self, exc: BaseException) -> None:
-        self.device.empty_cache()
-        before = self.max_batch_tokens
-        self.max_batch_tokens = max(1, before // 2)
+        self.max_batch_tokens = halved(self.max_batch_tokens, exc, device=self.device.device,
+                                       event="token_budget_halved", field="max_batch_tokens")
         if self.max_rows is not None:
             self.max_rows = max(1, self.max_rows // 2)
-        log.warning("token_budget_halved", max_batch_tokens=self.max_batch_tokens, was=before,
-                    error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                    detail="out of GPU memory; this budget is kept for the rest of the run")
 
 
 def _pool(spec: TokenizerSpec, workers: int) -> TokenizerPool:
@@ -285,7 +251,8 @@ def _pool(spec: TokenizerSpec, workers: int) -> TokenizerPool:
     except (OSError, BrokenProcessPool) as exc:
         if workers == 0:
             raise
-        log.warning("tokenizer_processes_unavailable", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        log.warning("tokenizer_processes_unavailable",
+                    error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                     detail="tokenising in this process instead; the device may wait for it")
         return TokenizerPool(spec, 0)
 
@@ -299,7 +266,10 @@ class _Device:
 
         self.device = device
         self.cuda = device.startswith("cuda")
-        self.copies = torch.cuda.Stream(device=device) if self.cuda else None
+        self.copies = (
+            torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+            if self.cuda else None
+        )
 
     def stage(self, arrays: dict[str, np.ndarray]) -> Any:
         import torch
@@ -309,14 +279,15 @@ class _Device:
             return {k: t.long() for k, t in tensors.items()}
         with torch.cuda.stream(self.copies):
             moved = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in tensors.items()}
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             ready.record(self.copies)
         return moved, ready
 
     def take(self, staged: Any) -> dict[str, Any]:
         """The staged inputs, usable by the compute stream (which waits for their copy, not the host)."""
         if not self.cuda:
-            return staged
+            inputs: dict[str, Any] = staged
+            return inputs
         import torch
 
         moved, ready = staged
@@ -334,19 +305,15 @@ class _Device:
 
         host = torch.empty(embeddings.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(embeddings.float(), non_blocking=True)
-        landed = torch.cuda.Event()
+        landed = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         landed.record()
         return host, landed
 
     def read(self, fetched: Any) -> np.ndarray:
-        if not self.cuda:
-            return fetched.numpy()
-        host, landed = fetched
-        landed.synchronize()
-        return host.numpy()
-
-    def empty_cache(self) -> None:
         if self.cuda:
-            import torch
-
-            torch.cuda.empty_cache()
+            host, landed = fetched
+            landed.synchronize()
+        else:
+            host = fetched
+        vectors: np.ndarray = host.numpy()
+        return vectors

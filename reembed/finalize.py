@@ -14,37 +14,24 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 import structlog
 from psycopg import sql
 
 from reembed import checkpoint as ckpt
+from reembed import db
 from reembed.background import Background
+from reembed.context import FinalizeStep, RunContext
+from reembed.errors import InternalError
 from reembed.queries import query
-
-if TYPE_CHECKING:
-    from reembed.context import RunContext
 
 log = structlog.get_logger()
 
 _MIN_BUILD_MEMORY = 64 * 1024**2
 _PROGRESS_EVERY = 10.0
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    apply: Callable[[psycopg.Connection[Any]], None]
-    in_transaction: bool = True
-    role: str | None = None  # a dedicated connection for the step (None: the coordinator's)
-    setup: Callable[[psycopg.Connection[Any]], None] | None = None  # that connection's session settings
-    timed: bool = False  # its duration is the report's index_rebuild_secs
-    record: bool = True  # False: a phase that runs every time until a later step is recorded
-    lock_timeout: str | None = None  # None: --ddl-lock-timeout
 
 
 @dataclass
@@ -56,7 +43,7 @@ class Outcome:
 
 def run(ctx: RunContext) -> Outcome:
     outcome = Outcome(finished=False)
-    job = ctx.refresh_job()
+    job = _reload(ctx)
     if _postponed(ctx, outcome):
         return outcome
     log.info("finalize_started", steps_done=job.steps)
@@ -76,36 +63,54 @@ def run(ctx: RunContext) -> Outcome:
         if step.timed:
             outcome.index_secs = secs
         log.info("finalize_step_done", step=step.name, secs=round(secs, 2))
-        job = ctx.refresh_job()
+        job = _reload(ctx)
     outcome.finished = True
     return outcome
 
 
-def _apply(ctx: RunContext, step: Step) -> None:
-    job, lease = ctx.active, ctx.lease
-    held = ctx.connections.dedicated(step.role, setup=step.setup) if step.role else ctx.control
-    try:
-        if step.in_transaction:
-            def body(conn: psycopg.Connection[Any]) -> None:
-                step.apply(conn)
-                ckpt.record_step(conn, job, step.name)
+def _reload(ctx: RunContext) -> ckpt.Job:
+    """The job row as it is now (the steps done so far), for the coordinator's state."""
+    return ctx.state.advance(ctx.lease.read(ckpt.reload, ctx.active, on=ctx.control, what="reload_job"))
 
-            lease.write(body, on=held, what=step.name, lock_timeout=step.lock_timeout or ctx.opts.ddl_lock_timeout,
-                        patient=True)
-        else:
-            lease.outside_transaction(lambda: step.apply(held.conn), what=step.name)
-            if step.record:
-                lease.write(lambda conn: ckpt.record_step(conn, job, step.name), on=ctx.control, what=step.name)
+
+def _apply(ctx: RunContext, step: FinalizeStep) -> None:
+    if step.role is None:
+        _apply_on(ctx, step, ctx.control)
+        return
+    held = ctx.connections.dedicated(step.role, setup=step.setup)
+    try:
+        _apply_on(ctx, step, held)
     finally:
-        if held is not ctx.control:
-            held.release()
+        held.release()
+
+
+def _apply_on(ctx: RunContext, step: FinalizeStep, held: db.Kept) -> None:
+    job, lease = ctx.active, ctx.lease
+    if step.in_transaction:
+        lease.write(_applied, step, job, on=held, what=step.name,
+                    lock_timeout=step.lock_timeout or ctx.opts.ddl_lock_timeout, patient=True)
+        return
+    lease.outside_transaction(_apply_outside, step, on=held, what=step.name)
+    if step.record:
+        lease.write(ckpt.record_step, job, step.name, on=ctx.control, what=step.name)
+
+
+def _applied(conn: psycopg.Connection[Any], step: FinalizeStep, job: ckpt.Job) -> None:
+    """A step and its record, in one transaction."""
+    step.apply(conn)
+    ckpt.record_step(conn, job, step.name)
+
+
+def _apply_outside(conn: psycopg.Connection[Any], step: FinalizeStep) -> None:
+    step.apply(conn)
 
 
 def _postponed(ctx: RunContext, outcome: Outcome) -> bool:
     if ctx.deadline is None:
         return False
-    rows = ctx.lease.read(lambda conn: ckpt.progress(conn, ctx.active), on=ctx.control, what="job_progress")["rows_done"]
-    need = estimate_finalize_secs(rows, ctx.signature.dimension, typmod_change=ctx.info.typmod != ctx.signature.dimension)
+    rows = ctx.lease.read(ckpt.progress, ctx.active, on=ctx.control, what="job_progress")["rows_done"]
+    need = estimate_finalize_secs(rows, ctx.signature.dimension,
+                                  typmod_change=ctx.info.typmod != ctx.signature.dimension)
     left = ctx.deadline - time.monotonic()
     if need * 1.5 <= left:
         return False
@@ -153,15 +158,16 @@ def build_workers(conn: psycopg.Connection[Any]) -> int:
     """max_parallel_maintenance_workers for the build: the server's cores (when it is this host)
     less one for the leader, capped by the server's max_parallel_workers."""
     row = conn.execute(query("parallel_limits")).fetchone()
-    assert row is not None
-    limit = min(row["par"], row["procs"] - 1)
+    if row is None:
+        raise InternalError("parallel_limits returned no row")
+    limit = min(int(row["par"]), int(row["procs"]) - 1)
     host = conn.info.host or ""
     local = host.startswith("/") or host in ("", "localhost", "127.0.0.1", "::1")
     cores = (os.cpu_count() or 2) - 1 if local else 7
     return max(0, min(limit, cores))
 
 
-def index_step(ctx: RunContext, *, column: str | None = None) -> Step:
+def index_step(ctx: RunContext, *, column: str | None = None) -> FinalizeStep:
     """Build the job's HNSW index again (its original name, opclass and parameters), or
     REINDEX it if it was kept through the writes; CONCURRENTLY when asked."""
     job, info, opts = ctx.active, ctx.info, ctx.opts
@@ -170,7 +176,7 @@ def index_step(ctx: RunContext, *, column: str | None = None) -> Step:
         def nothing(conn: psycopg.Connection[Any]) -> None:
             log.warning("no_index_to_rebuild", detail="the column had no HNSW index when the job started")
 
-        return Step("build_index", nothing)
+        return FinalizeStep("build_index", nothing)
     spec = job.index_def or {}
     concurrently = sql.SQL("CONCURRENTLY" if opts.concurrent_index else "")
     index = info.index_ident(name)
@@ -182,7 +188,7 @@ def index_step(ctx: RunContext, *, column: str | None = None) -> Step:
         )
     else:  # the index was kept through the writes: rebuild it to shed the dead entries
         statement = info.statement("reindex", concurrently=concurrently, index=index)
-    rows = ctx.lease.read(lambda conn: ckpt.progress(conn, job), on=ctx.control, what="job_progress")["rows_done"]
+    rows = ctx.lease.read(ckpt.progress, job, on=ctx.control, what="job_progress")["rows_done"]
     memory = build_memory(rows, ctx.signature.dimension, opts.index_memory, m=int(spec.get("m", 16)))
 
     def setup(conn: psycopg.Connection[Any]) -> None:
@@ -204,7 +210,8 @@ def index_step(ctx: RunContext, *, column: str | None = None) -> Step:
         with _ProgressWatcher(ctx):
             conn.execute(statement)
 
-    return Step("build_index", build, in_transaction=not opts.concurrent_index, role="index", setup=setup, timed=True)
+    return FinalizeStep("build_index", build, in_transaction=not opts.concurrent_index, role="index", setup=setup,
+                        timed=True)
 
 
 def _notice(diag: psycopg.errors.Diagnostic) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -21,12 +22,13 @@ from reembed import capture, db, failures, finalize, lease
 from reembed import checkpoint as ckpt
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
-from reembed.context import RunContext, writer_count
-from reembed.embedder import Embedder, SentenceTransformerEmbedder, fingerprint
+from reembed.context import JobState, RunContext, writer_count
+from reembed.embedder import SentenceTransformerEmbedder, fingerprint, pick_device
+from reembed.encoding import Embedder
 from reembed.errors import ConfigError, Stopped
 from reembed.plan import estimate_rows, plan_report, rewrite_secs
 from reembed.report import Report
-from reembed.settings import Settings
+from reembed.settings import ModelSpec, RunOptions, Settings
 from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.strategy import for_name
@@ -46,10 +48,10 @@ WARNING: At the end the column becomes vector({dim}): that rewrites the table wh
 WARNING: and readers wait, about {secs:.0f} s for {rows:,} rows (see `reembed plan`)."""
 
 
-def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSignal | None = None,
-        write_path: str | None = None) -> Report:
+def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSignal | None = None) -> Report:
     """The whole job. Library entry point; the CLI is a thin shell around it."""
-    assert settings.model is not None, "run needs a model"
+    if settings.model is None:
+        raise ConfigError("run needs a model: give --model (a local model directory)")
     stop = stop or StopSignal()
     started = time.monotonic()
     spec, opts = settings.model, settings.options
@@ -64,41 +66,55 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
             info = inspect_target(conn, settings.target)
             registry = Signature.from_registry(read_registry(conn, info))
             job = ckpt.active_job(conn, info)
-        if job is None and _registry_matches(registry, name, model_hash):
-            return _noop(registry, spec.dimension, started, info)  # type: ignore[arg-type]
+        if job is None and registry is not None and _registry_matches(registry, name, model_hash):
+            return _noop(registry, spec.dimension, started, info)
         _check_target(job, name, model_hash, info, settings)
         if opts.dry_run:
-            embedder = embedder or _load(settings, model_hash)
+            embedder = embedder or _load(spec, opts, model_hash)
             return plan_report(conn, info, registry, job, embedder, settings, started)
 
         held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
                           break_stale_lock=opts.break_stale_lock, stale_after=opts.stale_after)
-        keeper = lease.Lease(held, conninfo, table_oid=info.oid, table=info.qualified, stop=stop,
+        try:
+            # Writer connections: as many as the device wants (a CUDA host: 4); known before the
+            # model loads, so that the lease's keeper and the work share one set of connections.
+            device = embedder.device if embedder is not None else pick_device(spec.device)
+            connections = db.Connections(conninfo, size=5 + writer_count(opts, device),
+                                         configure=prepare_session(info), reconnect_timeout=opts.max_outage)
+        except BaseException:
+            held.release()
+            raise
+        keeper = lease.Lease(held, connections, table_oid=info.oid, table=info.qualified, stop=stop,
                              max_outage=opts.max_outage, max_retries=opts.max_retries)
         keeper.start()
         try:
-            embedder = embedder or _load(settings, model_hash)
+            embedder = embedder or _load(spec, opts, model_hash)
             if spec.dimension is not None and spec.dimension != embedder.signature.dimension:
                 raise ConfigError(
                     f"model produces {embedder.signature.dimension} dimensions but --dimension is {spec.dimension}"
                 )
-            connections = db.Connections(conninfo, size=5 + writer_count(opts, embedder),
-                                         configure=prepare_session(info), reconnect_timeout=opts.max_outage)
             ctx = RunContext(settings=settings, info=info, embedder=embedder, stop=stop, lease=keeper,
-                             connections=connections, strategy=for_name("in_place"), started=started,
-                             deadline=opts.deadline(started), write_path=write_path)
+                             connections=connections, control=connections.hold("control"),
+                             state=JobState(for_name("in_place")), started=started,
+                             deadline=opts.deadline(started), writers=writer_count(opts, embedder.device))
             stop.install()
             try:
                 return _locked_run(ctx, conn)
             finally:
                 stop.restore()
                 stop.close()
-                ctx.close()
-                connections.close()
+                ctx.control.release()
         finally:
             keeper.release()
+            connections.close()
     finally:
         conn.close()
+
+
+def plan(settings: Settings, *, embedder: Embedder | None = None) -> Report:
+    """The dry run (`reembed plan`): what `run` would do, with an encode rate sampled from the
+    table's own rows; nothing is written."""
+    return run(replace(settings, options=replace(settings.options, dry_run=True)), embedder=embedder)
 
 
 def _registry_matches(registry: Signature | None, name: str, model_hash: str) -> bool:
@@ -121,11 +137,8 @@ def _noop(registry: Signature, dimension: int | None, started: float, info: Tabl
     )
 
 
-def _load(settings: Settings, model_hash: str) -> Embedder:
-    assert settings.model is not None
-    return SentenceTransformerEmbedder(
-        settings.model, encode_batch_size=settings.options.encode_batch_size, model_hash=model_hash
-    )
+def _load(spec: ModelSpec, opts: RunOptions, model_hash: str) -> Embedder:
+    return SentenceTransformerEmbedder(spec, encode_batch_size=opts.encode_batch_size, model_hash=model_hash)
 
 
 def _check_target(job: Job | None, name: str, model_hash: str, info: TableInfo, settings: Settings) -> None:
@@ -149,17 +162,16 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
     with db.translated():
         job = ckpt.active_job(conn, info)  # again, now that we hold the lock
         registry = Signature.from_registry(read_registry(conn, info))
-    if job is None and _registry_matches(registry, sig.name, sig.hash):
-        return _noop(registry, None, ctx.started, info)  # type: ignore[arg-type]
+    if job is None and registry is not None and _registry_matches(registry, sig.name, sig.hash):
+        return _noop(registry, None, ctx.started, info)
     _check_target(job, sig.name, sig.hash, info, ctx.settings)
 
     resumed_from: str | None = None
     if job is not None and job.matches(sig):
         with db.translated():
             ckpt.ensure_schema(conn)  # a job of an older version gains the newer columns and tables
-        ctx.job = ckpt.reload(conn, job)
-        job = ctx.job
-        ctx.strategy = for_name(job.strategy)  # the strategy the job was started with
+        # the job row as it is now, and the strategy the job was started with
+        job = ctx.state.advance(ckpt.reload(conn, job), strategy=for_name(job.strategy))
         progress = ckpt.progress(conn, job)
         resumed_from = progress["last_id"]
         log.info("job_resumed", job_id=job.id, state=job.state, last_id=resumed_from,
@@ -170,7 +182,7 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
             return Report(state="stopped", exit_code=ctx.stop.exit_code, message="aborted before any write")
         with db.translated():
             ckpt.ensure_schema(conn)  # the first write of a new job: after the banner
-        ctx.job = prepare(ctx, conn, registry, job, rows_total=rows_total)
+        ctx.state.advance(prepare(ctx, conn, registry, job, rows_total=rows_total))
     structlog.contextvars.bind_contextvars(job_id=ctx.active.id)
     ctx.lease.job_id = ctx.active.id
     ctx.stop.deadline(ctx.deadline)
@@ -207,10 +219,10 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
         source_typmod = old.source_typmod
         source = old.source or source
 
-    def body(c: psycopg.Connection[Any]) -> Job:
+    def body(c: psycopg.Connection[Any]) -> Job:  # one call: no loop, nothing to bind
         if old is not None:
             ckpt.set_state(c, old, to="abandoned", from_state=old.state)
-            capture.remove(ctx, c, old.id)
+            capture.remove(c, info, old.id)
             log.warning("job_abandoned", old_job_id=old.id, old_model=old.target.name)
         job = ckpt.create_job(c, info, target=sig, source=source, index=index_def, index_name=index_name,
                               source_typmod=source_typmod, rows_total=rows_total, holder=db.holder_name())
@@ -231,7 +243,7 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
                     model_hash=sig.hash, resumed_from=resumed_from)
     try:
         if job.state == "embedding":
-            ctx.lease.write(lambda conn: ckpt.release_claims(conn, job), on=ctx.control, what="release_claims")
+            ctx.lease.write(ckpt.release_claims, job, on=ctx.control, what="release_claims")
             worker.run()
             _hand_to_finalize(ctx, worker)
         ctx.stop.deadline(None)  # finalize judges the window once, up front (finalize._postponed)
@@ -265,16 +277,15 @@ def _hand_to_finalize(ctx: RunContext, worker: Worker) -> None:
     """Every range is done: the job moves on to finalize."""
     if ctx.stop.requested:
         return
-    job = ctx.active
-
-    def body(conn: psycopg.Connection[Any]) -> bool:
-        if ckpt.open_ranges(conn, job):
-            return False
-        ckpt.set_state(conn, job, to="finalizing", from_state="embedding")
-        return True
-
-    if ctx.lease.write(body, on=ctx.control, what="finish_embedding"):
+    if ctx.lease.write(_to_finalizing, ctx.active, on=ctx.control, what="finish_embedding"):
         log.info("embedding_complete", rows_updated=worker.rows_updated, rows_skipped=worker.rows_skipped)
+
+
+def _to_finalizing(conn: psycopg.Connection[Any], job: Job) -> bool:
+    if ckpt.open_ranges(conn, job):
+        return False
+    ckpt.set_state(conn, job, to="finalizing", from_state="embedding")
+    return True
 
 
 def _stopped(ctx: RunContext, report: Report, message: str = "") -> Report:
@@ -282,7 +293,7 @@ def _stopped(ctx: RunContext, report: Report, message: str = "") -> Report:
     report.state = "time_budget" if stop.reason == "time_budget" else "stopped"
     report.exit_code = stop.exit_code
     report.duration_secs = time.monotonic() - ctx.started
-    progress = ctx.lease.read(lambda conn: ckpt.progress(conn, ctx.active), on=ctx.control, what="job_progress")
+    progress = ctx.lease.read(ckpt.progress, ctx.active, on=ctx.control, what="job_progress")
     report.message = message or f"checkpoint at {progress['last_id']}; re-run to resume"
     log.warning("job_stopped", reason=stop.reason, last_id=progress["last_id"], rows_done=progress["rows_done"])
     return report

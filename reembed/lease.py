@@ -18,11 +18,12 @@ INDEX CONCURRENTLY) go through `Lease.outside_transaction()`, which checks first
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 import psycopg
 import structlog
@@ -37,6 +38,7 @@ from reembed.signals import StopSignal
 log = structlog.get_logger()
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 CHECK_EVERY = 2.0
 HEARTBEAT_EVERY = 10.0
@@ -154,11 +156,12 @@ def take(conn: psycopg.Connection[Any], conninfo: str, table_oid: int, *, table:
 class Lease(Background):
     """The run's hold on the table: the keeper thread, and every write fenced by it."""
 
-    def __init__(self, lock: TableLock, conninfo: str, *, table_oid: int, table: str, stop: StopSignal,
-                 max_outage: float = 120.0, max_retries: int | None = None) -> None:
+    def __init__(self, lock: TableLock, connections: db.Connections, *, table_oid: int, table: str,
+                 stop: StopSignal, max_outage: float = 120.0, max_retries: int | None = None) -> None:
         super().__init__("reembed-lock-keeper", join_timeout=10)
         self.lock = lock
-        self.conninfo = conninfo
+        self.connections = connections
+        self.conninfo = connections.conninfo
         self.table_oid = table_oid
         self.table = table
         self.max_retries = max_retries
@@ -171,17 +174,30 @@ class Lease(Background):
 
     # ---------------------------------------------------------- the writes
 
-    def write(
-        self,
-        body: Callable[[psycopg.Connection[Any]], T],
-        *,
-        on: db.Held,
-        what: str,
-        lock_timeout: str | None = None,
-        patient: bool = False,
-    ) -> T:
-        """body(conn) as one transaction on `on`'s connection, fenced, retried on transient
+    def write(self, body: Callable[[psycopg.Connection[Any], *Ts], T], *args: *Ts, on: db.Kept, what: str,
+              lock_timeout: str | None = None, patient: bool = False) -> T:
+        """body(conn, *args) as one transaction on `on`'s connection, fenced, retried on transient
         faults (`patient`: DDL that backs off from application locks gets more tries)."""
+
+        def once(conn: psycopg.Connection[Any], attempt: int) -> T:
+            return body(conn, *args)
+
+        return self._transaction(once, on=on, what=what, lock_timeout=lock_timeout, patient=patient)
+
+    def write_attempt(self, body: Callable[[psycopg.Connection[Any], int, *Ts], T], *args: *Ts, on: db.Kept,
+                      what: str, lock_timeout: str | None = None, patient: bool = False) -> T:
+        """Like write(), with the attempt's number (1, then 2, ... on each retry) handed to the
+        body after the connection: body(conn, attempt, *args). A retry after a lost connection
+        may find that the first attempt's commit landed: such a body asks."""
+
+        def once(conn: psycopg.Connection[Any], attempt: int) -> T:
+            return body(conn, attempt, *args)
+
+        return self._transaction(once, on=on, what=what, lock_timeout=lock_timeout, patient=patient)
+
+    def _transaction(self, body: Callable[[psycopg.Connection[Any], int], T], *, on: db.Kept, what: str,
+                     lock_timeout: str | None, patient: bool) -> T:
+        attempts = itertools.count(1)
 
         def attempt() -> T:
             self.check()
@@ -189,30 +205,37 @@ class Lease(Background):
             with conn.transaction():
                 if lock_timeout is not None:
                     conn.execute(query("set_lock_timeout"), {"value": lock_timeout})
-                result = body(conn)
+                result = body(conn, next(attempts))
                 self.fence(conn)
             return result
 
         return self._retried(attempt, what=what, patient=patient)
 
-    def read(self, body: Callable[[psycopg.Connection[Any]], T], *, on: db.Held, what: str) -> T:
-        """body(conn), retried on transient faults (no transaction of its own, no fence)."""
-        return self._retried(lambda: body(on.conn), what=what, patient=False)
+    def read(self, body: Callable[[psycopg.Connection[Any], *Ts], T], *args: *Ts, on: db.Kept, what: str) -> T:
+        """body(conn, *args), retried on transient faults (no transaction of its own, no fence)."""
 
-    def outside_transaction(self, body: Callable[[], T], *, what: str) -> T:
-        """A statement that cannot run inside a transaction: the lock is verified just before."""
+        def once() -> T:
+            return body(on.conn, *args)
 
-        def attempt() -> T:
+        return self._retried(once, what=what, patient=False)
+
+    def outside_transaction(self, body: Callable[[psycopg.Connection[Any], *Ts], T], *args: *Ts, on: db.Kept,
+                            what: str) -> T:
+        """body(conn, *args) on `on`'s autocommit connection, for a statement that cannot run inside a
+        transaction: the lock is verified just before."""
+
+        def once() -> T:
             self.ensure()
-            return body()
+            return body(on.conn, *args)
 
-        return self._retried(attempt, what=what, patient=True)
+        return self._retried(once, what=what, patient=True)
 
     def _retried(self, fn: Callable[[], T], *, what: str, patient: bool) -> T:
         """`patient`: DDL backing off from an application's locks waits at least 5 minutes."""
         outage = max(self.max_outage, 300.0) if patient else self.max_outage
         retries = None if self.max_retries is None else max(self.max_retries, 8) if patient else self.max_retries
-        return retry.call(fn, what=what, max_outage=outage, max_retries=retries, stop=self.stop_signal)
+        return retry.call(fn, what=what, max_outage=outage, max_retries=retries, stop=self.stop_signal,
+                          on_lost=self.connections.server_lost)
 
     # ------------------------------------------------------------ the fence
 
@@ -256,7 +279,8 @@ class Lease(Background):
                 return
             except (psycopg.Error, DatabaseError) as exc:  # the server is away: try again at the next tick
                 retry.OUTAGES.failed(retry.kind_of(exc, "lock_check"), what="lock_check", attempt=1, error=exc,
-                                     sleep=CHECK_EVERY, max_outage=self.max_outage)
+                                     sleep=CHECK_EVERY, max_outage=self.max_outage,
+                                     on_lost=self.connections.server_lost)
 
     def _tick(self, *, beat: bool = True) -> None:
         with self._mutex:
@@ -278,3 +302,4 @@ class Lease(Background):
     def release(self) -> None:
         self.stop()
         self.lock.release()
+

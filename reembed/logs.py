@@ -36,9 +36,12 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
+        # _Stderr writes and flushes like the TextIO the factory is typed for, without being one
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]  # see above
         cache_logger_on_first_use=False,
     )
-    logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+    # psycopg_pool logs each failed reconnect attempt (a WARNING); reembed logs an outage once
+    # (reembed.retry), so the pool's own lines are kept to errors.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     for noisy in ("sentence_transformers", "transformers", "huggingface_hub", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -9,7 +9,7 @@ import psycopg
 
 from reembed import checkpoint as ckpt
 from reembed.checkpoint import Job
-from reembed.embedder import Embedder
+from reembed.encoding import Embedder, feed_for
 from reembed.finalize import REWRITE_BYTES_PER_SEC, REWRITE_ROWS_PER_SEC
 from reembed.queries import query
 from reembed.report import Report
@@ -42,15 +42,13 @@ def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedd
     processes, a sorted window, token-budget batches), after a warm-up over the same rows (first
     passes over new shapes are slower). The stages overlap in a run, so the slower sets the pace:
     tokenizer processes beside the device; a tokenizer thread of this process shares its GIL."""
-    from reembed.worker import make_feed
-
     n = max(2 * opts.batch_size, 512)
     percent = min(100.0, 120.0 * n / max(rows_total, 1))
     rows = conn.execute(info.statement("sample_content"), {"n": n, "percent": percent}).fetchall()
     texts = [r["content"] for r in rows]
     if not texts:
         return None
-    feed = make_feed(embedder, opts)
+    feed = feed_for(embedder, opts)
     never = StopSignal()
     try:
         feed.encode([feed.submit(texts[:64])], never)

@@ -46,7 +46,7 @@ def table_statement(name: str, fill: dict[str, Fill]) -> sql.Composed | sql.SQL:
 
 
 def _compose(text: str, fill: dict[str, Fill]) -> sql.Composed | sql.SQL:
-    template = sql.SQL(text)  # type: ignore[arg-type]
+    template = sql.SQL(text)
     if not fill:
         return template
     return template.format(**{k: _part(v) for k, v in fill.items()})

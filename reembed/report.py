@@ -49,7 +49,8 @@ class Report:
         }.get(self.state, self.state)
         return (
             f"{head}: job {self.job_id}, {self.rows_updated} rows re-embedded, {self.rows_skipped} skipped "
-            f"(NULL content), {self.rows_failed} failed, in {self.duration_secs:.1f} s (embedding at {rate:.0f} rows/s); "
+            f"(NULL content), {self.rows_failed} failed, in {self.duration_secs:.1f} s "
+            f"(embedding at {rate:.0f} rows/s); "
             f"index rebuild {self.index_rebuild_secs:.1f} s; model {self.model_name} ({self.dimension}-d)"
             + (f"; writers held off {held:.2f} s at the cut-over"
                if (held := self.details.get("writers_held_secs")) is not None else "")

@@ -30,7 +30,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from reembed.db import server_lost, translate
+from reembed.db import translate
 from reembed.errors import DatabaseError, Interrupted
 from reembed.signals import StopSignal
 
@@ -61,21 +61,22 @@ def kind_of(exc: BaseException, what: str) -> str:
 
 class Outages:
     """One log line when a wait begins, one when it ends, per kind of wait, for all roles. When
-    the database itself is found gone, every connection kept from before is replaced before its
-    next use (db.server_lost), so other roles do not each fail once more afterwards."""
+    the database itself is found gone, `on_lost` is told (Connections.server_lost: every
+    connection kept from before is replaced before its next use), so other roles do not each
+    fail once more afterwards."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: dict[str, float] = {}
 
     def failed(self, kind: str, *, what: str, attempt: int, error: BaseException, sleep: float,
-               max_outage: float) -> None:
+               max_outage: float, on_lost: Callable[[], None] | None = None) -> None:
         with self._lock:
             first = kind not in self._open
             if first:
                 self._open[kind] = time.monotonic()
-        if first and kind == "database":
-            server_lost()
+        if first and kind == "database" and on_lost is not None:
+            on_lost()
         line = str(error).splitlines()[0] if str(error) else type(error).__name__
         if first:
             log.warning("transient_error_retrying", step=what, kind=kind, attempt=attempt, sleep_secs=round(sleep, 2),
@@ -103,9 +104,11 @@ def call(
     stop: StopSignal | None = None,
     initial: float = 0.1,
     maximum: float = 5.0,
+    on_lost: Callable[[], None] | None = None,
 ) -> T:
     """fn(), retried on transient errors for up to `max_outage` seconds (and `max_retries`
-    retries, if given); psycopg errors come out translated."""
+    retries, if given); psycopg errors come out translated. `on_lost`: told when this call
+    finds the server gone first (see Outages)."""
     kinds: set[str] = set()
 
     def before_sleep(state: RetryCallState) -> None:
@@ -115,7 +118,7 @@ def call(
         kind = kind_of(exc, what)
         kinds.add(kind)
         OUTAGES.failed(kind, what=what, attempt=state.attempt_number, error=exc, sleep=state.upcoming_sleep,
-                       max_outage=max_outage)
+                       max_outage=max_outage, on_lost=on_lost)
 
     def sleep(seconds: float) -> None:
         if stop is None:

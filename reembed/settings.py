@@ -8,13 +8,16 @@ import datetime as dt
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from reembed.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance  # typeshed's own name for "any dataclass"
+
+T = TypeVar("T", bound="DataclassInstance")
 _SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
 
 
@@ -152,7 +155,7 @@ class Settings:
 
 def _from_namespace(cls: type[T], args: argparse.Namespace, **overrides: object) -> T:
     """A settings dataclass from the argparse results that share its field names, plus overrides."""
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
 
@@ -163,7 +166,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if getattr(args, flag) is not None:
             _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     if args.tokenizer_workers is not None and args.tokenizer_workers < 0:
-        raise ConfigError(f"--tokenizer-workers must be 0 (tokenise in this process) or more, got {args.tokenizer_workers}")
+        raise ConfigError("--tokenizer-workers must be 0 (tokenise in this process) or more, "
+                          f"got {args.tokenizer_workers}")
     if args.dimension is not None:
         _positive("--dimension", args.dimension)
     if args.max_retries is not None and args.max_retries < 0:

@@ -9,6 +9,7 @@ work out, like tokenisation in an executor, passes futures along and resolves th
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -87,19 +88,22 @@ class Chain:
         on_abort: Callable[[], None],
     ) -> None:
         channels = [Channel(self.depth) for _ in steps]
-        cancel_all = lambda: [c.cancel() for c in channels]
+
+        def cancel_all() -> None:
+            for c in channels:
+                c.cancel()
+
         forget = self.stop.on_request(cancel_all)
         threads = [threading.Thread(target=self._guard, args=(self._feed, source, channels[0], cancel_all),
                                     name="reembed-source", daemon=True)]
         caller: Callable[[], None] | None = None
         for i, step in enumerate(steps):
             out = channels[i + 1] if i + 1 < len(steps) else None
-            if out is None:
-                body = (self._drain, step, channels[i], on_end)
-            else:
-                body = (self._pass, step, channels[i], out)
+            body: tuple[Any, ...] = (
+                (self._drain, step, channels[i], on_end) if out is None else (self._pass, step, channels[i], out)
+            )
             if step.on_caller:
-                caller = lambda body=body: self._guard(*body, cancel_all)
+                caller = functools.partial(self._guard, *body, cancel_all)
             else:
                 threads.append(threading.Thread(target=self._guard, args=(*body, cancel_all),
                                                 name=f"reembed-{step.name}", daemon=True))

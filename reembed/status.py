@@ -29,7 +29,8 @@ class Status:
         lines = [
             f"table      {d['table']}.{d['column']}",
             f"job        {d['job_id']}  state {d['state']}"
-            + (f"  (finalize steps done: {', '.join(d['finalize_steps']) or 'none'})" if d["state"] == "finalizing" else ""),
+            + (f"  (finalize steps done: {', '.join(d['finalize_steps']) or 'none'})"
+               if d["state"] == "finalizing" else ""),
             f"target     {d['target']['model_name']} ({d['target']['dimension']}-d)   source {_sig(d.get('source'))}",
             f"progress   {d['rows_done']:,} / {d['rows_total'] or 0:,} rows"
             + (f" ({d['percent']:.1f}%)" if d.get("percent") is not None else "")
@@ -51,8 +52,9 @@ class Status:
         capture = d.get("capture")
         if capture:
             on = "capturing" if capture["installed"] else "off"
-            lines.append(f"capture    {capture['trigger']} ({on}): {capture['pending_changes']:,} changed rows to catch up"
-                         + ("; it keeps capturing until the job resumes" if capture["installed"] and not holder else ""))
+            still = "; it keeps capturing until the job resumes" if capture["installed"] and not holder else ""
+            lines.append(f"capture    {capture['trigger']} ({on}): {capture['pending_changes']:,} changed rows "
+                         f"to catch up{still}")
         catch_up = d.get("catch_up")
         if catch_up:
             lines.append(f"catch-up   pass {catch_up['pass']}: {catch_up['keys_done']:,} / {catch_up['keys_total']:,} "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import psycopg
 import structlog
@@ -22,34 +22,11 @@ from psycopg import sql
 
 from reembed import capture, failures, finalize
 from reembed import checkpoint as ckpt
+from reembed.context import FinalizeStep, RunContext, Strategy
 from reembed.errors import ConfigError
-from reembed.finalize import Step
 from reembed.queries import query
 
-if TYPE_CHECKING:
-    from reembed.context import RunContext
-
 log = structlog.get_logger()
-
-
-class Strategy(Protocol):
-    name: str
-
-    def plan(self, ctx: RunContext) -> dict[str, Any]:
-        """What prepare would do, for the plan and the log (no writes)."""
-        ...
-
-    def prepare(self, ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job, *, resumed_from: ckpt.Job | None) -> None:
-        """Make room for the new vectors, inside prepare's fenced transaction."""
-        ...
-
-    def column(self, ctx: RunContext) -> str:
-        """The column batches write to."""
-        ...
-
-    def finalize_steps(self, ctx: RunContext) -> list[Step]:
-        """What finalize does, in order; each step recorded when done."""
-        ...
 
 
 class InPlace:
@@ -61,11 +38,11 @@ class InPlace:
         drop = info.index is not None and (ctx.opts.drop_hnsw_first or relax)
         return {"relax_typmod": relax, "drop_index": drop}
 
-    def prepare(self, ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job, *, resumed_from: ckpt.Job | None) -> None:
+    def prepare(self, ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job, *,
+                resumed_from: ckpt.Job | None) -> None:
         info, what = ctx.info, self.plan(ctx)
         capture.settle_others(ctx, conn, job)  # a stale trigger on the column would block the type change
-        if what["drop_index"]:
-            assert info.index is not None
+        if what["drop_index"] and info.index is not None:
             conn.execute(info.statement("drop_index", index=info.index_ident(info.index.name)))
             ckpt.mark_index_dropped(conn, job)
         elif resumed_from is not None and resumed_from.index_dropped:
@@ -77,13 +54,14 @@ class InPlace:
     def column(self, ctx: RunContext) -> str:
         return ctx.info.column
 
-    def finalize_steps(self, ctx: RunContext) -> list[Step]:
+    def finalize_steps(self, ctx: RunContext) -> list[FinalizeStep]:
         return [
-            Step("catch_up", lambda conn: self._catch_up(ctx), in_transaction=False, record=False),
-            Step("cut_over", lambda conn: self._cut_over(ctx, conn), lock_timeout=ctx.opts.cut_over_lock_timeout),
-            Step("drop_capture", lambda conn: capture.drop(ctx, conn)),
+            FinalizeStep("catch_up", lambda conn: self._catch_up(ctx), in_transaction=False, record=False),
+            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
+                         lock_timeout=ctx.opts.cut_over_lock_timeout),
+            FinalizeStep("drop_capture", lambda conn: capture.drop(ctx, conn)),
             finalize.index_step(ctx),
-            Step("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
+            FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
         ]
 
     def _catch_up(self, ctx: RunContext) -> None:

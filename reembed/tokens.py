@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from reembed.errors import ReembedError
+from reembed.errors import InternalError, ReembedError
 
 PADDED = "padded"  # a transformer: input_ids, attention_mask (and token_type_ids), one row each
 FLAT = "flat"  # a StaticEmbedding: every row's ids one after the other, and the offsets
@@ -72,8 +72,14 @@ class Tokens:
             return Tokens(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int32))
         if len(parts) == 1:
             return parts[0]
-        types = None if parts[0].types is None else np.concatenate([p.types for p in parts])  # type: ignore[misc]
+        types = None if parts[0].types is None else np.concatenate([_types(p) for p in parts])
         return Tokens(np.concatenate([p.ids for p in parts]), np.concatenate([p.lengths for p in parts]), types)
+
+
+def _types(part: Tokens) -> np.ndarray:
+    if part.types is None:
+        raise InternalError("token type ids in some parts of a window and not in others")
+    return part.types
 
 
 def load(spec: TokenizerSpec) -> Any:
@@ -119,7 +125,8 @@ def _start_worker(spec: TokenizerSpec) -> None:
 
 
 def _in_worker(texts: Sequence[str]) -> Tokens:
-    assert _WORKER is not None
+    if _WORKER is None:
+        raise InternalError("a tokenizer process was asked to tokenise before its initializer ran")
     return tokenize(_WORKER[0], _WORKER[1], texts)
 
 
@@ -147,6 +154,7 @@ class TokenizerPool:
             local = load(spec)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="reembed-tokenize")
             self._call: Any = lambda texts: tokenize(local, spec, texts)
+            self._processes: list[multiprocessing.process.BaseProcess] = []
             self.pids: list[int] = []
         else:
             # Spawned (never forked: the parent holds torch's threads and database sockets), all of
@@ -154,8 +162,12 @@ class TokenizerPool:
             self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_start_worker, initargs=(spec,))
             self._call = _in_worker
+            # Each submit below spawns a process (none is idle yet: a spawned one takes a second
+            # to start), so the pool's processes are the children new since `before`.
+            before = {p.pid for p in multiprocessing.active_children()}
+            started = [self._executor.submit(_ready) for _ in range(workers)]
+            self._processes = [p for p in multiprocessing.active_children() if p.pid not in before]
             try:
-                started = [self._executor.submit(_ready) for _ in range(workers)]
                 self.pids = [f.result() for f in started]
             except BaseException:
                 self.close(now=True)
@@ -171,8 +183,8 @@ class TokenizerPool:
 
     def close(self, *, now: bool = False) -> None:
         """Stop the workers: at once (`now`: a failed or interrupted run) or once idle."""
-        if now:
-            for proc in list(getattr(self._executor, "_processes", {}).values()):
+        if now:  # killed, not terminated: they ignore SIGTERM (and SIGINT) by design
+            for proc in self._processes:
                 proc.kill()
         self._executor.shutdown(wait=True, cancel_futures=True)
 

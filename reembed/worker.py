@@ -20,9 +20,10 @@ windows are in memory.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -31,15 +32,12 @@ import structlog
 from reembed import checkpoint as ckpt
 from reembed import db, failures
 from reembed.batches import Batch, Reader, Writer
-from reembed.commits import Writers
+from reembed.commits import Turns, Writers, Written, commit_batch
+from reembed.context import RunContext
+from reembed.encoding import Feed, feed_for
 from reembed.errors import CheckpointConflict, ReembedError
-from reembed.feed import BatchFeed, Feed
 from reembed.progress import Progress
 from reembed.stages import Chain, Step
-
-if TYPE_CHECKING:
-    from reembed.context import RunContext
-    from reembed.settings import RunOptions
 
 log = structlog.get_logger()
 
@@ -60,22 +58,21 @@ class Worker:
         ctx = self.ctx
         started = time.monotonic()
         reader, writers = ctx.connections.hold("reader"), Writers(ctx.connections, ctx.writers)
-        writer = writers.primary
+        primary = writers.primary  # the connection of the worker's own statements
         progress: Progress | None = None
         feed: Feed | None = None
         clean = False
         try:
             while not ctx.stop.requested:
-                rng = ctx.lease.write(lambda conn: ckpt.claim(conn, ctx.active, self.name),
-                                      on=writer, what="claim_range")
+                rng = ctx.lease.write(ckpt.claim, ctx.active, self.name, on=primary, what="claim_range")
                 if rng is None:
                     return
-                if progress is None:
-                    progress = self._progress(writer)
-                    feed = make_feed(ctx.embedder, ctx.opts)
+                if progress is None or feed is None:
+                    progress = self._progress(primary)
+                    feed = feed_for(ctx.embedder, ctx.opts)
                 log.info("embedding_started", range_no=rng.range_no, last_id=rng.last_id, worker=self.name,
                          rows_done=progress.done, rows_total=progress.total)
-                _RangeRun(self, rng, reader, writers, progress, feed).run()  # type: ignore[arg-type]
+                _RangeRun(self, rng, reader, writers, progress, feed).run()
             clean = True
         finally:
             if feed is not None:
@@ -86,19 +83,10 @@ class Worker:
             reader.release()
             writers.release()
 
-    def _progress(self, writer: db.Held) -> Progress:
-        ranges = self.ctx.lease.read(lambda conn: ckpt.ranges(conn, self.ctx.active), on=writer, what="read_ranges")
+    def _progress(self, conn: db.Held) -> Progress:
+        ranges = self.ctx.lease.read(ckpt.ranges, self.ctx.active, on=conn, what="read_ranges")
         done = sum(r.rows_done + r.rows_skipped for r in ranges)
         return Progress(total=self.ctx.active.rows_total, done=done, interval=self.ctx.opts.progress_interval)
-
-
-def make_feed(embedder: Any, opts: RunOptions) -> Feed:
-    """The embedder's fast feed when it has one (sentence-transformers), else its own stages."""
-    factory = getattr(embedder, "feed", None)
-    if factory is None:
-        return BatchFeed(embedder)
-    return factory(workers=opts.tokenizer_workers, max_batch_tokens=opts.max_batch_tokens,
-                   window_rows=opts.window_rows)  # type: ignore[no-any-return]
 
 
 class _RangeRun:
@@ -114,8 +102,7 @@ class _RangeRun:
         self.writers = writers
         self.progress = progress
         self.reader = Reader(self.ctx.info, batch_size=self.ctx.opts.batch_size, upper=rng.upper_id)
-        self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx),
-                             **({"path": self.ctx.write_path} if self.ctx.write_path else {}))
+        self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx))
 
     def run(self) -> None:
         chain = Chain(self.ctx.stop, depth=_DEPTH)
@@ -143,12 +130,11 @@ class _RangeRun:
         window: list[tuple[Batch, Any]] = []
         rows = 0
         while not self.ctx.stop.requested:
-            batch = self.ctx.lease.read(lambda conn: self.reader.read(conn, after, seq),  # noqa: B023
-                                        on=self.reader_conn, what="read_batch")
+            batch = self.ctx.lease.read(self.reader.read, after, seq, on=self.reader_conn, what="read_batch")
             log.debug("batch_read", seq=seq, rows=len(batch.ids) if batch else 0)
             if batch is None:
                 break
-            texts = [batch.texts[i] for i in batch.present]
+            texts = batch.present_texts
             window.append((batch, self.feed.submit(texts) if texts else None))
             rows += len(texts)
             if rows >= self.feed.window_rows:
@@ -160,6 +146,7 @@ class _RangeRun:
 
     def _encode(self, window: list[tuple[Batch, Any]]) -> list[Batch] | None:
         pending = [p for _, p in window if p is not None]
+        encoded: Sequence[np.ndarray | None] | None
         try:
             encoded = self.feed.encode(pending, self.ctx.stop) if pending else []
         except ReembedError:  # the run's own failures (a dead tokenizer process): not a row's fault
@@ -202,40 +189,9 @@ class _RangeRun:
     def _commit(self, batch: Batch, conn: db.Held) -> None:
         """The batch's vectors where each row is unchanged since the read, the rows that changed
         recorded for catch-up (not counted as done), the failed rows, the cursor: one transaction."""
-        assert batch.vectors is not None
-        ctx, rng, worker = self.ctx, self.rng, self.worker
-        started = time.monotonic()
-        attempts = 0
-        counts = (0, 0)
-
-        def body(conn: psycopg.Connection[Any]) -> None:
-            nonlocal attempts, counts
-            attempts += 1
-            if attempts > 1:
-                turns.wait(batch.seq)  # the batches before this one are committed: the cursor is theirs
-            if attempts > 1 and self._already_committed(conn, batch):
-                # It landed before the connection went; what it wrote is not known here (the
-                # rows that had changed are in reembed_changes either way): count it as read.
-                counts = (len(batch.present) - len(batch.failed), batch.skipped)
-                return
-            written = self.writer.write(conn, batch.ids, batch.vectors, batch.xmins)  # type: ignore[arg-type]
-            changed = [t for t in batch.id_texts if t not in written]
-            ckpt.record_changed(conn, ctx.active, changed)
-            if batch.failed:
-                failures.record(conn, ctx.active, batch)
-            rows = sum(1 for i, t in enumerate(batch.id_texts)
-                       if t in written and batch.texts[i] is not None and i not in batch.failed)
-            skipped = sum(1 for i, t in enumerate(batch.id_texts) if t in written and batch.texts[i] is None)
-            turns.wait(batch.seq)  # the cursor moves, and commits, in key order
-            ckpt.advance(conn, rng, to_id=batch.last_id, rows=rows, skipped=skipped, rate=self.progress.rate)
-            counts = (rows, skipped)
-            if changed:
-                log.info("rows_changed_under_the_job", count=len(changed), ids=changed[:10],
-                         detail="not overwritten; re-embedded by catch-up")
-
-        turns = self.writers.turns
-        ctx.lease.write(body, on=conn, what="commit_batch")
-        rows, skipped = counts
+        started, turns = time.monotonic(), self.writers.turns
+        rows, skipped = self.ctx.lease.write_attempt(self._commit_body, batch, turns, on=conn, what="commit_batch")
+        rng, worker = self.rng, self.worker
         rng.last_id = batch.last_id
         rng.rows_done += rows
         rng.rows_skipped += skipped
@@ -247,11 +203,32 @@ class _RangeRun:
                   commit_secs=round(time.monotonic() - started, 4))
         turns.done(batch.seq)
 
+    def _commit_body(self, conn: psycopg.Connection[Any], attempt: int, batch: Batch,
+                     turns: Turns) -> tuple[int, int]:
+        """(rows, skipped) of one attempt at the batch's transaction."""
+        if attempt > 1:
+            turns.wait(batch.seq)  # the batches before this one are committed: the cursor is theirs
+            if self._already_committed(conn, batch):
+                # It landed before the connection went; what it wrote is not known here (the
+                # rows that had changed are in reembed_changes either way): count it as read.
+                return len(batch.present) - len(batch.failed), batch.skipped
+        written = commit_batch(conn, self.ctx.active, self.writer, batch,
+                               advance=functools.partial(self._advance, batch, turns))
+        if written.changed:
+            log.info("rows_changed_under_the_job", count=len(written.changed), ids=written.changed[:10],
+                     detail="not overwritten; re-embedded by catch-up")
+        return written.rows, written.skipped
+
+    def _advance(self, batch: Batch, turns: Turns, conn: psycopg.Connection[Any], written: Written) -> None:
+        """The range's cursor, in key order: once every earlier batch committed."""
+        turns.wait(batch.seq)
+        ckpt.advance(conn, self.rng, to_id=batch.last_id, rows=written.rows, skipped=written.skipped,
+                     rate=self.progress.rate)
+
     def _finish(self) -> None:
         """Every row of the range is done: close it."""
         self.writers.drain()
-        self.ctx.lease.write(lambda conn: ckpt.finish_range(conn, self.rng), on=self.writers.primary,
-                             what="finish_range")
+        self.ctx.lease.write(ckpt.finish_range, self.rng, on=self.writers.primary, what="finish_range")
         log.info("range_complete", range_no=self.rng.range_no, rows_done=self.rng.rows_done)
 
     def _already_committed(self, conn: psycopg.Connection[Any], batch: Batch) -> bool:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,8 +37,6 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.rows import dict_row
-
-import warnings
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")  # the embedded server's platformdirs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,8 +122,8 @@ class Bench:
                 " dimension int NOT NULL, model_hash text NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),"
                 " updated_at timestamptz NOT NULL DEFAULT now())"
             )
-            conn.execute("INSERT INTO embedding_model (id, model_name, dimension, model_hash) VALUES (1, 'old', %s, 'x')",
-                         (old_dim,))
+            conn.execute("INSERT INTO embedding_model (id, model_name, dimension, model_hash)"
+                         " VALUES (1, 'old', %s, 'x')", (old_dim,))
             with conn.cursor() as cur, cur.copy(
                 "COPY knowledge_nodes (id, content, embedding) FROM STDIN (FORMAT BINARY)"
             ) as copy:
@@ -157,9 +156,11 @@ class Bench:
         if kind == "static":
             return fastmodel.save_static_model(path, tokenizer_dir=skeleton, dim=384)
         if kind == "minilm-random":
-            return fastmodel.save_random_bert(path, skeleton=skeleton, hidden=384, layers=6, heads=12, intermediate=1536)
+            return fastmodel.save_random_bert(path, skeleton=skeleton, hidden=384, layers=6, heads=12,
+                                              intermediate=1536)
         if kind == "bert-random":
-            return fastmodel.save_random_bert(path, skeleton=skeleton, hidden=768, layers=12, heads=12, intermediate=3072)
+            return fastmodel.save_random_bert(path, skeleton=skeleton, hidden=768, layers=12, heads=12,
+                                              intermediate=3072)
         raise SystemExit(f"unknown model {kind}")
 
     def skeleton(self) -> Path:
@@ -392,7 +393,7 @@ class Bench:
             from reembed.context import writer_count
             from reembed.settings import RunOptions
 
-            writers = writer_count(RunOptions(), emb)
+            writers = writer_count(RunOptions(), emb.device)
             if writers > 1:  # the job's own writer count: its write ceiling
                 with self.database(name) as dsn:
                     figures["write_only"] = round(self.write_parallel(dsn, dim, writers))
@@ -473,7 +474,6 @@ class Bench:
         run 3x as fast as one core tokenises. The job with two tokenizer processes against the same
         device fed by one core (tokenisation in this process)."""
         import fastmodel
-
         from reembed.feed import TokenFeed
         from reembed.signals import StopSignal
 
@@ -498,7 +498,8 @@ class Bench:
                 runs = [self.end_to_end(name, emb, pipeline=True, tokenizer_workers=workers) for _ in range(2)]
                 figures[label] = max(r["rows_per_sec"] for r in runs)
         figures["processes_over_one_core"] = round(figures["fed_by_2_processes"] / one_core, 3)
-        figures["processes_over_this_process"] = round(figures["fed_by_2_processes"] / figures["fed_by_this_process"], 3)
+        figures["processes_over_this_process"] = round(
+            figures["fed_by_2_processes"] / figures["fed_by_this_process"], 3)
         return figures
 
     def section_hnsw(self) -> None:
@@ -662,7 +663,8 @@ class Bench:
                             name, dim = conn.execute("SELECT model_name, dimension FROM embedding_model"
                                                      " WHERE id = 1 FOR SHARE").fetchone()
                             text = f"app {rng.integers(1 << 30)} " + " ".join(rng.choice(WORDS, size=8))
-                            vec = emb.encode([text])[0] if name == "static" else rng.standard_normal(dim).astype(np.float32)
+                            vec = (emb.encode([text])[0] if name == "static"
+                               else rng.standard_normal(dim).astype(np.float32))
                             w0 = time.perf_counter()
                             conn.execute("INSERT INTO knowledge_nodes (id, content, embedding) VALUES (%s, %s, %s)",
                                          (uuid.uuid4(), text, vec))
@@ -674,7 +676,8 @@ class Bench:
         writer = threading.Thread(target=application, daemon=True)
         writer.start()
         settings = Settings(target=Target(dsn=dsn), model=ModelSpec(model="bench"),
-                            options=RunOptions(batch_size=self.args.batch_size, confirm_seconds=0, progress_interval=3600))
+                            options=RunOptions(batch_size=self.args.batch_size, confirm_seconds=0,
+                                               progress_interval=3600))
         report = run(settings, embedder=emb).as_dict()
         stop.set()
         writer.join()
@@ -690,7 +693,8 @@ class Bench:
             with self.database() as dsn:
                 self.fill(dsn, rows=rows, dim=64, content=texts(5000), old_dim=64, index=False)
                 cmd = [sys.executable, "-m", "reembed", "run", "--dsn", dsn, "--model", str(model), "--no-confirm",
-                       "--batch-size", str(self.args.batch_size), "--log-level", "warning", "--device", self.args.device]
+                       "--batch-size", str(self.args.batch_size), "--log-level", "warning",
+                       "--device", self.args.device]
                 proc = subprocess.Popen(cmd, cwd=self.args.data, stdout=subprocess.DEVNULL)
                 _, status, usage = os.wait4(proc.pid, 0)
                 proc.returncode = os.waitstatus_to_exitcode(status)
@@ -748,7 +752,8 @@ def render(results: dict[str, Any]) -> str:
                      f"{h['defaults_secs']} s; sized "
                      f"({h['sized_maintenance_work_mem_mb']} MB, {h['sized_workers']} workers) {h['sized_secs']} s; "
                      f"speed-up {h['speedup']}x")
-        lines.append(f"  CONCURRENTLY, sized: {h['sized_concurrent_secs']} s ({h['concurrent_over_plain']}x the plain build)")
+        lines.append(f"  CONCURRENTLY, sized: {h['sized_concurrent_secs']} s "
+                     f"({h['concurrent_over_plain']}x the plain build)")
         lines.append(f"  same dimension after a full update: build {h['same_dim_build_secs_no_vacuum']} s; "
                      f"VACUUM (ANALYZE) + build {h['same_dim_build_secs_with_vacuum_analyze']} s")
     if "live" in results:
@@ -763,8 +768,9 @@ def render(results: dict[str, Any]) -> str:
                      f"{w['content_rows_per_sec']} (xmin/content {w['xmin_over_content']})")
         for key in ("cut_over_384_to_384", "cut_over_64_to_384"):
             c = lv[key]
-            lines.append(f"  {key}: writers held off {c['writers_held_secs']} s; application: {c['app_writes']} writes, "
-                         f"{c['app_errors']} errors, longest {c['app_longest_write_secs']} s; caught up {c['catch_up_rows']} rows")
+            lines.append(f"  {key}: writers held off {c['writers_held_secs']} s; "
+                         f"application: {c['app_writes']} writes, {c['app_errors']} errors, "
+                         f"longest {c['app_longest_write_secs']} s; caught up {c['catch_up_rows']} rows")
     if "peak_rss_mb" in results:
         r = results["peak_rss_mb"]
         rows = [k for k in r if k != "growth_mb"]

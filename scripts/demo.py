@@ -15,10 +15,9 @@ import subprocess
 import sys
 import sysconfig
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
-
-import warnings
 
 import numpy as np
 import psycopg
@@ -116,12 +115,15 @@ def demo(args: argparse.Namespace, server: Any, minilm: Path) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute((ROOT / "sql" / "demo.sql").read_text())
         register_vector(conn)
-        with conn.cursor() as cur, cur.copy("COPY knowledge_nodes (id, content, source, embedding) FROM STDIN (FORMAT BINARY)") as copy:
+        copy_in = "COPY knowledge_nodes (id, content, source, embedding) FROM STDIN (FORMAT BINARY)"
+        with conn.cursor() as cur, cur.copy(copy_in) as copy:
             copy.set_types(["uuid", "text", "text", "vector"])
             for (name, text), vec in zip(rows, vectors, strict=True):
-                copy.write_row((uuid.uuid5(uuid.NAMESPACE_URL, f"{name}\n{text}"), text, name, np.asarray(vec, dtype=np.float32)))
+                key = uuid.uuid5(uuid.NAMESPACE_URL, f"{name}\n{text}")
+                copy.write_row((key, text, name, np.asarray(vec, dtype=np.float32)))
         conn.execute(
-            "INSERT INTO embedding_model (id, model_name, dimension, model_hash) VALUES (1, 'demo/old-static-64d', 64, 'sha256:old')"
+            "INSERT INTO embedding_model (id, model_name, dimension, model_hash)"
+            " VALUES (1, 'demo/old-static-64d', 64, 'sha256:old')"
         )
         conn.execute("ANALYZE knowledge_nodes")
 
@@ -147,9 +149,11 @@ def demo(args: argparse.Namespace, server: Any, minilm: Path) -> int:
     with psycopg.connect(dsn) as conn:
         register_vector(conn)
         conn.execute("SET enable_seqscan = off")  # answer through the HNSW index
-        plan = conn.execute("EXPLAIN SELECT id FROM knowledge_nodes ORDER BY embedding <=> %s LIMIT 5", (probe,)).fetchall()
+        plan = conn.execute("EXPLAIN SELECT id FROM knowledge_nodes ORDER BY embedding <=> %s LIMIT 5",
+                            (probe,)).fetchall()
         hits = conn.execute(
-            "SELECT source, content, embedding <=> %s AS distance FROM knowledge_nodes ORDER BY embedding <=> %s LIMIT 5",
+            "SELECT source, content, embedding <=> %s AS distance FROM knowledge_nodes"
+            " ORDER BY embedding <=> %s LIMIT 5",
             (probe, probe),
         ).fetchall()
     used = next((line[0].strip() for line in plan if "Index Scan" in line[0]), "no index scan?")

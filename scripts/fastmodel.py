@@ -60,7 +60,8 @@ def save_random_bert(
 
     copy_skeleton(skeleton, path)
     config = json.loads((path / "config.json").read_text())
-    config.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate)
+    config.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=intermediate)
     torch.manual_seed(seed)
     BertModel(BertConfig(**config)).save_pretrained(str(path), safe_serialization=True)
     pooling = json.loads((path / "1_Pooling" / "config.json").read_text())

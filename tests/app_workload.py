@@ -71,7 +71,8 @@ def main() -> int:
         op = rng.choice(["insert", "edit", "delete", "null_insert"], p=[0.4, 0.4, 0.1, 0.1])
         try:
             with conn.transaction():
-                name, dim = conn.execute("SELECT model_name, dimension FROM embedding_model WHERE id = 1 FOR SHARE").fetchone()
+                name, dim = conn.execute("SELECT model_name, dimension FROM embedding_model"
+                                         " WHERE id = 1 FOR SHARE").fetchone()
                 new = name == args.new_name
                 if new and op == "null_insert":  # NULL embeddings are for reembed to fill: during a job only
                     op = "insert"
@@ -80,7 +81,8 @@ def main() -> int:
                 if op in ("insert", "null_insert"):
                     key: Any = uuid.uuid4() if args.id_type == "uuid" else next_id
                     next_id += 1
-                    conn.execute("INSERT INTO knowledge_nodes (id, content, source, embedding) VALUES (%s, %s, 'app', %s)",
+                    conn.execute("INSERT INTO knowledge_nodes (id, content, source, embedding)"
+                                 " VALUES (%s, %s, 'app', %s)",
                                  (key, text, None if op == "null_insert" else vec))
                 else:
                     # SKIP LOCKED: a row some other transaction holds is left alone, as a queue-like

@@ -8,9 +8,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import make_table, snapshot
 
 from reembed.cli import main
+from support.database import make_table, snapshot
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -85,7 +85,8 @@ def test_bad_target_exits_2_with_one_line_and_writes_nothing(
 
 def _composite(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE knowledge_nodes (a int, b int, content text, embedding vector(4), PRIMARY KEY (a, b))")
+        conn.execute("CREATE TABLE knowledge_nodes (a int, b int, content text, embedding vector(4),"
+                     " PRIMARY KEY (a, b))")
         conn.execute("INSERT INTO knowledge_nodes VALUES (1, 1, 'x', '[1,2,3,4]')")
 
 

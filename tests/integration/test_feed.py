@@ -1,7 +1,6 @@
-"""The encoder's feed: tokenizer processes and token-budget batches give exactly the vectors of
-SentenceTransformer.encode, in each transaction's order; a model the fast path cannot build
-falls back to the model's own stages with one log line; a dead tokenizer process fails the
-run cleanly; a Ctrl-C leaves no process behind."""
+"""The encoder's feed in a run: a dead tokenizer process fails the run cleanly; a Ctrl-C leaves
+no process behind; with a simulated device the next rows are tokenised while it runs. (The
+feed's exactness, without a database: tests/unit/test_feed_exact.py.)"""
 
 from __future__ import annotations
 
@@ -10,181 +9,16 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 import pytest
-import structlog
-from corpus import docstrings
-from fastmodel import save_variant, simulated_forward
-from helpers import (
-    assert_checkpoint_agrees_with_data,
-    cli_run_args,
-    events,
-    job_rows_done,
-    last_report,
-    make_table,
-    one,
-    run_cli,
-    spawn,
-    wait_exit,
-    wait_for,
-)
 
-from reembed.signals import StopSignal
+from support.database import assert_checkpoint_agrees_with_data, job_rows_done, make_table, one
+from support.models import embedder as _embedder
+from support.models import texts as _texts
+from support.processes import cli_run_args, events, last_report, run_cli, spawn, wait_exit, wait_for
+from support.scripts import fastmodel
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
-
-ODD = ["", " ", "Ünïcödé ÀCCENTS and CamelCase", "日本語のテキストと絵文字 🎉", "x" * 5000,
-       "word " * 600, "tab\tand\nnewlines\r\n"]
-
-
-def _texts(n: int) -> list[str]:
-    return ODD + docstrings(limit=n - len(ODD), seed=3)
-
-
-@pytest.fixture(scope="module")
-def variants(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path, static_model_dir: Any) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("variants")
-    return {
-        "minilm": minilm_path,
-        "cls-pooling": save_variant(base / "cls", base=minilm_path, pooling="cls", normalize=False),
-        "dense": save_variant(base / "dense", base=minilm_path, pooling="mean", dense=96),
-        "static": static_model_dir(64),
-    }
-
-
-def _embedder(path: Path, prefix: str = "", **kw: Any) -> Any:
-    from reembed.embedder import SentenceTransformerEmbedder
-    from reembed.settings import ModelSpec
-
-    return SentenceTransformerEmbedder(ModelSpec(model=str(path), device="cpu", prefix=prefix), **kw)
-
-
-def _through_feed(feed: Any, texts: list[str], per_batch: int) -> np.ndarray:
-    pending = [feed.submit(texts[i: i + per_batch]) for i in range(0, len(texts), per_batch)]
-    out = feed.encode(pending, StopSignal())
-    assert out is not None and [len(v) for v in out] == [len(texts[i: i + per_batch]) for i in range(0, len(texts), per_batch)]
-    return np.concatenate(out)
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine; two zero vectors (a static model's empty text) count as equal."""
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-12)
-    return np.where((na == 0) & (nb == 0), 1.0, cos)
-
-
-@pytest.mark.parametrize(("kind", "prefix"), [("minilm", ""), ("cls-pooling", ""), ("dense", ""),
-                                              ("minilm", "search_document: "), ("static", "")])
-def test_the_feed_gives_encodes_vectors_in_each_transactions_order(
-    variants: dict[str, Path], kind: str, prefix: str
-) -> None:
-    from reembed.feed import TokenFeed
-
-    emb = _embedder(variants[kind], prefix)
-    texts = _texts(300)
-    # A small budget and window: many device batches, each mixing rows of several transactions.
-    feed = emb.feed(workers=2, max_batch_tokens=2048, window_rows=300)
-    assert isinstance(feed, TokenFeed)
-    try:
-        got = _through_feed(feed, texts, per_batch=37)
-        assert feed.checked and feed.inexact is None
-    finally:
-        feed.close()
-    want = emb.model.encode([prefix + t for t in texts], convert_to_numpy=True)
-    assert got.shape == want.shape == (len(texts), emb.signature.dimension)
-    cos = _cosines(got, want)
-    assert cos.min() >= 0.9999, (kind, int(cos.argmin()), texts[int(cos.argmin())][:80])
-
-
-def test_widths_are_multiples_of_8_and_batches_keep_to_the_token_budget(minilm_path: Path) -> None:
-    emb = _embedder(minilm_path)
-    shapes: list[tuple[int, int]] = []
-    forward = emb.model.forward
-
-    def recording(features: Any, **kw: Any) -> Any:
-        shapes.append(tuple(features["input_ids"].shape))
-        return forward(features, **kw)
-
-    emb.model.forward = recording
-    feed = emb.feed(workers=0, max_batch_tokens=1024, window_rows=200)
-    try:
-        _through_feed(feed, _texts(200), per_batch=50)
-    finally:
-        feed.close()
-    assert len(shapes) > 5
-    for rows, width in shapes:
-        assert width % 8 == 0 or width == 256  # the model's max length is its own cap
-        assert rows * width <= 1024 or rows == 1
-    widths = [w for _, w in shapes]
-    assert widths == sorted(widths, reverse=True)  # one window, longest first
-
-
-def test_a_model_the_fast_path_cannot_build_falls_back_with_one_line_saying_why(
-    tmp_path: Path, minilm_path: Path
-) -> None:
-    from reembed.feed import BatchFeed
-
-    truncating = save_variant(tmp_path / "kw", base=minilm_path)
-    config = json.loads((truncating / "sentence_bert_config.json").read_text())
-    config["processing_kwargs"] = {"text": {"max_length": 16}}
-    (truncating / "sentence_bert_config.json").write_text(json.dumps(config))
-    emb = _embedder(truncating)
-    with structlog.testing.capture_logs() as logs:
-        feed = emb.feed(workers=1)
-    assert isinstance(feed, BatchFeed)
-    lines = [e for e in logs if e["event"] == "fast_feed_fallback"]
-    assert len(lines) == 1 and "processing_kwargs" in lines[0]["reason"]
-    texts = _texts(40)
-    got = _through_feed(feed, texts, per_batch=16)
-    feed.close()
-    want = emb.model.encode(texts, convert_to_numpy=True)  # the model's own truncation at 16 tokens
-    assert _cosines(got, want).min() >= 0.9999
-
-
-def test_tokens_that_differ_from_the_models_own_are_caught_and_the_run_falls_back(minilm_path: Path) -> None:
-    from dataclasses import replace
-
-    from reembed.feed import TokenFeed
-
-    emb = _embedder(minilm_path)
-    feed = emb.feed(workers=0)
-    assert isinstance(feed, TokenFeed)
-    feed.close()
-    wrong = TokenFeed(emb, replace(feed.spec, max_length=32), workers=0, max_batch_tokens=4096,
-                      max_rows=None, window_rows=64)
-    texts = _texts(80)
-    with structlog.testing.capture_logs() as logs:
-        got = _through_feed(wrong, texts, per_batch=40)
-    wrong.close()
-    lines = [e for e in logs if e["event"] == "fast_feed_fallback"]
-    assert len(lines) == 1 and "tokenised differently" in lines[0]["reason"]
-    assert _cosines(got, emb.model.encode(texts, convert_to_numpy=True)).min() >= 0.9999
-
-
-def test_where_no_process_can_be_started_tokenisation_runs_in_this_process_said_once(
-    minilm_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import errno
-    from multiprocessing.context import SpawnProcess
-
-    from reembed.feed import TokenFeed
-
-    def refused(*_: Any, **__: Any) -> Any:  # what spawning raises on a host out of processes
-        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
-
-    monkeypatch.setattr(SpawnProcess, "_Popen", staticmethod(refused))
-    emb = _embedder(minilm_path)
-    with structlog.testing.capture_logs() as logs:
-        feed = emb.feed(workers=2)
-    assert isinstance(feed, TokenFeed) and feed.pool.workers == 0
-    assert [e["event"] for e in logs].count("tokenizer_processes_unavailable") == 1
-    texts = _texts(60)
-    try:
-        got = _through_feed(feed, texts, per_batch=25)
-    finally:
-        feed.close()
-    assert _cosines(got, emb.model.encode(texts, convert_to_numpy=True)).min() >= 0.9999
 
 
 # ------------------------------------------------------------------ processes
@@ -194,7 +28,8 @@ ROWS, BATCH = 960, 32
 
 def _tokenizer_workers(pid: int) -> list[psutil.Process]:
     kids = psutil.Process(pid).children(recursive=True)
-    return [k for k in kids if "spawn_main" in " ".join(k.cmdline()) and "resource_tracker" not in " ".join(k.cmdline())]
+    return [k for k in kids
+            if "spawn_main" in " ".join(k.cmdline()) and "resource_tracker" not in " ".join(k.cmdline())]
 
 
 def test_a_killed_tokenizer_process_fails_the_run_cleanly_and_a_rerun_resumes(
@@ -250,9 +85,8 @@ def test_with_a_simulated_device_the_next_rows_are_tokenised_while_the_device_ru
     import threading
     import time
 
-    from helpers import job_settings
-
     from reembed.job import run
+    from support.fakes import job_settings
 
     texts = _texts(320)
     make_table(dsn, rows=320, old_dim=384, content=lambda i: texts[i])
@@ -277,7 +111,7 @@ def test_with_a_simulated_device_the_next_rows_are_tokenised_while_the_device_ru
         return feed
 
     emb.feed = recording_feed
-    emb.model.forward = simulated_forward(2e-5, 384, busy)
+    emb.model.forward = fastmodel.simulated_forward(2e-5, 384, busy)
     report = run(job_settings(dsn, batch_size=32, window_rows=64, tokenizer_workers=2, max_batch_tokens=2048),
                  embedder=emb)
     assert report.state == "done" and report.rows_updated == 320

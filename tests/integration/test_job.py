@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import (
-    Application,
-    Background,
-    Gate,
-    HashEmbedder,
-    fetch,
-    job_settings,
-    keys,
-    make_table,
-    one,
-    snapshot,
-    stopping_after,
-    wait_for,
-)
 
 from reembed.errors import ConfigError
 from reembed.job import run
 from reembed.settings import ModelSpec, RunOptions, Settings, Target
 from reembed.signals import StopSignal
+from support.database import Application, fetch, keys, make_table, one, snapshot, writer_waiting
+from support.fakes import Gate, HashEmbedder, job_settings, stopping_after
+from support.models import assert_rows_hold_the_models_vectors
+from support.processes import Background, wait_for
 
 
 def settings(dsn: str, model: str = "unused", **opts: Any) -> Settings:
@@ -43,14 +34,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.model
-def test_every_stored_vector_is_the_models_encoding_of_its_content(dsn: str, minilm: Any) -> None:
-    make_table(dsn, rows=120, old_dim=384)
+def test_every_stored_vector_is_the_models_encoding_of_its_content(dsn: str, minilm: Any, minilm_path: Path) -> None:
+    make_table(dsn, rows=120, old_dim=384, null_every=9)
     report = run(settings(dsn, batch_size=32), embedder=minilm)
-    assert report.state == "done" and report.rows_updated == 120
-    rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
-    expected = minilm.encode([r["content"] for r in rows])
-    for row, want in zip(rows, expected, strict=True):
-        assert cosine(parse_vec(row["e"]), want) > 0.999, row["content"]
+    assert report.state == "done" and report.rows_updated == 120 - 14
+    assert assert_rows_hold_the_models_vectors(dsn, minilm_path) == 120 - 14  # SentenceTransformer.encode's
 
 
 @pytest.mark.model
@@ -115,7 +103,7 @@ def test_any_orderable_single_column_key_is_walked_completely(dsn: str, id_type:
     emb = HashEmbedder(32)
     report = run(settings(dsn, batch_size=10), embedder=emb)
     assert report.rows_updated == 95
-    from helpers import hash_vector
+    from support.fakes import hash_vector
 
     for row in fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes"):
         assert cosine(parse_vec(row["e"]), hash_vector(row["content"], 32)) > 0.9999
@@ -137,16 +125,30 @@ def test_rerun_after_completion_is_a_noop_that_writes_nothing(dsn: str) -> None:
     assert fetch(dsn, "SELECT * FROM reembed_checkpoint") == jobs
 
 
+def _job_state(dsn: str) -> dict[str, Any]:
+    """The job's rows, its ranges, its captured changes and the triggers on the table."""
+    return {
+        "jobs": fetch(dsn, "SELECT * FROM reembed_checkpoint ORDER BY job_id"),
+        "ranges": fetch(dsn, "SELECT * FROM reembed_checkpoint_range ORDER BY job_id, range_no"),
+        "changes": fetch(dsn, "SELECT * FROM reembed_changes ORDER BY job_id, row_id"),
+        "triggers": fetch(dsn, "SELECT tgname, tgenabled FROM pg_trigger"
+                               " WHERE tgrelid = 'knowledge_nodes'::regclass AND NOT tgisinternal ORDER BY tgname"),
+    }
+
+
 def test_different_target_is_refused_while_a_job_is_active(dsn: str) -> None:
     make_table(dsn, rows=50)
     stop = StopSignal()
     first = stopping_after(HashEmbedder(32), stop, calls=2)
     stopped = run(settings(dsn, batch_size=10, pipeline=False), embedder=first, stop=stop)
     assert stopped.exit_code == 130
-    before = snapshot(dsn)
+    before, job_before = snapshot(dsn), _job_state(dsn)
+    assert [t["tgname"] for t in job_before["triggers"]] == ["reembed_capture_1_ins", "reembed_capture_1_upd"]
+    assert job_before["jobs"][0]["state"] == "embedding" and job_before["ranges"][0]["rows_done"] == 20
     with pytest.raises(ConfigError, match=r"re-run with that model to resume it, or pass --abandon-active"):
         run(settings(dsn, batch_size=10), embedder=HashEmbedder(16))
     assert snapshot(dsn) == before
+    assert _job_state(dsn) == job_before  # the job, its cursor, its capture: untouched
 
 
 def test_abandon_active_drops_the_old_job_and_re_embeds_everything_with_the_new_model(dsn: str) -> None:
@@ -178,16 +180,24 @@ def test_plan_writes_nothing_and_reports_what_run_would_do(dsn: str) -> None:
 
 
 def test_stop_request_commits_the_batch_in_flight_and_a_rerun_resumes_exactly_there(dsn: str) -> None:
-    make_table(dsn, rows=100, old_dim=32)
+    make_table(dsn, rows=100, old_dim=32, with_index=False)  # prepare takes no lock the held row blocks
+    ids = keys(dsn)
     stop = StopSignal()
-    emb = stopping_after(HashEmbedder(32), stop, calls=4)
-    report = run(settings(dsn, batch_size=10), embedder=emb, stop=stop)
+    with Application(dsn) as app:
+        app.hold_row(ids[35])  # the fourth batch (rows 30-39) is being written when the stop comes
+        job = Background(lambda: run(settings(dsn, batch_size=10), embedder=HashEmbedder(32), stop=stop))
+        wait_for(lambda: writer_waiting(dsn) or job.error, timeout=60, what="the writer of the fourth batch")
+        assert one(dsn, "SELECT rows_done FROM reembed_checkpoint_range") == 30
+        stop.request("SIGINT")  # later batches may be encoded already: none of them commits
+    job.join(timeout=60)
+    assert job.error is None, job.error
+    report = job.result
     assert report.state == "stopped" and report.exit_code == 130
     last_id = one(dsn, "SELECT last_id FROM reembed_checkpoint_range")
     done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
-    assert done == report.rows_updated and done % 10 == 0 and 0 < done < 100
+    assert done == report.rows_updated == 40 and last_id == str(ids[39])
     # data and checkpoint agree exactly: new vectors on exactly the rows up to last_id
-    from helpers import hash_vector
+    from support.fakes import hash_vector
 
     rows = fetch(dsn, "SELECT id::text AS id, content, embedding::text AS e FROM knowledge_nodes ORDER BY id")
     new = [cosine(parse_vec(r["e"]), hash_vector(r["content"], 32)) > 0.9999 for r in rows]
@@ -210,24 +220,37 @@ def test_dimension_mismatch_is_refused_before_any_write(dsn: str) -> None:
     assert snapshot(dsn) == before
 
 
+def _index(dsn: str) -> dict[str, Any]:
+    """The HNSW index as the catalogs have it: which relation (oid), which file, what, and valid."""
+    return fetch(dsn, "SELECT c.oid, c.relfilenode, pg_get_indexdef(c.oid) AS def, i.indisvalid AS valid"
+                      " FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid"
+                      " WHERE c.relname = 'idx_knowledge_nodes_embedding_hnsw'")[0]
+
+
 def test_same_dimension_keeps_typmod_and_rebuilds_index(dsn: str) -> None:
     make_table(dsn, rows=40, old_dim=32)
+    before = _index(dsn)
     report = run(settings(dsn, batch_size=16), embedder=HashEmbedder(32))
     assert report.state == "done"
     after = snapshot(dsn)
     assert after["column"] == "vector(32)"
-    assert after["indexes"][0]["indexname"] == "idx_knowledge_nodes_embedding_hnsw"
-    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == ["cut_over", "drop_capture", "build_index", "done"]
+    index = _index(dsn)
+    assert index["oid"] != before["oid"]  # dropped at prepare, built anew at the end
+    assert index["def"] == before["def"] and index["valid"]
+    steps = one(dsn, "SELECT finalize_steps FROM reembed_checkpoint")
+    assert steps == ["cut_over", "drop_capture", "build_index", "done"]
 
 
 def test_keeping_the_index_through_the_writes_reindexes_it_at_the_end(dsn: str) -> None:
     make_table(dsn, rows=40, old_dim=32)
-    oid_before = one(dsn, "SELECT 'idx_knowledge_nodes_embedding_hnsw'::regclass::oid")
+    before = _index(dsn)
     report = run(settings(dsn, batch_size=16, drop_hnsw_first=False, concurrent_index=False), embedder=HashEmbedder(32))
     assert report.state == "done"
     assert one(dsn, "SELECT index_dropped FROM reembed_checkpoint") is False
-    assert one(dsn, "SELECT 'idx_knowledge_nodes_embedding_hnsw'::regclass::oid") == oid_before
-    assert one(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_knowledge_nodes_embedding_hnsw'::regclass")
+    index = _index(dsn)
+    assert index["oid"] == before["oid"]  # the same index, kept through the writes ...
+    assert index["relfilenode"] != before["relfilenode"]  # ... and REINDEXed into a new file at the end
+    assert index["def"] == before["def"] and index["valid"]
 
 
 def test_an_empty_table_finalizes_straight_away(dsn: str) -> None:

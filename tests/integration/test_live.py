@@ -8,67 +8,55 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
-from helpers import (
-    Application,
-    Background,
-    Gate,
-    HashEmbedder,
-    cli_env,
-    cli_run_args,
-    events,
-    fetch,
-    job_rows_done,
-    job_settings,
-    keys,
-    last_report,
-    make_table,
-    one,
-    run_cli,
-    spawn,
-    wait_for,
-    writer_waiting,
-)
 
 from reembed.job import run
 from reembed.settings import ModelSpec, RunOptions, Settings, Target
+from support.database import Application, fetch, job_rows_done, keys, make_table, one, writer_waiting
+from support.fakes import Gate, HashEmbedder
+from support.fakes import job_settings as settings
+from support.models import assert_rows_hold_the_models_vectors
+from support.processes import (
+    BATCH,
+    ROWS,
+    Background,
+    cli_args,
+    cli_env,
+    cli_run_args,
+    events,
+    last_report,
+    run_cli,
+    spawn,
+    wait_for,
+)
 
-ROWS = 480
-BATCH = 16
 APP = Path(__file__).resolve().parent.parent / "app_workload.py"
 
 
-settings = job_settings
-cli_args = partial(cli_run_args, batch=BATCH, window=BATCH)  # these tests act between two commits
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def assert_every_row_is_the_new_encoding_of_its_current_content(dsn: str, model: Any, dim: int) -> int:
-    rows = fetch(dsn, "SELECT id::text AS id, content, embedding::text AS e FROM knowledge_nodes")
-    assert rows
-    want = model.encode([r["content"] for r in rows])
-    stale = [(r["id"], r["content"][:40], None if r["e"] is None else len(json.loads(r["e"])))
-             for r, w in zip(rows, want, strict=True)
-             if r["e"] is None or len(json.loads(r["e"])) != dim or cosine(np.array(json.loads(r["e"])), w) <= 0.999]
-    assert stale == [], f"{len(stale)} of {len(rows)} rows hold no vector, an old one, or one of older content"
-    return len(rows)
+def assert_every_row_is_the_new_encoding_of_its_current_content(dsn: str, model: Path) -> int:
+    """SentenceTransformer.encode of each row's current content, element by element."""
+    return assert_rows_hold_the_models_vectors(dsn, model)
 
 
 def assert_final(dsn: str, dim: int, model_name: str, *, index: bool = True) -> None:
     assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
                     "'knowledge_nodes'::regclass AND attname = 'embedding'") == f"vector({dim})"
     if index:
-        assert one(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_knowledge_nodes_embedding_hnsw'::regclass")
+        assert one(dsn, "SELECT indisvalid FROM pg_index"
+                        " WHERE indexrelid = 'idx_knowledge_nodes_embedding_hnsw'::regclass")
     assert one(dsn, "SELECT model_name FROM embedding_model") == model_name
     assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%'") == 0
     assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reembed_capture_%%'") == 0
@@ -140,7 +128,7 @@ def test_an_application_writing_throughout_loses_nothing_and_leaves_nothing_stal
     assert report["writers_held_secs"] < 5.0
     assert events(log, "catch_up_done")
     assert_final(dsn, 384, name)
-    assert_every_row_is_the_new_encoding_of_its_current_content(dsn, minilm, 384)
+    assert_every_row_is_the_new_encoding_of_its_current_content(dsn, minilm_path)
 
 
 def test_a_row_edited_between_the_jobs_read_and_write_is_not_overwritten_and_is_caught_up(dsn: str) -> None:
@@ -155,11 +143,12 @@ def test_a_row_edited_between_the_jobs_read_and_write_is_not_overwritten_and_is_
     gate.open()
     worker.join(timeout=120)
     assert worker.error is None and worker.result.state == "done"
-    from helpers import hash_vector
+    from support.fakes import hash_vector
 
     (row,) = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes WHERE id = %s", (key,))
     assert row["content"] == "edited by the application"
-    assert cosine(np.array(json.loads(row["e"])), hash_vector("edited by the application", 32)) > 0.9999
+    np.testing.assert_allclose(np.array(json.loads(row["e"])), hash_vector("edited by the application", 32),
+                               rtol=1e-5, atol=1e-6)
     assert worker.result.rows_updated == 39  # the edited row did not count as done by the main pass
     assert one(dsn, "SELECT catchup_rows FROM reembed_checkpoint") == 1  # fewer than a batch: the cut-over did it
     assert one(dsn, "SELECT count(*) FROM reembed_changes") == 0
@@ -206,11 +195,20 @@ def _inside_the_cut_over(dsn: str, log: Path) -> None:
              timeout=120, what="the cut-over waiting on the application's row")
 
 
-def _assert_done_right(dsn: str, model: Path) -> None:
-    from sentence_transformers import SentenceTransformer
+@contextlib.contextmanager
+def _held_in_the_cut_over(dsn: str, workdir: Path, model: Path, *,
+                          lock_timeout: str) -> Iterator[tuple[Any, Path, Application]]:
+    """A run inside its cut-over (writers held off), its last catch-up waiting on a row an
+    application holds until the test ends it (or the cut-over's `lock_timeout` runs out)."""
+    with _paused_at_the_end(dsn, workdir, model, captured=BATCH // 2,
+                            extra=("--cut-over-lock-timeout", lock_timeout)) as (proc, log, holder):
+        _inside_the_cut_over(dsn, log)
+        yield proc, log, holder
 
+
+def _assert_done_right(dsn: str, model: Path) -> None:
     assert_final(dsn, 48, str(model), index=False)
-    assert_every_row_is_the_new_encoding_of_its_current_content(dsn, SentenceTransformer(str(model), device="cpu"), 48)
+    assert_every_row_is_the_new_encoding_of_its_current_content(dsn, model)
 
 
 def _holding_writers(dsn: str) -> int:
@@ -232,11 +230,10 @@ def _waiting_write(dsn: str) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["catch-up", "cut-over"])
 def test_sigkill_during_a_catch_up_pass_or_the_cut_over_then_a_rerun_finishes_right(
-    dsn: str, static_model_dir: Any, workdir: Path, phase: str
+    dsn: str, model48: Path, workdir: Path, phase: str
 ) -> None:
-    model = static_model_dir(48)
     captured = 3 * BATCH if phase == "catch-up" else BATCH // 2
-    with _paused_at_the_end(dsn, workdir, model, captured=captured,
+    with _paused_at_the_end(dsn, workdir, model48, captured=captured,
                             extra=("--cut-over-lock-timeout", "5s")) as (proc, log, _holder):
         if phase == "catch-up":
             wait_for(lambda: events(log, "catch_up_pass_started") and _waiting_write(dsn), timeout=120,
@@ -249,9 +246,41 @@ def test_sigkill_during_a_catch_up_pass_or_the_cut_over_then_a_rerun_finishes_ri
     assert job["state"] == "finalizing" and "cut_over" not in job["finalize_steps"]
     assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
     assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%' AND tgenabled <> 'D'") == 2
-    rerun = run_cli(cli_args(dsn, model), cwd=workdir)
+    rerun = run_cli(cli_args(dsn, model48), cwd=workdir)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _assert_done_right(dsn, model)
+    _assert_done_right(dsn, model48)
+
+
+@pytest.mark.slow
+def test_readers_never_wait_while_the_cut_over_holds_writers_off(
+    dsn: str, model48: Path, workdir: Path
+) -> None:
+    with _held_in_the_cut_over(dsn, workdir, model48, lock_timeout="60s") as (proc, log, holder):
+        key = one(dsn, "SELECT max(id) FROM knowledge_nodes")
+        reads = {
+            "scan": ("SELECT count(*), count(embedding) FROM knowledge_nodes", None),
+            "by key": ("SELECT id, content, embedding FROM knowledge_nodes WHERE id = %s", (key,)),
+            "registry": ("SELECT model_name, dimension FROM embedding_model WHERE id = 1", None),
+            "nearest": ("SELECT id FROM knowledge_nodes WHERE embedding IS NOT NULL ORDER BY embedding <-> "
+                        "(SELECT embedding FROM knowledge_nodes WHERE id = %s) LIMIT 5", (key,)),
+        }
+        latency: dict[str, float] = {}
+        with psycopg.connect(dsn, autocommit=True) as reader:
+            reader.execute("SET statement_timeout = '10s'")
+            for name, (statement, params) in reads.items():
+                began = time.monotonic()
+                reader.execute(statement, params).fetchall()
+                latency[name] = time.monotonic() - began
+            with psycopg.connect(dsn) as writer:  # the hold is real: a writer waits
+                writer.execute("SET lock_timeout = '300ms'")
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    writer.execute("UPDATE knowledge_nodes SET content = content WHERE id = %s", (key,))
+        assert _holding_writers(dsn)  # still inside the cut-over: every read above ran during the hold
+        print(f"\nreads while the cut-over held writers off: {latency}")
+        assert max(latency.values()) < 0.5, latency
+        holder.end()
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    _assert_done_right(dsn, model48)
 
 
 def _cut_over_waiting_for_the_registry(dsn: str) -> int:
@@ -261,14 +290,16 @@ def _cut_over_waiting_for_the_registry(dsn: str) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["catch-up", "cut-over"])
 def test_an_application_writing_and_reading_through_a_sigkill_in_catch_up_or_the_cut_over_loses_nothing(
-    dsn: str, static_model_dir: Any, workdir: Path, phase: str
+    dsn: str, model48: Path, workdir: Path, phase: str
 ) -> None:
-    model = static_model_dir(48)
     apps: list[App] = []
-    start_app = lambda: apps.append(App(dsn, workdir, new_model=model, new_name=str(model), id_type="bigint"))
+
+    def start_app() -> None:
+        apps.append(App(dsn, workdir, new_model=model48, new_name=str(model48), id_type="bigint"))
+
     captured = 3 * BATCH if phase == "catch-up" else 0
     try:
-        with _paused_at_the_end(dsn, workdir, model, captured=captured, before_run=start_app,
+        with _paused_at_the_end(dsn, workdir, model48, captured=captured, before_run=start_app,
                                 extra=("--cut-over-lock-timeout", "5s")) as (proc, log, holder):
             if phase == "catch-up":
                 wait_for(lambda: events(log, "catch_up_pass_started") and _waiting_write(dsn), timeout=120,
@@ -283,7 +314,7 @@ def test_an_application_writing_and_reading_through_a_sigkill_in_catch_up_or_the
         assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
         wait_for(lambda: apps[0].writes() >= writes_before_kill + 20, timeout=60,
                  what="the application writing on after the kill")
-        rerun = run_cli(cli_args(dsn, model), cwd=workdir)
+        rerun = run_cli(cli_args(dsn, model48), cwd=workdir)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         wait_for(lambda: apps[0].stats().get("writes_with_new_model", 0) >= 10, timeout=60,
                  what="the application writing with the new model")
@@ -293,26 +324,25 @@ def test_an_application_writing_and_reading_through_a_sigkill_in_catch_up_or_the
     assert stats["reads"] > 50 and stats["edits"] and stats["inserts"] and stats["deletes"]
     print(f"\n[kill in {phase}] application: {apps[0].writes()} writes, {stats['reads']} reads, longest write "
           f"{stats['max_write_secs']:.3f} s, longest read {stats['max_read_secs']:.3f} s")
-    _assert_done_right(dsn, model)
+    _assert_done_right(dsn, model48)
 
 
 @pytest.mark.slow
 def test_an_application_writing_and_reading_through_a_sigkill_among_windows_and_writers_loses_nothing(
-    dsn: str, static_model_dir: Any, workdir: Path
+    dsn: str, model48: Path, workdir: Path
 ) -> None:
     """The main pass as the feed runs it: windows of four transactions, a tokenizer process, three
     writers committing in key order. Killed while a writer waits on an application's row and the
     writers after it wait for their turn; the application writes and reads on throughout."""
-    model = static_model_dir(48)
     make_table(dsn, rows=ROWS, id_type="bigint", old_dim=48, with_index=False)
     middle = keys(dsn)[ROWS // 2]
-    app = App(dsn, workdir, new_model=model, new_name=str(model), id_type="bigint")
+    app = App(dsn, workdir, new_model=model48, new_name=str(model48), id_type="bigint")
     try:
         wait_for(lambda: app.writes() >= 20, timeout=60, what="the application writing")
         log = workdir / "run.log"
         with Application(dsn) as holder:
             holder.hold_row(middle)
-            proc = spawn(cli_run_args(dsn, model, "--writers", "3", "--tokenizer-workers", "1", batch=BATCH,
+            proc = spawn(cli_run_args(dsn, model48, "--writers", "3", "--tokenizer-workers", "1", batch=BATCH,
                                       window=4 * BATCH), cwd=workdir, log=log)
             try:
                 wait_for(lambda: writer_waiting(dsn) and _writers_waiting_for_their_turn(dsn) >= 1,
@@ -328,7 +358,7 @@ def test_an_application_writing_and_reading_through_a_sigkill_among_windows_and_
         assert job_rows_done(dsn) == done  # what was in flight rolled back, nothing beyond the checkpoint
         wait_for(lambda: app.writes() >= writes_before_kill + 20, timeout=60,
                  what="the application writing on after the kill")
-        rerun = run_cli(cli_run_args(dsn, model, "--writers", "3", batch=BATCH), cwd=workdir)
+        rerun = run_cli(cli_run_args(dsn, model48, "--writers", "3", batch=BATCH), cwd=workdir)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         wait_for(lambda: app.stats().get("writes_with_new_model", 0) >= 10, timeout=60,
                  what="the application writing with the new model")
@@ -336,7 +366,7 @@ def test_an_application_writing_and_reading_through_a_sigkill_among_windows_and_
         stats = app.stop()
     assert stats["errors"] == [] and stats["read_errors"] == [], (stats["errors"][:3], stats["read_errors"][:3])
     assert stats["reads"] > 20 and stats["edits"] and stats["inserts"]
-    _assert_done_right(dsn, model)
+    _assert_done_right(dsn, model48)
 
 
 def _writers_waiting_for_their_turn(dsn: str) -> int:
@@ -347,18 +377,15 @@ def _writers_waiting_for_their_turn(dsn: str) -> int:
 
 @pytest.mark.slow
 def test_a_connection_lost_inside_the_cut_over_is_retried_and_the_run_finishes_right(
-    dsn: str, static_model_dir: Any, workdir: Path
+    dsn: str, model48: Path, workdir: Path
 ) -> None:
-    model = static_model_dir(48)
-    with _paused_at_the_end(dsn, workdir, model, captured=BATCH // 2,
-                            extra=("--cut-over-lock-timeout", "5s")) as (proc, log, holder):
-        _inside_the_cut_over(dsn, log)
+    with _held_in_the_cut_over(dsn, workdir, model48, lock_timeout="5s") as (proc, log, holder):
         assert one(dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                         " WHERE application_name LIKE 'reembed control%%'") >= 1
         holder.end()
         assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     assert events(log, "transient_error_retrying")
-    _assert_done_right(dsn, model)
+    _assert_done_right(dsn, model48)
 
 
 def test_the_cut_over_notifies_listeners_with_the_new_signature(dsn: str) -> None:
@@ -373,17 +400,15 @@ def test_the_cut_over_notifies_listeners_with_the_new_signature(dsn: str) -> Non
 
 @pytest.mark.slow
 def test_the_server_down_for_30_seconds_mid_run_is_waited_out_and_every_row_is_right(
-    dsn: str, pg_server: Any, static_model_dir: Any, workdir: Path
+    dsn: str, controllable_server: Any, model48: Path, unlocked_table: list[Any], workdir: Path
 ) -> None:
-    model = static_model_dir(48)
-    make_table(dsn, rows=ROWS, old_dim=48, with_index=False)  # prepare takes no lock the held row blocks
-    ids = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id")]
+    model, ids = model48, unlocked_table
     log = workdir / "outage.log"
     app = Application(dsn)  # however fast the machine, the outage lands mid-run: a row is held
     app.hold_row(ids[ROWS // 2])
     proc = spawn(cli_args(dsn, model), cwd=workdir, log=log)
     wait_for(lambda: writer_waiting(dsn), timeout=120, what="the run waiting on the held row")
-    pg_server.outage(30.0)  # ends the application's transaction too
+    controllable_server.outage(30.0)  # ends the application's transaction too
     with contextlib.suppress(psycopg.Error):
         app.end()
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
@@ -399,9 +424,8 @@ def test_the_server_down_for_30_seconds_mid_run_is_waited_out_and_every_row_is_r
 
 
 def test_abandon_and_a_finished_job_leave_no_trigger_behind(dsn: str) -> None:
-    from helpers import stopping_after
-
     from reembed.signals import StopSignal
+    from support.fakes import stopping_after
 
     make_table(dsn, rows=50, old_dim=32)
     stop = StopSignal()
@@ -409,7 +433,8 @@ def test_abandon_and_a_finished_job_leave_no_trigger_behind(dsn: str) -> None:
     assert run(settings(dsn, batch_size=10, pipeline=False), embedder=first, stop=stop).exit_code == 130
     assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_1_%%'") == 2
     with psycopg.connect(dsn, autocommit=True) as app:  # captured while the crashed job waits
-        app.execute("UPDATE knowledge_nodes SET content = 'changed meanwhile' WHERE id = (SELECT id FROM knowledge_nodes ORDER BY id LIMIT 1)")
+        app.execute("UPDATE knowledge_nodes SET content = 'changed meanwhile'"
+                    " WHERE id = (SELECT id FROM knowledge_nodes ORDER BY id LIMIT 1)")
     assert one(dsn, "SELECT count(*) FROM reembed_changes WHERE job_id = 1") == 1
     status = json.loads(run_cli(["status", "--dsn", dsn, "--json"], cwd=Path("/")).stdout)
     assert status["capture"] == {"trigger": "reembed_capture_1", "installed": True, "pending_changes": 1}
@@ -421,9 +446,8 @@ def test_abandon_and_a_finished_job_leave_no_trigger_behind(dsn: str) -> None:
 
 
 def test_a_trigger_left_by_an_abandoned_job_on_another_column_is_dropped_and_an_active_ones_kept(dsn: str) -> None:
-    from helpers import stopping_after
-
     from reembed.signals import StopSignal
+    from support.fakes import stopping_after
 
     make_table(dsn, rows=30, old_dim=32)
     with psycopg.connect(dsn, autocommit=True) as c:

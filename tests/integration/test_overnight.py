@@ -2,55 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import threading
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
-from helpers import (
+
+from reembed import db, lease, retry
+from reembed.errors import LockHeld, ReembedError
+from reembed.job import run
+from reembed.settings import ModelSpec
+from support.database import (
     Application,
-    Background,
-    Gate,
-    HashEmbedder,
-    cli_run_args,
+    assert_checkpoint_agrees_with_data,
     ddl_waiting,
-    events,
     fetch,
-    hash_vector,
     job_rows_done,
-    job_settings,
     keys,
     make_table,
     one,
-    run_cli,
-    spawn,
-    stopping_after,
-    wait_exit,
-    wait_for,
     writer_waiting,
 )
-
-from reembed import db, lease, retry
-from reembed.errors import DatabaseError, LockHeld, ReembedError
-from reembed.job import run
-from reembed.settings import ModelSpec
-
-ROWS = 480
-BATCH = 16
-
-
-settings = job_settings
-cli_args = partial(cli_run_args, batch=BATCH, window=BATCH)  # these tests act between two commits
-
-
-def all_rows_new(dsn: str, dim: int, rows: int) -> bool:
-    return one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = %s", (dim,)) == rows
-
+from support.fakes import Gate, HashEmbedder, hash_vector, stopping_after
+from support.fakes import job_settings as settings
+from support.models import assert_rows_hold_the_models_vectors
+from support.processes import (
+    BATCH,
+    ROWS,
+    Background,
+    cli_args,
+    events,
+    last_report,
+    run_cli,
+    spawn,
+    wait_exit,
+    wait_for,
+)
 
 # ------------------------------------------------------------------ time windows
 
@@ -109,9 +102,43 @@ def test_cli_max_runtime_exits_75_with_a_consistent_checkpoint(dsn: str, minilm_
     assert report["state"] == "time_budget"
     done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
     assert done == report["rows_updated"] < ROWS
-    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 384") == done
+    # consistent: the new vectors on exactly the rows up to the cursor, and they are the model's
+    last_id = assert_checkpoint_agrees_with_data(dsn, 384)
+    if done:
+        assert assert_rows_hold_the_models_vectors(dsn, minilm_path, where=f"id <= '{last_id}'::uuid") == done
     again = run_cli(cli_args(dsn, minilm_path), cwd=workdir)
     assert again.returncode == 0 and json.loads(again.stdout)["rows_updated"] == ROWS - done
+    assert assert_rows_hold_the_models_vectors(dsn, minilm_path) == ROWS
+
+
+@pytest.mark.slow
+def test_until_closes_the_window_at_that_clock_time_exits_75_and_the_next_run_resumes(
+    dsn: str, model48: Path, unlocked_table: list[Any], workdir: Path
+) -> None:
+    model, ids = model48, unlocked_table
+    # --until takes HH:MM: the window closes at the next minute, once that is 25 s away or more
+    wait_for(lambda: dt.datetime.now().second <= 35, timeout=40, what="a minute with 25 s left in it")
+    closes = (dt.datetime.now().astimezone() + dt.timedelta(minutes=1)).replace(second=0, microsecond=0)
+    log = workdir / "until.log"
+    with Application(dsn) as app:
+        # However fast this machine, the job cannot be done before its window closes: an
+        # application transaction holds a row three quarters in until the window has closed.
+        app.hold_row(ids[3 * ROWS // 4])
+        proc = spawn(cli_args(dsn, model, "--until", closes.strftime("%H:%M")), cwd=workdir, log=log)
+        wait_for(lambda: events(log, "time_budget_reached") or proc.poll() is not None,
+                 timeout=120, what="the window to close")
+    assert wait_exit(proc, timeout=60) == 75, log.read_text()[-3000:]
+    (closed,) = events(log, "time_budget_reached")
+    at = dt.datetime.fromisoformat(closed["timestamp"].replace("Z", "+00:00"))
+    assert abs((at - closes).total_seconds()) < 2.0, (at, closes)  # at the clock time the operator named
+    report = last_report(log)
+    assert report["state"] == "time_budget"
+    done = job_rows_done(dsn)
+    assert 0 < done == report["rows_updated"] < ROWS
+    assert_checkpoint_agrees_with_data(dsn, 48)
+    again = run_cli(cli_args(dsn, model), cwd=workdir)
+    assert again.returncode == 0 and json.loads(again.stdout)["rows_updated"] == ROWS - done
+    assert assert_rows_hold_the_models_vectors(dsn, model) == ROWS
 
 
 # ------------------------------------------------------------- transient faults
@@ -130,7 +157,7 @@ def test_terminated_connections_mid_batch_are_survived_and_every_row_is_right(
                       " WHERE application_name LIKE 'reembed %%'")
     assert killed >= 3  # lock, reader, writer (and control)
     assert wait_exit(proc) == 0, log.read_text()[-3000:]
-    assert all_rows_new(dsn, 384, ROWS)
+    assert assert_rows_hold_the_models_vectors(dsn, minilm_path) == ROWS
     assert one(dsn, "SELECT rows_done FROM reembed_checkpoint_range") == ROWS
     retries = events(log, "transient_error_retrying")
     assert retries and all(r["attempt"] >= 1 for r in retries)
@@ -140,17 +167,48 @@ def test_terminated_connections_mid_batch_are_survived_and_every_row_is_right(
 @pytest.mark.slow
 @pytest.mark.model
 def test_postgresql_restart_mid_run_is_survived_and_every_row_is_right(
-    dsn: str, pg_server: Any, minilm_path: Path, workdir: Path
+    dsn: str, controllable_server: Any, minilm_path: Path, workdir: Path
 ) -> None:
     make_table(dsn, rows=ROWS)
     log = workdir / "restart.log"
     proc = spawn(cli_args(dsn, minilm_path, "--max-retries", "12"), cwd=workdir, log=log)
     wait_for(lambda: job_rows_done(dsn) >= 2 * BATCH, timeout=120, what="two committed batches")
-    pg_server.restart()
+    controllable_server.restart()
     assert wait_exit(proc) == 0, log.read_text()[-3000:]
-    assert all_rows_new(dsn, 384, ROWS)
+    assert assert_rows_hold_the_models_vectors(dsn, minilm_path) == ROWS
+    assert one(dsn, "SELECT rows_done FROM reembed_checkpoint_range") == ROWS
     assert events(log, "transient_error_retrying")
     assert one(dsn, "SELECT state FROM reembed_checkpoint") == "done"
+
+
+@pytest.mark.slow
+def test_an_outage_longer_than_max_outage_fails_with_exit_1_consistent_and_a_rerun_resumes(
+    dsn: str, controllable_server: Any, model48: Path, unlocked_table: list[Any], workdir: Path
+) -> None:
+    model, ids = model48, unlocked_table
+    app = Application(dsn)  # however fast the machine, the outage lands mid-run: a row is held
+    app.hold_row(ids[ROWS // 2])
+    log = workdir / "gave-up.log"
+    proc = spawn(cli_args(dsn, model, "--max-outage", "3s"), cwd=workdir, log=log)
+    try:
+        wait_for(lambda: writer_waiting(dsn), timeout=120, what="the run waiting on the held row")
+        done = job_rows_done(dsn)
+        controllable_server.outage(15.0)  # five times --max-outage; ends the application's transaction too
+        with contextlib.suppress(psycopg.Error):
+            app.end()
+        assert wait_exit(proc, timeout=120) == 1, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("reembed: database error"), last
+    assert events(log, "transient_error_retrying")  # it waited, for as long as it was told
+    assert job_rows_done(dsn) == done  # nothing lost, nothing half-written
+    assert_checkpoint_agrees_with_data(dsn, 48)
+    again = run_cli(cli_args(dsn, model), cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["rows_updated"] == ROWS - done
+    assert assert_rows_hold_the_models_vectors(dsn, model) == ROWS
 
 
 def test_a_real_serialization_failure_is_retried_with_its_attempt_logged(dsn: str) -> None:
@@ -176,36 +234,6 @@ def test_a_real_serialization_failure_is_retried_with_its_attempt_logged(dsn: st
         a.close()
         b.close()
     assert attempts["n"] == 2
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [psycopg.errors.SerializationFailure("x"), psycopg.errors.DeadlockDetected("x"),
-     psycopg.errors.LockNotAvailable("x"), psycopg.OperationalError("server closed the connection")],
-    ids=["serialization", "deadlock", "lock-timeout", "connection-lost"],
-)
-def test_transient_errors_are_retried_up_to_the_bound_then_surface(exc: Exception) -> None:
-    calls = {"n": 0}
-
-    def always() -> None:
-        calls["n"] += 1
-        raise exc
-
-    with pytest.raises(DatabaseError) as raised:
-        retry.call(always, what="x", max_retries=2, initial=0.001, maximum=0.01)
-    assert calls["n"] == 3 and raised.value.retryable and raised.value.__cause__ is exc
-
-
-def test_a_permanent_error_is_not_retried() -> None:
-    calls = {"n": 0}
-
-    def broken() -> None:
-        calls["n"] += 1
-        raise psycopg.errors.UndefinedTable("nope")
-
-    with pytest.raises(DatabaseError) as raised:
-        retry.call(broken, what="x", max_retries=5, initial=0.001)
-    assert calls["n"] == 1 and not raised.value.retryable
 
 
 def test_ddl_waits_only_briefly_for_its_lock_so_application_queries_do_not_queue_behind_it(dsn: str) -> None:
@@ -277,13 +305,13 @@ def test_a_run_that_lost_its_lock_to_another_stops_with_exit_3_before_committing
         assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding"
         done = job_rows_done(dsn)
         assert done < ROWS  # the last batch was not committed
-        assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 48") == done
+        assert_checkpoint_agrees_with_data(dsn, 48)
     finally:
         app.end()
         thief.close()
     again = run_cli(cli_args(dsn, static_model_dir(48)), cwd=workdir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert all_rows_new(dsn, 48, ROWS)
+    assert assert_rows_hold_the_models_vectors(dsn, static_model_dir(48)) == ROWS
 
 
 def test_a_finalize_step_is_not_committed_once_another_run_has_the_lock(dsn: str) -> None:
@@ -364,7 +392,8 @@ def test_break_stale_lock_never_breaks_a_live_holder(dsn: str) -> None:
     make_table(dsn, rows=40, old_dim=32)
     ghost = _ghost_holder(dsn, "5 seconds")
     try:
-        with pytest.raises(ReembedError, match="whose heartbeat is [0-9]+ s old: it is alive; not breaking its lock") as held:
+        alive = "whose heartbeat is [0-9]+ s old: it is alive; not breaking its lock"
+        with pytest.raises(ReembedError, match=alive) as held:
             run(settings(dsn, batch_size=10, break_stale_lock=True), embedder=HashEmbedder(32))
         assert held.value.exit_code == 3
         assert ghost.execute("SELECT 1").fetchone() == (1,)
@@ -452,7 +481,8 @@ def test_accept_failed_finalizes_with_their_embedding_null_and_says_so(dsn: str)
                     "'knowledge_nodes'::regclass AND attname = 'embedding'") == "vector(32)"
 
 
-def test_progress_events_carry_rows_rate_and_eta_in_json_log_mode(dsn: str, static_model_dir: Any, workdir: Path) -> None:
+def test_progress_events_carry_rows_rate_and_eta_in_json_log_mode(dsn: str, static_model_dir: Any,
+                                                                  workdir: Path) -> None:
     make_table(dsn, rows=3000)
     out = run_cli(["run", "--dsn", dsn, "--model", str(static_model_dir(48)), "--no-confirm", "--batch-size", "8",
                    "--progress-interval", "0.05", "--log-format", "json"], cwd=workdir)

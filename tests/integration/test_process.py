@@ -6,39 +6,30 @@ import json
 import signal
 import subprocess
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import (
+
+from support.database import (
     Application,
     assert_checkpoint_agrees_with_data,
-    cli_run_args,
     ddl_waiting,
-    events,
     fetch,
     job_rows_done,
     keys,
-    last_report,
     make_table,
     one,
-    run_cli,
     snapshot,
-    spawn,
-    wait_exit,
-    wait_for,
     writer_waiting,
 )
+from support.fakes import hash_vector, sentence
+from support.models import assert_rows_hold_the_models_vectors
+from support.processes import BATCH, ROWS, events, last_report, run_cli, spawn, wait_exit, wait_for
+from support.processes import cli_args as run_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
-
-ROWS = 480
-BATCH = 16
-
-
-run_args = partial(cli_run_args, batch=BATCH, window=BATCH)  # these tests act between two commits
 
 
 def vectors(dsn: str) -> dict[str, np.ndarray | None]:
@@ -71,7 +62,8 @@ def test_sigkill_mid_embedding_then_rerun_resumes_at_checkpoint_and_matches_an_u
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     report = json.loads(rerun.stdout)
     nulls = one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE content IS NULL")
-    after_last = one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE id > %s::uuid AND content IS NOT NULL", (last_id,))
+    after_last = one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE id > %s::uuid AND content IS NOT NULL",
+                     (last_id,))
     assert report["resumed_from"] == last_id
     assert report["rows_updated"] == after_last  # exactly the rows after the checkpoint
 
@@ -116,7 +108,8 @@ def test_sigkill_during_finalize_then_rerun_completes_finalize(dsn: str, minilm_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     report = json.loads(rerun.stdout)
     assert report["state"] == "done" and report["rows_updated"] == 0
-    assert one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") == ["cut_over", "drop_capture", "build_index", "done"]
+    steps = one(dsn, "SELECT finalize_steps FROM reembed_checkpoint")
+    assert steps == ["cut_over", "drop_capture", "build_index", "done"]
     after = snapshot(dsn)
     assert after["column"] == "vector(384)"
     assert after["indexes"][0]["indexname"] == "idx_knowledge_nodes_embedding_hnsw"
@@ -205,7 +198,8 @@ def test_plan_cli_prints_the_plan_and_writes_nothing(dsn: str, static_model_dir:
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["state"] == "planned" and data["rows_to_update"] == 50 and data["would_alter_typmod"] is True
-    for key in ("rows_updated", "rows_skipped", "duration_secs", "index_rebuild_secs", "model_name", "dimension", "model_hash"):
+    for key in ("rows_updated", "rows_skipped", "duration_secs", "index_rebuild_secs", "model_name", "dimension",
+                "model_hash"):
         assert key in data
     assert snapshot(dsn) == before
 
@@ -257,20 +251,103 @@ def test_ctrl_c_during_the_warning_banner_aborts_with_nothing_written(
     assert snapshot(dsn) == before and before["tool_tables"] is False
 
 
-def test_status_watch_refreshes_until_interrupted(dsn: str, static_model_dir: Any, workdir: Path) -> None:
+def test_status_watch_refreshes_until_interrupted(dsn: str, workdir: Path) -> None:
     import sys
 
-    make_table(dsn, rows=20)
-    assert run_cli(["run", "--dsn", dsn, "--model", str(static_model_dir(48)), "--no-confirm"], cwd=workdir).returncode == 0
+    from reembed.job import run
+    from reembed.signals import StopSignal
+    from support.fakes import HashEmbedder, job_settings, stopping_after
+
+    make_table(dsn, rows=50)
+    stop = StopSignal()  # a job stopped after two batches of ten
+    stopped = run(job_settings(dsn, batch_size=10, pipeline=False),
+                  embedder=stopping_after(HashEmbedder(32), stop, calls=2), stop=stop)
+    assert stopped.exit_code == 130
     proc = subprocess.Popen([sys.executable, "-m", "reembed", "status", "--dsn", dsn, "--json", "--watch", "0.05"],
                             cwd=workdir, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        first, second = json.loads(proc.stdout.readline()), json.loads(proc.stdout.readline())
+        first = json.loads(proc.stdout.readline())
+        assert first["state"] == "embedding" and first["rows_done"] == 20
+        # the job resumes and finishes while status watches: a later refresh shows it
+        assert run(job_settings(dsn, batch_size=10), embedder=HashEmbedder(32)).state == "done"
+        seen = [json.loads(proc.stdout.readline()) for _ in range(3)]
+        while seen[-1]["state"] != "done" and len(seen) < 2000:
+            seen.append(json.loads(proc.stdout.readline()))
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
         if proc.stdout:
             proc.stdout.close()
-    assert first["state"] == second["state"] == "done" and first["rows_done"] == 20
+    assert seen[-1]["state"] == "done" and seen[-1]["rows_done"] == 50
+
+
+def test_a_second_ctrl_c_stops_at_once_and_rolls_back_the_batch_in_flight(
+    dsn: str, model48: Path, unlocked_table: list[Any], workdir: Path
+) -> None:
+    model, ids = model48, unlocked_table
+    log = workdir / "twice.log"
+    with Application(dsn) as app:
+        app.hold_row(ids[ROWS // 2])  # the batch in flight waits on it for as long as the test likes
+        proc = spawn(run_args(dsn, model), cwd=workdir, log=log)
+        wait_for(lambda: writer_waiting(dsn), timeout=120, what="a batch's write waiting on the held row")
+        done = job_rows_done(dsn)
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: events(log, "stop_requested"), timeout=30, what="the first Ctrl-C taken")
+        assert proc.poll() is None  # the first Ctrl-C waits for the batch in flight, which waits on the row
+        proc.send_signal(signal.SIGINT)
+        assert wait_exit(proc, timeout=30) == 130, log.read_text()[-3000:]  # at once: the row is still held
+        wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed %%'")
+                 == 0, timeout=30, what="every connection of the run gone")
+    assert job_rows_done(dsn) == done  # the batch in flight rolled back
+    assert_checkpoint_agrees_with_data(dsn, 48)
+    rerun = run_cli(run_args(dsn, model), cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["rows_updated"] == ROWS - done
+    assert assert_rows_hold_the_models_vectors(dsn, model) == ROWS
+
+
+def test_non_default_names_and_a_quoted_schema_qualified_table_are_re_embedded(
+    dsn: str, static_model_dir: Any, workdir: Path
+) -> None:
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    model = static_model_dir(48)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute('CREATE SCHEMA "Tenant A"')
+        conn.execute('CREATE TABLE "Tenant A"."Notes" (note_id bigint PRIMARY KEY, "Body" text, kept text,'
+                     ' "Vec" vector(16))')
+        conn.execute('CREATE INDEX "notes vec hnsw" ON "Tenant A"."Notes" USING hnsw ("Vec" vector_l2_ops)'
+                     " WITH (m = 12, ef_construction = 40)")
+        conn.execute('CREATE TABLE "Tenant A"."Model Registry" (id int PRIMARY KEY CHECK (id = 1),'
+                     " model_name text NOT NULL, dimension int NOT NULL, model_hash text NOT NULL,"
+                     " created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute('INSERT INTO "Tenant A"."Model Registry" (id, model_name, dimension, model_hash)'
+                     " VALUES (1, 'old', 16, 'sha256:old')")
+        with conn.cursor() as cur:
+            cur.executemany('INSERT INTO "Tenant A"."Notes" VALUES (%s, %s, %s, %s)',
+                            [(i, None if i % 10 == 0 else sentence(i), f"kept {i}",
+                              hash_vector(f"old {i}", 16)) for i in range(60)])
+    index_def = "SELECT pg_get_indexdef('\"Tenant A\".\"notes vec hnsw\"'::regclass)"
+    before_def, before_kept = one(dsn, index_def), fetch(dsn, 'SELECT note_id, kept FROM "Tenant A"."Notes"')
+    names = ["--table", '"Tenant A"."Notes"', "--column", "Vec", "--content-column", "Body",
+             "--index", "notes vec hnsw", "--registry", '"Tenant A"."Model Registry"']
+    out = run_cli(["run", "--dsn", dsn, "--model", str(model), "--no-confirm", "--json", "--batch-size", "16",
+                   *names], cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["state"] == "done" and report["rows_updated"] == 54 and report["rows_skipped"] == 6
+    assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                    " WHERE attrelid = '\"Tenant A\".\"Notes\"'::regclass AND attname = 'Vec'") == "vector(48)"
+    assert one(dsn, index_def) == before_def
+    assert one(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = '\"Tenant A\".\"notes vec hnsw\"'::regclass")
+    registry = fetch(dsn, 'SELECT model_name, dimension FROM "Tenant A"."Model Registry"')
+    assert registry == [{"model_name": str(model), "dimension": 48}]
+    assert assert_rows_hold_the_models_vectors(dsn, model, table=("Tenant A", "Notes"), column="Vec",
+                                               content="Body", key="note_id") == 54
+    assert fetch(dsn, 'SELECT note_id, kept FROM "Tenant A"."Notes"') == before_kept
+    again = run_cli(["run", "--dsn", dsn, "--model", str(model), "--no-confirm", *names], cwd=workdir)
+    assert (again.returncode, again.stdout) == (0, "")  # the same target: nothing to do, nothing said

@@ -32,9 +32,9 @@ def test_sizes(text: str, size: int) -> None:
 
 
 def test_until_is_the_next_such_local_time() -> None:
-    now = dt.datetime(2026, 11, 27, 23, 0, tzinfo=dt.timezone.utc)
-    assert next_clock_time("06:00", now=now) == dt.datetime(2026, 11, 28, 6, 0, tzinfo=dt.timezone.utc)
-    assert next_clock_time("23:30", now=now) == dt.datetime(2026, 11, 27, 23, 30, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 11, 27, 23, 0, tzinfo=dt.UTC)
+    assert next_clock_time("06:00", now=now) == dt.datetime(2026, 11, 28, 6, 0, tzinfo=dt.UTC)
+    assert next_clock_time("23:30", now=now) == dt.datetime(2026, 11, 27, 23, 30, tzinfo=dt.UTC)
     with pytest.raises(ConfigError):
         next_clock_time("24:00", now=now)
 

@@ -1,0 +1,123 @@
+"""What the job needs from a model, and how its input reaches the device: the `Embedder` and
+`Feed` protocols, the feed every embedder has (`BatchFeed`), and the one out-of-memory halving.
+
+Implementations live above this module and import it (reembed.embedder: sentence-transformers;
+reembed.feed: the tokenizer processes and token-budget batches); nothing here imports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+import structlog
+
+from reembed.settings import RunOptions
+from reembed.signals import StopSignal
+from reembed.signature import Signature
+
+log = structlog.get_logger()
+
+
+class Feed(Protocol):
+    """Transactions' texts in, their vectors out, keeping the device busy."""
+
+    window_rows: int  # rows of transactions gathered before sorting (1: one transaction at a time)
+
+    @property
+    def overlapped(self) -> bool:
+        """Tokenisation runs beside the device (in other processes), not in turn with it."""
+        ...
+
+    def submit(self, texts: Sequence[str]) -> Any:
+        """Start tokenising one transaction's texts; what `encode` takes back."""
+        ...
+
+    def encode(self, pending: Sequence[Any], stop: StopSignal) -> list[np.ndarray] | None:
+        """Each transaction's vectors, in its texts' order; None when a stop came first."""
+        ...
+
+    def close(self, *, now: bool = False) -> None: ...
+
+
+class Embedder(Protocol):
+    """What the job needs from a model, as two stages. Implementations must be deterministic
+    per text. `tokenize` must be picklable with what it returns, so that it can run in
+    another thread or process; `forward` runs where the model is (the device).
+
+    A class that subclasses this protocol explicitly inherits `feed` (its own stages, one
+    transaction at a time); a model with a faster way to its device overrides it."""
+
+    signature: Signature
+
+    @property
+    def device(self) -> str:
+        """Where `forward` runs: cpu, cuda, cuda:N or mps."""
+        return "cpu"
+
+    def tokenize(self, texts: Sequence[str]) -> Any:
+        """The model's input for `texts` (token ids, or whatever `forward` takes)."""
+        ...
+
+    def forward(self, features: Any) -> np.ndarray:
+        """float32 array of shape (len(texts), signature.dimension), in the texts' order."""
+        ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """forward(tokenize(texts))."""
+        ...
+
+    def feed(self, *, workers: int | None = None, max_batch_tokens: int | None = None,
+             window_rows: int | None = None) -> Feed:
+        """The feed that brings this model its input (the options are hints a feed may ignore)."""
+        return BatchFeed(self)
+
+
+class BatchFeed:
+    """Any Embedder's own stages, one transaction at a time: tokenize in a thread, forward here."""
+
+    window_rows = 1
+    overlapped = False  # its tokenizer thread shares this process's GIL with the forward
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reembed-tokenize")
+
+    def submit(self, texts: Sequence[str]) -> Any:
+        return self._executor.submit(self.embedder.tokenize, texts)
+
+    def encode(self, pending: Sequence[Any], stop: StopSignal) -> list[np.ndarray] | None:
+        return [self.embedder.forward(p.result()) for p in pending]
+
+    def close(self, *, now: bool = False) -> None:
+        self._executor.shutdown(wait=not now, cancel_futures=True)
+
+
+def feed_for(embedder: Embedder, opts: RunOptions) -> Feed:
+    """The embedder's feed, sized by the run's options."""
+    return embedder.feed(workers=opts.tokenizer_workers, max_batch_tokens=opts.max_batch_tokens,
+                         window_rows=opts.window_rows)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Is this the device running out of memory?"""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom)
+
+
+def halved(budget: int, exc: BaseException, *, device: str, event: str, field: str) -> int:
+    """Out of device memory: the cache emptied, one warning, and half of `budget` (at least 1),
+    which the caller keeps for the rest of the run."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+    smaller = max(1, budget // 2)
+    log.warning(event, **{field: smaller}, was=budget,
+                error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                detail="out of GPU memory; this size is kept for the rest of the run")
+    return smaller

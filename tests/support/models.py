@@ -1,0 +1,75 @@
+"""Real models for the tests that need one: texts of every shape (odd ones, then held-out
+docstrings), a sentence-transformers embedder on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from support.scripts import corpus
+
+ODD = ["", " ", "Ünïcödé ÀCCENTS and CamelCase", "日本語のテキストと絵文字 🎉", "x" * 5000,
+       "word " * 600, "tab\tand\nnewlines\r\n"]
+
+
+def texts(n: int) -> list[str]:
+    """`n` texts: the odd ones first, then docstrings of installed packages."""
+    return ODD + corpus.docstrings(limit=n - len(ODD), seed=3)
+
+
+def embedder(path: Path, prefix: str = "", **kw: Any) -> Any:
+    """reembed's sentence-transformers embedder for the model at `path`, on the CPU."""
+    from reembed.embedder import SentenceTransformerEmbedder
+    from reembed.settings import ModelSpec
+
+    return SentenceTransformerEmbedder(ModelSpec(model=str(path), device="cpu", prefix=prefix), **kw)
+
+
+_REFERENCES: dict[str, Any] = {}
+
+
+def reference(model: Any) -> Any:
+    """SentenceTransformer itself (not reembed's embedder) for a model directory, loaded once; a
+    loaded model (anything with `encode`) is taken as it is."""
+    if hasattr(model, "encode"):
+        return model
+    key = str(model)
+    if key not in _REFERENCES:
+        from sentence_transformers import SentenceTransformer
+
+        _REFERENCES[key] = SentenceTransformer(key, device="cpu")
+    return _REFERENCES[key]
+
+
+def assert_rows_hold_the_models_vectors(dsn: str, model: Any, *, table: str | tuple[str, ...] = "knowledge_nodes",
+                                         column: str = "embedding", content: str = "content", key: str = "id",
+                                         where: str = "true") -> int:
+    """Every row with content holds SentenceTransformer.encode of its current content (compared
+    element by element, not by angle: a wrong scale fails too), every row without content NULL.
+    Returns the rows compared."""
+    import numpy as np
+    import psycopg
+    from pgvector.psycopg import register_vector
+    from psycopg import sql
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        register_vector(conn)
+        statement = sql.SQL("SELECT {key}::text AS id, {content} AS content, {column}::vector AS e"
+                            " FROM {table} WHERE {where}").format(
+            key=sql.Identifier(key), content=sql.Identifier(content), column=sql.Identifier(column),
+            table=sql.Identifier(*((table,) if isinstance(table, str) else table)), where=sql.SQL(where))
+        rows = conn.execute(statement).fetchall()
+    assert rows, f"no rows in {table} to compare"
+    assert [r["id"] for r in rows if r["content"] is None and r["e"] is not None] == []
+    present = [r for r in rows if r["content"] is not None]
+    missing = [r["id"] for r in present if r["e"] is None]
+    assert missing == [], f"{len(missing)} of {len(present)} rows with content hold no vector, e.g. {missing[:5]}"
+    want = reference(model).encode([r["content"] for r in present], convert_to_numpy=True)
+    got = np.stack([np.asarray(r["e"].to_numpy() if hasattr(r["e"], "to_numpy") else r["e"], dtype=np.float32)
+                    for r in present]) if present else np.empty_like(want)
+    assert got.shape == want.shape, f"stored vectors are {got.shape[1:]}-d, the model's {want.shape[1:]}"
+    wrong = [present[i]["id"] for i in np.flatnonzero(~np.isclose(got, want, rtol=1e-4, atol=1e-5).all(axis=1))]
+    assert wrong == [], f"{len(wrong)} of {len(present)} rows hold a vector that is not the model's encoding of " \
+                        f"their current content, e.g. {wrong[:5]}"
+    return len(present)
