@@ -17,19 +17,39 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from reembed.errors import (
-    CheckpointConflict,
-    ConfigError,
-    DatabaseError,
-    Interrupted,
-    LockHeld,
-    ReembedError,
-)
-from reembed.job import plan, run
-from reembed.report import Report
-from reembed.settings import ModelSpec, RunOptions, Settings, Target
-from reembed.signals import StopSignal
-from reembed.status import Status, status
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the names are; at run time each module loads on first use (below)
+    from reembed.errors import (
+        CheckpointConflict,
+        ConfigError,
+        DatabaseError,
+        Interrupted,
+        LockHeld,
+        ReembedError,
+    )
+    from reembed.job import plan, run
+    from reembed.report import Report
+    from reembed.settings import ModelSpec, RunOptions, Settings, Target
+    from reembed.signals import StopSignal
+    from reembed.status import Status, status
+
+# Lazy, so that `import reembed.tokens` in a spawned tokenizer process loads that module alone
+# (not psycopg, the pool and the whole job: a measured 0.2 s more per process start).
+_WHERE = {
+    "CheckpointConflict": "errors", "ConfigError": "errors", "DatabaseError": "errors", "Interrupted": "errors",
+    "LockHeld": "errors", "ReembedError": "errors", "plan": "job", "run": "job", "Report": "report",
+    "ModelSpec": "settings", "RunOptions": "settings", "Settings": "settings", "Target": "settings",
+    "StopSignal": "signals", "Status": "status", "status": "status",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"reembed.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'reembed' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointConflict",

@@ -131,6 +131,9 @@ class Connections:
         # is replaced before its next use (it would fail once, and each role would report a
         # fresh outage).
         self.generation = 0
+        # a wait for a pool connection is one attempt of a retried step: never longer than the
+        # whole wait --max-outage allows (reconnect_timeout), so the bound holds
+        self._getconn_timeout = min(_GETCONN_TIMEOUT, reconnect_timeout)
         self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             conninfo,
             min_size=1,
@@ -156,7 +159,7 @@ class Connections:
     def take(self, role: str) -> psycopg.Connection[Any]:
         """A connection for `role`, out of the pool until given back with give()."""
         with translated():
-            conn = self.pool.getconn(timeout=_GETCONN_TIMEOUT)
+            conn = self.pool.getconn(timeout=self._getconn_timeout)
             name = app_name(role)
             if conn.info.parameter_status("application_name") != name:
                 conn.execute(query("set_application_name"), {"name": name})

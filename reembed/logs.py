@@ -36,8 +36,9 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        # _Stderr writes and flushes like the TextIO the factory is typed for, without being one
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]  # see above
+        logger_factory=structlog.PrintLoggerFactory(
+            file=_Stderr(),  # type: ignore[arg-type]  # _Stderr writes and flushes like a TextIO, without being one
+        ),
         cache_logger_on_first_use=False,
     )
     # psycopg_pool logs each failed reconnect attempt (a WARNING); reembed logs an outage once

@@ -7,6 +7,7 @@ import argparse
 import datetime as dt
 import os
 import re
+import time
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, TypeVar
 
@@ -120,9 +121,9 @@ class RunOptions:
         limits = []
         if self.max_runtime is not None:
             limits.append(started_monotonic + self.max_runtime)
-        if self.until is not None:
-            now_wall = now_wall or dt.datetime.now().astimezone()
-            limits.append(started_monotonic + (self.until - now_wall).total_seconds())
+        if self.until is not None:  # the clock time, on the monotonic clock as it reads now
+            now_monotonic, now_wall = time.monotonic(), now_wall or dt.datetime.now().astimezone()
+            limits.append(now_monotonic + (self.until - now_wall).total_seconds())
         return min(limits) if limits else None
 
 

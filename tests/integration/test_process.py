@@ -301,7 +301,7 @@ def test_a_second_ctrl_c_stops_at_once_and_rolls_back_the_batch_in_flight(
         wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed %%'")
                  == 0, timeout=30, what="every connection of the run gone")
     assert job_rows_done(dsn) == done  # the batch in flight rolled back
-    assert_checkpoint_agrees_with_data(dsn, 48)
+    assert_checkpoint_agrees_with_data(dsn, 48, model=model)
     rerun = run_cli(run_args(dsn, model), cwd=workdir)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["rows_updated"] == ROWS - done
@@ -332,7 +332,8 @@ def test_non_default_names_and_a_quoted_schema_qualified_table_are_re_embedded(
                             [(i, None if i % 10 == 0 else sentence(i), f"kept {i}",
                               hash_vector(f"old {i}", 16)) for i in range(60)])
     index_def = "SELECT pg_get_indexdef('\"Tenant A\".\"notes vec hnsw\"'::regclass)"
-    before_def, before_kept = one(dsn, index_def), fetch(dsn, 'SELECT note_id, kept FROM "Tenant A"."Notes"')
+    kept = 'SELECT note_id, kept FROM "Tenant A"."Notes" ORDER BY note_id'
+    before_def, before_kept = one(dsn, index_def), fetch(dsn, kept)
     names = ["--table", '"Tenant A"."Notes"', "--column", "Vec", "--content-column", "Body",
              "--index", "notes vec hnsw", "--registry", '"Tenant A"."Model Registry"']
     out = run_cli(["run", "--dsn", dsn, "--model", str(model), "--no-confirm", "--json", "--batch-size", "16",
@@ -348,6 +349,6 @@ def test_non_default_names_and_a_quoted_schema_qualified_table_are_re_embedded(
     assert registry == [{"model_name": str(model), "dimension": 48}]
     assert assert_rows_hold_the_models_vectors(dsn, model, table=("Tenant A", "Notes"), column="Vec",
                                                content="Body", key="note_id") == 54
-    assert fetch(dsn, 'SELECT note_id, kept FROM "Tenant A"."Notes"') == before_kept
+    assert fetch(dsn, kept) == before_kept
     again = run_cli(["run", "--dsn", dsn, "--model", str(model), "--no-confirm", *names], cwd=workdir)
     assert (again.returncode, again.stdout) == (0, "")  # the same target: nothing to do, nothing said

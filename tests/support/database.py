@@ -109,16 +109,35 @@ def one(dsn: str, sql: str, params: Any = None) -> Any:
     return next(iter(rows[0].values())) if rows else None
 
 
-def assert_checkpoint_agrees_with_data(dsn: str, new_dim: int) -> str:
-    """Rows up to last_id carry new vectors, the others old ones: nothing lost, nothing extra."""
+def assert_checkpoint_agrees_with_data(dsn: str, new_dim: int, *, model: Any = None) -> str:
+    """Rows up to the cursor hold new vectors, every other row its old one: nothing lost, nothing
+    extra, and the rows done counted. New and old are told apart by their dimension or, for a job
+    that keeps the dimension, by `model` (a model directory): a new vector is its encoding of the
+    row's content, an old one the vector make_table wrote. Returns the cursor."""
+    import json
+
+    import numpy as np
+
     last_id = one(dsn, "SELECT last_id FROM reembed_checkpoint_range")
     done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
-    rows = fetch(
-        dsn,
-        "SELECT id::text AS id, vector_dims(embedding) AS d FROM knowledge_nodes WHERE content IS NOT NULL ORDER BY id",
-    )
-    new = [r["d"] == new_dim for r in rows]
-    assert new == [last_id is not None and r["id"] <= last_id for r in rows]
+    rows = fetch(dsn, "SELECT id::text AS id, content, embedding::text AS e FROM knowledge_nodes ORDER BY id")
+    ids = [r["id"] for r in rows]
+    cursor = -1 if last_id is None else ids.index(last_id)  # key order, whatever the key's type
+    rows = [dict(r, behind=i <= cursor) for i, r in enumerate(rows) if r["content"] is not None]
+    vectors = [None if r["e"] is None else np.array(json.loads(r["e"]), dtype=np.float32) for r in rows]
+    if model is None:
+        new = [v is not None and len(v) == new_dim for v in vectors]
+        assert not all(new) or all(r["behind"] for r in rows), "every row is new_dim-d: pass the model"
+    else:
+        from support.models import reference
+
+        want = reference(model).encode([r["content"] for r in rows], convert_to_numpy=True)
+        new = [v is not None and v.shape == w.shape and bool(np.allclose(v, w, rtol=1e-4, atol=1e-5))
+               for v, w in zip(vectors, want, strict=True)]
+        stale = [r["id"] for r, v in zip(rows, vectors, strict=True) if not r["behind"]
+                 and (v is None or not np.allclose(v, hash_vector(f"old:{r['content']}", len(v)), atol=1e-6))]
+        assert stale == [], f"rows after the cursor that lost their old vector: {stale[:5]}"
+    assert new == [r["behind"] for r in rows]
     assert sum(new) == done
     return str(last_id)
 

@@ -169,3 +169,20 @@ def test_transient_faults_are_waited_out_for_the_outage_bound_with_waits_never_n
     gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert 1.4 < time.monotonic() - started < 3.0 and len(calls) >= 4
     assert min(gaps) >= 0.09  # capped exponential with a little jitter: never a near-zero wait
+
+
+def test_until_is_the_clock_time_whenever_the_deadline_is_computed() -> None:
+    """The run computes its deadline after the model loaded: --until must not close the window
+    early by the time that took (it did, by the load time, before this test)."""
+    import datetime as dt
+    import time
+
+    from reembed.settings import RunOptions
+
+    now = dt.datetime.now().astimezone()
+    options = RunOptions(until=now + dt.timedelta(seconds=60))
+    started = time.monotonic() - 30.0  # the run began 30 s ago (lock, model load)
+    deadline = options.deadline(started, now_wall=now)
+    assert deadline is not None and abs(deadline - (time.monotonic() + 60.0)) < 1.0
+    both = RunOptions(until=now + dt.timedelta(seconds=60), max_runtime=40.0).deadline(started, now_wall=now)
+    assert both is not None and abs(both - (started + 40.0)) < 1e-6  # the earlier of the two
