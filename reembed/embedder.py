@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from reembed.encoding import Feed, halved, is_oom
+from reembed.encoding import Feed, first_line, halved, is_oom
 from reembed.errors import ConfigError
 from reembed.feed import BatchFeed, TokenFeed, default_workers, spec_for
 from reembed.settings import ModelSpec
@@ -204,11 +204,11 @@ class SentenceTransformerEmbedder:
         self.model = _load(path, self.device)
         if spec.max_seq_length is not None:
             self.model.max_seq_length = spec.max_seq_length
-        if self.precision != "fp32":
+        dimension = _dimension(self.model)  # (its probe, if any, runs at fp32: one precision throughout)
+        if self.precision != "fp32":  # the first module only: pooling and normalisation stay float32 (embed)
             import torch
 
-            self.model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision])
-        dimension = _dimension(self.model)
+            self.model[0].to({"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision])
         if spec.dimension is not None and spec.dimension != dimension:
             raise ConfigError(
                 f"model {spec.model} produces {dimension} dimensions but --dimension is {spec.dimension}; "
@@ -263,12 +263,15 @@ class SentenceTransformerEmbedder:
                 if rows > self.encode_batch_size:  # tokenized before the batch size was halved
                     pending[:0] = self._recut(features.texts, start, rows)
                     continue
+                out_of_memory: str | None = None
                 try:
                     vectors = self._forward_pass(chunk)
                 except Exception as exc:
-                    if not is_oom(exc) or self.encode_batch_size <= 1:
-                        raise
-                    self._halve(exc)
+                    if not is_oom(exc) or rows <= 1:
+                        raise  # a single row that does not fit: no batch size helps
+                    out_of_memory = first_line(exc)
+                if out_of_memory is not None:  # out of the except: the failed pass's tensors are freed
+                    self._halve(out_of_memory)
                     pending[:0] = self._recut(features.texts, start, rows)
                     continue
                 out[features.order[start: start + rows]] = vectors
@@ -281,9 +284,26 @@ class SentenceTransformerEmbedder:
         import torch
 
         on_device = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in chunk.items()}
-        embeddings = self.model(on_device)["sentence_embedding"]
-        vectors: np.ndarray = embeddings.float().cpu().numpy()
+        vectors: np.ndarray = self.embed(on_device).cpu().numpy()
         return vectors
+
+    def embed(self, features: dict[str, Any]) -> Any:
+        """The model's own module chain on device inputs; only the sentence embeddings (float32)
+        are kept. At fp32 that is the model's forward; at fp16/bf16 only the first module (the
+        transformer, or a StaticEmbedding) runs at that precision and its outputs are cast to
+        float32 before pooling, dense layers and normalisation: `F.normalize`'s eps is 0 in fp16
+        (a zero vector becomes NaN) and fp16 sums overflow to Inf."""
+        import torch
+
+        if self.precision == "fp32":
+            return self.model(features)["sentence_embedding"].float()
+        modules = iter(self.model.named_children())
+        _, first = next(modules)
+        out = first(features)
+        out = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in out.items()}
+        for _, module in modules:
+            out = module(out)
+        return out["sentence_embedding"]
 
     def _recut(self, texts: list[str], start: int, rows: int) -> list[tuple[int, int, Any]]:
         """The rows of a pass that did not fit, as passes of the (halved) encode batch size."""
@@ -291,9 +311,9 @@ class SentenceTransformerEmbedder:
         return [(i, min(size, end - i), self.tokenizer.preprocess(texts[i: min(i + size, end)]))
                 for i in range(start, end, size)]
 
-    def _halve(self, exc: BaseException) -> None:
+    def _halve(self, error: str) -> None:
         """Out of GPU memory: halve the forward pass and keep the size that works for the rest of the run."""
-        self.encode_batch_size = halved(self.encode_batch_size, exc, device=self.device, event="encode_batch_halved",
+        self.encode_batch_size = halved(self.encode_batch_size, error, device=self.device, event="encode_batch_halved",
                                         field="encode_batch_size")
 
 

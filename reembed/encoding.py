@@ -101,6 +101,31 @@ def feed_for(embedder: Embedder, opts: RunOptions) -> Feed:
                          window_rows=opts.window_rows)
 
 
+NON_FINITE = "the model gave a non-finite vector (NaN or Inf); not written"
+
+_DEVICE_FAULTS = ("CUDA error", "CUBLAS_STATUS", "cuBLAS", "CUDNN_STATUS", "cuDNN error", "NCCL error",
+                  "device-side assert", "illegal memory access", "an illegal instruction", "unspecified launch failure")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A device or driver failure (an illegal memory access, a device-side assert, a cuBLAS or NCCL
+    error): not the rows' fault, and sticky on CUDA (every later call fails too). Out of memory is
+    not one (the budget is halved instead)."""
+    if is_oom(exc):
+        return False
+    import torch
+
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if accelerator is not None and isinstance(exc, accelerator):
+        return True
+    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in _DEVICE_FAULTS)
+
+
+def finite_rows(vectors: np.ndarray) -> np.ndarray:
+    """Per row of `vectors`: are all its values finite? (pgvector takes no NaN or Inf.)"""
+    return np.isfinite(vectors).all(axis=1) if len(vectors) else np.ones(0, dtype=bool)
+
+
 def is_oom(exc: BaseException) -> bool:
     """Is this the device running out of memory?"""
     import torch
@@ -109,15 +134,19 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, oom)
 
 
-def halved(budget: int, exc: BaseException, *, device: str, event: str, field: str) -> int:
-    """Out of device memory: the cache emptied, one warning, and half of `budget` (at least 1),
-    which the caller keeps for the rest of the run."""
+def halved(budget: int, error: str, *, device: str, event: str, field: str) -> int:
+    """Out of device memory (`error`, its first line): the cache emptied, one warning, and half of
+    `budget` (at least 1), which the caller keeps for the rest of the run. Call it after the
+    `except` block, not in it: the traceback holds the failed pass's tensors until then."""
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.empty_cache()
     smaller = max(1, budget // 2)
-    log.warning(event, **{field: smaller}, was=budget,
-                error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+    log.warning(event, **{field: smaller}, was=budget, error=error,
                 detail="out of GPU memory; this size is kept for the rest of the run")
     return smaller
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

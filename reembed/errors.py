@@ -60,6 +60,11 @@ class Interrupted(ReembedError):
         self.exit_code = exit_code
 
 
+class DeviceFailed(ReembedError):
+    """The device or its driver failed (CUDA errors are sticky): the run stops, nothing of the
+    window in flight is written, no row is blamed."""
+
+
 class InternalError(RuntimeError):
     """A broken invariant of reembed itself: a bug. Not a ReembedError, so the CLI shows its traceback."""
 

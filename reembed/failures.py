@@ -21,8 +21,8 @@ from reembed.batches import Batch, Writer
 from reembed.checkpoint import Job
 from reembed.commits import commit_batch
 from reembed.context import RunContext
-from reembed.encoding import Embedder
-from reembed.errors import ReembedError
+from reembed.encoding import NON_FINITE, Embedder, finite_rows, first_line, is_device_fault
+from reembed.errors import DeviceFailed, ReembedError
 from reembed.queries import query
 
 log = structlog.get_logger()
@@ -39,10 +39,13 @@ def encode_isolating(
     out: list[np.ndarray | None],
     failed: dict[int, str],
 ) -> None:
-    """Encode texts[indices] into out[...]; a failing group is split in halves down to single rows."""
+    """Encode texts[indices] into out[...]; a failing group is split in halves down to single rows.
+    A non-finite vector fails its row; a device fault fails the run (DeviceFailed), no row."""
     try:
         encoded = embedder.encode([cast(str, texts[i]) for i in indices])  # indices name rows with content
-    except Exception as exc:  # noqa: BLE001 - any model error is narrowed down to its rows
+    except Exception as exc:
+        if is_device_fault(exc):
+            raise device_failed(exc) from exc
         if len(indices) == 1:
             failed[indices[0]] = f"{type(exc).__name__}: {exc}"[:500]
             return
@@ -50,8 +53,16 @@ def encode_isolating(
         encode_isolating(embedder, texts, indices[:middle], out, failed)
         encode_isolating(embedder, texts, indices[middle:], out, failed)
         return
-    for slot, vec in zip(indices, encoded, strict=True):
-        out[slot] = vec
+    for slot, vec, finite in zip(indices, encoded, finite_rows(encoded), strict=True):
+        if finite:
+            out[slot] = vec
+        else:
+            failed[slot] = NON_FINITE
+
+
+def device_failed(exc: BaseException) -> DeviceFailed:
+    return DeviceFailed(f"the device failed ({first_line(exc)}); nothing of the rows in flight was written and no "
+                        "row was marked failed: check the GPU (nvidia-smi, the kernel log), then re-run to resume")
 
 
 def pending(conn: psycopg.Connection[Any], job: Job) -> int:

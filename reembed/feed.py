@@ -17,7 +17,9 @@ transaction at a time), with one log line saying why. CUDA out of memory halves 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
@@ -41,6 +43,10 @@ class ModelEmbedder(Embedder, Protocol):
     """An embedder whose sentence-transformers model the feed drives itself."""
 
     model: Any  # its preprocess and its module chain
+
+    def embed(self, features: dict[str, Any]) -> Any:
+        """The model's module chain on device inputs: the sentence embeddings (float32), only."""
+        ...
 
 
 def default_workers() -> int:
@@ -199,36 +205,43 @@ class TokenFeed:
 
     def _run(self, tokens: Tokens, stop: StopSignal) -> np.ndarray | None:
         """Every row's vector, in `tokens`' order. The next batch is staged while the device runs
-        this one; each batch's results are read after the next one was launched."""
+        this one; each batch's results are read after the next one was launched. Only a batch's
+        sentence embeddings outlive its forward (never its token embeddings)."""
         import torch
 
         out = np.empty((len(tokens), self.embedder.signature.dimension), dtype=np.float32)
         order = np.argsort(-tokens.lengths, kind="stable")
         lengths = tokens.lengths[order]
 
-        def stage(start: int) -> tuple[np.ndarray, int, Any] | None:
-            if start >= len(order):
-                return None
+        def stage(start: int) -> tuple[np.ndarray, int, Any]:
             end, width = self.cut(lengths, start)
             return order[start:end], end, self.device.stage(self.features(tokens, order[start:end], width))
 
-        landing: list[tuple[np.ndarray, Any]] = []
-        with torch.inference_mode():
-            staged = stage(0)
-            while staged is not None:
-                rows, end, inputs = staged
-                try:
-                    result = self.embedder.model({**self.device.take(inputs), **self.extras})
+        landing: deque[tuple[np.ndarray, Any]] = deque()
+        start, staged = 0, None
+        with torch.inference_mode(), self.device.scope():
+            while start < len(order):
+                out_of_memory: str | None = None
+                try:  # take -> forward -> fetch -> stage the next: any of them may run out of memory
+                    if staged is None:
+                        staged = stage(start)
+                    rows, end, inputs = staged
+                    embeddings = self.embedder.embed({**self.device.take(inputs), **self.extras})
+                    landing.append((rows, self.device.fetch(embeddings)))
+                    del embeddings
+                    start, staged = end, None
+                    if start < len(order):
+                        staged = stage(start)  # built and copied while the device runs the batch before
                 except Exception as exc:
-                    if not is_oom(exc) or self.max_batch_tokens <= 1:
-                        raise
-                    self._halve(exc)
-                    staged = stage(end - len(rows))
+                    if not is_oom(exc) or self.cut(lengths, start)[0] - start <= 1:
+                        raise  # a single row that does not fit: no budget helps
+                    out_of_memory = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if out_of_memory is not None:  # out of the except: the failed pass's tensors are freed
+                    staged = None
+                    self._halve(out_of_memory)
                     continue
-                landing.append((rows, self.device.fetch(result["sentence_embedding"])))
-                staged = stage(end)  # built and copied while the device runs this batch
-                if len(landing) > 1:
-                    done, host = landing.pop(0)
+                while len(landing) > 1:
+                    done, host = landing.popleft()
                     out[done] = self.device.read(host)
                 if stop.requested:
                     return None
@@ -236,8 +249,8 @@ class TokenFeed:
                 out[done] = self.device.read(host)
         return out
 
-    def _halve(self, exc: BaseException) -> None:
-        self.max_batch_tokens = halved(self.max_batch_tokens, exc, device=self.device.device,
+    def _halve(self, error: str) -> None:
+        self.max_batch_tokens = halved(self.max_batch_tokens, error, device=self.device.device,
                                        event="token_budget_halved", field="max_batch_tokens")
         if self.max_rows is not None:
             self.max_rows = max(1, self.max_rows // 2)
@@ -259,7 +272,9 @@ def _pool(spec: TokenizerSpec, workers: int) -> TokenizerPool:
 
 class _Device:
     """Host <-> device copies. On CUDA: pinned buffers, non-blocking copies on a stream of their
-    own, events to know when a copy landed. Elsewhere: plain tensors."""
+    own, events to know when a copy landed, every stream and event named by its device (the
+    current device is never relied on: on cuda:1 it is still cuda:0). Elsewhere: plain tensors,
+    moved to the device (mps) or left where they are (cpu)."""
 
     def __init__(self, device: str) -> None:
         import torch
@@ -271,15 +286,26 @@ class _Device:
             if self.cuda else None
         )
 
+    def scope(self) -> contextlib.AbstractContextManager[Any]:
+        """The device stage runs with its device current (allocations, the caching allocator)."""
+        if not self.cuda:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.cuda.device(self.device)
+
     def stage(self, arrays: dict[str, np.ndarray]) -> Any:
         import torch
 
-        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
         if not self.cuda:
-            return {k: t.long() for k, t in tensors.items()}
+            return {k: torch.from_numpy(v).to(self.device).long() for k, v in arrays.items()}
         with torch.cuda.stream(self.copies):
-            moved = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in tensors.items()}
-            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+            moved = {}
+            for key, array in arrays.items():
+                pinned = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
+                np.copyto(pinned.numpy(), array)  # one copy, straight into pinned memory
+                moved[key] = pinned.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             ready.record(self.copies)
         return moved, ready
 
@@ -300,19 +326,19 @@ class _Device:
     def fetch(self, embeddings: Any) -> Any:
         """Start copying the results to the host; `read` waits for them."""
         if not self.cuda:
-            return embeddings.float()
+            return embeddings.float().cpu()
         import torch
 
         host = torch.empty(embeddings.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(embeddings.float(), non_blocking=True)
-        landed = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-        landed.record()
+        landed = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        landed.record(torch.cuda.current_stream(self.device))
         return host, landed
 
     def read(self, fetched: Any) -> np.ndarray:
         if self.cuda:
             host, landed = fetched
-            landed.synchronize()
+            landed.synchronize()  # blocking: the core is free for the tokenizers meanwhile
         else:
             host = fetched
         vectors: np.ndarray = host.numpy()

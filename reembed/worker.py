@@ -34,7 +34,7 @@ from reembed import db, failures
 from reembed.batches import Batch, Reader, Writer
 from reembed.commits import Turns, Writers, Written, commit_batch
 from reembed.context import RunContext
-from reembed.encoding import Feed, feed_for
+from reembed.encoding import NON_FINITE, Feed, feed_for, finite_rows, is_device_fault
 from reembed.errors import CheckpointConflict, ReembedError
 from reembed.progress import Progress
 from reembed.stages import Chain, Step
@@ -151,7 +151,9 @@ class _RangeRun:
             encoded = self.feed.encode(pending, self.ctx.stop) if pending else []
         except ReembedError:  # the run's own failures (a dead tokenizer process): not a row's fault
             raise
-        except Exception as exc:  # noqa: BLE001 - narrowed down to the rows the model cannot take
+        except Exception as exc:
+            if is_device_fault(exc):  # sticky: every row would fail after it
+                raise failures.device_failed(exc) from exc
             log.debug("window_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             encoded = [None] * len(pending)
         if encoded is None:
@@ -165,8 +167,11 @@ class _RangeRun:
         present = batch.present
         vectors: list[np.ndarray | None] = [None] * len(batch.texts)
         if encoded is not None:
-            for slot, vec in zip(present, encoded, strict=True):
-                vectors[slot] = vec
+            for slot, vec, finite in zip(present, encoded, finite_rows(encoded), strict=True):
+                if finite:
+                    vectors[slot] = vec
+                else:  # pgvector refuses NaN and Inf: the row is failed, with its reason
+                    batch.failed[slot] = NON_FINITE
         elif present:
             failures.encode_isolating(self.ctx.embedder, batch.texts, present, vectors, batch.failed)
         if batch.failed:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
-def save_static_model(path: Path, *, tokenizer_dir: Path, dim: int, seed: int = 0) -> Path:
+def save_static_model(path: Path, *, tokenizer_dir: Path, dim: int, seed: int = 0, normalize: bool = False) -> Path:
+    """A seeded random StaticEmbedding over the tokenizer in `tokenizer_dir` (`normalize`: with a
+    Normalize module after it, as static models often ship), saved as a model directory."""
     import torch
     from tokenizers import Tokenizer
 
@@ -19,14 +21,18 @@ def save_static_model(path: Path, *, tokenizer_dir: Path, dim: int, seed: int = 
 
         try:
             from sentence_transformers.sentence_transformer.modules import (
+                Normalize,
                 StaticEmbedding,
             )
         except ImportError:  # sentence-transformers < 6
-            from sentence_transformers.models import StaticEmbedding
+            from sentence_transformers.models import Normalize, StaticEmbedding
 
     torch.manual_seed(seed)
     tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-    model = SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=dim)], device="cpu")
+    modules: list[Any] = [StaticEmbedding(tokenizer, embedding_dim=dim)]
+    if normalize:
+        modules.append(Normalize())
+    model = SentenceTransformer(modules=modules, device="cpu")
     model.save(str(path))
     return path
 

@@ -135,7 +135,7 @@ def test_until_closes_the_window_at_that_clock_time_exits_75_and_the_next_run_re
     assert report["state"] == "time_budget"
     done = job_rows_done(dsn)
     assert 0 < done == report["rows_updated"] < ROWS
-    assert_checkpoint_agrees_with_data(dsn, 48)
+    assert_checkpoint_agrees_with_data(dsn, 48, model=model)
     again = run_cli(cli_args(dsn, model), cwd=workdir)
     assert again.returncode == 0 and json.loads(again.stdout)["rows_updated"] == ROWS - done
     assert assert_rows_hold_the_models_vectors(dsn, model) == ROWS
@@ -193,7 +193,7 @@ def test_an_outage_longer_than_max_outage_fails_with_exit_1_consistent_and_a_rer
     try:
         wait_for(lambda: writer_waiting(dsn), timeout=120, what="the run waiting on the held row")
         done = job_rows_done(dsn)
-        controllable_server.outage(15.0)  # five times --max-outage; ends the application's transaction too
+        controllable_server.outage(20.0)  # well past --max-outage; ends the application's transaction too
         with contextlib.suppress(psycopg.Error):
             app.end()
         assert wait_exit(proc, timeout=120) == 1, log.read_text()[-3000:]
@@ -204,7 +204,7 @@ def test_an_outage_longer_than_max_outage_fails_with_exit_1_consistent_and_a_rer
     assert last.startswith("reembed: database error"), last
     assert events(log, "transient_error_retrying")  # it waited, for as long as it was told
     assert job_rows_done(dsn) == done  # nothing lost, nothing half-written
-    assert_checkpoint_agrees_with_data(dsn, 48)
+    assert_checkpoint_agrees_with_data(dsn, 48, model=model)
     again = run_cli(cli_args(dsn, model), cwd=workdir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["rows_updated"] == ROWS - done
@@ -479,6 +479,48 @@ def test_accept_failed_finalizes_with_their_embedding_null_and_says_so(dsn: str)
     assert one(dsn, "SELECT count(*) FROM reembed_failed_rows WHERE accepted") == 3
     assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
                     "'knowledge_nodes'::regclass AND attname = 'embedding'") == "vector(32)"
+
+
+def test_a_device_fault_fails_the_run_with_exit_1_blames_no_row_and_keeps_the_checkpoint(dsn: str) -> None:
+    import torch
+
+    make_table(dsn, rows=50, old_dim=64)
+    emb = HashEmbedder(32)
+    real = emb.forward
+
+    def faulting(texts: Any) -> Any:  # CUDA faults are sticky: the third batch and every call after it
+        if emb.calls >= 2:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return real(texts)
+
+    emb.forward = faulting  # type: ignore[method-assign]
+    with pytest.raises(ReembedError, match="the device failed .*illegal memory access") as failed:
+        run(settings(dsn, batch_size=10, pipeline=False), embedder=emb)
+    assert failed.value.exit_code == 1
+    assert one(dsn, "SELECT count(*) FROM reembed_failed_rows") == 0  # no row blamed
+    assert one(dsn, "SELECT rows_done FROM reembed_checkpoint_range") == 20
+    assert_checkpoint_agrees_with_data(dsn, 32)
+    resumed = run(settings(dsn, batch_size=10), embedder=HashEmbedder(32))
+    assert resumed.state == "done" and resumed.rows_updated == 30
+
+
+def test_a_non_finite_vector_is_a_failed_row_with_its_reason_never_written(dsn: str) -> None:
+    _poisoned(dsn)
+    emb = HashEmbedder(32)
+    real = emb.forward
+
+    def nan_for_poison(texts: Any) -> Any:  # what an fp16 overflow or a 0/0 normalisation gives
+        vectors = real(texts)
+        vectors[[i for i, t in enumerate(texts) if "POISON" in t]] = np.nan
+        return vectors
+
+    emb.forward = nan_for_poison  # type: ignore[method-assign]
+    with pytest.raises(ReembedError, match="3 rows could not be encoded"):
+        run(settings(dsn, batch_size=10), embedder=emb)
+    bad = fetch(dsn, "SELECT r.error, k.embedding IS NULL AS null_vec FROM reembed_failed_rows r"
+                     " JOIN knowledge_nodes k ON k.id::text = r.row_id")
+    assert len(bad) == 3 and all(b["null_vec"] and "non-finite" in b["error"] for b in bad)
+    assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 32") == 47
 
 
 def test_progress_events_carry_rows_rate_and_eta_in_json_log_mode(dsn: str, static_model_dir: Any,
