@@ -1,4 +1,4 @@
-"""The encoder's feed: keeps the device busy (DESIGN.md, "The encoder on a GPU host").
+"""The encoder's feed: keeps the device busy (docs/ARCHITECTURE.md, "feed" and "The path of one batch").
 
     transactions ─► tokenizer processes (reembed.tokens) ─► a window of many transactions,
     its rows sorted by token length ─► device batches cut by a token budget (widths a
