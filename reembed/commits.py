@@ -60,9 +60,13 @@ def commit_batch(conn: psycopg.Connection[Any], job: Job, writer: Writer, batch:
     caller's cursor, moved last."""
     if batch.vectors is None:
         raise InternalError(f"batch {batch.seq} reached its commit unencoded")
-    rows = [i for i in range(len(batch.ids)) if write_failed or i not in batch.failed]
-    keys = writer.write(conn, [batch.ids[i] for i in rows], [batch.vectors[i] for i in rows],
-                        [batch.xmins[i] for i in rows])
+    if write_failed or not batch.failed:  # every row (the main pass): no copies on the hot path
+        rows: Sequence[int] = range(len(batch.ids))
+        keys = writer.write(conn, batch.ids, batch.vectors, batch.xmins)
+    else:
+        rows = [i for i in range(len(batch.ids)) if i not in batch.failed]
+        keys = writer.write(conn, [batch.ids[i] for i in rows], [batch.vectors[i] for i in rows],
+                            [batch.xmins[i] for i in rows])
     if settles:
         conn.execute(query("forget_changes"), {"job_id": job.id, "row_ids": list(settles)})
     changed = [batch.id_texts[i] for i in rows if batch.id_texts[i] not in keys]

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from reembed.encoding import Feed, first_line, halved, is_oom
-from reembed.errors import ConfigError
+from reembed.encoding import Feed, halved, is_oom
+from reembed.errors import ConfigError, first_line
 from reembed.feed import BatchFeed, TokenFeed, default_workers, spec_for
 from reembed.settings import ModelSpec
 from reembed.signature import Signature

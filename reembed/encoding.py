@@ -147,6 +147,3 @@ def halved(budget: int, error: str, *, device: str, event: str, field: str) -> i
                 detail="out of GPU memory; this size is kept for the rest of the run")
     return smaller
 
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

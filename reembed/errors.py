@@ -12,6 +12,11 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message, its first line (its type's name when it has none): for log lines."""
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 class ReembedError(Exception):
     """A failure the operator can act on. The checkpoint is intact; a re-run resumes."""
 

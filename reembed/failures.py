@@ -21,8 +21,8 @@ from reembed.batches import Batch, Writer
 from reembed.checkpoint import Job
 from reembed.commits import commit_batch
 from reembed.context import RunContext
-from reembed.encoding import NON_FINITE, Embedder, finite_rows, first_line, is_device_fault
-from reembed.errors import DeviceFailed, ReembedError
+from reembed.encoding import NON_FINITE, Embedder, finite_rows, is_device_fault
+from reembed.errors import DeviceFailed, ReembedError, first_line
 from reembed.queries import query
 
 log = structlog.get_logger()
@@ -53,7 +53,13 @@ def encode_isolating(
         encode_isolating(embedder, texts, indices[:middle], out, failed)
         encode_isolating(embedder, texts, indices[middle:], out, failed)
         return
-    for slot, vec, finite in zip(indices, encoded, finite_rows(encoded), strict=True):
+    place(encoded, indices, out, failed)
+
+
+def place(encoded: np.ndarray, slots: Sequence[int], out: list[np.ndarray | None], failed: dict[int, str]) -> None:
+    """encoded[k] into out[slots[k]]; a non-finite vector (pgvector refuses NaN and Inf) fails its
+    row, with the reason, and stays out."""
+    for slot, vec, finite in zip(slots, encoded, finite_rows(encoded), strict=True):
         if finite:
             out[slot] = vec
         else:

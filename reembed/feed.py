@@ -28,6 +28,7 @@ import numpy as np
 import structlog
 
 from reembed.encoding import BatchFeed, Embedder, Feed, halved, is_oom
+from reembed.errors import first_line
 from reembed.signals import StopSignal
 from reembed.tokens import FLAT, PADDED, Pending, TokenizerPool, TokenizerSpec, Tokens
 
@@ -235,7 +236,7 @@ class TokenFeed:
                 except Exception as exc:
                     if not is_oom(exc) or self.cut(lengths, start)[0] - start <= 1:
                         raise  # a single row that does not fit: no budget helps
-                    out_of_memory = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    out_of_memory = first_line(exc)
                 if out_of_memory is not None:  # out of the except: the failed pass's tensors are freed
                     staged = None
                     self._halve(out_of_memory)
@@ -265,7 +266,7 @@ def _pool(spec: TokenizerSpec, workers: int) -> TokenizerPool:
         if workers == 0:
             raise
         log.warning("tokenizer_processes_unavailable",
-                    error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    error=first_line(exc),
                     detail="tokenising in this process instead; the device may wait for it")
         return TokenizerPool(spec, 0)
 
@@ -302,7 +303,7 @@ class _Device:
         with torch.cuda.stream(self.copies):
             moved = {}
             for key, array in arrays.items():
-                pinned = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
+                pinned = torch.empty(array.shape, dtype=torch.from_numpy(array).dtype, pin_memory=True)
                 np.copyto(pinned.numpy(), array)  # one copy, straight into pinned memory
                 moved[key] = pinned.to(self.device, non_blocking=True)
             ready = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]  # torch leaves it unannotated

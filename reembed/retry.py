@@ -31,7 +31,7 @@ from tenacity import (
 )
 
 from reembed.db import translate
-from reembed.errors import DatabaseError, Interrupted
+from reembed.errors import DatabaseError, Interrupted, first_line
 from reembed.signals import StopSignal
 
 log = structlog.get_logger()
@@ -77,7 +77,7 @@ class Outages:
                 self._open[kind] = time.monotonic()
         if first and kind == "database" and on_lost is not None:
             on_lost()
-        line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        line = first_line(error)
         if first:
             log.warning("transient_error_retrying", step=what, kind=kind, attempt=attempt, sleep_secs=round(sleep, 2),
                         max_outage_secs=max_outage, error=line,

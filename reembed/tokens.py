@@ -155,7 +155,6 @@ class TokenizerPool:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="reembed-tokenize")
             self._call: Any = lambda texts: tokenize(local, spec, texts)
             self._processes: list[multiprocessing.process.BaseProcess] = []
-            self.pids: list[int] = []
         else:
             # Spawned (never forked: the parent holds torch's threads and database sockets), all of
             # them now, from this thread: PR_SET_PDEATHSIG follows the thread that started a process.
@@ -168,7 +167,8 @@ class TokenizerPool:
             started = [self._executor.submit(_ready) for _ in range(workers)]
             self._processes = [p for p in multiprocessing.active_children() if p.pid not in before]
             try:
-                self.pids = [f.result() for f in started]
+                for ready in started:
+                    ready.result()
             except BaseException:
                 self.close(now=True)
                 raise

@@ -34,8 +34,8 @@ from reembed import db, failures
 from reembed.batches import Batch, Reader, Writer
 from reembed.commits import Turns, Writers, Written, commit_batch
 from reembed.context import RunContext
-from reembed.encoding import NON_FINITE, Feed, feed_for, finite_rows, is_device_fault
-from reembed.errors import CheckpointConflict, ReembedError
+from reembed.encoding import Feed, feed_for, is_device_fault
+from reembed.errors import CheckpointConflict, ReembedError, first_line
 from reembed.progress import Progress
 from reembed.stages import Chain, Step
 
@@ -154,7 +154,7 @@ class _RangeRun:
         except Exception as exc:
             if is_device_fault(exc):  # sticky: every row would fail after it
                 raise failures.device_failed(exc) from exc
-            log.debug("window_failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.debug("window_failed", error=first_line(exc))
             encoded = [None] * len(pending)
         if encoded is None:
             return None  # stopped: nothing of this window is written
@@ -167,11 +167,7 @@ class _RangeRun:
         present = batch.present
         vectors: list[np.ndarray | None] = [None] * len(batch.texts)
         if encoded is not None:
-            for slot, vec, finite in zip(present, encoded, finite_rows(encoded), strict=True):
-                if finite:
-                    vectors[slot] = vec
-                else:  # pgvector refuses NaN and Inf: the row is failed, with its reason
-                    batch.failed[slot] = NON_FINITE
+            failures.place(encoded, present, vectors, batch.failed)
         elif present:
             failures.encode_isolating(self.ctx.embedder, batch.texts, present, vectors, batch.failed)
         if batch.failed:
