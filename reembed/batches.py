@@ -101,14 +101,19 @@ class Writer:
             raise ValueError(f"unknown write path {path!r}")
         self.info = info
         self.path = path
+        self.half = info.column_type == "halfvec"  # written as halfvec values, the column's own type
         self._update_one = info.statement("write_one", column=column)
         self._update_unnest = info.statement("write_unnest", column=column)
         self._update_stage = info.statement("write_from_stage", column=column)
         self._copy = info.statement("copy_stage")
 
-    def write(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[np.ndarray | None],
+    def write(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[Any],
               xmins: Sequence[int]) -> set[str]:
         """The text form of the keys written: those whose xmin is still the one read."""
+        if self.half:
+            from pgvector import HalfVector
+
+            vectors = [None if v is None else HalfVector(v) for v in vectors]
         if self.path == "executemany":
             with conn.cursor() as cur:
                 cur.executemany(self._update_one, list(zip(vectors, ids, xmins, strict=True)), returning=True)
@@ -123,9 +128,9 @@ class Writer:
             return {r["id_text"] for r in rows}
         return self._write_copy(conn, ids, vectors, xmins)
 
-    def _write_copy(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[np.ndarray | None],
+    def _write_copy(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[Any],
                     xmins: Sequence[int]) -> set[str]:
-        vector_oid = conn.adapters.types["vector"].oid
+        vector_oid = conn.adapters.types[self.info.column_type].oid
         with conn.cursor() as cur:
             with cur.copy(self._copy) as copy:
                 copy.set_types([self.info.id_type_oid, vector_oid, "int8"])

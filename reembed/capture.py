@@ -207,7 +207,8 @@ def _encode(ctx: RunContext, batch: Batch, ahead: Encoded | None = None) -> list
         else:
             vectors[i] = known
     if todo:
-        failures.encode_isolating(ctx.embedder, batch.texts, todo, vectors, batch.failed)
+        failures.encode_isolating(ctx.embedder, batch.texts, todo, vectors, batch.failed,
+                                  limit=failures.value_limit(ctx.info))
     batch.vectors = vectors
     return vectors
 

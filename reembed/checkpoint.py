@@ -63,6 +63,7 @@ class Job:
     catchup_pass_done: int = 0
     catchup_rows: int = 0
     writers_held_secs: float | None = None
+    dependents: list[dict[str, Any]] | None = None  # the inventory (reembed.dependents); None: an older job
 
     @property
     def id(self) -> int:
@@ -163,6 +164,7 @@ def create_job(
     source_typmod: int | None,
     rows_total: int | None,
     holder: str,
+    dependents: list[dict[str, Any]] | None = None,
 ) -> Job:
     """Insert the job and its single range. Call inside the caller's transaction."""
     job = _one(conn, Job, "insert_job", {
@@ -182,6 +184,7 @@ def create_job(
         "index_def": Jsonb(index) if index is not None else None,
         "rows_total": rows_total,
         "holder": holder,
+        "dependents": Jsonb(dependents) if dependents is not None else None,
     })
     if job is None:
         raise InternalError("insert_job returned no row")

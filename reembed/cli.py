@@ -64,7 +64,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     j.add_argument("--encode-batch-size", type=int, default=None,
                    help="deprecated by --max-batch-tokens: now an upper bound on rows per forward pass")
     j.add_argument("--drop-hnsw-first", action=argparse.BooleanOptionalAction, default=True,
-                   help="drop the HNSW index before writing, rebuild at the end (default: yes)")
+                   help="drop the column's HNSW and IVFFlat indexes before writing, build them again at the end "
+                        "(default: yes; a dimension change drops every index whose key reads the column)")
+    j.add_argument("--allow-published", action="store_true",
+                   help="change the dimension of a table a publication replicates (relax each subscriber's "
+                        "column to plain vector first)")
     j.add_argument("--concurrent-index", action=argparse.BooleanOptionalAction, default=True,
                    help="build the HNSW index CONCURRENTLY, so the application's writes never wait for it "
                         "(default: yes)")
@@ -174,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_args(args)
         return command(settings, args)
     except ReembedError as exc:
-        print(f"reembed: {exc}", file=sys.stderr, flush=True)
+        notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
+        print(f"reembed: {exc}{notes}", file=sys.stderr, flush=True)
         return exc.exit_code
     except Stopped as exc:
         print("reembed: stopped at once by a second signal; the batch in flight rolled back", file=sys.stderr)

@@ -50,8 +50,8 @@ class Strategy(Protocol):
 
     name: str
 
-    def plan(self, ctx: RunContext) -> dict[str, Any]:
-        """What prepare would do, for the plan and the log (no writes)."""
+    def plan(self, ctx: RunContext, job: Job) -> dict[str, Any]:
+        """What prepare does for `job` (its recorded inventory), for the log (no writes)."""
         ...
 
     def prepare(self, ctx: RunContext, conn: psycopg.Connection[Any], job: Job, *,

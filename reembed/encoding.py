@@ -7,7 +7,7 @@ reembed.feed: the tokenizer processes and token-budget batches); nothing here im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -19,6 +19,9 @@ from reembed.signals import StopSignal
 from reembed.signature import Signature
 
 log = structlog.get_logger()
+
+
+Upcoming = Callable[[], Sequence[Any] | None]  # the next window's pending transactions, if queued
 
 
 class Feed(Protocol):
@@ -35,8 +38,11 @@ class Feed(Protocol):
         """Start tokenising one transaction's texts; what `encode` takes back."""
         ...
 
-    def encode(self, pending: Sequence[Any], stop: StopSignal) -> list[np.ndarray] | None:
-        """Each transaction's vectors, in its texts' order; None when a stop came first."""
+    def encode(self, pending: Sequence[Any], stop: StopSignal, *, upcoming: Upcoming | None = None,
+               ) -> list[np.ndarray] | None:
+        """Each transaction's vectors, in its texts' order; None when a stop came first.
+        `upcoming`: the next window's pending transactions if they are already queued (never
+        waits), so that a feed can stage its first batch before reading this window's last."""
         ...
 
     def close(self, *, now: bool = False) -> None: ...
@@ -88,7 +94,8 @@ class BatchFeed:
     def submit(self, texts: Sequence[str]) -> Any:
         return self._executor.submit(self.embedder.tokenize, texts)
 
-    def encode(self, pending: Sequence[Any], stop: StopSignal) -> list[np.ndarray] | None:
+    def encode(self, pending: Sequence[Any], stop: StopSignal, *, upcoming: Upcoming | None = None,
+               ) -> list[np.ndarray] | None:
         return [self.embedder.forward(p.result()) for p in pending]
 
     def close(self, *, now: bool = False) -> None:
@@ -121,9 +128,17 @@ def is_device_fault(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in _DEVICE_FAULTS)
 
 
-def finite_rows(vectors: np.ndarray) -> np.ndarray:
-    """Per row of `vectors`: are all its values finite? (pgvector takes no NaN or Inf.)"""
-    return np.isfinite(vectors).all(axis=1) if len(vectors) else np.ones(0, dtype=bool)
+HALF_MAX = 65504.0  # the largest finite float16: a halfvec column takes nothing beyond it
+OUT_OF_HALF = "the model gave a value beyond halfvec's range (+-65504); not written"
+
+
+def finite_rows(vectors: np.ndarray, limit: float | None = None) -> np.ndarray:
+    """Per row of `vectors`: are all its values finite (pgvector takes no NaN or Inf), and within
+    +-`limit` when one is given (a halfvec column)?"""
+    if not len(vectors):
+        return np.ones(0, dtype=bool)
+    fits: np.ndarray = np.isfinite(vectors) if limit is None else np.abs(vectors) <= limit  # NaN: False
+    return np.asarray(fits.all(axis=1))
 
 
 def is_oom(exc: BaseException) -> bool:

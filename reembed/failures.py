@@ -21,9 +21,10 @@ from reembed.batches import Batch, Writer
 from reembed.checkpoint import Job
 from reembed.commits import commit_batch
 from reembed.context import RunContext
-from reembed.encoding import NON_FINITE, Embedder, finite_rows, is_device_fault
+from reembed.encoding import HALF_MAX, NON_FINITE, OUT_OF_HALF, Embedder, finite_rows, is_device_fault
 from reembed.errors import DeviceFailed, ReembedError, first_line
 from reembed.queries import query
+from reembed.target import TableInfo
 
 log = structlog.get_logger()
 
@@ -38,6 +39,8 @@ def encode_isolating(
     indices: list[int],
     out: list[np.ndarray | None],
     failed: dict[int, str],
+    *,
+    limit: float | None = None,
 ) -> None:
     """Encode texts[indices] into out[...]; a failing group is split in halves down to single rows.
     A non-finite vector fails its row; a device fault fails the run (DeviceFailed), no row."""
@@ -50,20 +53,26 @@ def encode_isolating(
             failed[indices[0]] = f"{type(exc).__name__}: {exc}"[:500]
             return
         middle = len(indices) // 2
-        encode_isolating(embedder, texts, indices[:middle], out, failed)
-        encode_isolating(embedder, texts, indices[middle:], out, failed)
+        encode_isolating(embedder, texts, indices[:middle], out, failed, limit=limit)
+        encode_isolating(embedder, texts, indices[middle:], out, failed, limit=limit)
         return
-    place(encoded, indices, out, failed)
+    place(encoded, indices, out, failed, limit=limit)
 
 
-def place(encoded: np.ndarray, slots: Sequence[int], out: list[np.ndarray | None], failed: dict[int, str]) -> None:
-    """encoded[k] into out[slots[k]]; a non-finite vector (pgvector refuses NaN and Inf) fails its
-    row, with the reason, and stays out."""
-    for slot, vec, finite in zip(slots, encoded, finite_rows(encoded), strict=True):
-        if finite:
+def place(encoded: np.ndarray, slots: Sequence[int], out: list[np.ndarray | None], failed: dict[int, str], *,
+          limit: float | None = None) -> None:
+    """encoded[k] into out[slots[k]]; a non-finite vector (pgvector refuses NaN and Inf), or one
+    beyond `limit` (a halfvec column's range), fails its row, with the reason, and stays out."""
+    for slot, vec, fits in zip(slots, encoded, finite_rows(encoded, limit), strict=True):
+        if fits:
             out[slot] = vec
         else:
-            failed[slot] = NON_FINITE
+            failed[slot] = OUT_OF_HALF if limit is not None and np.isfinite(vec).all() else NON_FINITE
+
+
+def value_limit(info: TableInfo) -> float | None:
+    """The largest value the column takes: halfvec's range, or None (any finite float32)."""
+    return HALF_MAX if info.column_type == "halfvec" else None
 
 
 def device_failed(exc: BaseException) -> DeviceFailed:
@@ -120,7 +129,7 @@ def _retry(ctx: RunContext) -> None:
         wanted = ids[start: start + batch_size]
         batch = Batch.of(-1, None, ctx.lease.read(_rows, select, wanted, on=ctx.control, what="read_failed_rows"))
         vectors: list[np.ndarray | None] = [None] * len(batch.ids)
-        encode_isolating(ctx.embedder, batch.texts, batch.present, vectors, batch.failed)
+        encode_isolating(ctx.embedder, batch.texts, batch.present, vectors, batch.failed, limit=value_limit(info))
         batch.vectors = vectors
         fixed = [t for i, t in enumerate(batch.id_texts) if i not in batch.failed]
         gone = sorted(set(wanted) - set(batch.id_texts))  # deleted since: nothing to encode

@@ -22,12 +22,13 @@ import os
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
-from reembed.encoding import BatchFeed, Embedder, Feed, halved, is_oom
+from reembed.encoding import BatchFeed, Embedder, Feed, Upcoming, halved, is_oom
 from reembed.errors import first_line
 from reembed.signals import StopSignal
 from reembed.tokens import FLAT, PADDED, Pending, TokenizerPool, TokenizerSpec, Tokens
@@ -123,17 +124,23 @@ class TokenFeed:
         self.pool = _pool(spec, workers)
         self.extras: dict[str, Any] = {}
         self.device = _Device(embedder.device)
+        self._ahead: _Ahead | None = None  # the next window, its first batch staged (see _run)
+        self.staged_ahead = 0  # windows whose first batch was staged before the last one's results were read
 
     def submit(self, texts: Sequence[str]) -> Pending:
         return self.pool.submit(texts) if self.inexact is None else Pending([], texts)
 
-    def encode(self, pending: Sequence[Pending], stop: StopSignal) -> list[np.ndarray] | None:
+    def encode(self, pending: Sequence[Pending], stop: StopSignal, *, upcoming: Upcoming | None = None,
+               ) -> list[np.ndarray] | None:
         if not self.checked and self.inexact is None:
             self._check(pending)
         if self.inexact is not None:
             return [self.embedder.encode(p.texts) for p in pending]
-        tokens = Tokens.join([p.result() for p in pending])
-        vectors = self._run(tokens, stop)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.key == _key(pending):  # its first batch staged already
+            vectors = self._run(ahead.tokens, stop, ahead=ahead, upcoming=upcoming)
+        else:
+            vectors = self._run(Tokens.join([p.result() for p in pending]), stop, upcoming=upcoming)
         if vectors is None:
             return None
         bounds = np.cumsum([0] + [p.rows for p in pending])
@@ -144,6 +151,7 @@ class TokenFeed:
         return self.pool.workers > 0
 
     def close(self, *, now: bool = False) -> None:
+        self._ahead = None
         self.pool.close(now=now)
 
     # ------------------------------------------------------------------ exactness
@@ -204,22 +212,23 @@ class TokenFeed:
             features["token_type_ids"] = types
         return {k: v for k, v in features.items() if k in self.spec.keys}
 
-    def _run(self, tokens: Tokens, stop: StopSignal) -> np.ndarray | None:
+    def _run(self, tokens: Tokens, stop: StopSignal, *, ahead: _Ahead | None = None,
+             upcoming: Upcoming | None = None) -> np.ndarray | None:
         """Every row's vector, in `tokens`' order. The next batch is staged while the device runs
-        this one; each batch's results are read after the next one was launched. Only a batch's
-        sentence embeddings outlive its forward (never its token embeddings)."""
+        this one; each batch's results are read after the next one was launched; and before the
+        last results are read, the next window's first batch is staged if that window is queued
+        and tokenised (so the device does not drain at a window's end). Only a batch's sentence
+        embeddings outlive its forward (never its token embeddings)."""
         import torch
 
         out = np.empty((len(tokens), self.embedder.signature.dimension), dtype=np.float32)
-        order = np.argsort(-tokens.lengths, kind="stable")
-        lengths = tokens.lengths[order]
+        order, lengths = ahead.order if ahead is not None else _sorted(tokens)
 
         def stage(start: int) -> tuple[np.ndarray, int, Any]:
-            end, width = self.cut(lengths, start)
-            return order[start:end], end, self.device.stage(self.features(tokens, order[start:end], width))
+            return self._stage(tokens, order, lengths, start)
 
         landing: deque[tuple[np.ndarray, Any]] = deque()
-        start, staged = 0, None
+        start, staged = 0, ahead.first if ahead is not None else None
         with torch.inference_mode(), self.device.scope():
             while start < len(order):
                 out_of_memory: str | None = None
@@ -233,12 +242,14 @@ class TokenFeed:
                     start, staged = end, None
                     if start < len(order):
                         staged = stage(start)  # built and copied while the device runs the batch before
+                    elif upcoming is not None:
+                        self._ahead = self._stage_ahead(upcoming)  # while the device runs this window's last
                 except Exception as exc:
                     if not is_oom(exc) or self.cut(lengths, start)[0] - start <= 1:
                         raise  # a single row that does not fit: no budget helps
                     out_of_memory = first_line(exc)
                 if out_of_memory is not None:  # out of the except: the failed pass's tensors are freed
-                    staged = None
+                    staged = self._ahead = None
                     self._halve(out_of_memory)
                     continue
                 while len(landing) > 1:
@@ -250,11 +261,46 @@ class TokenFeed:
                 out[done] = self.device.read(host)
         return out
 
+    def _stage(self, tokens: Tokens, order: np.ndarray, lengths: np.ndarray, start: int) -> tuple[np.ndarray, int, Any]:
+        end, width = self.cut(lengths, start)
+        return order[start:end], end, self.device.stage(self.features(tokens, order[start:end], width))
+
+    def _stage_ahead(self, upcoming: Upcoming) -> _Ahead | None:
+        """The next window with its first batch staged, if it is queued and tokenised (never waits)."""
+        following = upcoming()
+        if not following or not all(p.ready() for p in following):
+            return None
+        tokens = Tokens.join([p.result() for p in following])
+        if not len(tokens):
+            return None
+        order, lengths = _sorted(tokens)
+        self.staged_ahead += 1
+        return _Ahead(_key(following), tokens, (order, lengths), self._stage(tokens, order, lengths, 0))
+
     def _halve(self, error: str) -> None:
         self.max_batch_tokens = halved(self.max_batch_tokens, error, device=self.device.device,
                                        event="token_budget_halved", field="max_batch_tokens")
         if self.max_rows is not None:
             self.max_rows = max(1, self.max_rows // 2)
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """The next window, tokenised and sorted, its first batch staged on the device."""
+
+    key: tuple[int, ...]  # its transactions (their Pending objects), to know it when it comes
+    tokens: Tokens
+    order: tuple[np.ndarray, np.ndarray]  # rows by length, longest first, and their lengths
+    first: tuple[np.ndarray, int, Any]
+
+
+def _key(pending: Sequence[Pending]) -> tuple[int, ...]:
+    return tuple(id(p) for p in pending)
+
+
+def _sorted(tokens: Tokens) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-tokens.lengths, kind="stable")
+    return order, tokens.lengths[order]
 
 
 def _pool(spec: TokenizerSpec, workers: int) -> TokenizerPool:

@@ -13,6 +13,7 @@ A crash anywhere resumes finalize at the first step not recorded.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ import structlog
 from psycopg import sql
 
 from reembed import checkpoint as ckpt
-from reembed import db
+from reembed import db, dependents
 from reembed.background import Background
 from reembed.context import FinalizeStep, RunContext
 from reembed.errors import InternalError
@@ -61,7 +62,7 @@ def run(ctx: RunContext) -> Outcome:
             return outcome
         secs = time.monotonic() - started
         if step.timed:
-            outcome.index_secs = secs
+            outcome.index_secs += secs
         log.info("finalize_step_done", step=step.name, secs=round(secs, 2))
         job = _reload(ctx)
     outcome.finished = True
@@ -167,51 +168,62 @@ def build_workers(conn: psycopg.Connection[Any]) -> int:
     return max(0, min(limit, cores))
 
 
-def index_step(ctx: RunContext, *, column: str | None = None) -> FinalizeStep:
-    """Build the job's HNSW index again (its original name, opclass and parameters), or
-    REINDEX it if it was kept through the writes; CONCURRENTLY when asked."""
-    job, info, opts = ctx.active, ctx.info, ctx.opts
-    name = job.index_name
-    if name is None:
+def index_steps(ctx: RunContext) -> list[FinalizeStep]:
+    """One step per index the job's inventory names: built again from its recorded definition
+    (at the new dimension) if prepare dropped it, REINDEXed if it was kept through the writes;
+    CONCURRENTLY when asked."""
+    indexes = [d for d in dependents.recorded(ctx.active) if d.action in (dependents.REBUILD, dependents.REINDEX)]
+    if not indexes:
         def nothing(conn: psycopg.Connection[Any]) -> None:
-            log.warning("no_index_to_rebuild", detail="the column had no HNSW index when the job started")
+            log.warning("no_index_to_rebuild", detail="no index read the column when the job started")
 
-        return FinalizeStep("build_index", nothing)
-    spec = job.index_def or {}
-    concurrently = sql.SQL("CONCURRENTLY" if opts.concurrent_index else "")
-    index = info.index_ident(name)
-    if job.index_dropped:
-        statement = info.statement(
-            "create_index", column=column, concurrently=concurrently, index_name=name,
-            opclass=spec.get("opclass", "vector_cosine_ops"), m=sql.Literal(int(spec.get("m", 16))),
-            ef_construction=sql.Literal(int(spec.get("ef_construction", 64))),
-        )
-    else:  # the index was kept through the writes: rebuild it to shed the dead entries
-        statement = info.statement("reindex", concurrently=concurrently, index=index)
+        return [FinalizeStep("build_index", nothing)]
+    return [_index_step(ctx, d, only=len(indexes) == 1) for d in indexes]
+
+
+_M = re.compile(r"\bm\s*=\s*'?(\d+)")
+
+
+def _index_step(ctx: RunContext, index: dependents.Dependent, *, only: bool) -> FinalizeStep:
+    job, info, opts = ctx.active, ctx.info, ctx.opts
+    name = index.name
+    ident = info.index_ident(name)
+    rebuild = index.action == dependents.REBUILD
+    if rebuild:
+        if index.definition is None:
+            raise InternalError(f"the job recorded no definition for index {name}")
+        text = dependents.concurrently(index.definition) if opts.concurrent_index else index.definition
+        statement: sql.SQL | sql.Composed = sql.SQL(text)  # pg_get_indexdef's own text, the dimension rewritten
+    else:  # kept through the writes: rebuilt to shed the dead entries and learn the new vectors
+        concurrently = sql.SQL("CONCURRENTLY" if opts.concurrent_index else "")
+        statement = info.statement("reindex", concurrently=concurrently, index=ident)
     rows = ctx.lease.read(ckpt.progress, job, on=ctx.control, what="job_progress")["rows_done"]
-    memory = build_memory(rows, ctx.signature.dimension, opts.index_memory, m=int(spec.get("m", 16)))
+    found = _M.search(index.definition or "")
+    m = int(found.group(1)) if found and index.method == "hnsw" else 16
+    memory = build_memory(rows, ctx.signature.dimension, opts.index_memory, m=m)
 
     def setup(conn: psycopg.Connection[Any]) -> None:
         conn.add_notice_handler(_notice)
         workers = build_workers(conn)
         conn.execute(query("build_settings"), {"memory": f"{memory // 1024}kB", "workers": str(workers),
                                                "lock_timeout": opts.ddl_lock_timeout})
-        log.info("index_build_started", index=name, maintenance_work_mem_mb=memory // 1024**2,
-                 parallel_workers=workers, concurrent=opts.concurrent_index)
+        log.info("index_build_started", index=name, method=index.method, rebuild=rebuild,
+                 maintenance_work_mem_mb=memory // 1024**2, parallel_workers=workers,
+                 concurrent=opts.concurrent_index)
 
     def build(conn: psycopg.Connection[Any]) -> None:
-        if job.index_dropped:
+        if rebuild:
             existing = conn.execute(query("index_by_name"), {"table_oid": info.oid, "index": name}).fetchone()
             if existing is not None and existing["valid"]:
                 log.info("index_already_built", index=name)
                 return
             if existing is not None:  # an invalid leftover of an interrupted CONCURRENTLY build
-                conn.execute(info.statement("drop_index_if_exists", index=index))
+                conn.execute(info.statement("drop_index_if_exists", index=ident))
         with _ProgressWatcher(ctx):
             conn.execute(statement)
 
-    return FinalizeStep("build_index", build, in_transaction=not opts.concurrent_index, role="index", setup=setup,
-                        timed=True)
+    return FinalizeStep(dependents.index_step_name(name, only=only), build, in_transaction=not opts.concurrent_index,
+                        role="index", setup=setup, timed=True)
 
 
 def _notice(diag: psycopg.errors.Diagnostic) -> None:

@@ -18,15 +18,16 @@ from typing import Any
 import psycopg
 import structlog
 
-from reembed import capture, db, failures, finalize, lease
+from reembed import capture, db, dependents, failures, finalize, lease
 from reembed import checkpoint as ckpt
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
 from reembed.context import JobState, RunContext, writer_count
+from reembed.dependents import Inventory
 from reembed.embedder import SentenceTransformerEmbedder, fingerprint, pick_device
 from reembed.encoding import Embedder
-from reembed.errors import ConfigError, Stopped
-from reembed.plan import estimate_rows, plan_report, rewrite_secs
+from reembed.errors import ConfigError, Stopped, first_line
+from reembed.plan import estimate_rows, inventory, plan_report, rewrite_secs
 from reembed.report import Report
 from reembed.settings import ModelSpec, RunOptions, Settings
 from reembed.signals import StopSignal
@@ -44,7 +45,7 @@ WARNING: search results over it are meaningless. Stop serving search from it now
 WARNING: The application may keep writing: its writes are captured and re-embedded.{rewrite_note}
 WARNING: Press Ctrl-C within {secs:g} seconds to abort (--no-confirm skips this pause)."""
 REWRITE_NOTE = """
-WARNING: At the end the column becomes vector({dim}): that rewrites the table while writers
+WARNING: At the end the column becomes {dim}: that rewrites the table while writers
 WARNING: and readers wait, about {secs:.0f} s for {rows:,} rows (see `reembed plan`)."""
 
 
@@ -172,17 +173,20 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
             ckpt.ensure_schema(conn)  # a job of an older version gains the newer columns and tables
         # the job row as it is now, and the strategy the job was started with
         job = ctx.state.advance(ckpt.reload(conn, job), strategy=for_name(job.strategy))
+        _recheck(ctx, conn, job)
         progress = ckpt.progress(conn, job)
         resumed_from = progress["last_id"]
         log.info("job_resumed", job_id=job.id, state=job.state, last_id=resumed_from,
                  rows_done=progress["rows_done"], finalize_steps=job.steps)
     else:
+        with db.translated():  # everything on the column, judged before any write (exit 2 if refused)
+            found = inventory(conn, info, registry, job, sig.dimension, ctx.opts)
         rows_total = estimate_rows(conn, info)
-        if _confirm(ctx, conn, rows_total, ctx.opts.confirm_seconds):
+        if _confirm(ctx, conn, rows_total, ctx.opts.confirm_seconds, found):
             return Report(state="stopped", exit_code=ctx.stop.exit_code, message="aborted before any write")
         with db.translated():
             ckpt.ensure_schema(conn)  # the first write of a new job: after the banner
-        ctx.state.advance(prepare(ctx, conn, registry, job, rows_total=rows_total))
+        ctx.state.advance(prepare(ctx, conn, registry, job, rows_total=rows_total, found=found))
     structlog.contextvars.bind_contextvars(job_id=ctx.active.id)
     ctx.lease.job_id = ctx.active.id
     ctx.stop.deadline(ctx.deadline)
@@ -192,23 +196,43 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
         structlog.contextvars.unbind_contextvars("job_id")
 
 
-def _confirm(ctx: RunContext, conn: psycopg.Connection[Any], rows: int, seconds: float) -> bool:
+def _recheck(ctx: RunContext, conn: psycopg.Connection[Any], job: Job) -> None:
+    """A resumed job whose column still changes type: refuse what was added on the column since
+    the job started (a view, a policy, ...), before any more work, saying what state the table is in."""
+    if job.source_typmod == job.target_dimension or "cut_over" in job.steps:
+        return
+    with db.translated():
+        now = dependents.take(conn, ctx.info, dimension=job.target_dimension, source_dimension=job.source_typmod,
+                              allow_published=ctx.opts.allow_published, probe=False)
+    blocking = [d for d in now.refused if not d.is_index]
+    if blocking:
+        said = "; ".join(f"{d.kind} {d.name} {d.why}" for d in blocking)
+        state = dependents.table_state(job)
+        raise ConfigError(f"job {job.id} cannot finish changing {ctx.info.qualified}.{ctx.info.column}: {said}"
+                          + (f"; the table now: {state}" if state else "") + "; nothing more was written")
+
+
+def _confirm(ctx: RunContext, conn: psycopg.Connection[Any], rows: int, seconds: float, found: Inventory) -> bool:
     """The warning banner and its pause. True if the operator aborted."""
     if seconds <= 0:
         return False
     info, sig = ctx.info, ctx.signature
-    note = " and the HNSW index is dropped until the end" if info.index is not None else ""
+    dropped = [d.name for d in found.rebuilt]
+    note = (f" and {'index ' if len(dropped) == 1 else 'indexes '}{', '.join(dropped)} "
+            f"{'is' if len(dropped) == 1 else 'are'} dropped until the end") if dropped else ""
     rewrite = ""
     if info.typmod != sig.dimension:
-        rewrite = REWRITE_NOTE.format(dim=sig.dimension, rows=rows, secs=rewrite_secs(conn, info, rows))
+        rewrite = REWRITE_NOTE.format(dim=f"{info.column_type}({sig.dimension})", rows=rows,
+                                      secs=rewrite_secs(conn, info, rows))
     print(BANNER.format(table=info.qualified, column=info.column, model=sig.name, dim=sig.dimension,
                         index_note=note, rewrite_note=rewrite, secs=seconds), file=sys.stderr, flush=True)
     return ctx.stop.wait(seconds)
 
 
 def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature | None, old: Job | None, *,
-            rows_total: int) -> Job:
-    """One fenced transaction: (abandon the old job,) record the new one, make room (strategy)."""
+            rows_total: int, found: Inventory) -> Job:
+    """One fenced transaction: (abandon the old job,) record the new one and its inventory, make
+    room (strategy). The inventory is read again inside it: what it records is what it drops."""
     info, sig = ctx.info, ctx.signature
     index_name = info.index.name if info.index else None
     index_def = info.index.as_json() if info.index else None
@@ -220,19 +244,25 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
         source = old.source or source
 
     def body(c: psycopg.Connection[Any]) -> Job:  # one call: no loop, nothing to bind
+        now = inventory(c, info, registry, old, sig.dimension, ctx.opts, probe=False)
+        if [(d.name, d.action) for d in now.dependents] != [(d.name, d.action) for d in found.dependents]:
+            raise ConfigError(f"the objects on {info.qualified}.{info.column} changed while the job was starting "
+                              f"(now: {now.summary()}); nothing was written: run again")
         if old is not None:
             ckpt.set_state(c, old, to="abandoned", from_state=old.state)
             capture.remove(c, info, old.id)
             log.warning("job_abandoned", old_job_id=old.id, old_model=old.target.name)
         job = ckpt.create_job(c, info, target=sig, source=source, index=index_def, index_name=index_name,
-                              source_typmod=source_typmod, rows_total=rows_total, holder=db.holder_name())
+                              source_typmod=source_typmod, rows_total=rows_total, holder=db.holder_name(),
+                              dependents=now.as_json())
         ctx.strategy.prepare(ctx, c, job, resumed_from=old)
         return ckpt.reload(c, job)
 
     job = ctx.lease.write(body, on=ctx.control, what="prepare", lock_timeout=ctx.opts.ddl_lock_timeout)
-    plan = ctx.strategy.plan(ctx)
+    plan = ctx.strategy.plan(ctx, job)
     log.info("job_started", job_id=job.id, table=info.qualified, model_name=sig.name, dimension=sig.dimension,
-             rows_total=rows_total, index_dropped=plan["drop_index"], typmod_relaxed=plan["relax_typmod"])
+             rows_total=rows_total, indexes_dropped=plan["drop_indexes"], typmod_relaxed=plan["relax_typmod"],
+             on_column=found.summary())
     return job
 
 
@@ -300,9 +330,16 @@ def _stopped(ctx: RunContext, report: Report, message: str = "") -> Report:
 
 
 def _record_error(ctx: RunContext, exc: BaseException) -> None:
-    """Best effort: leave the error on the job row for `reembed status`."""
+    """Best effort: leave the error on the job row for `reembed status`, and say (on the error
+    line too) what the job left the table without and what a re-run does."""
     try:
         with ctx.connections.connection("error") as c:
-            ckpt.record_error(c, ctx.active, f"{type(exc).__name__}: {exc}")
+            job = ckpt.reload(c, ctx.active)
+            state = dependents.table_state(job)
+            note = f" (table now: {state})" if state else ""
+            ckpt.record_error(c, ctx.active, f"{type(exc).__name__}: {exc}{note}")
     except Exception:  # noqa: BLE001 - the original error matters more
-        pass
+        return
+    if state:
+        exc.add_note(f"the table now: {state}")
+        log.error("job_failed", error=first_line(exc), table_state=state)

@@ -8,7 +8,9 @@ from typing import Any
 import psycopg
 
 from reembed import checkpoint as ckpt
+from reembed import dependents
 from reembed.checkpoint import Job
+from reembed.dependents import Inventory
 from reembed.encoding import Embedder, feed_for
 from reembed.finalize import REWRITE_BYTES_PER_SEC, REWRITE_ROWS_PER_SEC
 from reembed.queries import query
@@ -27,6 +29,23 @@ def estimate_rows(conn: psycopg.Connection[Any], info: TableInfo) -> int:
         return int(estimate)
     counted = conn.execute(info.statement("count_rows")).fetchone()
     return int(counted["n"]) if counted else 0
+
+
+def inventory(conn: psycopg.Connection[Any], info: TableInfo, registry: Signature | None, old: Job | None,
+              dimension: int, opts: RunOptions, *, probe: bool = True) -> Inventory:
+    """Everything on the column and what a new job does with each (reembed.dependents), or a
+    ConfigError naming what it refuses; `old`: the job a new one abandons (its dropped indexes
+    are this one's to build)."""
+    if old is not None:
+        source = old.source_typmod or old.source_dimension
+    else:
+        source = registry.dimension if registry is not None else None
+    carried = [d for d in dependents.recorded(old) if d.action == dependents.REBUILD]
+    found = dependents.take(conn, info, dimension=dimension, source_dimension=source,
+                            drop_first=opts.drop_hnsw_first, allow_published=opts.allow_published,
+                            probe=probe, carried=carried)
+    found.check(info)
+    return found
 
 
 def rewrite_secs(conn: psycopg.Connection[Any], info: TableInfo, rows: int) -> float:
@@ -80,6 +99,8 @@ def plan_report(
     resume = job is not None and job.matches(sig)
     done = ckpt.progress(conn, job)["rows_done"] if resume and job is not None else 0
     to_update = max(rows - done, 0)
+    on_column = (dependents.recorded(job) if resume and job is not None
+                 else list(inventory(conn, info, registry, job, sig.dimension, opts).dependents))
     rate = sample_rate(conn, info, embedder, opts, rows)
     batches = -(-to_update // opts.batch_size)
     estimate = round(to_update / rate, 1) if rate else None
@@ -94,6 +115,7 @@ def plan_report(
         "target_signature": sig.as_dict(),
         "would_alter_typmod": bool(alter),
         "index": info.index.name if info.index else (job.index_name if job else None),
+        "dependents": [d.as_json() for d in on_column],
         "resumes_job": job.id if resume and job else None,
         "cut_over_rewrite_secs": round(rewrite_secs(conn, info, rows), 1) if alter else 0.0,
     }
@@ -102,6 +124,7 @@ def plan_report(
         f"({sig.dimension}-d), about {estimate if estimate is not None else '?'} s of encoding; "
         f"typmod change: {'yes' if alter else 'no'}; current model: {registry.name if registry else 'none'}"
         + (f"; resumes job {job.id}" if resume and job else "")
+        + "; on the column: " + dependents.summary(on_column)
         + (f"; at the cut-over the table is rewritten (vector({sig.dimension})): writers and readers wait "
            f"about {details['cut_over_rewrite_secs']} s" if alter else "")
     )

@@ -97,7 +97,8 @@ class RunOptions:
     tokenizer_workers: int | None = None  # tokenizer processes; None: cores - 1; 0: a thread of this process
     writers: int | None = None  # writer connections committing in order; None: 4 beside CUDA, 1 elsewhere
     window_rows: int | None = None  # rows sorted by length together; None: 4,096 on CUDA, 1,024 elsewhere
-    drop_hnsw_first: bool = True
+    drop_hnsw_first: bool = True  # the column's ANN indexes dropped before the writes, built again at the end
+    allow_published: bool = False  # a type change on a table logical replication publishes (subscribers relaxed)
     concurrent_index: bool = True  # the HNSW build never blocks the application's writes
     confirm_seconds: float = 5.0  # the warning banner's pause; 0 with --no-confirm
     dry_run: bool = False

@@ -51,6 +51,11 @@ class Channel:
             self._items.clear()
             self._cond.notify_all()
 
+    def peek(self) -> Any | None:
+        """The next item if one is queued, without taking it (never waits); None otherwise."""
+        with self._cond:
+            return self._items[0] if self._items and not self.cancelled else None
+
     def __iter__(self) -> Iterator[Any]:
         while True:
             with self._cond:
@@ -65,9 +70,22 @@ class Channel:
 
 @dataclass(frozen=True)
 class Step:
+    """`fn(item)`; with `lookahead`, `fn(item, peek)`, where `peek()` is the next item if it is
+    already queued (None otherwise; it never waits and takes nothing)."""
+
     name: str
-    fn: Callable[[Any], Any]
+    fn: Callable[..., Any]
     on_caller: bool = False
+    lookahead: bool = False
+
+    def apply(self, item: Any, inbox: Channel | None) -> Any:
+        if not self.lookahead:
+            return self.fn(item)
+        return self.fn(item, inbox.peek if inbox is not None else _nothing)
+
+
+def _nothing() -> None:
+    return None
 
 
 class Chain:
@@ -137,14 +155,14 @@ class Chain:
 
     def _pass(self, step: Step, inbox: Channel, out: Channel) -> None:
         for item in inbox:
-            if not out.put(step.fn(item)):
+            if not out.put(step.apply(item, inbox)):
                 return
         if not inbox.cancelled:
             out.close()
 
     def _drain(self, step: Step, inbox: Channel, on_end: Callable[[], None]) -> None:
         for item in inbox:
-            step.fn(item)
+            step.apply(item, inbox)
             if self.stop.requested:
                 return  # the item in flight is done; the rest stays for the next run
         if not inbox.cancelled and not self.stop.requested and not self.errors:
@@ -154,7 +172,7 @@ class Chain:
         """The same stages one after the other on the caller's thread (for comparison)."""
         for item in source:
             for step in steps:
-                item = step.fn(item)
+                item = step.apply(item, None)
             if self.stop.requested:
                 return
         if not self.stop.requested:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reembed import checkpoint as ckpt
-from reembed import db, lease
+from reembed import db, dependents, lease
 from reembed.errors import ConfigError
 from reembed.queries import query
 from reembed.settings import RunOptions, Settings
@@ -61,6 +61,8 @@ class Status:
                          f"keys; {catch_up['rows']:,} rows re-embedded by catch-up in all")
         if d.get("writers_held_secs") is not None:
             lines.append(f"cut-over   writers held off {d['writers_held_secs']:.3f} s")
+        if d.get("table_state"):
+            lines.append(f"table now  {d['table_state']}")
         if d.get("last_error"):
             lines.append(f"last error {d['last_error']}")
         lines.append(f"started    {d['started_at']}   updated {d['updated_at']}")
@@ -158,6 +160,8 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
         failed_rows_accepted=int(failed["accepted"]) if failed else 0,
         finalize_steps=job.steps,
         index=job.index_name,
+        dependents=job.dependents,
+        table_state=dependents.table_state(job),
         last_error=job.last_error,
         started_at=job.started_at,
         updated_at=job.updated_at,

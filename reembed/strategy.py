@@ -3,8 +3,9 @@ it finishes. The coordinator, the worker and finalize only talk to this protocol
 second strategy (a shadow column swapped in at the end) is a new module here.
 
 in_place (the default, the origin plan's): the live column is rewritten. A dimension change
-drops the HNSW index and relaxes the column to plain `vector` at prepare (catalog only), and
-tightens it again in the cut-over (the integrity gate); search must not be served meanwhile.
+drops every index whose key reads the column (reembed.dependents: the job's inventory) and
+relaxes the column to plain `vector` or `halfvec` at prepare (catalog only), and tightens it
+again in the cut-over (the integrity gate); search must not be served meanwhile.
 Prepare also installs the change capture (reembed.capture); finalize catches up, cuts over
 (writers held off briefly, readers never), drops the capture, builds the index (CONCURRENTLY
 by default, so it never blocks the application's writes) and marks the job done.
@@ -20,7 +21,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import capture, failures, finalize
+from reembed import capture, dependents, failures, finalize
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext, Strategy
 from reembed.errors import ConfigError
@@ -32,21 +33,20 @@ log = structlog.get_logger()
 class InPlace:
     name = "in_place"
 
-    def plan(self, ctx: RunContext) -> dict[str, Any]:
+    def plan(self, ctx: RunContext, job: ckpt.Job) -> dict[str, Any]:
         info, sig = ctx.info, ctx.signature
         relax = info.typmod is not None and info.typmod != sig.dimension
-        drop = info.index is not None and (ctx.opts.drop_hnsw_first or relax)
-        return {"relax_typmod": relax, "drop_index": drop}
+        dropped = [d.name for d in dependents.recorded(job) if d.action == dependents.REBUILD]
+        return {"relax_typmod": relax, "drop_indexes": dropped}
 
     def prepare(self, ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job, *,
                 resumed_from: ckpt.Job | None) -> None:
-        info, what = ctx.info, self.plan(ctx)
+        info, what = ctx.info, self.plan(ctx, job)
         capture.settle_others(ctx, conn, job)  # a stale trigger on the column would block the type change
-        if what["drop_index"] and info.index is not None:
-            conn.execute(info.statement("drop_index", index=info.index_ident(info.index.name)))
+        for name in what["drop_indexes"]:  # IF EXISTS: an abandoned job may have dropped it already
+            conn.execute(info.statement("drop_index_if_exists", index=info.index_ident(name)))
+        if what["drop_indexes"] or (resumed_from is not None and resumed_from.index_dropped):
             ckpt.mark_index_dropped(conn, job)
-        elif resumed_from is not None and resumed_from.index_dropped:
-            ckpt.mark_index_dropped(conn, job)  # the abandoned job dropped it already
         if what["relax_typmod"]:
             conn.execute(info.statement("relax_typmod"))
         capture.install(ctx, conn, job)
@@ -60,7 +60,7 @@ class InPlace:
             FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
                          lock_timeout=ctx.opts.cut_over_lock_timeout),
             FinalizeStep("drop_capture", lambda conn: capture.drop(ctx, conn)),
-            finalize.index_step(ctx),
+            *finalize.index_steps(ctx),
             FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
         ]
 

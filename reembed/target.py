@@ -15,6 +15,7 @@ from reembed.queries import Fill, query, table_statement
 from reembed.settings import Target
 
 _HNSW_DEFAULTS = {"m": 16, "ef_construction": 64}
+VECTOR_TYPES = ("vector", "halfvec")  # the column types re-embedded (sparsevec and bit are not a model's output)
 
 
 def split_name(name: str) -> tuple[str, ...]:
@@ -58,8 +59,10 @@ class TableInfo:
     column: str
     content_column: str
     typmod: int | None  # the column's current dimension; None for plain `vector`
-    index: IndexInfo | None
+    index: IndexInfo | None  # the column's first HNSW index (the job's inventory has them all)
     registry: tuple[str, ...]
+    attnum: int = 0  # the column's number (pg_attribute.attnum)
+    column_type: str = "vector"  # the column's pgvector type: vector or halfvec
 
     def statement(self, name: str, *, column: str | None = None, **extra: Fill) -> sql.Composed | sql.SQL:
         """The statement `name` of sql/table.sql on this table; `column`: the column written
@@ -70,6 +73,7 @@ class TableInfo:
             "col": column or self.column,
             "content": self.content_column,
             "id_type": sql.SQL(self.id_type),  # from format_type(): already quoted as needed
+            "vtype": sql.SQL(self.column_type),  # vector or halfvec, a known keyword
         }
         fill.update(extra)
         return table_statement(name, fill)
@@ -101,9 +105,10 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
     column = _column(conn, row["table_oid"], target.column)
     if column is None:
         raise ConfigError(f"column {target.column} does not exist in {table}; check --column")
-    if column["typname"] != "vector":
+    if column["typname"] not in VECTOR_TYPES:
         raise ConfigError(
-            f"column {target.column} of {table} is {column['formatted']}, not a pgvector vector; check --column"
+            f"column {target.column} of {table} is {column['formatted']}, not a pgvector vector or halfvec; "
+            "check --column"
         )
     content = _column(conn, row["table_oid"], target.content_column)
     if content is None:
@@ -133,6 +138,8 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
         typmod=typmod,
         index=index,
         registry=registry,
+        attnum=int(column["attnum"]),
+        column_type=column["typname"],
     )
 
 

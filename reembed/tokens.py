@@ -197,6 +197,10 @@ class Pending:
         self.texts = texts
         self.rows = len(texts)
 
+    def ready(self) -> bool:
+        """Tokenised already (never waits)."""
+        return all(f.done() for f in self.futures)
+
     def result(self) -> Tokens:
         try:
             return Tokens.join([f.result() for f in self.futures])

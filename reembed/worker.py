@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -106,7 +106,7 @@ class _RangeRun:
 
     def run(self) -> None:
         chain = Chain(self.ctx.stop, depth=_DEPTH)
-        steps = [Step("encode", self._encode, on_caller=True), Step("write", self._write)]
+        steps = [Step("encode", self._encode, on_caller=True, lookahead=True), Step("write", self._write)]
         self.writers.start(0)
         try:
             if self.ctx.opts.pipeline:
@@ -144,11 +144,17 @@ class _RangeRun:
         if window and not self.ctx.stop.requested:
             yield window
 
-    def _encode(self, window: list[tuple[Batch, Any]]) -> list[Batch] | None:
+    def _encode(self, window: list[tuple[Batch, Any]],
+                peek: Callable[[], list[tuple[Batch, Any]] | None]) -> list[Batch] | None:
         pending = [p for _, p in window if p is not None]
+
+        def upcoming() -> list[Any] | None:  # the next window, if the reader queued it already
+            following = peek()
+            return [p for _, p in following if p is not None] if following else None
+
         encoded: Sequence[np.ndarray | None] | None
         try:
-            encoded = self.feed.encode(pending, self.ctx.stop) if pending else []
+            encoded = self.feed.encode(pending, self.ctx.stop, upcoming=upcoming) if pending else []
         except ReembedError:  # the run's own failures (a dead tokenizer process): not a row's fault
             raise
         except Exception as exc:
@@ -167,9 +173,10 @@ class _RangeRun:
         present = batch.present
         vectors: list[np.ndarray | None] = [None] * len(batch.texts)
         if encoded is not None:
-            failures.place(encoded, present, vectors, batch.failed)
+            failures.place(encoded, present, vectors, batch.failed, limit=failures.value_limit(self.ctx.info))
         elif present:
-            failures.encode_isolating(self.ctx.embedder, batch.texts, present, vectors, batch.failed)
+            failures.encode_isolating(self.ctx.embedder, batch.texts, present, vectors, batch.failed,
+                                      limit=failures.value_limit(self.ctx.info))
         if batch.failed:
             log.warning(
                 "rows_failed_to_encode",

@@ -27,6 +27,7 @@ SELECT c.oid::bigint                                    AS table_oid,
 
 -- name: column_info
 SELECT a.attname,
+       a.attnum,
        t.typname,
        format_type(a.atttypid, a.atttypmod) AS formatted,
        a.atttypmod                           AS typmod
@@ -96,12 +97,12 @@ INSERT INTO reembed_checkpoint (
     table_name, column_name, content_column, id_column, id_type, state, strategy,
     target_model_name, target_dimension, target_hash,
     source_model_name, source_dimension, source_hash, source_typmod,
-    index_name, index_def, rows_total, holder, heartbeat_at)
+    index_name, index_def, rows_total, holder, heartbeat_at, dependents)
 VALUES (
     %(table)s, %(column)s, %(content_column)s, %(id_column)s, %(id_type)s, 'embedding', 'in_place',
     %(target_model_name)s, %(target_dimension)s, %(target_hash)s,
     %(source_model_name)s, %(source_dimension)s, %(source_hash)s, %(source_typmod)s,
-    %(index_name)s, %(index_def)s, %(rows_total)s, %(holder)s, now())
+    %(index_name)s, %(index_def)s, %(rows_total)s, %(holder)s, now(), %(dependents)s)
 RETURNING *;
 
 -- name: insert_range
@@ -194,6 +195,73 @@ SELECT CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estim
 SELECT count(*) FILTER (WHERE NOT accepted) AS pending,
        count(*) FILTER (WHERE accepted)     AS accepted
   FROM reembed_failed_rows WHERE job_id = %(job_id)s;
+
+-- name: column_dependents
+-- Every object that depends on the column (pg_depend), with what the inventory needs to
+-- judge it: an index's access method, definition (and the part after USING), whether its key
+-- reads the column (a key column or a key expression; not only its predicate or INCLUDE), the
+-- constraint it backs; a constraint's, default's, view's or trigger's definition.
+SELECT DISTINCT ON (d.classid, d.objid)
+       CASE d.classid
+         WHEN 'pg_class'::regclass THEN
+           CASE WHEN c.relkind IN ('i', 'I') THEN 'index'
+                WHEN c.oid = %(table_oid)s::oid AND d.objsubid <> 0 THEN 'generated column'
+                ELSE 'relation' END
+         WHEN 'pg_rewrite'::regclass THEN
+           CASE WHEN r.ev_class = %(table_oid)s::oid THEN 'rule'
+                WHEN rc.relkind = 'm' THEN 'materialized view'
+                ELSE 'view' END
+         WHEN 'pg_trigger'::regclass THEN 'trigger'
+         WHEN 'pg_policy'::regclass THEN 'policy'
+         WHEN 'pg_constraint'::regclass THEN 'constraint'
+         WHEN 'pg_statistic_ext'::regclass THEN 'statistics'
+         WHEN 'pg_attrdef'::regclass THEN
+           CASE WHEN ad.adnum = %(attnum)s THEN 'default' ELSE 'generated column' END
+         WHEN 'pg_proc'::regclass THEN 'function'
+         WHEN 'pg_publication_rel'::regclass THEN 'publication'
+         ELSE 'object' END                                   AS kind,
+       pg_describe_object(d.classid, d.objid, d.objsubid)   AS description,
+       d.deptype,
+       coalesce(c.relname::text, t.tgname::text, p.proname::text, '') AS object_name,
+       am.amname                                            AS method,
+       CASE WHEN c.relkind IN ('i', 'I') THEN pg_get_indexdef(c.oid)
+            WHEN d.classid = 'pg_constraint'::regclass THEN pg_get_constraintdef(con.oid)
+            WHEN d.classid = 'pg_attrdef'::regclass THEN pg_get_expr(ad.adbin, ad.adrelid)
+            WHEN d.classid = 'pg_rewrite'::regclass AND rc.relkind IN ('v', 'm') THEN pg_get_viewdef(rc.oid)
+            WHEN d.classid = 'pg_trigger'::regclass THEN pg_get_triggerdef(t.oid)
+       END                                                  AS definition,
+       con.contype::text                                    AS contype,
+       (i.indexrelid IS NOT NULL AND (
+            EXISTS (SELECT 1 FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                     WHERE k.attnum = %(attnum)s AND k.ord <= i.indnkeyatts)
+            OR coalesce(i.indexprs::text ~ (':varattno ' || %(attnum)s || ' '), false)))
+                                                            AS key_uses,
+       (SELECT bc.conname FROM pg_constraint bc
+         WHERE bc.conindid = c.oid AND bc.contype IN ('p', 'u', 'x') LIMIT 1) AS constraint_name
+  FROM pg_depend d
+  LEFT JOIN pg_class c ON d.classid = 'pg_class'::regclass AND c.oid = d.objid
+  LEFT JOIN pg_index i ON i.indexrelid = c.oid
+  LEFT JOIN pg_am am ON am.oid = c.relam AND c.relkind IN ('i', 'I')
+  LEFT JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+  LEFT JOIN pg_class rc ON rc.oid = r.ev_class
+  LEFT JOIN pg_trigger t ON d.classid = 'pg_trigger'::regclass AND t.oid = d.objid
+  LEFT JOIN pg_constraint con ON d.classid = 'pg_constraint'::regclass AND con.oid = d.objid
+  LEFT JOIN pg_attrdef ad ON d.classid = 'pg_attrdef'::regclass AND ad.oid = d.objid
+  LEFT JOIN pg_proc p ON d.classid = 'pg_proc'::regclass AND p.oid = d.objid
+ WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = %(table_oid)s::oid
+   AND d.refobjsubid = %(attnum)s AND d.deptype IN ('n', 'a')
+   AND NOT (d.classid = 'pg_class'::regclass AND d.objid = %(table_oid)s::oid AND d.objsubid = %(attnum)s)
+ ORDER BY d.classid, d.objid;
+
+-- name: table_publications
+-- The publications that replicate the table: named, FOR TABLES IN SCHEMA, or FOR ALL TABLES.
+SELECT p.pubname AS name
+  FROM pg_publication p
+ WHERE p.puballtables
+    OR EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = p.oid AND pr.prrelid = %(table_oid)s::oid)
+    OR EXISTS (SELECT 1 FROM pg_publication_namespace pn JOIN pg_class tc ON tc.relnamespace = pn.pnnspid
+                WHERE pn.pnpubid = p.oid AND tc.oid = %(table_oid)s::oid)
+ ORDER BY p.pubname;
 
 -- name: vector_extension
 SELECT extversion FROM pg_extension WHERE extname = 'vector';

@@ -85,3 +85,8 @@ ALTER TABLE reembed_checkpoint
     ADD COLUMN IF NOT EXISTS catchup_pass_done  bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS catchup_rows       bigint NOT NULL DEFAULT 0,  -- rows re-embedded by catch-up, all passes
     ADD COLUMN IF NOT EXISTS writers_held_secs  double precision;           -- the cut-over's hold on writers
+
+-- Added with the pre-flight inventory: every object on the column and what the job does with
+-- it (reembed.dependents); finalize rebuilds the indexes recorded here.
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS dependents jsonb;

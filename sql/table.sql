@@ -36,7 +36,7 @@ SELECT {id} AS id, {id}::text AS id_text, {content} AS content, xmin::text::bigi
 
 -- name: create_stage
 -- The writer's staging table, one per session (binary COPY lands here).
-CREATE TEMP TABLE IF NOT EXISTS reembed_stage (id {id_type}, e vector, x bigint) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS reembed_stage (id {id_type}, e {vtype}, x bigint) ON COMMIT DELETE ROWS;
 
 -- name: copy_stage
 COPY pg_temp.reembed_stage (id, e, x) FROM STDIN (FORMAT BINARY);
@@ -54,7 +54,7 @@ RETURNING {id}::text AS id_text;
 
 -- name: write_unnest
 UPDATE {table} AS t SET {col} = v.e
-  FROM unnest(%s::{id_type}[], %s::vector[], %s::bigint[]) AS v(id, e, x)
+  FROM unnest(%s::{id_type}[], %s::{vtype}[], %s::bigint[]) AS v(id, e, x)
  WHERE t.{id} = v.id AND t.xmin::text::bigint = v.x
 RETURNING t.{id}::text AS id_text;
 
@@ -65,12 +65,12 @@ DROP INDEX {index};
 DROP INDEX IF EXISTS {index};
 
 -- name: relax_typmod
--- vector(N) -> vector: catalog only, no rewrite.
-ALTER TABLE {table} ALTER COLUMN {col} TYPE vector;
+-- vector(N) -> vector (halfvec alike): catalog only, no rewrite.
+ALTER TABLE {table} ALTER COLUMN {col} TYPE {vtype};
 
 -- name: tighten_typmod
--- vector -> vector({dim}): the integrity gate; rewrites the table.
-ALTER TABLE {table} ALTER COLUMN {col} TYPE vector({dim});
+-- vector -> vector({dim}) (halfvec alike): the integrity gate; rewrites the table.
+ALTER TABLE {table} ALTER COLUMN {col} TYPE {vtype}({dim});
 
 -- name: create_index
 CREATE INDEX {concurrently} {index_name} ON {table} USING hnsw ({col} {opclass})
@@ -119,3 +119,21 @@ DROP FUNCTION IF EXISTS {function}();
 -- name: lock_for_cut_over
 -- Holds writers off (and this job's triggers still), never readers.
 LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE;
+
+-- name: probe_table
+-- The inventory's probe (rolled back): an empty copy of the table's columns, no constraints.
+CREATE TEMP TABLE reembed_probe AS SELECT * FROM {table} LIMIT 0;
+
+-- name: probe_type
+ALTER TABLE pg_temp.reembed_probe ALTER COLUMN {col} TYPE {new_type};
+
+-- name: probe_row
+INSERT INTO pg_temp.reembed_probe ({col})
+VALUES (CAST(CAST(array_fill(0.5::real, ARRAY[{dim}]) AS vector) AS {new_type}));
+
+-- name: probe_default
+ALTER TABLE pg_temp.reembed_probe ALTER COLUMN {col} SET DEFAULT {default};
+INSERT INTO pg_temp.reembed_probe DEFAULT VALUES;
+
+-- name: probe_check
+ALTER TABLE pg_temp.reembed_probe ADD {check};

@@ -56,7 +56,7 @@ def test_dimension_mismatch_exits_2_before_any_write(
         (lambda d: make_table(d, rows=3), ["--column", "vec"],
          "column vec does not exist in knowledge_nodes; check --column"),
         (lambda d: make_table(d, rows=3), ["--column", "source"],
-         "column source of knowledge_nodes is text, not a pgvector vector; check --column"),
+         "column source of knowledge_nodes is text, not a pgvector vector or halfvec; check --column"),
         (lambda d: make_table(d, rows=3, registry=False), [],
          "registry table embedding_model does not exist; create it (see README, 'The tables') "
          "or name it with --registry"),

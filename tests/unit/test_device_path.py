@@ -128,6 +128,57 @@ def test_out_of_memory_in_fetch_halves_the_budget_once_and_every_row_comes_back_
     np.testing.assert_allclose(got, reference(minilm_path).encode(texts), rtol=1e-4, atol=1e-5)
 
 
+def test_the_next_windows_first_batch_is_staged_before_the_last_results_are_read(minilm_path: Path) -> None:
+    """The pipeline does not drain at a window's end: the next window's first batch is staged
+    (on CUDA: built and copied while the device runs) before this window's last results are read,
+    and it is that staged batch the next window starts with (staged once, not twice)."""
+    emb = SentenceTransformerEmbedder(ModelSpec(model=str(minilm_path), device="cpu"))
+    texts = _texts(180)
+    feed = emb.feed(workers=0, max_batch_tokens=1024, window_rows=60)
+    windows = [[feed.submit(texts[w + i: w + i + 20]) for i in range(0, 60, 20)] for w in range(0, 180, 60)]
+    for window in windows:
+        for p in window:
+            p.result()  # tokenised: the next window counts as ready
+    events: list[str] = []
+    stage, read, embed = feed.device.stage, feed.device.read, emb.embed
+
+    def staging(arrays: Any) -> Any:
+        events.append("stage")
+        return stage(arrays)
+
+    def reading(fetched: Any) -> Any:
+        events.append("read")
+        return read(fetched)
+
+    def embedding(features: Any) -> Any:
+        events.append("embed")
+        return embed(features)
+
+    feed.device.stage, feed.device.read = staging, reading  # type: ignore[method-assign]
+    emb.embed = embedding  # type: ignore[method-assign]
+    got, per_window = [], []
+    try:
+        for k, window in enumerate(windows):
+            following = windows[k + 1] if k + 1 < len(windows) else None
+            events.clear()
+            out = feed.encode(window, StopSignal(), upcoming=lambda following=following: following)
+            assert out is not None
+            got.append(np.concatenate(out))
+            per_window.append(list(events))
+    finally:
+        feed.close()
+    assert feed.staged_ahead == 2
+    for k, seen in enumerate(per_window):
+        after_last_forward = seen[len(seen) - seen[::-1].index("embed"):]
+        if k + 1 < len(windows):  # the next window's first staged, then this window's last results read
+            assert after_last_forward[0] == "stage" and set(after_last_forward[1:]) == {"read"}, seen
+        else:
+            assert set(after_last_forward) == {"read"}, seen
+        # every batch staged once: this window's first was staged by the one before
+        assert seen.count("stage") == seen.count("embed") - (1 if k else 0) + (1 if k + 1 < len(windows) else 0)
+    np.testing.assert_allclose(np.concatenate(got), reference(minilm_path).encode(texts), rtol=1e-4, atol=1e-5)
+
+
 def test_a_batch_keeps_no_token_embeddings_past_its_forward(minilm_path: Path) -> None:
     emb = SentenceTransformerEmbedder(ModelSpec(model=str(minilm_path), device="cpu"))
     first = emb.model[0]

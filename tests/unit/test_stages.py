@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,19 @@ def test_a_failing_stage_cancels_the_others_and_its_error_is_kept() -> None:
     chain.run(iter(range(1000)), [Step("device", boom, on_caller=True), Step("sink", lambda x: None)],
               on_end=lambda: pytest.fail("the end step ran after a failure"), on_abort=lambda: None)
     assert [str(e) for e in chain.errors] == ["model says no"]
+
+
+def test_a_lookahead_step_sees_the_next_item_only_if_it_is_queued_and_never_takes_it() -> None:
+    seen: list[tuple[int, int | None]] = []
+    out: list[int] = []
+
+    def device(item: int, peek: Any) -> int:
+        seen.append((item, peek()))
+        return item
+
+    Chain(StopSignal(), depth=3).run(iter(range(50)), [Step("device", device, on_caller=True, lookahead=True),
+                                                       Step("sink", out.append)], on_end=lambda: None,
+                                     on_abort=lambda: None)
+    assert out == list(range(50))  # nothing taken by a peek, nothing lost
+    assert all(nxt is None or nxt == item + 1 for item, nxt in seen)
+    assert seen[-1] == (49, None)

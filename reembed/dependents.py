@@ -1,0 +1,403 @@
+"""Everything that depends on the embedding column, read from the catalogs before any write.
+
+`plan` lists it and `run` reads it again before its first write. Each object is either
+handled, with what the job will do to it, or refused (a ConfigError, exit 2, nothing written)
+with the way forward. What an in-place job does to the column decides which is which:
+
+- a *type change* (the dimension changes, or an untyped column is tightened): the column is
+  relaxed at prepare and tightened at the cut-over. Every index whose key reads the column
+  (whatever its access method, expression or predicate) is dropped at prepare and built again
+  at finalize from its own definition, with the casts to the old dimension (`::halfvec(64)`,
+  `binary_quantize(...)::bit(64)`) rewritten to the new one; pgvector's index limits are
+  checked first. An index that only filters on the column (a partial index's predicate) or
+  INCLUDEs it is carried through the type change by PostgreSQL. A view, materialized view,
+  rule, policy, trigger, generated column, SQL-standard function body, a publication's
+  column list or row filter, a default or a check constraint that would not take the new
+  vectors: refused, by name (PostgreSQL cannot change the type of a column they use, or they
+  would break the application's writes after it). A table published for logical replication
+  is refused unless the operator says the subscribers take the new dimension.
+- no type change (the same dimension): nothing is refused; the indexes whose key reads the
+  column are rebuilt at finalize (REINDEX: an IVFFlat index's lists and an HNSW graph are
+  trained on the old vectors), or dropped first and built again with --drop-hnsw-first.
+
+Then a probe, in a transaction that is rolled back: an empty copy of the table's columns
+with the column at its new type, the column's default and its check constraints, one row
+of the new dimension, and every index to build at its new definition. What PostgreSQL or
+pgvector refuses there is refused here, before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql
+
+from reembed.errors import ConfigError, first_line
+from reembed.queries import query
+from reembed.target import TableInfo
+
+# pgvector 0.8's index limits (HNSW and IVFFlat alike), by the type the index reads.
+INDEX_LIMITS = {"vector": 2000, "halfvec": 4000, "bit": 64000}
+TYPE_LIMIT = 16000  # the most dimensions a vector or halfvec column can have
+ANN_METHODS = ("hnsw", "ivfflat")
+
+REBUILD = "rebuild"  # dropped at prepare, built again at finalize from `definition`
+REINDEX = "reindex"  # kept through the writes, REINDEXed at finalize
+CARRIED = "carried"  # PostgreSQL carries it through the type change
+UNTOUCHED = "untouched"  # nothing the job does affects it
+REFUSED = "refused"
+
+_CAST = re.compile(r"::(vector|halfvec|bit|sparsevec)\((\d+)\)")
+_OURS = "reembed_"  # the job's own capture triggers and function
+
+
+@dataclass(frozen=True)
+class Dependent:
+    """One object that depends on the column, and what the job does with it."""
+
+    kind: str  # index, view, trigger, policy, ...
+    name: str  # as PostgreSQL describes it (pg_describe_object), or the index's own name
+    action: str
+    definition: str | None = None  # an index: the statement finalize runs (new dimension)
+    original: str | None = None  # an index: its definition as found
+    method: str | None = None  # an index: its access method
+    why: str | None = None  # a refusal: why, and the way forward
+
+    def as_json(self) -> dict[str, Any]:
+        out = {"kind": self.kind, "name": self.name, "action": self.action}
+        for key in ("definition", "original", "method", "why"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Dependent:
+        return cls(kind=data["kind"], name=data["name"], action=data["action"], definition=data.get("definition"),
+                   original=data.get("original"), method=data.get("method"), why=data.get("why"))
+
+    @property
+    def is_index(self) -> bool:
+        return self.kind == "index"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    dependents: tuple[Dependent, ...]
+    type_change: bool
+    dimension: int
+    column_type: str
+
+    @property
+    def refused(self) -> list[Dependent]:
+        return [d for d in self.dependents if d.action == REFUSED]
+
+    @property
+    def rebuilt(self) -> list[Dependent]:
+        return [d for d in self.dependents if d.action == REBUILD]
+
+    @property
+    def indexes(self) -> list[Dependent]:
+        """The indexes finalize builds or rebuilds, in the order found."""
+        return [d for d in self.dependents if d.action in (REBUILD, REINDEX)]
+
+    def as_json(self) -> list[dict[str, Any]]:
+        return [d.as_json() for d in self.dependents]
+
+    def summary(self) -> str:
+        return summary(self.dependents)
+
+    def check(self, info: TableInfo) -> None:
+        """Refuse, naming every refused object and the way forward (before any write)."""
+        refused = self.refused
+        if not refused:
+            return
+        change = f"{info.column_type}({self.dimension})"
+        said = "; ".join(f"{d.kind} {d.name} {d.why}" for d in refused)
+        raise ConfigError(f"cannot change {info.qualified}.{info.column} to {change} in place: {said}; "
+                          "nothing was written")
+
+
+_SAID = {
+    REBUILD: "dropped now, built again at the end at the new dimension",
+    REINDEX: "kept, rebuilt at the end",
+    CARRIED: "kept (PostgreSQL carries it through the type change)",
+    UNTOUCHED: "untouched",
+    REFUSED: "refused",
+}
+
+def summary(found: Sequence[Dependent]) -> str:
+    """One line: each object on the column and what the job does with it."""
+    if not found:
+        return "nothing else depends on it"
+    return ", ".join(f"{d.kind} {d.name} ({_SAID[d.action]})" for d in found)
+
+
+_SHADOW = "a shadow column swapped in at the end (--strategy shadow, once it exists) will handle it"
+
+
+def take(conn: psycopg.Connection[Any], info: TableInfo, *, dimension: int, source_dimension: int | None,
+         drop_first: bool = False, allow_published: bool = False, probe: bool = True,
+         carried: Sequence[Dependent] = ()) -> Inventory:
+    """The inventory for a job that brings the column to `dimension`; `probe`: also try the new
+    definitions on an empty copy of the table (in a transaction rolled back); `carried`: the
+    indexes an abandoned job dropped (built again by this one, at its dimension)."""
+    type_change = info.typmod != dimension
+    old = info.typmod or source_dimension
+    found: list[Dependent] = []
+    for row in conn.execute(query("column_dependents"), {"table_oid": info.oid, "attnum": info.attnum}).fetchall():
+        dependent = _classify(row, info, type_change=type_change, dimension=dimension, old=old,
+                              drop_first=drop_first)
+        if dependent is not None:
+            found.append(dependent)
+    present = {d.name for d in found if d.is_index}
+    found = [
+        Dependent("index", d.name, REBUILD, definition=_rewritten(d.original or d.definition or "", old, dimension),
+                  original=d.original, method=d.method)
+        for d in carried if d.is_index and d.action == REBUILD and d.name not in present
+    ] + found
+    found += _publications(conn, info, type_change=type_change, allow=allow_published)
+    inventory = Inventory(tuple(found), type_change=type_change, dimension=dimension, column_type=info.column_type)
+    if type_change and dimension > TYPE_LIMIT:
+        raise ConfigError(f"a {info.column_type} column holds at most {TYPE_LIMIT} dimensions; the model gives "
+                          f"{dimension}; nothing was written")
+    inventory = _limits(inventory)
+    if probe and not inventory.refused and (type_change or inventory.rebuilt):
+        inventory = _probe(conn, info, inventory)
+    return inventory
+
+
+def _classify(row: dict[str, Any], info: TableInfo, *, type_change: bool, dimension: int, old: int | None,
+              drop_first: bool) -> Dependent | None:
+    kind, name = row["kind"], row["description"]
+    if kind == "index":
+        return _index(row, type_change=type_change, dimension=dimension, old=old, drop_first=drop_first)
+    if kind == "trigger" and row["object_name"].startswith(_OURS):
+        return None  # the job's own capture (an older job's is settled at prepare)
+    if kind == "function" and row["object_name"].startswith(_OURS):
+        return None
+    if not type_change:
+        return Dependent(kind, name, UNTOUCHED)
+    if kind == "statistics":
+        return Dependent(kind, name, CARRIED)
+    if kind == "default":
+        return Dependent(kind, name, CARRIED, original=row["definition"])  # the probe tries it
+    if kind == "constraint" and row["contype"] == "c":
+        return Dependent(kind, name, CARRIED, original=row["definition"])  # the probe tries it
+    why = {
+        "view": f"selects the column: PostgreSQL cannot change the type of a column a view uses; {_SHADOW}, "
+                "or drop the view for the job and create it again after",
+        "rule": f"uses the column: PostgreSQL cannot change the type of a column a rule uses; {_SHADOW}",
+        "policy": "uses the column: PostgreSQL cannot change the type of a column a row-level security policy "
+                  "uses; drop the policy for the job and create it again after (the table is then unprotected "
+                  f"by it), or {_SHADOW}",
+        "trigger": "is defined on the column (UPDATE OF or WHEN): PostgreSQL cannot change its type; drop the "
+                   f"trigger for the job and create it again after, or {_SHADOW}",
+        "generated column": "is computed from the column: PostgreSQL cannot change the type of a column a "
+                            "generated column uses, and its expression names the old dimension; drop the expression "
+                            f"(ALTER TABLE ... ALTER COLUMN ... DROP EXPRESSION) first, or {_SHADOW}",
+        "function": "has a SQL-standard body that uses the column: PostgreSQL cannot change its type; replace "
+                    "the function with a string body for the job",
+        "constraint": "uses the column (a key or exclusion constraint): it cannot be dropped for the job; drop "
+                      "it and create it again after",
+        "publication": "publishes the column with a column list or row filter: PostgreSQL cannot change its "
+                       "type; drop the table from the publication for the job",
+    }.get(kind, f"depends on the column ({row['deptype']}): reembed does not know how to carry it through "
+                "a type change; drop it for the job and create it again after")
+    return Dependent(kind, name, REFUSED, original=row["definition"], why=why)
+
+
+def _index(row: dict[str, Any], *, type_change: bool, dimension: int, old: int | None,
+           drop_first: bool) -> Dependent:
+    name, method, original = row["object_name"], row["method"], row["definition"]
+    if not row["key_uses"]:  # only a predicate or an INCLUDE reads the column
+        return Dependent("index", name, CARRIED if type_change else UNTOUCHED, original=original, method=method)
+    if type_change and row["constraint_name"] is not None:
+        return Dependent("index", name, REFUSED, original=original, method=method,
+                         why=f"backs constraint {row['constraint_name']}, which cannot be dropped for the job; drop it "
+                             "and create it again after")
+    definition = _rewritten(original, old, dimension) if type_change else original
+    if type_change or (drop_first and method in ANN_METHODS):
+        return Dependent("index", name, REBUILD, definition=definition, original=original, method=method)
+    return Dependent("index", name, REINDEX, definition=definition, original=original, method=method)
+
+
+def _rewritten(definition: str, old: int | None, new: int) -> str:
+    """The definition with its casts to the old dimension cast to the new one."""
+    if old is None:
+        return definition
+    return _CAST.sub(lambda m: f"::{m.group(1)}({new})" if int(m.group(2)) == old else m.group(0), definition)
+
+
+def _publications(conn: psycopg.Connection[Any], info: TableInfo, *, type_change: bool,
+                  allow: bool) -> list[Dependent]:
+    rows = conn.execute(query("table_publications"), {"table_oid": info.oid}).fetchall()
+    out = []
+    for row in rows:
+        name = f"publication {row['name']}"
+        if not type_change:
+            out.append(Dependent("publication", name, UNTOUCHED))
+        elif allow:
+            out.append(Dependent("publication", name, CARRIED))
+        else:
+            out.append(Dependent(
+                "publication", name, REFUSED,
+                why="replicates the table: subscribers would receive vectors their column's dimension refuses and "
+                    "stop applying; relax each subscriber's column first (ALTER ... TYPE "
+                    f"{info.column_type}), then pass --allow-published"))
+    return out
+
+
+def _limits(inventory: Inventory) -> Inventory:
+    """pgvector's index limits against the new dimension, for every index to build."""
+    out = []
+    for d in inventory.dependents:
+        if d.action == REBUILD and d.method in ANN_METHODS and d.definition is not None:
+            reads = _index_reads(d.definition) or inventory.column_type  # no opclass shown: the default
+            limit = INDEX_LIMITS.get(reads)
+            if limit is not None and inventory.dimension > limit:
+                d = Dependent(d.kind, d.name, REFUSED, original=d.original, method=d.method, why=(
+                    f"({d.method} on {reads}) cannot index {inventory.dimension} dimensions: pgvector's {d.method} "
+                    f"takes at most {limit} for {reads}; ways out: a halfvec column (up to {INDEX_LIMITS['halfvec']}) "
+                    f"or an index on a halfvec cast, USING {d.method} ((column::halfvec({inventory.dimension})) "
+                    "halfvec_cosine_ops)"))
+        out.append(d)
+    return Inventory(tuple(out), inventory.type_change, inventory.dimension, inventory.column_type)
+
+
+_OPCLASS = re.compile(r"\b(vector|halfvec|bit|sparsevec)_[a-z0-9]+_ops\b")
+
+
+def _index_reads(definition: str) -> str | None:
+    """The pgvector type an index reads, from its operator class (the default one reads the
+    column's own type)."""
+    found = _OPCLASS.search(definition)
+    if found:
+        return found.group(1)
+    cast = _CAST.search(definition)
+    return cast.group(1) if cast else None
+
+
+def _probe(conn: psycopg.Connection[Any], info: TableInfo, inventory: Inventory) -> Inventory:
+    """Try the new definitions on an empty copy; each object PostgreSQL refuses is refused."""
+    new_text = f"{info.column_type}({inventory.dimension})"
+    new_type = sql.SQL(new_text)
+    refused: dict[str, str] = {}
+    with conn.transaction(force_rollback=True):
+        conn.execute(info.statement("probe_table"))
+        error = _try(conn, info.statement("probe_type", new_type=new_type)) or _try(
+            conn, info.statement("probe_row", new_type=new_type, dim=sql.Literal(inventory.dimension)))
+        if error is not None:
+            raise ConfigError(f"{info.qualified}.{info.column} cannot become {new_text}: {error}; "
+                              "nothing was written")
+        steps: list[tuple[Dependent, sql.SQL | sql.Composed]] = []
+        for d in inventory.dependents:  # the default first: a check must not blame it
+            if d.kind == "default" and d.action == CARRIED and d.original is not None:
+                steps.append((d, info.statement("probe_default", default=sql.SQL(d.original))))
+        for d in inventory.dependents:
+            if d.kind == "constraint" and d.action == CARRIED and d.original is not None:
+                steps.append((d, info.statement("probe_check", check=sql.SQL(d.original))))
+        for d in inventory.dependents:
+            if d.action == REBUILD and d.definition is not None:
+                steps.append((d, sql.SQL("CREATE INDEX ON pg_temp.reembed_probe USING ")
+                              + sql.SQL(_after_using(d.definition, d.method))))
+        for d, statement in steps:
+            if (error := _try(conn, statement)) is not None:
+                refused[d.name] = error
+    if not refused:
+        return inventory
+    out = []
+    for d in inventory.dependents:
+        if d.name in refused:
+            what = "the column's default" if d.kind == "default" else f"the {d.kind}"
+            d = Dependent(d.kind, d.name, REFUSED, original=d.original, method=d.method,
+                          why=f"would not take the new vectors ({what}, tried on an empty copy of the table at "
+                              f"{new_text}: {refused[d.name]}); change or drop it for the job")
+        out.append(d)
+    return Inventory(tuple(out), inventory.type_change, inventory.dimension, inventory.column_type)
+
+
+def _after_using(definition: str, method: str | None) -> str:
+    """`CREATE INDEX name ON table USING hnsw (...) ...` -> `hnsw (...) ...`."""
+    marker = f" USING {method} " if method else " USING "
+    at = definition.find(marker)
+    if at < 0:
+        raise ConfigError(f"cannot read the index definition {definition!r}")
+    return definition[at + len(" USING "):]
+
+
+def _try(conn: psycopg.Connection[Any], statement: sql.SQL | sql.Composed) -> str | None:
+    try:
+        with conn.transaction():  # a savepoint: the probe goes on after a refusal
+            conn.execute(statement)
+    except psycopg.Error as exc:
+        return first_line(exc)
+    return None
+
+
+class RecordedJob(Protocol):
+    """What a job row (reembed.checkpoint.Job) records of its inventory and its progress."""
+
+    @property
+    def dependents(self) -> list[dict[str, Any]] | None: ...
+    @property
+    def index_name(self) -> str | None: ...
+    @property
+    def index_def(self) -> dict[str, Any] | None: ...
+    @property
+    def index_dropped(self) -> bool: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def finalize_steps(self) -> list[str]: ...
+    @property
+    def source_typmod(self) -> int | None: ...
+    @property
+    def target_dimension(self) -> int: ...
+
+
+def recorded(job: RecordedJob | None) -> list[Dependent]:
+    """The inventory a job recorded; a job of an older version recorded only its HNSW index."""
+    if job is None:
+        return []
+    if job.dependents is not None:
+        return [Dependent.from_json(d) for d in job.dependents]
+    if job.index_name is None:
+        return []
+    definition = (job.index_def or {}).get("definition")
+    return [Dependent("index", job.index_name, REBUILD if job.index_dropped else REINDEX, definition=definition,
+                      original=definition, method="hnsw")]
+
+
+def concurrently(definition: str) -> str:
+    """CREATE [UNIQUE] INDEX name ... -> CREATE [UNIQUE] INDEX CONCURRENTLY name ..."""
+    return re.sub(r"^CREATE (UNIQUE )?INDEX ", lambda m: f"CREATE {m.group(1) or ''}INDEX CONCURRENTLY ", definition,
+                  count=1)
+
+
+def index_step_name(name: str, *, only: bool) -> str:
+    """The finalize step that builds index `name` (an older job's one index: "build_index")."""
+    return "build_index" if only else f"build_index {name}"
+
+
+def table_state(job: RecordedJob) -> str | None:
+    """What an unfinished job has done to the table that is not undone yet, and what a re-run
+    does about it; None when nothing is (or the job is over)."""
+    if job.state not in ("embedding", "finalizing"):
+        return None
+    steps = set(job.finalize_steps or [])
+    indexes = [d for d in recorded(job) if d.action in (REBUILD, REINDEX)]
+    dropped = [d.name for d in indexes if d.action == REBUILD
+               and index_step_name(d.name, only=len(indexes) == 1) not in steps]
+    parts = []
+    if dropped:
+        parts.append(f"{'index' if len(dropped) == 1 else 'indexes'} {', '.join(dropped)} dropped")
+    if job.source_typmod != job.target_dimension and "cut_over" not in steps:
+        parts.append(f"the column without its dimension until the cut-over makes it ({job.target_dimension})")
+    if not parts:
+        return None
+    return "; ".join(parts) + ": a re-run with the same model resumes the job and builds what it dropped"
