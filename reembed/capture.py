@@ -154,14 +154,15 @@ def _pass_started(conn: psycopg.Connection[Any], job: ckpt.Job, number: int, pen
 Encoded = dict[tuple[str, int], np.ndarray]
 
 
-def encode_ahead(ctx: RunContext, conn: psycopg.Connection[Any]) -> Encoded:
+def encode_ahead(ctx: RunContext, conn: psycopg.Connection[Any], known: Encoded | None = None) -> Encoded:
     """Before the cut-over takes its locks: the rows still captured, encoded, keyed by (key,
-    xmin), so that only rows changed since are encoded while writers wait."""
+    xmin), so that only rows changed since are encoded while writers wait. `known`: what an
+    earlier try encoded (a row unchanged since keeps its xmin: not encoded again)."""
     done: Encoded = {}
     after: str | None = None
     while page := _page(conn, ctx.info, ctx.active, after, ctx.opts.batch_size):
         batch = _read(conn, ctx.info, page)
-        for i, vec in enumerate(_encode(ctx, batch)):
+        for i, vec in enumerate(_encode(ctx, batch, known)):
             if vec is not None:
                 done[(batch.id_texts[i], batch.xmins[i])] = vec
         after = page[-1]
@@ -228,14 +229,32 @@ def _catch_up_advanced(job: ckpt.Job, keys: int, conn: psycopg.Connection[Any], 
 # ------------------------------------------------------------------- the cut-over
 
 
-def hold_writers(ctx: RunContext, conn: psycopg.Connection[Any]) -> float:
-    """The registry row first (as the application's writers take it), then the table against
-    writers. Returns when the hold began (monotonic): from the first request, since writers
-    queue behind a waiting request too."""
+def hold_writers(ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool) -> float:
+    """The registry row first (as the application's writers take it), then at once every lock
+    the cut-over needs on the table: against writers, or against everyone when the column's type
+    changes (`rewrite`; no lock is asked for later, with work done). Each request waits at most
+    --cut-over-lock-timeout, well under the server's deadlock_timeout: when the cut-over waits on
+    an application transaction that waits on it, the cut-over gives up first and retries (the
+    application is never the deadlock's victim). Returns when the hold began (monotonic): from
+    the first request, since writers queue behind a waiting request too."""
+    registry = query("lock_registry_row", registry=ctx.info.registry)
+    table = ctx.info.statement("lock_for_rewrite" if rewrite else "lock_for_cut_over")
     began = time.monotonic()
-    conn.execute(query("lock_registry_row", registry=ctx.info.registry))
-    conn.execute(ctx.info.statement("lock_for_cut_over"))
+    conn.execute(sql.Composed([registry, sql.SQL("; "), table]))  # one round trip: the smallest window
     return began
+
+
+def check_lock_timeout(conn: psycopg.Connection[Any], lock_timeout: str) -> None:
+    """Say so when the cut-over's lock timeout is not under the server's deadlock_timeout (then
+    an application transaction may be the one PostgreSQL aborts)."""
+    row = conn.execute(query("deadlock_timeout")).fetchone()
+    deadlock_ms = int(row["ms"]) if row else 1000
+    ours = conn.execute(query("lock_timeout_ms"), {"value": lock_timeout}).fetchone()
+    if ours is not None and int(ours["ms"]) * 2 > deadlock_ms:
+        log.warning("cut_over_lock_timeout_too_long", cut_over_lock_timeout=lock_timeout,
+                    deadlock_timeout_ms=deadlock_ms,
+                    detail="an application transaction that waits on the cut-over may be aborted as a deadlock "
+                           "victim; keep --cut-over-lock-timeout under half the server's deadlock_timeout")
 
 
 def stop_capturing(ctx: RunContext, conn: psycopg.Connection[Any]) -> None:

@@ -86,9 +86,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="also stop retrying a transient fault after this many tries (default: --max-outage alone)")
     j.add_argument("--ddl-lock-timeout", default="5s",
                    help="how long each DDL statement may wait for its lock before backing off (5s)")
-    j.add_argument("--cut-over-lock-timeout", default="1s",
-                   help="how long the cut-over waits for its locks before backing off; writers queue "
-                        "behind it meanwhile (1s)")
+    j.add_argument("--cut-over-lock-timeout", default="200ms",
+                   help="how long the cut-over waits for each of its locks before it gives up and retries; "
+                        "keep it well under the server's deadlock_timeout (1s), so that when it waits on an "
+                        "application transaction it is the cut-over that yields, never the application (200ms)")
     j.add_argument("--progress-interval", type=float, default=30.0, help="seconds between progress events (30)")
     j.add_argument("--break-stale-lock", action="store_true",
                    help="terminate a holder whose heartbeat is stale before taking over")

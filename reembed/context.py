@@ -43,6 +43,7 @@ class FinalizeStep:
     timed: bool = False  # its duration is the report's index_rebuild_secs
     record: bool = True  # False: a phase that runs every time until a later step is recorded
     lock_timeout: str | None = None  # None: --ddl-lock-timeout
+    max_backoff: float | None = None  # the longest wait between two tries (None: the default, 5 s)
 
 
 class Strategy(Protocol):

@@ -89,7 +89,8 @@ def _apply_on(ctx: RunContext, step: FinalizeStep, held: db.Kept) -> None:
     job, lease = ctx.active, ctx.lease
     if step.in_transaction:
         lease.write(_applied, step, job, on=held, what=step.name,
-                    lock_timeout=step.lock_timeout or ctx.opts.ddl_lock_timeout, patient=True)
+                    lock_timeout=step.lock_timeout or ctx.opts.ddl_lock_timeout, patient=True,
+                    max_backoff=step.max_backoff)
         return
     lease.outside_transaction(_apply_outside, step, on=held, what=step.name)
     if step.record:

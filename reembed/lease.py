@@ -175,14 +175,16 @@ class Lease(Background):
     # ---------------------------------------------------------- the writes
 
     def write(self, body: Callable[[psycopg.Connection[Any], *Ts], T], *args: *Ts, on: db.Kept, what: str,
-              lock_timeout: str | None = None, patient: bool = False) -> T:
+              lock_timeout: str | None = None, patient: bool = False, max_backoff: float | None = None) -> T:
         """body(conn, *args) as one transaction on `on`'s connection, fenced, retried on transient
-        faults (`patient`: DDL that backs off from application locks gets more tries)."""
+        faults (`patient`: DDL that backs off from application locks gets more tries;
+        `max_backoff`: the longest wait between two tries, default 5 s)."""
 
         def once(conn: psycopg.Connection[Any], attempt: int) -> T:
             return body(conn, *args)
 
-        return self._transaction(once, on=on, what=what, lock_timeout=lock_timeout, patient=patient)
+        return self._transaction(once, on=on, what=what, lock_timeout=lock_timeout, patient=patient,
+                                 max_backoff=max_backoff)
 
     def write_attempt(self, body: Callable[[psycopg.Connection[Any], int, *Ts], T], *args: *Ts, on: db.Kept,
                       what: str, lock_timeout: str | None = None, patient: bool = False) -> T:
@@ -196,7 +198,7 @@ class Lease(Background):
         return self._transaction(once, on=on, what=what, lock_timeout=lock_timeout, patient=patient)
 
     def _transaction(self, body: Callable[[psycopg.Connection[Any], int], T], *, on: db.Kept, what: str,
-                     lock_timeout: str | None, patient: bool) -> T:
+                     lock_timeout: str | None, patient: bool, max_backoff: float | None = None) -> T:
         attempts = itertools.count(1)
 
         def attempt() -> T:
@@ -209,7 +211,7 @@ class Lease(Background):
                 self.fence(conn)
             return result
 
-        return self._retried(attempt, what=what, patient=patient)
+        return self._retried(attempt, what=what, patient=patient, max_backoff=max_backoff)
 
     def read(self, body: Callable[[psycopg.Connection[Any], *Ts], T], *args: *Ts, on: db.Kept, what: str) -> T:
         """body(conn, *args), retried on transient faults (no transaction of its own, no fence)."""
@@ -230,12 +232,12 @@ class Lease(Background):
 
         return self._retried(once, what=what, patient=True)
 
-    def _retried(self, fn: Callable[[], T], *, what: str, patient: bool) -> T:
+    def _retried(self, fn: Callable[[], T], *, what: str, patient: bool, max_backoff: float | None = None) -> T:
         """`patient`: DDL backing off from an application's locks waits at least 5 minutes."""
         outage = max(self.max_outage, 300.0) if patient else self.max_outage
         retries = None if self.max_retries is None else max(self.max_retries, 8) if patient else self.max_retries
         return retry.call(fn, what=what, max_outage=outage, max_retries=retries, stop=self.stop_signal,
-                          on_lost=self.connections.server_lost)
+                          on_lost=self.connections.server_lost, maximum=max_backoff or 5.0)
 
     # ------------------------------------------------------------ the fence
 

@@ -109,7 +109,7 @@ class RunOptions:
     max_retries: int | None = None  # None: transient faults are bounded by max_outage alone
     max_outage: float = 120.0  # seconds a transient fault (a restart, a failover) is waited out
     ddl_lock_timeout: str = "5s"  # every DDL statement waits at most this long for its lock
-    cut_over_lock_timeout: str = "1s"  # the cut-over's lock requests (writers queue behind a waiting one)
+    cut_over_lock_timeout: str = "200ms"  # each cut-over lock request; under deadlock_timeout: the job yields
     index_memory: int = 2 * 1024**3  # cap on maintenance_work_mem for the HNSW build
     progress_interval: float = 30.0
     break_stale_lock: bool = False

@@ -30,8 +30,17 @@ from reembed.queries import query
 log = structlog.get_logger()
 
 
+# The cut-over gives up its locks as soon as it waits on the application (capture.hold_writers);
+# it then tries again soon, not after the long waits an outage gets: yielding costs it a retry.
+_CUT_OVER_BACKOFF = 0.5
+
+
 class InPlace:
     name = "in_place"
+
+    def __init__(self) -> None:
+        self._lock_timeout_checked = False
+        self._ahead: capture.Encoded = {}  # the cut-over's rows encoded ahead, kept across its tries
 
     def plan(self, ctx: RunContext, job: ckpt.Job) -> dict[str, Any]:
         info, sig = ctx.info, ctx.signature
@@ -58,7 +67,7 @@ class InPlace:
         return [
             FinalizeStep("catch_up", lambda conn: self._catch_up(ctx), in_transaction=False, record=False),
             FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
-                         lock_timeout=ctx.opts.cut_over_lock_timeout),
+                         lock_timeout=ctx.opts.cut_over_lock_timeout, max_backoff=_CUT_OVER_BACKOFF),
             FinalizeStep("drop_capture", lambda conn: capture.drop(ctx, conn)),
             *finalize.index_steps(ctx),
             FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
@@ -69,13 +78,18 @@ class InPlace:
         failures.settle(ctx)  # rows the application wrote that the model cannot take
 
     def _cut_over(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
-        """Writers held off, readers not: the last catch-up, the typmod (the integrity gate; a
-        dimension change rewrites the table here), the registry, capture off, the news. One
-        transaction: the application never sees the registry and the column disagree."""
-        ahead = capture.encode_ahead(ctx, conn)  # no lock taken yet: writers go on
-        began = capture.hold_writers(ctx, conn)
+        """Writers held off, readers not (unless the dimension changes: the table is rewritten,
+        readers wait too): the last catch-up, the typmod (the integrity gate), the registry,
+        capture off, the news. One transaction: the application never sees the registry and the
+        column disagree. Every lock is asked for up front (capture.hold_writers)."""
+        if not self._lock_timeout_checked:
+            capture.check_lock_timeout(conn, ctx.opts.cut_over_lock_timeout)
+            self._lock_timeout_checked = True
+        ahead = self._ahead = capture.encode_ahead(ctx, conn, self._ahead)  # no lock yet: writers go on
+        rewrite = self._typmod_changes(ctx, conn)
+        began = capture.hold_writers(ctx, conn, rewrite=rewrite)
         rows = capture.final_catch_up(ctx, conn, ahead)
-        if self._typmod_changes(ctx, conn):
+        if rewrite:
             # The capture trigger names the column, which blocks a type change: it goes first
             # (that needs ACCESS EXCLUSIVE, which the rewrite takes anyway).
             capture.drop(ctx, conn)

@@ -263,6 +263,13 @@ SELECT p.pubname AS name
                 WHERE pn.pnpubid = p.oid AND tc.oid = %(table_oid)s::oid)
  ORDER BY p.pubname;
 
+-- name: deadlock_timeout
+SELECT setting::int AS ms FROM pg_settings WHERE name = 'deadlock_timeout';
+
+-- name: lock_timeout_ms
+-- A duration as PostgreSQL reads it ('200ms', '1s'), in milliseconds.
+SELECT (extract(epoch FROM %(value)s::interval) * 1000)::int AS ms;
+
 -- name: vector_extension
 SELECT extversion FROM pg_extension WHERE extname = 'vector';
 
@@ -408,7 +415,9 @@ UPDATE reembed_checkpoint
 
 -- name: lock_registry_row
 -- The cut-over takes the registry row first, as the application's writers do (FOR SHARE):
--- writers that read it wait here before touching the table, so no one deadlocks.
+-- writers that read it first wait here before touching the table. (Those that touch the table
+-- first may wait here holding a table lock: the cut-over's table lock, asked for in the same
+-- round trip, then times out before PostgreSQL's deadlock check, and the cut-over retries.)
 SELECT id FROM {registry} WHERE id = 1 FOR UPDATE;
 
 -- name: notify_model_changed

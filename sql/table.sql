@@ -120,6 +120,11 @@ DROP FUNCTION IF EXISTS {function}();
 -- Holds writers off (and this job's triggers still), never readers.
 LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE;
 
+-- name: lock_for_rewrite
+-- A cut-over that changes the column's type (a table rewrite) holds readers off too: asked for
+-- at once, right after the registry row, so that it never waits with work already done.
+LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;
+
 -- name: probe_table
 -- The inventory's probe (rolled back): an empty copy of the table's columns, no constraints.
 CREATE TEMP TABLE reembed_probe AS SELECT * FROM {table} LIMIT 0;

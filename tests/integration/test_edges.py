@@ -1,0 +1,91 @@
+"""The edges of a job (issue 15): at the cut-over the job is always the one that yields. An
+application whose edits read the row before the registry, or write before they read it, keeps
+every transaction through a dimension change and a same-dimension job. Real PostgreSQL; the
+test embedder (the job's mechanics)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from reembed.job import run
+from support.database import fetch, make_table, one
+from support.fakes import HashEmbedder, hash_vector, job_settings
+
+
+def _literal(vec: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in vec) + "]"
+
+
+class _Editor(threading.Thread):
+    """An application editing rows, ~100 transactions a second, embedding each edit with the model the
+    registry names (read FOR SHARE in the same transaction, as the runbook asks), in one of two
+    orders: the row read before the registry (`read-first`), or the content written before it
+    (`write-first`). Every failed transaction is kept."""
+
+    def __init__(self, dsn: str, keys: list[Any], order: str, number: int) -> None:
+        super().__init__(daemon=True, name=f"editor-{order}-{number}")
+        self.dsn, self.keys, self.order, self.number = dsn, keys, order, number
+        self.stop = threading.Event()
+        self.done = 0
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        rng = np.random.default_rng(self.number)
+        with psycopg.connect(self.dsn) as conn:
+            while not self.stop.is_set():
+                key = self.keys[int(rng.integers(len(self.keys)))]
+                text = f"edited by editor {self.number} ({self.order}), edit {self.done}"
+                try:
+                    with conn.transaction():
+                        self._edit(conn, key, text)
+                    self.done += 1
+                except psycopg.Error as exc:
+                    self.failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                self.stop.wait(0.01)  # the application's own pace between two edits
+
+    def _edit(self, conn: psycopg.Connection[Any], key: Any, text: str) -> None:
+        registry = "SELECT dimension FROM embedding_model WHERE id = 1 FOR SHARE"
+        if self.order == "read-first":
+            conn.execute("SELECT content FROM knowledge_nodes WHERE id = %s", (key,)).fetchone()
+            (dim,) = conn.execute(registry).fetchone()  # type: ignore[misc]
+            conn.execute("UPDATE knowledge_nodes SET content = %s, embedding = %s::vector WHERE id = %s",
+                         (text, _literal(hash_vector(text, dim)), key))
+        else:
+            conn.execute("UPDATE knowledge_nodes SET content = %s WHERE id = %s", (text, key))
+            (dim,) = conn.execute(registry).fetchone()  # type: ignore[misc]
+            conn.execute("UPDATE knowledge_nodes SET embedding = %s::vector WHERE id = %s",
+                         (_literal(hash_vector(text, dim)), key))
+
+
+@pytest.mark.parametrize("new_dim", [256, 64], ids=["dimension-change", "same-dimension"])
+def test_no_application_transaction_fails_because_of_the_cut_over(dsn: str, new_dim: int) -> None:
+    """Eight editors (~600 edits/s in all) through three jobs, three cut-overs, in a row."""
+    keys = make_table(dsn, rows=300, id_type="bigint", with_index=False)
+    editors = [_Editor(dsn, keys, order, n) for n, order in enumerate(["read-first", "write-first"] * 4)]
+    for e in editors:
+        e.start()
+    try:
+        for k in range(3):  # the last one with the model the assertions check
+            dim = new_dim if k != 1 else (new_dim * 2 if new_dim != 64 else 64)
+            report = run(job_settings(dsn, batch_size=16), embedder=HashEmbedder(dim, name=f"model-{k}"))
+            assert report.state == "done"
+    finally:
+        for e in editors:
+            e.stop.set()
+        for e in editors:
+            e.join(30)
+    failures = [f for e in editors for f in e.failures]
+    assert failures == [], failures[:5]
+    assert report.state == "done"
+    assert all(e.done > 0 for e in editors), [e.done for e in editors]
+    assert one(dsn, "SELECT writers_held_secs FROM reembed_checkpoint") is not None
+    rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
+    stale = [r["content"] for r in rows
+             if not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], new_dim), atol=1e-5)]
+    assert stale == [], stale[:5]  # every row current: the job's vectors and the application's agree
