@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from reembed.errors import ConfigError
 
-_DURATION = re.compile(r"^\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
+_DURATION = re.compile(r"^\s*(?:(\d+)h)?\s*(?:(\d+)m(?!s))?\s*(?:(\d+)s)?\s*(?:(\d+)ms)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance  # typeshed's own name for "any dataclass"
@@ -23,14 +23,14 @@ _SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
 
 
 def parse_duration(text: str) -> float:
-    """'6h', '90m', '1h30m', '45s', or plain seconds -> seconds."""
+    """'6h', '90m', '1h30m', '45s', '200ms', or plain seconds -> seconds."""
     if text.strip().isdigit():
         return float(text)
     match = _DURATION.match(text)
     if not match or not any(match.groups()):
-        raise ConfigError(f"cannot read duration {text!r}: write it like 6h, 90m, 1h30m or 45s")
-    hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    return float(hours * 3600 + minutes * 60 + seconds)
+        raise ConfigError(f"cannot read duration {text!r}: write it like 6h, 90m, 1h30m, 45s or 200ms")
+    hours, minutes, seconds, millis = (int(g or 0) for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
 def parse_size(text: str) -> int:

@@ -42,6 +42,10 @@ from reembed.stages import Chain, Step
 log = structlog.get_logger()
 
 _DEPTH = 2
+# A window (the rows sorted by length together) is closed at about this many seconds of the
+# encoder's measured pace, and at --window-rows: on a slow device progress commits every few
+# seconds (status moves, a stop loses little); on a fast one the windows stay large.
+WINDOW_SECS = 2.0
 
 
 class Worker:
@@ -103,6 +107,15 @@ class _RangeRun:
         self.progress = progress
         self.reader = Reader(self.ctx.info, batch_size=self.ctx.opts.batch_size, upper=rng.upper_id)
         self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx))
+        self.pace: float | None = None  # rows/s through the encode stage (moving average); None: not yet
+
+    def window_limit(self) -> int:
+        """Rows that close the next window: about WINDOW_SECS of the measured pace, at most the
+        feed's window; before any window was encoded, one transaction (the first commit comes
+        soon whatever the device)."""
+        if self.pace is None:
+            return 1
+        return max(1, min(self.feed.window_rows, int(self.pace * WINDOW_SECS)))
 
     def run(self) -> None:
         chain = Chain(self.ctx.stop, depth=_DEPTH)
@@ -137,7 +150,7 @@ class _RangeRun:
             texts = batch.present_texts
             window.append((batch, self.feed.submit(texts) if texts else None))
             rows += len(texts)
-            if rows >= self.feed.window_rows:
+            if rows >= self.window_limit():
                 yield window
                 window, rows = [], 0
             after, seq = batch.last_id, seq + 1
@@ -153,8 +166,10 @@ class _RangeRun:
             return [p for _, p in following if p is not None] if following else None
 
         encoded: Sequence[np.ndarray | None] | None
+        started = time.monotonic()
         try:
             encoded = self.feed.encode(pending, self.ctx.stop, upcoming=upcoming) if pending else []
+            self._measured(sum(len(batch.present) for batch, _ in window), time.monotonic() - started)
         except ReembedError:  # the run's own failures (a dead tokenizer process): not a row's fault
             raise
         except Exception as exc:
@@ -168,6 +183,12 @@ class _RangeRun:
         for batch, tokenized in window:
             self._vectors(batch, next(results) if tokenized is not None else None)
         return [batch for batch, _ in window]
+
+    def _measured(self, rows: int, secs: float) -> None:
+        if rows == 0 or secs <= 0:
+            return
+        rate = rows / secs
+        self.pace = rate if self.pace is None else 0.5 * self.pace + 0.5 * rate
 
     def _vectors(self, batch: Batch, encoded: np.ndarray | None) -> None:
         present = batch.present

@@ -44,7 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-SECTIONS = ("writepaths", "models", "feed", "hnsw", "rss", "live")
+SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live")
 WORDS = (
     "database index vector search model embedding query table row column cosine graph python compiler "
     "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
@@ -502,6 +502,35 @@ class Bench:
             figures["fed_by_2_processes"] / figures["fed_by_this_process"], 3)
         return figures
 
+    def section_window(self) -> None:
+        """What sorting a window by length gains: the feed's rows/s (MiniLM, real docstrings,
+        tokenised ahead) with windows of one transaction up to --window-rows' CPU default; the job
+        closes a window at about two seconds of its measured pace (reembed.worker.WINDOW_SECS)."""
+        from reembed.feed import TokenFeed
+        from reembed.signals import StopSignal
+
+        emb = self.embedder("minilm", "auto")
+        content = corpus("docstrings", self.args.window_bench_rows)
+        bs = self.args.batch_size
+        out: dict[str, Any] = {"rows": len(content), "batch_size": bs, "model": "minilm"}
+        for window in sorted({bs, 2 * bs, 4 * bs, 8 * bs, 1024}):
+            feed = emb.feed(workers=1, window_rows=window)
+            if not isinstance(feed, TokenFeed):
+                raise SystemExit("the fast feed is not available")
+            pending = [feed.submit(content[i: i + bs]) for i in range(0, len(content), bs)]
+            for p in pending:
+                p.result()  # tokenised ahead: the device's side alone
+            per = max(1, window // bs)
+            windows = [pending[i: i + per] for i in range(0, len(pending), per)]
+            feed.encode(windows[0], StopSignal())  # warm-up over the same shapes
+            t0 = time.perf_counter()
+            for w in windows:
+                feed.encode(w, StopSignal())
+            out[f"window_{window}"] = round(len(content) / (time.perf_counter() - t0), 1)
+            feed.close()
+        out["sort_gain_1024_over_one_transaction"] = round(out["window_1024"] / out[f"window_{bs}"], 3)
+        self.results["window"] = out
+
     def section_hnsw(self) -> None:
         from reembed.finalize import build_memory, build_workers
 
@@ -745,6 +774,12 @@ def render(results: dict[str, Any]) -> str:
                          f"{sim['one_core_tokenize']} rows/s, the device takes {sim['device_rows_per_sec']}; the job "
                          f"fed by this process {sim['fed_by_this_process']}, by 2 tokenizer processes "
                          f"{sim['fed_by_2_processes']} ({sim['processes_over_one_core']}x one core's tokenisation)")
+    if "window" in results:
+        w = results["window"]
+        sizes = sorted(int(k[7:]) for k in w if k.startswith("window_"))
+        lines.append(f"\nwindow (the feed's rows/s, {w['model']}, {w['rows']} docstrings tokenised ahead, by rows "
+                     "sorted together): " + ", ".join(f"{n} rows {w[f'window_{n}']}" for n in sizes)
+                     + f"; 1024 over one transaction {w['sort_gain_1024_over_one_transaction']}x")
     if "hnsw" in results:
         h = results["hnsw"]
         lines.append(f"\nHNSW build, {h['rows']} x {h['dimension']}-d: server defaults "
@@ -784,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=20_000)
     p.add_argument("--minilm-rows", type=int, default=3_000, help="rows for the real MiniLM on CPU (~200 rows/s)")
     p.add_argument("--index-rows", type=int, default=50_000)
+    p.add_argument("--window-bench-rows", type=int, default=2048, help="docstrings for the window section")
     p.add_argument("--rss-rows", type=int, nargs="+", default=[10_000, 200_000])
     p.add_argument("--live-rows", type=int, default=20_000)
     p.add_argument("--live-writes", type=int, default=3_000, help="single-row writes per trigger-cost pass")

@@ -119,7 +119,7 @@ def test_dsn_that_does_not_connect_exits_2_with_one_line(
     ("args", "message"),
     [
         (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
-        (["--max-runtime", "soon"], "cannot read duration 'soon': write it like 6h, 90m, 1h30m or 45s"),
+        (["--max-runtime", "soon"], "cannot read duration 'soon': write it like 6h, 90m, 1h30m, 45s or 200ms"),
         (["--until", "25:00"], "cannot read --until '25:00': write a local time as HH:MM, e.g. 06:30"),
         (["--retry-failed", "--accept-failed"], "--retry-failed and --accept-failed exclude each other: pick one"),
         (["--device", "tpu"], "--device 'tpu': use auto, cpu, cuda, cuda:N or mps"),

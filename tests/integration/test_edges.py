@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,8 @@ import pytest
 
 from reembed.job import run
 from support.database import fetch, make_table, one
-from support.fakes import HashEmbedder, hash_vector, job_settings
+from support.fakes import HashEmbedder, hash_vector, job_settings, sentence
+from support.processes import cli_run_args, run_cli
 
 
 def _literal(vec: np.ndarray) -> str:
@@ -89,3 +91,24 @@ def test_no_application_transaction_fails_because_of_the_cut_over(dsn: str, new_
     stale = [r["content"] for r in rows
              if not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], new_dim), atol=1e-5)]
     assert stale == [], stale[:5]  # every row current: the job's vectors and the application's agree
+
+
+@pytest.mark.model
+def test_a_short_window_with_the_real_model_commits_rows_and_a_rerun_finishes(
+    dsn: str, minilm_path: Path, workdir: Path
+) -> None:
+    """--max-runtime some seconds past the model load: the first window is one transaction and
+    the next ones about two seconds of encoding, so rows commit before the time is up (the old
+    1,024-row first window, ~20 s of MiniLM on these paragraphs on two cores, committed none)."""
+    rows = 1100
+    make_table(dsn, rows=rows, old_dim=384, with_index=False,
+               content=lambda i: " ".join(sentence(7 * i + j) for j in range(6)))
+    first = run_cli(cli_run_args(dsn, minilm_path, "--max-runtime", "12s", batch=64), cwd=workdir)
+    assert first.returncode == 75, first.stderr[-3000:]
+    done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
+    assert 0 < done < rows
+    again = run_cli(cli_run_args(dsn, minilm_path, batch=64), cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads(again.stdout)
+    assert report["state"] == "done" and done + report["rows_updated"] == rows
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "done"
