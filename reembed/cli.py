@@ -56,8 +56,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="tokenizer processes feeding the device (default: CPU cores - 1; 0: tokenise in this "
                         "process)")
     j.add_argument("--window-rows", type=int, default=None,
-                   help="rows of several batches sorted by length together before encoding; a stop abandons "
-                        "the window being encoded (default 4096 on CUDA, 1024 on CPU)")
+                   help="at most this many rows of several batches sorted by length together before encoding "
+                        "(and about 2 s of the measured pace); a stop abandons the window being encoded "
+                        "(default 4096 on CUDA, 1024 on CPU)")
     j.add_argument("--writers", type=int, default=None,
                    help="writer connections; batches are written in parallel and commit in key order "
                         "(default 4 beside a CUDA device, 1 on CPU)")
