@@ -4,20 +4,58 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+_bars = 0  # progress bars drawn on stderr right now (reembed.progress says so)
+
+
+def bar_drawn(shown: bool) -> None:
+    """A progress bar appears on stderr (True) or goes (False): while one is drawn, every log line
+    goes through tqdm, which lifts the bar, writes the whole line and draws the bar again."""
+    global _bars
+    with _LOCK:
+        _bars = max(0, _bars + (1 if shown else -1))
+        if not _bars:
+            _STDERR.flush_pending()
+
+
+_LOCK = threading.RLock()
+
+
 class _Stderr:
-    """Whatever sys.stderr is at the time of writing (tests and embedders swap it)."""
+    """Whatever sys.stderr is at the time of writing (tests and embedders swap it); while a
+    progress bar is drawn, whole lines through tqdm.write (never glued to the bar)."""
+
+    def __init__(self) -> None:
+        self._pending = ""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        with _LOCK:
+            if not _bars and not self._pending:
+                return sys.stderr.write(text)
+            from tqdm import tqdm
+
+            self._pending += text
+            while "\n" in self._pending:
+                line, self._pending = self._pending.split("\n", 1)
+                tqdm.write(line, file=sys.stderr)
+            return len(text)
 
     def flush(self) -> None:
         sys.stderr.flush()
+
+    def flush_pending(self) -> None:
+        if self._pending:
+            sys.stderr.write(self._pending)
+            self._pending = ""
+
+
+_STDERR = _Stderr()
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
@@ -37,7 +75,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(
-            file=_Stderr(),  # type: ignore[arg-type]  # _Stderr writes and flushes like a TextIO, without being one
+            file=_STDERR,  # type: ignore[arg-type]  # _Stderr writes and flushes like a TextIO, without being one
         ),
         cache_logger_on_first_use=False,
     )

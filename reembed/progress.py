@@ -10,6 +10,8 @@ from typing import Any
 
 import structlog
 
+from reembed import logs
+
 log = structlog.get_logger()
 
 _WINDOW_SECS = 300.0  # the rate is measured over the last five minutes
@@ -28,6 +30,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=done, unit="rows", dynamic_ncols=True, file=sys.stderr)
+            logs.bar_drawn(True)  # log lines go through the bar from now on, each whole
 
     @property
     def rate(self) -> float | None:
@@ -68,3 +71,5 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+            logs.bar_drawn(False)

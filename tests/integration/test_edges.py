@@ -5,7 +5,15 @@ test embedder (the job's mechanics)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,7 +25,7 @@ import pytest
 from reembed.job import run
 from support.database import fetch, make_table, one
 from support.fakes import HashEmbedder, hash_vector, job_settings, sentence
-from support.processes import cli_run_args, run_cli
+from support.processes import cli_env, cli_run_args, run_cli
 
 
 def _literal(vec: np.ndarray) -> str:
@@ -112,3 +120,39 @@ def test_a_short_window_with_the_real_model_commits_rows_and_a_rerun_finishes(
     report = json.loads(again.stdout)
     assert report["state"] == "done" and done + report["rows_updated"] == rows
     assert one(dsn, "SELECT state FROM reembed_checkpoint") == "done"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\S* \[(debug|info|warning|error)")
+
+
+def test_on_a_terminal_every_log_line_is_whole_while_the_bar_advances(dsn: str, model48: Path, workdir: Path) -> None:
+    """The CLI under a pseudo-terminal: the progress bar and the log lines share it, and no log line
+    is glued to the bar ("...| 16/480 [00:00<?, ?rows/s]2026-... [info] ...")."""
+    make_table(dsn, rows=480, old_dim=48, with_index=False)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal 160 columns wide
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reembed", "run", "--dsn", dsn, "--model", str(model48), "--no-confirm",
+         "--batch-size", "16", "--window-rows", "16", "--log-level", "debug"],
+        cwd=workdir, env=cli_env(), stdout=subprocess.DEVNULL, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    screen = _ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
+    drawn = [part.strip() for line in screen.split("\n") for part in line.split("\r") if part.strip()]
+    logged = [p for p in drawn if re.search(r"\[(debug|info|warning|error)\s*\]", p)]
+    assert len(logged) > 10
+    glued = [p for p in logged if not _LOG_LINE.match(p)]
+    assert glued == [], glued[:3]
+    bars = {m.group(1) for p in drawn if (m := re.search(r"\| *(\d+)/480 \[", p))}
+    assert len(bars) > 3, bars  # the bar advanced, drawn again between the lines, drawn again between the lines
