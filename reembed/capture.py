@@ -169,13 +169,46 @@ def encode_ahead(ctx: RunContext, conn: psycopg.Connection[Any], known: Encoded 
     return done
 
 
-def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> int:
-    """Inside the cut-over's transaction, writers held off: every key still captured."""
+# What a write under the cut-over's lock costs, per row (the COPY write path runs at 15-40k
+# rows/s here; the conservative end), for the prediction of the hold.
+WRITE_ROWS_PER_SEC = 15_000.0
+
+
+@dataclass
+class Backlog:
+    """The captured rows, read now: how many, and how many of them must be encoded again (not
+    encoded ahead at their current version)."""
+
+    keys: int
+    unencoded: int
+    batches: list[tuple[list[str], Batch]]
+
+    def predicted_secs(self, pace: float | None) -> float:
+        """The cut-over's work on it under the lock: the encoding at `pace` rows/s, the writes."""
+        encode = self.unencoded / pace if pace else (0.0 if not self.unencoded else float("inf"))
+        return encode + self.keys / WRITE_ROWS_PER_SEC
+
+
+def backlog(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> Backlog:
+    """Every key still captured, its row as it is now, and whether its vector is known."""
     size = ctx.opts.batch_size
-    writer = Writer(ctx.info, column=ctx.strategy.column(ctx))
-    rows, after = 0, None
+    out = Backlog(0, 0, [])
+    after: str | None = None
     while page := _page(conn, ctx.info, ctx.active, after, size):
         batch = _read(conn, ctx.info, page)
+        out.keys += len(page)
+        out.unencoded += sum(1 for i in batch.present if (batch.id_texts[i], batch.xmins[i]) not in ahead)
+        out.batches.append((page, batch))
+        after = page[-1]
+    return out
+
+
+def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded, work: Backlog) -> int:
+    """Inside the cut-over's transaction, writers held off: every key still captured (`work`,
+    read under the lock)."""
+    writer = Writer(ctx.info, column=ctx.strategy.column(ctx))
+    rows = 0
+    for page, batch in work.batches:
         _encode(ctx, batch, ahead)
         if batch.failed and not ctx.opts.accept_failed:
             raise failures.RowsFailed(
@@ -184,7 +217,6 @@ def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encode
                 "again with --accept-failed to cut over with their embedding NULL"
             )
         rows += _write(conn, ctx.active, writer, page, batch)
-        after = page[-1]
     return rows
 
 

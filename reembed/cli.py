@@ -87,6 +87,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="also stop retrying a transient fault after this many tries (default: --max-outage alone)")
     j.add_argument("--ddl-lock-timeout", default="5s",
                    help="how long each DDL statement may wait for its lock before backing off (5s)")
+    j.add_argument("--max-writers-held", default="1s",
+                   help="the longest the cut-over holds the application's writers off for its last catch-up; "
+                        "past it, the job catches up again without the lock (a dimension change's table "
+                        "rewrite comes on top, see `reembed plan`) (1s)")
     j.add_argument("--cut-over-lock-timeout", default="200ms",
                    help="how long the cut-over waits for each of its locks before it gives up and retries; "
                         "keep it well under the server's deadlock_timeout (1s), so that when it waits on an "

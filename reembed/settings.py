@@ -109,6 +109,7 @@ class RunOptions:
     max_retries: int | None = None  # None: transient faults are bounded by max_outage alone
     max_outage: float = 120.0  # seconds a transient fault (a restart, a failover) is waited out
     ddl_lock_timeout: str = "5s"  # every DDL statement waits at most this long for its lock
+    max_writers_held: float = 1.0  # seconds the cut-over may hold writers off (its catch-up; a rewrite adds)
     cut_over_lock_timeout: str = "200ms"  # each cut-over lock request; under deadlock_timeout: the job yields
     index_memory: int = 2 * 1024**3  # cap on maintenance_work_mem for the HNSW build
     progress_interval: float = 30.0
@@ -149,6 +150,7 @@ class Settings:
             until=next_clock_time(args.until) if args.until else None,
             ddl_lock_timeout=_millis(args.ddl_lock_timeout),
             cut_over_lock_timeout=_millis(args.cut_over_lock_timeout),
+            max_writers_held=parse_duration(args.max_writers_held),
             max_outage=parse_duration(args.max_outage),
             index_memory=parse_size(args.index_memory),
         )

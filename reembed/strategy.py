@@ -24,7 +24,7 @@ from psycopg import sql
 from reembed import capture, dependents, failures, finalize
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext, Strategy
-from reembed.errors import ConfigError
+from reembed.errors import ConfigError, Interrupted
 from reembed.queries import query
 
 log = structlog.get_logger()
@@ -33,6 +33,7 @@ log = structlog.get_logger()
 # The cut-over gives up its locks as soon as it waits on the application (capture.hold_writers);
 # it then tries again soon, not after the long waits an outage gets: yielding costs it a retry.
 _CUT_OVER_BACKOFF = 0.5
+_MARGIN = 1.25  # the predicted hold, padded: the pace is a moving average, the write rate a constant
 
 
 class InPlace:
@@ -41,6 +42,7 @@ class InPlace:
     def __init__(self) -> None:
         self._lock_timeout_checked = False
         self._ahead: capture.Encoded = {}  # the cut-over's rows encoded ahead, kept across its tries
+        self._pace: float | None = None  # rows/s the cut-over's encoding ahead measured
 
     def plan(self, ctx: RunContext, job: ckpt.Job) -> dict[str, Any]:
         info, sig = ctx.info, ctx.signature
@@ -81,14 +83,46 @@ class InPlace:
         """Writers held off, readers not (unless the dimension changes: the table is rewritten,
         readers wait too): the last catch-up, the typmod (the integrity gate), the registry,
         capture off, the news. One transaction: the application never sees the registry and the
-        column disagree. Every lock is asked for up front (capture.hold_writers)."""
+        column disagree. Every lock is asked for up front (capture.hold_writers).
+
+        The hold is bounded (--max-writers-held): the rows still captured are encoded ahead,
+        without a lock, until what is left to encode under the lock fits the bound at the
+        encoder's measured pace; under the lock the backlog is read again, and if it no longer
+        fits, the locks are let go (a savepoint) and the catch-up goes on outside. A dimension
+        change's table rewrite comes on top (plan and the banner say how long)."""
         if not self._lock_timeout_checked:
             capture.check_lock_timeout(conn, ctx.opts.cut_over_lock_timeout)
             self._lock_timeout_checked = True
-        ahead = self._ahead = capture.encode_ahead(ctx, conn, self._ahead)  # no lock yet: writers go on
         rewrite = self._typmod_changes(ctx, conn)
-        began = capture.hold_writers(ctx, conn, rewrite=rewrite)
-        rows = capture.final_catch_up(ctx, conn, ahead)
+        bound = ctx.opts.max_writers_held
+        progress = _Convergence(bound)
+        while True:
+            if ctx.stop.requested:
+                raise Interrupted(f"stopped ({ctx.stop.reason}) during the cut-over's catch-up; nothing of it was "
+                                  "committed; re-run to finish", exit_code=ctx.stop.exit_code)
+            self._encode_ahead(ctx, conn)  # no lock: writers go on
+            work = capture.backlog(ctx, conn, self._ahead)
+            if work.predicted_secs(self._pace) * _MARGIN > bound:
+                progress.again(work, self._pace)
+                continue
+            try:
+                with conn.transaction():  # a savepoint: let go of the locks if the hold would run long
+                    began = capture.hold_writers(ctx, conn, rewrite=rewrite)
+                    work = capture.backlog(ctx, conn, self._ahead)
+                    if work.predicted_secs(self._pace) * _MARGIN > bound - (time.monotonic() - began):
+                        raise _OverBound
+                    rows = capture.final_catch_up(ctx, conn, self._ahead, work)
+                    self._swap(ctx, conn, rewrite=rewrite)
+                    held = time.monotonic() - began
+            except _OverBound:
+                progress.again(work, self._pace, under_lock=True)
+                continue
+            break
+        conn.execute(query("record_writers_held"), {"secs": held, "job_id": ctx.active.id})
+        log.info("cut_over", writers_held_secs=round(held, 3), rows_caught_up=rows,
+                 max_writers_held_secs=bound, tries=progress.tries + 1)
+
+    def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool) -> None:
         if rewrite:
             # The capture trigger names the column, which blocks a type change: it goes first
             # (that needs ACCESS EXCLUSIVE, which the rewrite takes anyway).
@@ -98,9 +132,18 @@ class InPlace:
             capture.stop_capturing(ctx, conn)  # dropped by the next step: readers need not wait here
         conn.execute(query("upsert_registry", registry=ctx.info.registry), ctx.signature.as_dict())
         conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
-        held = time.monotonic() - began
-        conn.execute(query("record_writers_held"), {"secs": held, "job_id": ctx.active.id})
-        log.info("cut_over", writers_held_secs=round(held, 3), rows_caught_up=rows)
+
+    def _encode_ahead(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+        """The captured rows encoded ahead (those already encoded at their version kept), and the
+        encoder's pace measured on what was encoded now."""
+        before = set(self._ahead)
+        started = time.monotonic()
+        self._ahead = capture.encode_ahead(ctx, conn, self._ahead)
+        encoded = len(set(self._ahead) - before)
+        secs = time.monotonic() - started
+        if encoded >= 8 and secs > 0:
+            rate = encoded / secs
+            self._pace = rate if self._pace is None else 0.5 * self._pace + 0.5 * rate
 
     def _typmod_changes(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> bool:
         info = ctx.info
@@ -110,6 +153,43 @@ class InPlace:
     def _tighten(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
         """The integrity gate: every vector must have the target dimension, or this fails."""
         conn.execute(ctx.info.statement("tighten_typmod", dim=sql.Literal(ctx.signature.dimension)))
+
+
+class _OverBound(Exception):
+    """Under the lock, the rest would hold writers past the bound: let go and catch up again."""
+
+
+class _Convergence:
+    """The cut-over's tries at a backlog that fits the bound; says so when the application
+    changes rows faster than the job encodes them (the backlog does not shrink)."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+        self.tries = 0
+        self.started = time.monotonic()
+        self.smallest: int | None = None
+        self.stalled = 0
+        self.said = 0.0
+
+    def again(self, work: capture.Backlog, pace: float | None, *, under_lock: bool = False) -> None:
+        self.tries += 1
+        if self.smallest is None or work.unencoded < self.smallest:
+            self.smallest, self.stalled = work.unencoded, 0
+        else:
+            self.stalled += 1
+        log.debug("cut_over_catching_up", keys=work.keys, to_encode=work.unencoded, under_lock=under_lock,
+                  predicted_secs=round(work.predicted_secs(pace), 3), tries=self.tries)
+        now = time.monotonic()
+        if self.stalled >= 3 and now - self.said >= 30.0:
+            self.said = now
+            secs = now - self.started
+            log.warning(
+                "catch_up_not_converging",
+                application_changes_per_sec=round(work.unencoded / max(secs / self.tries, 1e-6), 1),
+                encode_rows_per_sec=round(pace, 1) if pace else None,
+                rows_to_encode=work.unencoded, max_writers_held_secs=self.bound,
+                detail="the application changes rows faster than the job encodes them; catching up again "
+                       "instead of holding writers longer (it cuts over once the rest fits the bound)")
 
 
 STRATEGIES: dict[str, type[Strategy]] = {"in_place": InPlace}

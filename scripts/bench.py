@@ -587,7 +587,7 @@ class Bench:
     def section_live(self) -> None:
         """Live tables: the capture trigger's cost on the application's single-row writes, the
         no-lost-update check (xmin against content), and the cut-over's hold on writers while an
-        application writes ~100 times a second."""
+        application writes ~100 and ~300 times a second."""
         rows = self.args.live_rows
         out: dict[str, Any] = {}
         with self.database() as base:
@@ -599,9 +599,11 @@ class Bench:
                 out["write_check"] = self._write_check_cost(dsn)
         emb = self.embedder("static", "auto")
         for old_dim in (384, 64):
-            with self.database() as dsn:
-                self.fill(dsn, rows=rows, dim=384, content=texts(rows), old_dim=old_dim)
-                out[f"cut_over_{old_dim}_to_384"] = self._cut_over_under_writes(dsn, emb, old_dim)
+            for rate in (100, 300):
+                with self.database() as dsn:
+                    self.fill(dsn, rows=rows, dim=384, content=texts(rows), old_dim=old_dim)
+                    out[f"cut_over_{old_dim}_to_384_at_{rate}"] = self._cut_over_under_writes(dsn, emb, old_dim,
+                                                                                             rate=rate)
         self.results["live"] = out
 
     def _trigger_cost(self, dsn: str, n: int = 1500) -> dict[str, float]:
@@ -801,7 +803,7 @@ def render(results: dict[str, Any]) -> str:
         w = lv["write_check"]
         lines.append(f"  no-lost-update check, write-only rows/s: xmin {w['xmin_rows_per_sec']}, content "
                      f"{w['content_rows_per_sec']} (xmin/content {w['xmin_over_content']})")
-        for key in ("cut_over_384_to_384", "cut_over_64_to_384"):
+        for key in sorted(k for k in lv if k.startswith("cut_over_")):
             c = lv[key]
             lines.append(f"  {key}: writers held off {c['writers_held_secs']} s; "
                          f"application: {c['app_writes']} writes, {c['app_errors']} errors, "

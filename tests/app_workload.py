@@ -114,14 +114,22 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - counted and shown
             stats["read_errors"].append(f"{type(exc).__name__}: {exc}"[:300])
             conn.rollback()
-        args.out.write_text(json.dumps(stats))
+        _publish(args.out, stats)
         pause = 1.0 / args.rate - (time.monotonic() - started)
         if pause > 0:
             time.sleep(pause)
     conn.close()
-    args.out.write_text(json.dumps(stats))
+    _publish(args.out, stats)
     return 0
+
+
+def _publish(out: Path, stats: dict[str, Any]) -> None:
+    """Whole or not at all: a reader never sees a half-written file (write, then rename)."""
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(stats))
+    partial.replace(out)
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

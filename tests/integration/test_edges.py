@@ -15,12 +15,14 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
+import structlog
 
 from reembed.job import run
 from support.database import fetch, make_table, one
@@ -156,3 +158,49 @@ def test_on_a_terminal_every_log_line_is_whole_while_the_bar_advances(dsn: str, 
     assert glued == [], glued[:3]
     bars = {m.group(1) for p in drawn if (m := re.search(r"\| *(\d+)/480 \[", p))}
     assert len(bars) > 3, bars  # the bar advanced, drawn again between the lines, drawn again between the lines
+
+
+class _Slow(HashEmbedder):
+    """~100 rows/s: slower than the application writes below."""
+
+    def forward(self, texts: list[str]) -> np.ndarray:
+        time.sleep(0.01 * len(texts))
+        return super().forward(texts)
+
+
+def test_an_application_writing_faster_than_the_job_encodes_never_holds_writers_past_the_bound(dsn: str) -> None:
+    keys = make_table(dsn, rows=100, id_type="bigint", with_index=False)
+    bound = 0.5
+    with structlog.testing.capture_logs() as logs:
+        def not_converging() -> bool:
+            return any(e["event"] == "catch_up_not_converging" for e in list(logs))
+
+        stop_app = threading.Event()
+
+        def application() -> None:  # ~200 edits/s until the job says it cannot keep up (60 s at most)
+            rng = np.random.default_rng(3)
+            deadline = time.monotonic() + 60
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                n = 0
+                while not stop_app.is_set() and not not_converging() and time.monotonic() < deadline:
+                    n += 1
+                    conn.execute("UPDATE knowledge_nodes SET content = %s WHERE id = %s",
+                                 (f"edit {n}", keys[int(rng.integers(len(keys)))]))
+                    stop_app.wait(0.005)
+
+        app = threading.Thread(target=application, daemon=True)
+        app.start()
+        try:
+            report = run(job_settings(dsn, batch_size=16, max_writers_held=bound), embedder=_Slow(64))
+        finally:
+            stop_app.set()
+            app.join(10)
+    assert report.state == "done"
+    (warning,) = [e for e in logs if e["event"] == "catch_up_not_converging"][:1]
+    assert warning["application_changes_per_sec"] > 0 and warning["encode_rows_per_sec"] > 0
+    held = one(dsn, "SELECT writers_held_secs FROM reembed_checkpoint")
+    assert held is not None and held < bound, held
+    rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
+    stale = [r["content"] for r in rows
+             if not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], 64), atol=1e-5)]
+    assert stale == []

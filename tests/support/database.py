@@ -156,13 +156,14 @@ def keys(dsn: str, table: str = "knowledge_nodes") -> list[Any]:
 
 
 def ddl_waiting(dsn: str) -> int:
-    """How many of the job's DDL statements (ALTER TABLE, or DROP TRIGGER before a type change)
-    wait on a lock right now."""
+    """How many of the job's DDL statements (ALTER TABLE, DROP TRIGGER, or the cut-over's
+    registry-and-table lock request) wait on a lock right now."""
     return int(
         one(
             dsn,
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND (query ILIKE 'ALTER TABLE%%' OR query ILIKE 'DROP TRIGGER%%')",
+            " AND application_name LIKE 'reembed %%'"
+            " AND (query ILIKE 'ALTER TABLE%%' OR query ILIKE 'DROP TRIGGER%%' OR query ILIKE '%%LOCK TABLE%%')",
         )
     )
 

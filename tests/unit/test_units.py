@@ -22,7 +22,7 @@ def test_durations_read_like_an_operator_writes_them(text: str, secs: float) -> 
 
 
 def test_a_bad_duration_says_how_to_write_one() -> None:
-    with pytest.raises(ConfigError, match="write it like 6h, 90m, 1h30m or 45s"):
+    with pytest.raises(ConfigError, match="write it like 6h, 90m, 1h30m, 45s or 200ms"):
         parse_duration("tonight")
 
 
