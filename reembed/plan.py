@@ -19,6 +19,7 @@ from reembed.settings import RunOptions, Settings
 from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.target import TableInfo
+from reembed.worker import WINDOW_SECS
 
 
 def estimate_rows(conn: psycopg.Connection[Any], info: TableInfo) -> int:
@@ -57,10 +58,12 @@ def rewrite_secs(conn: psycopg.Connection[Any], info: TableInfo, rows: int) -> f
 
 def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, opts: RunOptions,
                 rows_total: int) -> float | None:
-    """Rows/s of the table's own rows through the pipeline a run uses (its feed: tokenizer
-    processes, a sorted window, token-budget batches), after a warm-up over the same rows (first
-    passes over new shapes are slower). The stages overlap in a run, so the slower sets the pace:
-    tokenizer processes beside the device; a tokenizer thread of this process shares its GIL."""
+    """Rows/s of the table's own rows through the pipeline a run uses, timed the way the run
+    encodes them: its feed (tokenizer processes, token-budget batches), one untimed pass over the
+    whole sample first (first passes over new shapes are slower: the run is past them soon), then
+    the sample cut into windows as the run cuts them (about WINDOW_SECS of the pace the first pass
+    measured, at most the feed's window). The stages overlap in a run, so the slower sets the
+    pace: tokenizer processes beside the device; a tokenizer thread of this process shares its GIL."""
     n = max(2 * opts.batch_size, 512)
     percent = min(100.0, 120.0 * n / max(rows_total, 1))
     rows = conn.execute(info.statement("sample_content"), {"n": n, "percent": percent}).fetchall()
@@ -69,14 +72,20 @@ def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedd
         return None
     feed = feed_for(embedder, opts)
     never = StopSignal()
+    size = opts.batch_size
     try:
-        feed.encode([feed.submit(texts[:64])], never)
+        warm = time.perf_counter()
+        feed.encode([feed.submit(texts[i: i + size]) for i in range(0, len(texts), size)], never)
+        pace = len(texts) / max(time.perf_counter() - warm, 1e-6)
         started = time.perf_counter()
-        pending = [feed.submit(texts[i: i + opts.batch_size]) for i in range(0, len(texts), opts.batch_size)]
+        pending = [feed.submit(texts[i: i + size]) for i in range(0, len(texts), size)]
         for p in pending:
             p.result()
         tokenized = time.perf_counter()
-        feed.encode(pending, never)
+        limit = max(1, min(feed.window_rows, int(pace * WINDOW_SECS)))  # as worker.window_limit
+        per_window = -(-limit // size)  # the run closes a window with the transaction that reaches it
+        for start in range(0, len(pending), per_window):
+            feed.encode(pending[start: start + per_window], never)
         encoded = time.perf_counter()
     finally:
         feed.close()
