@@ -154,21 +154,6 @@ def _pass_started(conn: psycopg.Connection[Any], job: ckpt.Job, number: int, pen
 Encoded = dict[tuple[str, int], np.ndarray]
 
 
-def encode_ahead(ctx: RunContext, conn: psycopg.Connection[Any], known: Encoded | None = None) -> Encoded:
-    """Before the cut-over takes its locks: the rows still captured, encoded, keyed by (key,
-    xmin), so that only rows changed since are encoded while writers wait. `known`: what an
-    earlier try encoded (a row unchanged since keeps its xmin: not encoded again)."""
-    done: Encoded = {}
-    after: str | None = None
-    while page := _page(conn, ctx.info, ctx.active, after, ctx.opts.batch_size):
-        batch = _read(conn, ctx.info, page)
-        for i, vec in enumerate(_encode(ctx, batch, known)):
-            if vec is not None:
-                done[(batch.id_texts[i], batch.xmins[i])] = vec
-        after = page[-1]
-    return done
-
-
 # What a write under the cut-over's lock costs, per row (the COPY write path runs at 15-40k
 # rows/s here; the conservative end), for the prediction of the hold.
 WRITE_ROWS_PER_SEC = 15_000.0
@@ -201,6 +186,18 @@ def backlog(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> B
         out.batches.append((page, batch))
         after = page[-1]
     return out
+
+
+def encode_ahead(ctx: RunContext, work: Backlog, known: Encoded) -> tuple[Encoded, int]:
+    """Before the cut-over takes its locks: the backlog's rows encoded, keyed by (key, xmin), so
+    that only rows changed since are encoded while writers wait; those `known` at their version
+    are not encoded again. Returns them, and how many were encoded now."""
+    done: Encoded = {}
+    for _, batch in work.batches:
+        for i, vec in enumerate(_encode(ctx, batch, known)):
+            if vec is not None:
+                done[(batch.id_texts[i], batch.xmins[i])] = vec
+    return done, work.unencoded
 
 
 def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded, work: Backlog) -> int:

@@ -117,7 +117,7 @@ class Inventory:
         if not refused:
             return
         change = f"{info.column_type}({self.dimension})"
-        said = "; ".join(f"{d.kind} {d.name} {d.why}" for d in refused)
+        said = refusals(refused)
         raise ConfigError(f"cannot change {info.qualified}.{info.column} to {change} in place: {said}; "
                           "nothing was written")
 
@@ -129,6 +129,11 @@ _SAID = {
     UNTOUCHED: "untouched",
     REFUSED: "refused",
 }
+
+def refusals(refused: Sequence[Dependent]) -> str:
+    """Each refused object, why, and the way forward, in one line."""
+    return "; ".join(f"{d.kind} {d.name} {d.why}" for d in refused)
+
 
 def summary(found: Sequence[Dependent]) -> str:
     """One line: each object on the column and what the job does with it."""

@@ -206,7 +206,7 @@ def _recheck(ctx: RunContext, conn: psycopg.Connection[Any], job: Job) -> None:
                               allow_published=ctx.opts.allow_published, probe=False)
     blocking = [d for d in now.refused if not d.is_index]
     if blocking:
-        said = "; ".join(f"{d.kind} {d.name} {d.why}" for d in blocking)
+        said = dependents.refusals(blocking)
         state = dependents.table_state(job)
         raise ConfigError(f"job {job.id} cannot finish changing {ctx.info.qualified}.{ctx.info.column}: {said}"
                           + (f"; the table now: {state}" if state else "") + "; nothing more was written")

@@ -17,6 +17,21 @@ log = structlog.get_logger()
 _WINDOW_SECS = 300.0  # the rate is measured over the last five minutes
 
 
+class Pace:
+    """Rows/s of a stage: a moving average of its measurements (None until the first one of at
+    least `at_least` rows)."""
+
+    def __init__(self, *, at_least: int = 1) -> None:
+        self.value: float | None = None
+        self.at_least = at_least
+
+    def measured(self, rows: int, secs: float) -> None:
+        if rows < self.at_least or secs <= 0:
+            return
+        rate = rows / secs
+        self.value = rate if self.value is None else 0.5 * self.value + 0.5 * rate
+
+
 class Progress:
     def __init__(self, *, total: int | None, done: int, interval: float, bar: bool | None = None) -> None:
         self.total = total

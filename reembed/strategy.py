@@ -25,6 +25,7 @@ from reembed import capture, dependents, failures, finalize
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext, Strategy
 from reembed.errors import ConfigError, Interrupted
+from reembed.progress import Pace
 from reembed.queries import query
 
 log = structlog.get_logger()
@@ -42,7 +43,7 @@ class InPlace:
     def __init__(self) -> None:
         self._lock_timeout_checked = False
         self._ahead: capture.Encoded = {}  # the cut-over's rows encoded ahead, kept across its tries
-        self._pace: float | None = None  # rows/s the cut-over's encoding ahead measured
+        self._pace = Pace(at_least=8)  # rows/s of the cut-over's encoding ahead
 
     def plan(self, ctx: RunContext, job: ckpt.Job) -> dict[str, Any]:
         info, sig = ctx.info, ctx.signature
@@ -100,22 +101,22 @@ class InPlace:
             if ctx.stop.requested:
                 raise Interrupted(f"stopped ({ctx.stop.reason}) during the cut-over's catch-up; nothing of it was "
                                   "committed; re-run to finish", exit_code=ctx.stop.exit_code)
-            self._encode_ahead(ctx, conn)  # no lock: writers go on
-            work = capture.backlog(ctx, conn, self._ahead)
-            if work.predicted_secs(self._pace) * _MARGIN > bound:
-                progress.again(work, self._pace)
+            work = capture.backlog(ctx, conn, self._ahead)  # no lock: writers go on
+            if work.predicted_secs(self._pace.value) * _MARGIN > bound:
+                progress.again(work, self._pace.value)
+                self._encode_ahead(ctx, work)
                 continue
             try:
                 with conn.transaction():  # a savepoint: let go of the locks if the hold would run long
                     began = capture.hold_writers(ctx, conn, rewrite=rewrite)
                     work = capture.backlog(ctx, conn, self._ahead)
-                    if work.predicted_secs(self._pace) * _MARGIN > bound - (time.monotonic() - began):
+                    if work.predicted_secs(self._pace.value) * _MARGIN > bound - (time.monotonic() - began):
                         raise _OverBound
                     rows = capture.final_catch_up(ctx, conn, self._ahead, work)
                     self._swap(ctx, conn, rewrite=rewrite)
                     held = time.monotonic() - began
             except _OverBound:
-                progress.again(work, self._pace, under_lock=True)
+                progress.again(work, self._pace.value, under_lock=True)
                 continue
             break
         conn.execute(query("record_writers_held"), {"secs": held, "job_id": ctx.active.id})
@@ -133,17 +134,12 @@ class InPlace:
         conn.execute(query("upsert_registry", registry=ctx.info.registry), ctx.signature.as_dict())
         conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
 
-    def _encode_ahead(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
-        """The captured rows encoded ahead (those already encoded at their version kept), and the
+    def _encode_ahead(self, ctx: RunContext, work: capture.Backlog) -> None:
+        """The backlog encoded without a lock (what is known at its version kept), and the
         encoder's pace measured on what was encoded now."""
-        before = set(self._ahead)
         started = time.monotonic()
-        self._ahead = capture.encode_ahead(ctx, conn, self._ahead)
-        encoded = len(set(self._ahead) - before)
-        secs = time.monotonic() - started
-        if encoded >= 8 and secs > 0:
-            rate = encoded / secs
-            self._pace = rate if self._pace is None else 0.5 * self._pace + 0.5 * rate
+        self._ahead, encoded = capture.encode_ahead(ctx, work, self._ahead)
+        self._pace.measured(encoded, time.monotonic() - started)
 
     def _typmod_changes(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> bool:
         info = ctx.info

@@ -36,7 +36,7 @@ from reembed.commits import Turns, Writers, Written, commit_batch
 from reembed.context import RunContext
 from reembed.encoding import Feed, feed_for, is_device_fault
 from reembed.errors import CheckpointConflict, ReembedError, first_line
-from reembed.progress import Progress
+from reembed.progress import Pace, Progress
 from reembed.stages import Chain, Step
 
 log = structlog.get_logger()
@@ -107,15 +107,15 @@ class _RangeRun:
         self.progress = progress
         self.reader = Reader(self.ctx.info, batch_size=self.ctx.opts.batch_size, upper=rng.upper_id)
         self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx))
-        self.pace: float | None = None  # rows/s through the encode stage (moving average); None: not yet
+        self.pace = Pace()  # rows/s through the encode stage
 
     def window_limit(self) -> int:
         """Rows that close the next window: about WINDOW_SECS of the measured pace, at most the
         feed's window; before any window was encoded, one transaction (the first commit comes
         soon whatever the device)."""
-        if self.pace is None:
+        if self.pace.value is None:
             return 1
-        return max(1, min(self.feed.window_rows, int(self.pace * WINDOW_SECS)))
+        return max(1, min(self.feed.window_rows, int(self.pace.value * WINDOW_SECS)))
 
     def run(self) -> None:
         chain = Chain(self.ctx.stop, depth=_DEPTH)
@@ -169,7 +169,7 @@ class _RangeRun:
         started = time.monotonic()
         try:
             encoded = self.feed.encode(pending, self.ctx.stop, upcoming=upcoming) if pending else []
-            self._measured(sum(len(batch.present) for batch, _ in window), time.monotonic() - started)
+            self.pace.measured(sum(len(batch.present) for batch, _ in window), time.monotonic() - started)
         except ReembedError:  # the run's own failures (a dead tokenizer process): not a row's fault
             raise
         except Exception as exc:
@@ -183,12 +183,6 @@ class _RangeRun:
         for batch, tokenized in window:
             self._vectors(batch, next(results) if tokenized is not None else None)
         return [batch for batch, _ in window]
-
-    def _measured(self, rows: int, secs: float) -> None:
-        if rows == 0 or secs <= 0:
-            return
-        rate = rows / secs
-        self.pace = rate if self.pace is None else 0.5 * self.pace + 0.5 * rate
 
     def _vectors(self, batch: Batch, encoded: np.ndarray | None) -> None:
         present = batch.present
