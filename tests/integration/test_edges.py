@@ -26,8 +26,8 @@ import structlog
 
 from reembed.job import run
 from support.database import fetch, make_table, one
-from support.fakes import HashEmbedder, hash_vector, job_settings, sentence
-from support.processes import cli_env, cli_run_args, run_cli
+from support.fakes import HashEmbedder, SlowHashEmbedder, hash_vector, job_settings, sentence
+from support.processes import cli_env, cli_run_args, events, run_cli, wait_for
 
 
 def _literal(vec: np.ndarray) -> str:
@@ -40,9 +40,9 @@ class _Editor(threading.Thread):
     orders: the row read before the registry (`read-first`), or the content written before it
     (`write-first`). Every failed transaction is kept."""
 
-    def __init__(self, dsn: str, keys: list[Any], order: str, number: int) -> None:
+    def __init__(self, dsn: str, keys: list[Any], order: str, number: int, vtype: str = "vector") -> None:
         super().__init__(daemon=True, name=f"editor-{order}-{number}")
-        self.dsn, self.keys, self.order, self.number = dsn, keys, order, number
+        self.dsn, self.keys, self.order, self.number, self.vtype = dsn, keys, order, number, vtype
         self.stop = threading.Event()
         self.done = 0
         self.failures: list[str] = []
@@ -66,20 +66,43 @@ class _Editor(threading.Thread):
         if self.order == "read-first":
             conn.execute("SELECT content FROM knowledge_nodes WHERE id = %s", (key,)).fetchone()
             (dim,) = conn.execute(registry).fetchone()  # type: ignore[misc]
-            conn.execute("UPDATE knowledge_nodes SET content = %s, embedding = %s::vector WHERE id = %s",
+            conn.execute(f"UPDATE knowledge_nodes SET content = %s, embedding = %s::{self.vtype} WHERE id = %s",
                          (text, _literal(hash_vector(text, dim)), key))
         else:
             conn.execute("UPDATE knowledge_nodes SET content = %s WHERE id = %s", (text, key))
             (dim,) = conn.execute(registry).fetchone()  # type: ignore[misc]
-            conn.execute("UPDATE knowledge_nodes SET embedding = %s::vector WHERE id = %s",
+            conn.execute(f"UPDATE knowledge_nodes SET embedding = %s::{self.vtype} WHERE id = %s",
                          (_literal(hash_vector(text, dim)), key))
 
 
-@pytest.mark.parametrize("new_dim", [256, 64], ids=["dimension-change", "same-dimension"])
-def test_no_application_transaction_fails_because_of_the_cut_over(dsn: str, new_dim: int) -> None:
-    """Eight editors (~600 edits/s in all) through three jobs, three cut-overs, in a row."""
-    keys = make_table(dsn, rows=300, id_type="bigint", with_index=False)
-    editors = [_Editor(dsn, keys, order, n) for n, order in enumerate(["read-first", "write-first"] * 4)]
+SHAPES = {  # the table's shape: its DDL after make_table, the column's type
+    "plain": ((), "vector"),
+    "second-index": (("CREATE INDEX knowledge_ivf ON knowledge_nodes USING ivfflat (embedding vector_l2_ops)"
+                      " WITH (lists = 4)",), "vector"),
+    "halfvec": (("DROP INDEX idx_knowledge_nodes_embedding_hnsw",
+                 "ALTER TABLE knowledge_nodes ALTER COLUMN embedding TYPE halfvec(64)",
+                 "CREATE INDEX knowledge_half ON knowledge_nodes USING hnsw (embedding halfvec_cosine_ops)"),
+                "halfvec"),
+    "view": (("CREATE VIEW knowledge_view AS SELECT id, content, embedding FROM knowledge_nodes",), "vector"),
+}
+
+
+@pytest.mark.parametrize(("shape", "new_dim"), [("plain", 256), ("plain", 64), ("second-index", 256),
+                                                ("halfvec", 256), ("view", 64)],
+                         ids=["dimension-change", "same-dimension", "second-index", "halfvec", "view"])
+def test_no_application_transaction_fails_because_of_the_cut_over(dsn: str, shape: str, new_dim: int) -> None:
+    """Eight editors (~600 edits/s in all), reading the row before the registry or writing before
+    it, through three jobs, three cut-overs, in a row; on the table shapes people have (a second
+    ANN index, a halfvec column, a view over the column for a same-dimension job)."""
+    ddl, vtype = SHAPES[shape]
+    keys = make_table(dsn, rows=300, id_type="bigint", with_index=shape != "plain")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in ddl:
+            conn.execute(statement)
+    before = {r["name"]: r["definition"] for r in fetch(
+        dsn, "SELECT c.relname AS name, pg_get_indexdef(i.indexrelid) AS definition FROM pg_index i"
+             " JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'knowledge_nodes'::regclass")}
+    editors = [_Editor(dsn, keys, order, n, vtype) for n, order in enumerate(["read-first", "write-first"] * 4)]
     for e in editors:
         e.start()
     try:
@@ -98,9 +121,18 @@ def test_no_application_transaction_fails_because_of_the_cut_over(dsn: str, new_
     assert all(e.done > 0 for e in editors), [e.done for e in editors]
     assert one(dsn, "SELECT writers_held_secs FROM reembed_checkpoint") is not None
     rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
+    atol = 2e-3 if vtype == "halfvec" else 1e-5
     stale = [r["content"] for r in rows
-             if not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], new_dim), atol=1e-5)]
+             if not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], new_dim), atol=atol)]
     assert stale == [], stale[:5]  # every row current: the job's vectors and the application's agree
+    after = fetch(dsn, "SELECT c.relname AS name, pg_get_indexdef(i.indexrelid) AS definition, i.indisvalid AS ok"
+                       " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                       " WHERE i.indrelid = 'knowledge_nodes'::regclass")
+    assert {r["name"]: r["definition"] for r in after} == before and all(r["ok"] for r in after)
+    assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                    "'knowledge_nodes'::regclass AND attname = 'embedding'") == f"{vtype}({new_dim})"
+    if shape == "view":
+        assert one(dsn, "SELECT count(*) FROM knowledge_view WHERE embedding IS NOT NULL") == len(keys)
 
 
 @pytest.mark.model
@@ -160,12 +192,63 @@ def test_on_a_terminal_every_log_line_is_whole_while_the_bar_advances(dsn: str, 
     assert len(bars) > 3, bars  # the bar advanced, drawn again between the lines, drawn again between the lines
 
 
-class _Slow(HashEmbedder):
-    """~100 rows/s: slower than the application writes below."""
+class _Outpacing(threading.Thread):
+    """An application editing random rows ~200 times a second (faster than SlowHashEmbedder
+    encodes) until `until()` is true or it is stopped (60 s at most)."""
 
-    def forward(self, texts: list[str]) -> np.ndarray:
-        time.sleep(0.01 * len(texts))
-        return super().forward(texts)
+    def __init__(self, dsn: str, keys: list[Any], until: Any = lambda: False) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.keys, self.until = dsn, keys, until
+        self.stop = threading.Event()
+        self.edits = 0
+
+    def run(self) -> None:
+        rng = np.random.default_rng(3)
+        deadline = time.monotonic() + 60
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self.stop.is_set() and not self.until() and time.monotonic() < deadline:
+                self.edits += 1
+                conn.execute("UPDATE knowledge_nodes SET content = %s WHERE id = %s",
+                             (f"edit {self.edits}", self.keys[int(rng.integers(len(self.keys)))]))
+                self.stop.wait(0.005)
+
+
+def test_a_sigkill_while_the_cut_over_catches_up_again_then_a_rerun_finishes_right(dsn: str, workdir: Path) -> None:
+    """The cut-over's own catch-up loop (the application outpacing the encoder, no lock held):
+    killed there, the job loses nothing; a re-run, once the application slows, cuts over right."""
+    keys = make_table(dsn, rows=100, id_type="bigint", with_index=False)
+    app = _Outpacing(dsn, keys)
+    app.start()
+    log = workdir / "job.log"
+    script = Path(__file__).resolve().parent.parent / "support" / "slow_job.py"
+    try:
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, str(script), dsn], env=cli_env(), stdout=out,
+                                    stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: len(events(log, "cut_over_catching_up")) >= 3 or proc.poll() is not None,
+                     timeout=120, what="the cut-over catching up again")
+            assert proc.poll() is None, log.read_text()[-3000:]
+            proc.kill()
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        app.stop.set()
+        app.join(10)
+    assert app.edits > 0
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "finalizing"
+    assert "cut_over" not in (one(dsn, "SELECT finalize_steps FROM reembed_checkpoint") or [])
+    assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"  # nothing of the cut-over committed
+    report = run(job_settings(dsn, batch_size=16), embedder=HashEmbedder(64))
+    assert report.state == "done"
+    assert one(dsn, "SELECT model_name FROM embedding_model") == HashEmbedder(64).signature.name
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%'") == 0
+    rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
+    stale = [r["content"] for r in rows
+             if not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], 64), atol=1e-5)]
+    assert stale == []
 
 
 def test_an_application_writing_faster_than_the_job_encodes_never_holds_writers_past_the_bound(dsn: str) -> None:
@@ -175,25 +258,12 @@ def test_an_application_writing_faster_than_the_job_encodes_never_holds_writers_
         def not_converging() -> bool:
             return any(e["event"] == "catch_up_not_converging" for e in list(logs))
 
-        stop_app = threading.Event()
-
-        def application() -> None:  # ~200 edits/s until the job says it cannot keep up (60 s at most)
-            rng = np.random.default_rng(3)
-            deadline = time.monotonic() + 60
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                n = 0
-                while not stop_app.is_set() and not not_converging() and time.monotonic() < deadline:
-                    n += 1
-                    conn.execute("UPDATE knowledge_nodes SET content = %s WHERE id = %s",
-                                 (f"edit {n}", keys[int(rng.integers(len(keys)))]))
-                    stop_app.wait(0.005)
-
-        app = threading.Thread(target=application, daemon=True)
+        app = _Outpacing(dsn, keys, until=not_converging)  # until the job says it cannot keep up
         app.start()
         try:
-            report = run(job_settings(dsn, batch_size=16, max_writers_held=bound), embedder=_Slow(64))
+            report = run(job_settings(dsn, batch_size=16, max_writers_held=bound), embedder=SlowHashEmbedder(64))
         finally:
-            stop_app.set()
+            app.stop.set()
             app.join(10)
     assert report.state == "done"
     (warning,) = [e for e in logs if e["event"] == "catch_up_not_converging"][:1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +61,18 @@ class HashEmbedder(Embedder):
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return self.forward(self.tokenize(texts))
+
+
+class SlowHashEmbedder(HashEmbedder):
+    """The test embedder at `rows_per_sec` (a slow device): slower than an application can write."""
+
+    def __init__(self, dim: int = 32, *, rows_per_sec: float = 100.0, **kw: Any) -> None:
+        super().__init__(dim, **kw)
+        self.secs_per_row = 1.0 / rows_per_sec
+
+    def forward(self, texts: list[str]) -> np.ndarray:
+        time.sleep(self.secs_per_row * len(texts))  # a device's time, not a wait for anything
+        return super().forward(texts)
 
 
 def stopping_after(emb: HashEmbedder, stop: Any, *, calls: int, reason: str = "SIGINT") -> HashEmbedder:
