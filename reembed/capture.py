@@ -108,6 +108,12 @@ def settle_others(ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job)
         remove(conn, ctx.info, other_id)
 
 
+def owner(trigger_name: str) -> int | None:
+    """The job whose capture trigger this is (by its name), or None for a trigger not ours."""
+    match = _OURS.match(trigger_name)
+    return int(match.group(1)) if match else None
+
+
 def pending(conn: psycopg.Connection[Any], job: ckpt.Job) -> int:
     row = conn.execute(query("changes_pending"), {"job_id": job.id}).fetchone()
     return int(row["n"]) if row else 0

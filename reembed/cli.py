@@ -13,8 +13,9 @@ from reembed import __version__
 from reembed.errors import ReembedError, Stopped
 from reembed.job import plan, run
 from reembed.logs import configure_logging
-from reembed.settings import Settings
+from reembed.settings import Settings, VerifyOptions
 from reembed.status import status as job_status
+from reembed.verify import verify
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -130,6 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, nargs="?", const=5.0, default=None, metavar="SECS",
                         help="refresh every SECS seconds (5) until interrupted")
     status.set_defaults(command=_status)
+
+    verify = sub.add_parser("verify", help="do the stored vectors hold the registry's model? (exit 1 when not)")
+    g = verify.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help="the registry's model: a local sentence-transformers directory (its hash is checked)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA when present)")
+    g.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, else fp32)")
+    g.add_argument("--prefix", default="", help="the --prefix the table was embedded with")
+    g.add_argument("--max-seq-length", type=int, default=None, help="the --max-seq-length it was embedded with")
+    v = verify.add_argument_group("verify")
+    v.add_argument("--sample", type=int, default=1000, help="rows drawn from the whole table (1000)")
+    v.add_argument("--seed", type=int, default=0, help="the sample's seed: the same seed, the same rows (0)")
+    v.add_argument("--all", dest="every_row", action="store_true", help="check every row instead of a sample")
+    v.add_argument("--min-cosine", type=float, default=0.99,
+                   help="a stored vector agrees when its cosine to a fresh encoding is at least this (0.99)")
+    _add_target(verify)
+    _add_output(verify)
+    verify.set_defaults(command=_verify)
     return parser
 
 
@@ -162,6 +181,16 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
         if args.watch:
             return 0  # Ctrl-C is the way out of --watch
         raise
+
+
+def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    options = VerifyOptions(sample=args.sample, seed=args.seed, every_row=args.every_row, min_cosine=args.min_cosine)
+    verdict = verify(settings, options)
+    if args.json:
+        print(json.dumps(verdict.as_dict(), default=str, sort_keys=True), flush=True)
+    else:
+        print(verdict.text(), flush=True)
+    return verdict.exit_code
 
 
 def _emit(data: dict[str, Any], summary: str, args: argparse.Namespace, *, quiet: bool) -> None:

@@ -130,6 +130,16 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
+class VerifyOptions:
+    """What `reembed verify` checks."""
+
+    sample: int = 1000  # rows drawn (row by row, a fixed seed)
+    seed: int = 0
+    every_row: bool = False  # every row instead of a sample
+    min_cosine: float = 0.99  # a stored vector closer than this to a fresh encoding agrees
+
+
+@dataclass(frozen=True)
 class Settings:
     target: Target
     model: ModelSpec | None = None
@@ -140,8 +150,10 @@ class Settings:
         target = _from_namespace(Target, args)
         if not hasattr(args, "model"):
             return cls(target=target)
-        _check_args(args)
         model = _from_namespace(ModelSpec, args, prefix=args.prefix or "")
+        if not hasattr(args, "batch_size"):  # verify: a model and no job
+            return cls(target=target, model=model)
+        _check_args(args)
         options = _from_namespace(
             RunOptions,
             args,

@@ -428,3 +428,16 @@ UPDATE reembed_checkpoint SET writers_held_secs = %(secs)s, updated_at = now() W
 
 -- name: table_size
 SELECT pg_table_size(%(table_oid)s::oid) AS bytes;
+
+-- name: accepted_failed_rows
+-- Rows a finished job left NULL with --accept-failed (verify does not count them as wrong).
+SELECT f.row_id FROM reembed_failed_rows f JOIN reembed_checkpoint c USING (job_id)
+ WHERE c.table_name = %(table)s AND c.column_name = %(column)s AND c.state = 'done' AND f.accepted
+   AND f.row_id = ANY(%(row_ids)s::text[]);
+
+-- name: leftover_changes
+-- Captured keys of jobs that are no longer active: nobody will catch them up.
+SELECT c.job_id, count(*) AS n FROM reembed_changes c
+  LEFT JOIN reembed_checkpoint j USING (job_id)
+ WHERE j.job_id IS NULL OR (j.table_name = %(table)s AND j.state NOT IN ('embedding', 'finalizing'))
+ GROUP BY c.job_id ORDER BY c.job_id;

@@ -142,3 +142,17 @@ INSERT INTO pg_temp.reembed_probe DEFAULT VALUES;
 
 -- name: probe_check
 ALTER TABLE pg_temp.reembed_probe ADD {check};
+
+-- name: verify_sample
+-- `reembed verify`'s rows: drawn row by row from the whole table with a fixed seed (the same
+-- rows each time while the table's pages stay where they are), in key order.
+SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
+  FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (%(seed)s)
+ ORDER BY {id} LIMIT %(n)s;
+
+-- name: verify_page
+-- `reembed verify --all`: every row, a page at a time in key order.
+SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
+  FROM {table}
+ WHERE %(after)s::text IS NULL OR {id} > CAST(%(after)s AS {id_type})
+ ORDER BY {id} LIMIT %(n)s;
