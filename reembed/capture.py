@@ -144,6 +144,8 @@ def catch_up(ctx: RunContext) -> None:
             page = lease.read(_page, ctx.info, job, after, size, on=ctx.control, what="read_changes")
             if not page:
                 break
+            if not ctx.throttle.admit(len(page)):
+                break
             batch = lease.read(_read, ctx.info, page, on=ctx.control, what="read_changed_rows")
             _encode(ctx, batch)
             rows += lease.write(_write, job, writer, page, batch, on=ctx.control, what="commit_catch_up")

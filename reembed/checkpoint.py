@@ -64,6 +64,9 @@ class Job:
     catchup_rows: int = 0
     writers_held_secs: float | None = None
     dependents: list[dict[str, Any]] | None = None  # the inventory (reembed.dependents); None: an older job
+    throttle_reason: str | None = None  # while the job is held (reembed.throttle): the checks over their limits
+    throttled_since: dt.datetime | None = None
+    throttled_secs: float = 0.0
 
     @property
     def id(self) -> int:

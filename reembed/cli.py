@@ -104,6 +104,32 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="finalize with the failed rows' embeddings left NULL")
     j.add_argument("--dry-run", action="store_true", help="plan only: write nothing")
 
+    t = p.add_argument_group("throttling (checked every 0.5 s; the job holds while any is over its limit)")
+    t.add_argument("--max-replica-lag", default="5s",
+                   help="hold while a replica replays further behind than this; off turns it off (5s)")
+    t.add_argument("--critical-replica-lag", default=None, help="stop (exit 75, resumable) past this replica lag")
+    t.add_argument("--replica-dsn", dest="replica_dsns", action="append", default=None, metavar="DSN",
+                   help="a replica pg_stat_replication does not show (cascaded, or hidden from this role): its lag "
+                        "is read from a heartbeat row the job writes on the primary (repeatable)")
+    t.add_argument("--max-wal-rate", default=None, help="hold while the primary writes more WAL than this, e.g. 64MB/s")
+    t.add_argument("--max-archive-backlog", type=int, default=None,
+                   help="hold while more WAL segments than this wait for the archiver")
+    t.add_argument("--critical-archive-backlog", type=int, default=None,
+                   help="stop (exit 75, resumable) past this archive backlog")
+    t.add_argument("--autovacuum-pause", choices=("wraparound", "any", "never"), default="wraparound",
+                   help="hold while an autovacuum works on the table: one to prevent wraparound (default), any, "
+                        "or never")
+    t.add_argument("--max-lock-waits", type=int, default=None,
+                   help="hold while more application sessions than this wait on the job's locks")
+    t.add_argument("--max-load", type=int, default=None,
+                   help="hold while more application sessions than this are running a statement")
+    t.add_argument("--critical-load", type=int, default=None, help="stop (exit 75, resumable) past this load")
+    t.add_argument("--throttle-query", default=None, metavar="SQL",
+                   help="hold while this query's first column is true or > 0 (it runs every 0.5 s)")
+    t.add_argument("--throttle-flag-file", default=None, metavar="PATH", help="hold while this file exists")
+    t.add_argument("--max-rate", type=float, default=None, metavar="ROWS",
+                   help="commit at most this many rows per second")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

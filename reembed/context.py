@@ -15,7 +15,7 @@ the strategy: one module, no import cycle.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg
@@ -29,6 +29,7 @@ from reembed.settings import RunOptions, Settings
 from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.target import TableInfo
+from reembed.throttle import Throttle
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class RunContext:
     started: float  # monotonic
     deadline: float | None = None  # monotonic; None: no time window
     writers: int = 1  # writer connections (writer_count)
+    throttle: Throttle = field(default_factory=Throttle.off)  # the gate every batch passes
 
     @property
     def opts(self) -> RunOptions:

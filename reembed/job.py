@@ -34,6 +34,7 @@ from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.strategy import for_name
 from reembed.target import TableInfo, inspect_target, read_registry
+from reembed.throttle import Throttle
 from reembed.worker import Worker
 
 log = structlog.get_logger()
@@ -70,6 +71,8 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
         if job is None and registry is not None and _registry_matches(registry, name, model_hash):
             return _noop(registry, spec.dimension, started, info)
         _check_target(job, name, model_hash, info, settings)
+        if not opts.dry_run:
+            Throttle(opts, stop=stop, conninfo=conninfo, table_oid=info.oid).check_options()  # before any write
         if opts.dry_run:
             embedder = embedder or _load(spec, opts, model_hash)
             return plan_report(conn, info, registry, job, embedder, settings, started)
@@ -80,7 +83,7 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
             # Writer connections: as many as the device wants (a CUDA host: 4); known before the
             # model loads, so that the lease's keeper and the work share one set of connections.
             device = embedder.device if embedder is not None else pick_device(spec.device)
-            connections = db.Connections(conninfo, size=5 + writer_count(opts, device),
+            connections = db.Connections(conninfo, size=6 + writer_count(opts, device),
                                          configure=prepare_session(info), reconnect_timeout=opts.max_outage)
         except BaseException:
             held.release()
@@ -94,17 +97,23 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
                 raise ConfigError(
                     f"model produces {embedder.signature.dimension} dimensions but --dimension is {spec.dimension}"
                 )
+            throttle = Throttle(opts, stop=stop, conninfo=conninfo, table_oid=info.oid, lease=keeper,
+                                held=connections.hold("throttle"))
             ctx = RunContext(settings=settings, info=info, embedder=embedder, stop=stop, lease=keeper,
                              connections=connections, control=connections.hold("control"),
                              state=JobState(for_name("in_place")), started=started,
-                             deadline=opts.deadline(started), writers=writer_count(opts, embedder.device))
+                             deadline=opts.deadline(started), writers=writer_count(opts, embedder.device),
+                             throttle=throttle)
             stop.install()
             try:
                 return _locked_run(ctx, conn)
             finally:
+                throttle.close()
                 stop.restore()
                 stop.close()
                 ctx.control.release()
+                if throttle.held is not None:
+                    throttle.held.release()
         finally:
             keeper.release()
             connections.close()
@@ -189,6 +198,9 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
         ctx.state.advance(prepare(ctx, conn, registry, job, rows_total=rows_total, found=found))
     structlog.contextvars.bind_contextvars(job_id=ctx.active.id)
     ctx.lease.job_id = ctx.active.id
+    ctx.throttle.job_id = ctx.active.id
+    if ctx.throttle.enabled:
+        ctx.throttle.start()
     ctx.stop.deadline(ctx.deadline)
     try:
         return _drive(ctx, resumed_from)
@@ -281,6 +293,8 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
         report.details["embed_secs"] = round(worker.secs, 3)
         report.details["embed_rows_per_sec"] = round(report.rows_updated / worker.secs, 1) if worker.secs else None
         report.rows_failed = worker.rows_failed
+        report.details["throttled_secs"] = round(ctx.throttle.secs, 3)
+        report.details["throttle_pauses"] = ctx.throttle.pauses
         if ctx.stop.requested:
             return _stopped(ctx, report)
         note = failures.settle(ctx)
@@ -320,11 +334,13 @@ def _to_finalizing(conn: psycopg.Connection[Any], job: Job) -> bool:
 
 def _stopped(ctx: RunContext, report: Report, message: str = "") -> Report:
     stop = ctx.stop
-    report.state = "time_budget" if stop.reason == "time_budget" else "stopped"
+    report.state = stop.reason if stop.reason in ("time_budget", "throttle_critical") else "stopped"
     report.exit_code = stop.exit_code
     report.duration_secs = time.monotonic() - ctx.started
     progress = ctx.lease.read(ckpt.progress, ctx.active, on=ctx.control, what="job_progress")
-    report.message = message or f"checkpoint at {progress['last_id']}; re-run to resume"
+    critical = ctx.throttle.critical
+    report.message = message or ((f"{critical.said()}; " if critical is not None and stop.reason == "throttle_critical"
+                                  else "") + f"checkpoint at {progress['last_id']}; re-run to resume")
     log.warning("job_stopped", reason=stop.reason, last_id=progress["last_id"], rows_done=progress["rows_done"])
     return report
 

@@ -11,7 +11,7 @@ from reembed.errors import EXIT_OK
 
 @dataclass
 class Report:
-    state: str  # done | noop | planned | stopped | time_budget
+    state: str  # done | noop | planned | stopped | time_budget | throttle_critical
     exit_code: int = EXIT_OK
     job_id: int | None = None
     rows_updated: int = 0
@@ -46,12 +46,14 @@ class Report:
             "done": "done",
             "stopped": "stopped (resumable)",
             "time_budget": "time budget reached (resumable)",
+            "throttle_critical": "stopped by a critical throttle limit (resumable)",
         }.get(self.state, self.state)
         return (
             f"{head}: job {self.job_id}, {self.rows_updated} rows re-embedded, {self.rows_skipped} skipped "
             f"(NULL content), {self.rows_failed} failed, in {self.duration_secs:.1f} s "
             f"(embedding at {rate:.0f} rows/s); "
             f"index rebuild {self.index_rebuild_secs:.1f} s; model {self.model_name} ({self.dimension}-d)"
+            + (f"; held {secs:.1f} s by throttling" if (secs := self.details.get("throttled_secs")) else "")
             + (f"; writers held off {held:.2f} s at the cut-over"
                if (held := self.details.get("writers_held_secs")) is not None else "")
             + (f"; {self.message}" if self.message else "")

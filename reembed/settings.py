@@ -117,6 +117,20 @@ class RunOptions:
     stale_after: float = 90.0  # a heartbeat older than this means the holder is gone (beats every 10 s)
     retry_failed: bool = False
     accept_failed: bool = False
+    # throttling (reembed.throttle): None turns a check off
+    max_replica_lag: float | None = 5.0  # seconds a replica may replay behind before the job holds
+    critical_replica_lag: float | None = None  # seconds past which the job stops (exit 75)
+    replica_dsns: tuple[str, ...] = ()  # replicas pg_stat_replication cannot show: a heartbeat row read there
+    max_wal_rate: float | None = None  # bytes of WAL per second
+    max_archive_backlog: int | None = None  # WAL segments waiting for the archiver
+    critical_archive_backlog: int | None = None
+    autovacuum_pause: str = "wraparound"  # hold for an autovacuum on the table: wraparound | any | never
+    max_lock_waits: int | None = None  # application sessions waiting on the job's locks
+    max_load: int | None = None  # active application sessions
+    critical_load: int | None = None
+    throttle_query: str | None = None  # the operator's SQL: a first column true or > 0 holds the job
+    throttle_flag_file: str | None = None  # holds while this file exists
+    max_rate: float | None = None  # rows per second, at most
 
     def deadline(self, started_monotonic: float, now_wall: dt.datetime | None = None) -> float | None:
         """The run's deadline on the monotonic clock, or None."""
@@ -165,6 +179,10 @@ class Settings:
             max_writers_held=parse_duration(args.max_writers_held),
             max_outage=parse_duration(args.max_outage),
             index_memory=parse_size(args.index_memory),
+            max_replica_lag=_optional_duration(args.max_replica_lag),
+            critical_replica_lag=_optional_duration(args.critical_replica_lag),
+            replica_dsns=tuple(args.replica_dsns or ()),
+            max_wal_rate=float(parse_size(args.max_wal_rate.removesuffix("/s"))) if args.max_wal_rate else None,
         )
         return cls(target=target, model=model, options=options)
 
@@ -188,8 +206,20 @@ def _check_args(args: argparse.Namespace) -> None:
         _positive("--dimension", args.dimension)
     if args.max_retries is not None and args.max_retries < 0:
         raise ConfigError("--max-retries must be 0 or more")
+    for flag in ("max_archive_backlog", "critical_archive_backlog", "max_lock_waits", "max_load", "critical_load"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+    if args.max_rate is not None and args.max_rate <= 0:
+        raise ConfigError(f"--max-rate must be a positive number of rows per second, got {args.max_rate:g}")
     if args.retry_failed and args.accept_failed:
         raise ConfigError("--retry-failed and --accept-failed exclude each other: pick one")
+
+
+def _optional_duration(text: str | None) -> float | None:
+    """A limit in time, or None for "off" (and for 0)."""
+    if text is None or text.strip().lower() in ("off", "none", "0"):
+        return None
+    return parse_duration(text)
 
 
 def _millis(duration: str) -> str:

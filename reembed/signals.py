@@ -19,7 +19,8 @@ from reembed.errors import EXIT_SIGINT, EXIT_SIGTERM, EXIT_TIME_BUDGET, Stopped
 
 log = structlog.get_logger()
 
-_EXIT = {"SIGINT": EXIT_SIGINT, "SIGTERM": EXIT_SIGTERM, "time_budget": EXIT_TIME_BUDGET}
+_EXIT = {"SIGINT": EXIT_SIGINT, "SIGTERM": EXIT_SIGTERM, "time_budget": EXIT_TIME_BUDGET,
+         "throttle_critical": EXIT_TIME_BUDGET}
 
 
 class StopSignal:

@@ -59,6 +59,12 @@ class Status:
         if catch_up:
             lines.append(f"catch-up   pass {catch_up['pass']}: {catch_up['keys_done']:,} / {catch_up['keys_total']:,} "
                          f"keys; {catch_up['rows']:,} rows re-embedded by catch-up in all")
+        throttle = d.get("throttle")
+        if throttle and throttle.get("reason"):
+            lines.append(f"throttle   HELD for {_age(throttle.get('held_secs'))}: {throttle['reason']} "
+                         f"({throttle['secs_before']:.1f} s held before)")
+        elif throttle and throttle.get("secs_before"):
+            lines.append(f"throttle   not held; {throttle['secs_before']:.1f} s held in all")
         if d.get("writers_held_secs") is not None:
             lines.append(f"cut-over   writers held off {d['writers_held_secs']:.3f} s")
         if d.get("table_state"):
@@ -136,7 +142,13 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
                         for r in conn.execute(query("capture_triggers"), {"table_oid": int(row["oid"])}).fetchall())
         pending = conn.execute(query("changes_pending"), {"job_id": job.id}).fetchone()["n"]
         capture = {"trigger": job.capture_trigger, "installed": installed, "pending_changes": int(pending)}
+    held_secs = None
+    if job.throttled_since is not None:
+        server_now = conn.execute(query("server_now")).fetchone()["now"]
+        held_secs = round((server_now - job.throttled_since).total_seconds(), 1)
     data.update(
+        throttle={"reason": job.throttle_reason, "since": job.throttled_since, "held_secs": held_secs,
+                  "secs_before": job.throttled_secs},
         capture=capture,
         catch_up={"pass": job.catchup_pass, "keys_done": job.catchup_pass_done, "keys_total": job.catchup_pass_total,
                   "rows": job.catchup_rows} if job.catchup_pass else None,

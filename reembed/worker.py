@@ -205,6 +205,8 @@ class _RangeRun:
 
     def _write(self, batches: list[Batch] | None) -> None:
         for batch in batches or []:
+            if not self.ctx.throttle.admit(len(batch.ids)):  # held while the database is unwell; --max-rate
+                return  # stopped while held: nothing more is handed over
             self.writers.submit(self._commit, batch)
             if self.ctx.stop.requested:
                 return  # the batches in flight commit; the rest is encoded again by the next run

@@ -441,3 +441,53 @@ SELECT c.job_id, count(*) AS n FROM reembed_changes c
   LEFT JOIN reembed_checkpoint j USING (job_id)
  WHERE j.job_id IS NULL OR (j.table_name = %(table)s AND j.state NOT IN ('embedding', 'finalizing'))
  GROUP BY c.job_id ORDER BY c.job_id;
+
+-- name: wal_position
+-- Where the primary writes WAL now, in bytes (reembed.throttle samples it).
+SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS lsn;
+
+-- name: replication_positions
+-- Each replica this role may see: how far it replayed (NULL: hidden from this role).
+SELECT application_name, pg_wal_lsn_diff(replay_lsn, '0/0')::bigint AS replay_lsn,
+       extract(epoch FROM replay_lag)::float8 AS replay_lag
+  FROM pg_stat_replication;
+
+-- name: archive_state
+SELECT current_setting('archive_mode') AS mode, a.last_archived_wal,
+       pg_walfile_name(pg_current_wal_lsn()) AS current_wal,
+       (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size') AS segment_bytes
+  FROM pg_stat_archiver a;
+
+-- name: autovacuum_on_table
+SELECT count(*) FILTER (WHERE a.query LIKE '%%to prevent wraparound%%') AS wraparound, count(*) AS any
+  FROM pg_stat_progress_vacuum p JOIN pg_stat_activity a ON a.pid = p.pid
+ WHERE p.relid = %(table_oid)s::oid AND a.backend_type = 'autovacuum worker';
+
+-- name: lock_waits_on_us
+-- Application sessions waiting for a lock that one of reembed's sessions holds.
+SELECT count(*) AS n FROM pg_stat_activity w
+ WHERE w.wait_event_type = 'Lock' AND left(w.application_name, 8) <> 'reembed '
+   AND EXISTS (SELECT 1 FROM pg_stat_activity b
+                WHERE b.pid = ANY (pg_blocking_pids(w.pid)) AND left(b.application_name, 8) = 'reembed ');
+
+-- name: active_sessions
+-- The application's load: its sessions running a statement now (reembed's own not counted).
+SELECT count(*) AS n FROM pg_stat_activity
+ WHERE backend_type = 'client backend' AND state = 'active' AND pid <> pg_backend_pid()
+   AND left(application_name, 8) <> 'reembed ';
+
+-- name: write_heartbeat
+INSERT INTO reembed_heartbeat (job_id, beat_at) VALUES (%(job_id)s, clock_timestamp())
+    ON CONFLICT (job_id) DO UPDATE SET beat_at = excluded.beat_at
+RETURNING beat_at;
+
+-- name: heartbeat_seen
+-- On a replica: the job's heartbeat as far as it has replayed.
+SELECT beat_at FROM reembed_heartbeat WHERE job_id = %(job_id)s;
+
+-- name: record_throttle
+UPDATE reembed_checkpoint
+   SET throttle_reason = %(reason)s::text,
+       throttled_since = CASE WHEN %(reason)s::text IS NULL THEN NULL ELSE now() END,
+       throttled_secs = throttled_secs + %(secs)s, updated_at = now()
+ WHERE job_id = %(job_id)s;

@@ -90,3 +90,15 @@ ALTER TABLE reembed_checkpoint
 -- it (reembed.dependents); finalize rebuilds the indexes recorded here.
 ALTER TABLE reembed_checkpoint
     ADD COLUMN IF NOT EXISTS dependents jsonb;
+
+-- Added with throttling (reembed.throttle): the hold the job is in, if any, for `status`; and a
+-- heartbeat row per job that the monitor writes on the primary and reads on each --replica-dsn
+-- (its lag there is how far behind that replica replays).
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS throttle_reason  text,              -- the checks over their limits, while held
+    ADD COLUMN IF NOT EXISTS throttled_since  timestamptz,
+    ADD COLUMN IF NOT EXISTS throttled_secs   double precision NOT NULL DEFAULT 0;  -- all holds, all runs
+CREATE TABLE IF NOT EXISTS reembed_heartbeat (
+    job_id      bigint      PRIMARY KEY,
+    beat_at     timestamptz NOT NULL
+);

@@ -154,6 +154,57 @@ def controllable_server(pg_server: Server) -> Server:
     return pg_server
 
 
+class Replica:
+    """A real streaming replica of the embedded test server: `pg_basebackup -R`, then a second
+    postmaster on its own socket directory. Its replay can be paused and resumed."""
+
+    def __init__(self, primary: Server) -> None:
+        from pgserver._commands import pg_basebackup, pg_ctl
+
+        self._pg_ctl, self.user = pg_ctl, primary.handle.system_user
+        self.root = Path(tempfile.mkdtemp(prefix="reembed-replica-"))
+        os.chmod(self.root, 0o755)
+        self.data, self.socket = self.root / "data", self.root / "socket"
+        self.socket.mkdir()
+        if self.user:
+            shutil.chown(self.root, self.user)
+            shutil.chown(self.socket, self.user)
+        host = psycopg.conninfo.conninfo_to_dict(primary.base_dsn)["host"]
+        pg_basebackup(["-D", str(self.data), "-R", "-X", "stream", "-c", "fast", "-h", host, "-U", "postgres"],
+                      user=self.user)
+        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket}", "-l", str(self.root / "replica.log"), "start"],
+               pgdata=self.data, user=self.user)
+
+    def dsn(self, dbname: str) -> str:
+        return f"host={self.socket} user=postgres dbname={dbname}"
+
+    def _execute(self, statement: str) -> Any:
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            return conn.execute(statement).fetchone()
+
+    def pause(self) -> None:
+        self._execute("SELECT pg_wal_replay_pause()")
+
+    def resume(self) -> None:
+        self._execute("SELECT pg_wal_replay_resume()")
+
+    def stop(self) -> None:
+        self._pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=self.data, user=self.user)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def replica(pg_server: Server, dsn: str) -> Iterator[Replica]:
+    """A streaming replica of the test server (embedded provider only), the test's database in it."""
+    if pg_server.kind != "embedded":
+        pytest.skip(f"a replica from pg_basebackup needs the embedded provider, not {pg_server.kind}")
+    made = Replica(pg_server)
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_server: Server) -> str:
     with pg_server.admin() as conn:
