@@ -10,6 +10,7 @@ import psycopg
 from reembed import checkpoint as ckpt
 from reembed import dependents
 from reembed.checkpoint import Job
+from reembed.cost import estimate as estimate_cost
 from reembed.dependents import Inventory
 from reembed.encoding import Embedder, feed_for
 from reembed.finalize import REWRITE_BYTES_PER_SEC, REWRITE_ROWS_PER_SEC
@@ -114,6 +115,12 @@ def plan_report(
     batches = -(-to_update // opts.batch_size)
     estimate = round(to_update / rate, 1) if rate else None
     alter = (job.source_typmod if resume and job is not None else info.typmod) != sig.dimension
+    found = on_column
+    cost = estimate_cost(conn, info, rows_total=rows, rows_to_update=to_update, dimension=sig.dimension,
+                         type_change=bool(alter), job_secs=estimate,
+                         rebuilt={d.name for d in found if d.is_index and d.action == dependents.REBUILD},
+                         reindexed={d.name for d in found if d.is_index and d.action == dependents.REINDEX},
+                         hnsw_m=info.index.m if info.index else 16)
     details = {
         "table": info.qualified,
         "rows_to_update": to_update,
@@ -127,6 +134,7 @@ def plan_report(
         "dependents": [d.as_json() for d in on_column],
         "resumes_job": job.id if resume and job else None,
         "cut_over_rewrite_secs": round(rewrite_secs(conn, info, rows), 1) if alter else 0.0,
+        "cost": cost.as_dict(),
     }
     message = (
         f"plan: {to_update} rows of {info.qualified} to re-embed in {batches} batches with {sig.name} "
@@ -134,6 +142,7 @@ def plan_report(
         f"typmod change: {'yes' if alter else 'no'}; current model: {registry.name if registry else 'none'}"
         + (f"; resumes job {job.id}" if resume and job else "")
         + "; on the column: " + dependents.summary(on_column)
+        + f"; cost: {cost.said()}"
         + (f"; at the cut-over the table is rewritten (vector({sig.dimension})): writers and readers wait "
            f"about {details['cut_over_rewrite_secs']} s" if alter else "")
     )

@@ -44,7 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live")
+SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost")
 WORDS = (
     "database index vector search model embedding query table row column cosine graph python compiler "
     "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
@@ -717,6 +717,52 @@ class Bench:
                 "app_longest_write_secs": round(max(latencies), 3) if latencies else None,
                 "catch_up_rows": report["catch_up_rows"], "embed_rows_per_sec": report["embed_rows_per_sec"]}
 
+    def section_cost(self) -> None:
+        """`plan`'s cost estimate against what the run wrote: the WAL between pg_current_wal_lsn()
+        before and after the whole job (static models, real docstrings, uuid keys in random
+        physical order, an HNSW index), same dimension (dead rows left) and dimension changes
+        (a rewrite at finalize; 768-d vectors go to TOAST)."""
+        import fastmodel
+        from reembed.embedder import SentenceTransformerEmbedder
+        from reembed.job import run
+        from reembed.settings import ModelSpec, RunOptions, Settings, Target
+
+        rows = self.args.cost_rows
+        content = corpus("docstrings", min(rows, 20_000))
+        out: dict[str, Any] = {"rows": rows}
+        for old_dim, new_dim in ((384, 384), (64, 384), (384, 768)):
+            path = self.args.data / "models" / f"static{new_dim}"
+            if not (path / "modules.json").exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fastmodel.save_static_model(path, tokenizer_dir=self.skeleton(), dim=new_dim)
+            emb = SentenceTransformerEmbedder(ModelSpec(model=str(path), model_name=f"static{new_dim}", device="cpu"))
+            with self.database() as dsn:
+                self.fill(dsn, rows=rows, dim=new_dim, old_dim=old_dim, content=content)
+                target = Target(dsn=dsn)
+                planned = run(Settings(target=target, model=ModelSpec(model="bench"),
+                                       options=RunOptions(batch_size=self.args.batch_size, dry_run=True)), embedder=emb)
+                estimate = planned.details["cost"]
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute("CHECKPOINT")  # the run starts as a job starts on a server: after a checkpoint
+                    before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+                report = run(Settings(target=target, model=ModelSpec(model="bench"),
+                                      options=RunOptions(batch_size=self.args.batch_size, confirm_seconds=0,
+                                                         progress_interval=3600)), embedder=emb)
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    wrote = int(conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (before,))
+                                .fetchone()[0])
+                if report.state != "done":
+                    raise SystemExit(f"bench run ended {report.as_dict()}")
+            out[f"{old_dim}_to_{new_dim}"] = {
+                "wal_estimated_mb": round(estimate["wal_bytes"] / 1024**2, 1),
+                "wal_written_mb": round(wrote / 1024**2, 1),
+                "estimate_over_written": round(estimate["wal_bytes"] / wrote, 3),
+                "extra_disk_estimated_mb": round(estimate["extra_disk_bytes"] / 1024**2, 1),
+                "bloat_estimated_mb": round(estimate["bloat_bytes"] / 1024**2, 1),
+            }
+            self.checkpoint(f"cost {old_dim}->{new_dim}")
+        self.results["cost"] = out
+
     def section_rss(self) -> None:
         model = self.model_dir("static")
         peaks: dict[str, float] = {}
@@ -808,6 +854,14 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"  {key}: writers held off {c['writers_held_secs']} s; "
                          f"application: {c['app_writes']} writes, {c['app_errors']} errors, "
                          f"longest {c['app_longest_write_secs']} s; caught up {c['catch_up_rows']} rows")
+    if "cost" in results:
+        c = results["cost"]
+        lines.append(f"\ncost (`plan`'s estimate against the WAL the run wrote, {c['rows']} rows of docstrings)")
+        for key in sorted(k for k in c if k != "rows"):
+            v = c[key]
+            lines.append(f"  {key.replace('_to_', ' -> ')}: WAL estimated {v['wal_estimated_mb']} MB, written "
+                         f"{v['wal_written_mb']} MB (estimate/written {v['estimate_over_written']}); extra disk "
+                         f"{v['extra_disk_estimated_mb']} MB; dead rows left {v['bloat_estimated_mb']} MB")
     if "peak_rss_mb" in results:
         r = results["peak_rss_mb"]
         rows = [k for k in r if k != "growth_mb"]
@@ -825,6 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-rows", type=int, nargs="+", default=[10_000, 200_000])
     p.add_argument("--live-rows", type=int, default=20_000)
     p.add_argument("--live-writes", type=int, default=3_000, help="single-row writes per trigger-cost pass")
+    p.add_argument("--cost-rows", type=int, default=20_000, help="rows for the cost section's WAL measurement")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--encode-batch-size", type=int, default=None)
     p.add_argument("--write-path", default="copy", help="the path the model section's write-only figure uses")

@@ -491,3 +491,29 @@ UPDATE reembed_checkpoint
        throttled_since = CASE WHEN %(reason)s::text IS NULL THEN NULL ELSE now() END,
        throttled_secs = throttled_secs + %(secs)s, updated_at = now()
  WHERE job_id = %(job_id)s;
+
+-- name: cost_facts
+-- What `plan`'s cost estimate reads: the table's size on disk, its TOAST, the server's WAL settings.
+SELECT c.relpages::bigint AS heap_pages, pg_relation_size(c.oid) AS heap_bytes,
+       coalesce(pg_relation_size(c.reltoastrelid), 0) AS toast_bytes,
+       current_setting('full_page_writes') = 'on' AS full_page_writes,
+       current_setting('wal_compression') <> 'off' AS wal_compression,
+       (SELECT setting::float8 FROM pg_settings WHERE name = 'checkpoint_timeout') AS checkpoint_timeout_secs,
+       (SELECT setting::float8 * 1024 * 1024 FROM pg_settings WHERE name = 'max_wal_size') AS max_wal_bytes,
+       current_setting('checkpoint_completion_target')::float8 AS completion_target
+  FROM pg_class c WHERE c.oid = %(table_oid)s::oid;
+
+-- name: cost_columns
+-- Each column's average stored width (a TOASTed value counts as its pointer) and, for the key,
+-- how well its order follows the table's physical order (ANALYZE's figures; NULL if never analysed).
+SELECT a.attname, a.attnum, s.avg_width, s.correlation, s.null_frac
+  FROM pg_attribute a
+  LEFT JOIN pg_stats s ON s.schemaname = %(schema)s AND s.tablename = %(table)s AND s.attname = a.attname
+ WHERE a.attrelid = %(table_oid)s::oid AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum;
+
+-- name: cost_indexes
+SELECT i.indexrelid::regclass::text AS name, c.relname AS index_name, pg_relation_size(i.indexrelid) AS bytes,
+       am.amname AS method
+  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+ WHERE i.indrelid = %(table_oid)s::oid;
