@@ -198,9 +198,7 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
         ctx.state.advance(prepare(ctx, conn, registry, job, rows_total=rows_total, found=found))
     structlog.contextvars.bind_contextvars(job_id=ctx.active.id)
     ctx.lease.job_id = ctx.active.id
-    ctx.throttle.job_id = ctx.active.id
-    if ctx.throttle.enabled:
-        ctx.throttle.start()
+    ctx.throttle.begin(ctx.active.id)
     ctx.stop.deadline(ctx.deadline)
     try:
         return _drive(ctx, resumed_from)

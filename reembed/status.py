@@ -60,7 +60,7 @@ class Status:
             lines.append(f"catch-up   pass {catch_up['pass']}: {catch_up['keys_done']:,} / {catch_up['keys_total']:,} "
                          f"keys; {catch_up['rows']:,} rows re-embedded by catch-up in all")
         throttle = d.get("throttle")
-        if throttle and throttle.get("reason"):
+        if throttle and throttle.get("reason") and holder:
             lines.append(f"throttle   HELD for {_age(throttle.get('held_secs'))}: {throttle['reason']} "
                          f"({throttle['secs_before']:.1f} s held before)")
         elif throttle and throttle.get("secs_before"):

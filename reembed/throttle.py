@@ -178,11 +178,17 @@ class Throttle(Background):
         """Every check over its limit, now."""
         conn = self._connection()
         o, out = self.opts, []
+        lag_checked = o.max_replica_lag is not None or o.critical_replica_lag is not None
+        if lag_checked and self.held_now and not self._replicas:
+            # Held, the job writes no WAL, and a standby reports how far it replayed only when it
+            # receives some (or every wal_receiver_status_interval, 10 s): a heartbeat row keeps
+            # its reports current, so the hold ends when the replica has caught up, not seconds later.
+            self._write_beat()
         now = time.monotonic()
         self._samples.append((now, int(_value(conn, "wal_position", "lsn"))))
         while len(self._samples) > 2 and now - self._samples[0][0] > _SAMPLES_KEPT:
             self._samples.popleft()
-        if o.max_replica_lag is not None or o.critical_replica_lag is not None:
+        if lag_checked:
             lag = max([self._stream_lag(conn, now), self._heartbeat_lag(conn)], default=0.0)
             out += self._over("replica_lag", lag, o.max_replica_lag, o.critical_replica_lag)
         if o.max_wal_rate is not None:
@@ -229,9 +235,11 @@ class Throttle(Background):
         return lag
 
     def _heartbeat_lag(self, conn: psycopg.Connection[Any]) -> float:
-        if not self._replicas or self.job_id is None or self.lease is None or self.held is None:
+        if not self._replicas:
             return 0.0
-        beat = self.lease.write(_beat, self.job_id, on=self.held, what="throttle_heartbeat")
+        beat = self._write_beat()
+        if beat is None:
+            return 0.0
         lag = 0.0
         for dsn in list(self._replicas):
             try:
@@ -251,6 +259,12 @@ class Throttle(Background):
             self._first_beat = self._first_beat or beat
             lag = max(lag, (beat - (seen if seen is not None else self._first_beat)).total_seconds())
         return lag
+
+    def _write_beat(self) -> Any:
+        """The job's heartbeat row on the primary, written now; its time (None before the job exists)."""
+        if self.job_id is None or self.lease is None or self.held is None:
+            return None
+        return self.lease.write(_beat, self.job_id, on=self.held, what="throttle_heartbeat")
 
     def _wal_rate(self, now: float) -> float:
         recent = [(t, lsn) for t, lsn in self._samples if now - t <= _WAL_RATE_OVER]
@@ -302,6 +316,14 @@ class Throttle(Background):
             self._since, self._reasons = None, []
             self._clear.set()
             self._record(None, secs=secs)
+
+    def begin(self, job_id: int) -> None:
+        """The run's job is known: a hold recorded by a run that died while held is cleared, and
+        the monitor starts (when any check or --max-rate is on)."""
+        self.job_id = job_id
+        self._record(None)
+        if self.enabled:
+            self.start()
 
     def _record(self, reason: str | None, *, secs: float = 0.0) -> None:
         if self.job_id is None or self.lease is None or self.held is None:

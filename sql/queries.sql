@@ -506,7 +506,8 @@ SELECT c.relpages::bigint AS heap_pages, pg_relation_size(c.oid) AS heap_bytes,
 -- name: cost_columns
 -- Each column's average stored width (a TOASTed value counts as its pointer) and, for the key,
 -- how well its order follows the table's physical order (ANALYZE's figures; NULL if never analysed).
-SELECT a.attname, a.attnum, s.avg_width, s.correlation, s.null_frac
+SELECT a.attname, a.attnum, a.attlen, s.avg_width, s.correlation, s.null_frac, s.n_distinct,
+       current_setting('server_version_num')::int AS server_version
   FROM pg_attribute a
   LEFT JOIN pg_stats s ON s.schemaname = %(schema)s AND s.tablename = %(table)s AND s.attname = a.attname
  WHERE a.attrelid = %(table_oid)s::oid AND a.attnum > 0 AND NOT a.attisdropped

@@ -156,3 +156,8 @@ SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
   FROM {table}
  WHERE %(after)s::text IS NULL OR {id} > CAST(%(after)s AS {id_type})
  ORDER BY {id} LIMIT %(n)s;
+
+-- name: cost_sample
+-- `plan`'s cost estimate: each sampled row's stored column sizes ({sizes}: pg_column_size of each
+-- column and, from PostgreSQL 17, whether the value lives in TOAST), pages drawn from the whole table.
+SELECT {sizes} FROM {table} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (7) LIMIT %(n)s;

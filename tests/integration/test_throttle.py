@@ -84,8 +84,10 @@ def test_replica_lag_holds_the_job_once_and_it_resumes_when_the_replica_catches_
         assert held_at < ROWS  # held mid-job
     finally:
         replica.resume()
+        resumed = dt.datetime.now(dt.UTC)
     assert wait_exit(proc) == 0, log.read_text()[-3000:]
-    _assert_held_once(log, "replica_lag")
+    _, ended = _assert_held_once(log, "replica_lag")
+    assert (_at(ended) - resumed).total_seconds() < 4.0  # the hold ends once the replica has caught up
     report = last_report(log)
     assert report["state"] == "done" and report["throttle_pauses"] == 1 and report["throttled_secs"] > 0
     assert len(events(log, "replica_lag_unseen")) == (1 if seen_through == "heartbeat" else 0)
