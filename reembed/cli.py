@@ -37,16 +37,22 @@ def _add_output(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
+def _add_encoding(g: argparse._ArgumentGroup, *, prefix: str, length: str) -> None:
+    """Where the model runs and the options that change its vectors (run, plan and verify)."""
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA when present)")
+    g.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, else fp32)")
+    g.add_argument("--prefix", default="", help=prefix)
+    g.add_argument("--max-seq-length", type=int, default=None, help=length)
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True,
                    help="local sentence-transformers model directory, or a name in the local model cache")
     g.add_argument("--model-name", default=None, help="the name the registry records (default: --model)")
     g.add_argument("--dimension", type=int, default=None, help="expected dimension; checked before any write")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA when present)")
-    g.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, else fp32)")
-    g.add_argument("--prefix", default="", help="prepended to every text, e.g. 'search_document: '")
-    g.add_argument("--max-seq-length", type=int, default=None, help="truncate texts at this many tokens")
+    _add_encoding(g, prefix="prepended to every text, e.g. 'search_document: '",
+                  length="truncate texts at this many tokens")
 
     j = p.add_argument_group("job")
     j.add_argument("--batch-size", type=int, default=256, help="rows per checkpoint transaction (256)")
@@ -162,10 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = verify.add_argument_group("model")
     g.add_argument("--model", required=True,
                    help="the registry's model: a local sentence-transformers directory (its hash is checked)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA when present)")
-    g.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, else fp32)")
-    g.add_argument("--prefix", default="", help="the --prefix the table was embedded with")
-    g.add_argument("--max-seq-length", type=int, default=None, help="the --max-seq-length it was embedded with")
+    _add_encoding(g, prefix="the --prefix the table was embedded with",
+                  length="the --max-seq-length it was embedded with")
     v = verify.add_argument_group("verify")
     v.add_argument("--sample", type=int, default=1000, help="rows drawn from the whole table (1000)")
     v.add_argument("--seed", type=int, default=0, help="the sample's seed: the same seed, the same rows (0)")
