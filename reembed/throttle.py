@@ -70,7 +70,7 @@ class Reading:
 
 def _fmt(check: str, value: float) -> str:
     if check == "replica_lag":
-        return f"{value:.1f}s"
+        return f"{value:.2f}s"
     if check == "wal_rate":
         return f"{value / 1024**2:.1f}MB/s"
     return f"{value:g}"

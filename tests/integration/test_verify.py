@@ -146,3 +146,20 @@ def test_verify_refuses_a_model_that_is_not_the_registrys(
     code, out, err = _cli(capsys, "verify", "--dsn", dsn, "--model", str(static_model_dir(32)), "--device", "cpu")
     assert code == 2 and out == ""
     assert err.startswith("reembed: --model ") and "is not the registry's model" in err and err.count("\n") == 1
+
+
+def test_verify_a_halfvec_column(dsn: str, static_model_dir: Callable[..., Path],
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    model = static_model_dir(48)
+    make_table(dsn, rows=60, old_dim=48, with_index=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE knowledge_nodes ALTER COLUMN embedding TYPE halfvec(48)")
+    _embed(capsys, dsn, model)
+    code, data = _verify_json(capsys, dsn, model, "--all")
+    assert code == 0 and data["column_type"] == "halfvec" and data["counts"]["agree"] == 60
+    assert data["cosine"]["min"] > 0.999  # halfvec keeps ~3 significant digits
+    with psycopg.connect(dsn, autocommit=True) as conn:  # one row's vector replaced by another row's
+        conn.execute("UPDATE knowledge_nodes SET embedding = (SELECT embedding FROM knowledge_nodes ORDER BY id "
+                     "LIMIT 1) WHERE id = (SELECT id FROM knowledge_nodes ORDER BY id DESC LIMIT 1)")
+    code, data = _verify_json(capsys, dsn, model, "--all")
+    assert code == 1 and data["counts"]["disagree"] == 1
