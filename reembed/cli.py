@@ -214,8 +214,7 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
-    options = VerifyOptions(sample=args.sample, seed=args.seed, every_row=args.every_row, min_cosine=args.min_cosine)
-    verdict = verify(settings, options)
+    verdict = verify(settings, VerifyOptions.from_args(args))
     if args.json:
         print(json.dumps(verdict.as_dict(), default=str, sort_keys=True), flush=True)
     else:

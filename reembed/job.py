@@ -35,6 +35,7 @@ from reembed.signature import Signature
 from reembed.strategy import for_name
 from reembed.target import TableInfo, inspect_target, read_registry
 from reembed.throttle import Throttle
+from reembed.throttle import check_options as throttle_options
 from reembed.worker import Worker
 
 log = structlog.get_logger()
@@ -71,11 +72,10 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
         if job is None and registry is not None and _registry_matches(registry, name, model_hash):
             return _noop(registry, spec.dimension, started, info)
         _check_target(job, name, model_hash, info, settings)
-        if not opts.dry_run:
-            Throttle(opts, stop=stop, conninfo=conninfo, table_oid=info.oid).check_options()  # before any write
         if opts.dry_run:
             embedder = embedder or _load(spec, opts, model_hash)
             return plan_report(conn, info, registry, job, embedder, settings, started)
+        throttle_options(opts, conninfo)  # the operator's query and replicas answer, before any write
 
         held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
                           break_stale_lock=opts.break_stale_lock, stale_after=opts.stale_after)
@@ -112,8 +112,6 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
                 stop.restore()
                 stop.close()
                 ctx.control.release()
-                if throttle.held is not None:
-                    throttle.held.release()
         finally:
             keeper.release()
             connections.close()
@@ -198,7 +196,7 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
         ctx.state.advance(prepare(ctx, conn, registry, job, rows_total=rows_total, found=found))
     structlog.contextvars.bind_contextvars(job_id=ctx.active.id)
     ctx.lease.job_id = ctx.active.id
-    ctx.throttle.begin(ctx.active.id)
+    ctx.throttle.begin(ctx.active.id, recorded_hold=ctx.active.throttle_reason)
     ctx.stop.deadline(ctx.deadline)
     try:
         return _drive(ctx, resumed_from)
@@ -336,9 +334,9 @@ def _stopped(ctx: RunContext, report: Report, message: str = "") -> Report:
     report.exit_code = stop.exit_code
     report.duration_secs = time.monotonic() - ctx.started
     progress = ctx.lease.read(ckpt.progress, ctx.active, on=ctx.control, what="job_progress")
-    critical = ctx.throttle.critical
-    report.message = message or ((f"{critical.said()}; " if critical is not None and stop.reason == "throttle_critical"
-                                  else "") + f"checkpoint at {progress['last_id']}; re-run to resume")
+    critical = ctx.throttle.critical if stop.reason == "throttle_critical" else None
+    report.message = message or ((f"{critical.said()}; " if critical else "")
+                                 + f"checkpoint at {progress['last_id']}; re-run to resume")
     log.warning("job_stopped", reason=stop.reason, last_id=progress["last_id"], rows_done=progress["rows_done"])
     return report
 

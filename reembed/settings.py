@@ -152,6 +152,10 @@ class VerifyOptions:
     every_row: bool = False  # every row instead of a sample
     min_cosine: float = 0.99  # a stored vector closer than this to a fresh encoding agrees
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> VerifyOptions:
+        return _from_namespace(cls, args)
+
 
 @dataclass(frozen=True)
 class Settings:

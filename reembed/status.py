@@ -123,10 +123,8 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
     done = int(progress["rows_done"]) + int(progress["rows_skipped"])
     total = job.rows_total
     rate = max((r.rows_per_sec or 0.0) for r in ranges) if ranges else None
-    heartbeat_age = None
-    if job.heartbeat_at is not None:
-        now = conn.execute(query("server_now")).fetchone()["now"]
-        heartbeat_age = (now - job.heartbeat_at).total_seconds()
+    now = conn.execute(query("server_now")).fetchone()["now"]
+    heartbeat_age = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at is not None else None
     holder_row = lease.holder_of(conn, int(row["oid"]))
     holder = None
     if holder_row is not None:
@@ -142,10 +140,7 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
                         for r in conn.execute(query("capture_triggers"), {"table_oid": int(row["oid"])}).fetchall())
         pending = conn.execute(query("changes_pending"), {"job_id": job.id}).fetchone()["n"]
         capture = {"trigger": job.capture_trigger, "installed": installed, "pending_changes": int(pending)}
-    held_secs = None
-    if job.throttled_since is not None:
-        server_now = conn.execute(query("server_now")).fetchone()["now"]
-        held_secs = round((server_now - job.throttled_since).total_seconds(), 1)
+    held_secs = round((now - job.throttled_since).total_seconds(), 1) if job.throttled_since is not None else None
     data.update(
         throttle={"reason": job.throttle_reason, "since": job.throttled_since, "held_secs": held_secs,
                   "secs_before": job.throttled_secs},

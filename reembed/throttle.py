@@ -147,21 +147,6 @@ class Throttle(Background):
 
     # ------------------------------------------------------------ the monitor
 
-    def check_options(self) -> None:
-        """Before any write: the operator's query runs, the replicas answer (ConfigError if not)."""
-        if self.opts.throttle_query is not None:
-            try:
-                with db.connect(self.conninfo, role="throttle", vectors=False, autocommit=True) as conn:
-                    self._query_holds(conn)
-            except psycopg.Error as exc:
-                raise ConfigError(f"--throttle-query fails: {first_line(exc)}; fix the query (it must return one "
-                                  "row whose first column is true or a number > 0 to hold the job)") from exc
-        for dsn in self.opts.replica_dsns:
-            try:
-                db.connect(dsn, role="throttle replica", vectors=False, autocommit=True).close()
-            except ConfigError as exc:
-                raise ConfigError(f"--replica-dsn {_safe(dsn)}: {exc}") from exc
-
     def _loop(self) -> None:
         while not self._stopped.is_set():
             try:
@@ -185,9 +170,10 @@ class Throttle(Background):
             # its reports current, so the hold ends when the replica has caught up, not seconds later.
             self._write_beat()
         now = time.monotonic()
-        self._samples.append((now, int(_value(conn, "wal_position", "lsn"))))
-        while len(self._samples) > 2 and now - self._samples[0][0] > _SAMPLES_KEPT:
-            self._samples.popleft()
+        if lag_checked or o.max_wal_rate is not None:  # the WAL positions both are measured from
+            self._samples.append((now, int(_value(conn, "wal_position", "lsn"))))
+            while len(self._samples) > 2 and now - self._samples[0][0] > _SAMPLES_KEPT:
+                self._samples.popleft()
         if lag_checked:
             lag = max([self._stream_lag(conn, now), self._heartbeat_lag(conn)], default=0.0)
             out += self._over("replica_lag", lag, o.max_replica_lag, o.critical_replica_lag)
@@ -207,7 +193,7 @@ class Throttle(Background):
         if o.max_load is not None or o.critical_load is not None:
             load = _value(conn, "active_sessions", "n")
             out += self._over("load", int(load), o.max_load, o.critical_load)
-        if o.throttle_query is not None and self._query_holds(conn):
+        if o.throttle_query is not None and _query_holds(conn, o.throttle_query):
             out.append(Reading("throttle_query", 1, 0))
         if o.throttle_flag_file is not None and Path(o.throttle_flag_file).exists():
             out.append(Reading("flag_file", 1, 0))
@@ -281,13 +267,6 @@ class Throttle(Background):
         archived = wal_segment_number(row["last_archived_wal"][:24], size)
         return max(current - archived - 1, 0)
 
-    def _query_holds(self, conn: psycopg.Connection[Any]) -> bool:
-        row = conn.execute(self.opts.throttle_query or "").fetchone()  # the operator's own SQL, as given
-        if row is None:
-            return False
-        value = next(iter(row.values())) if isinstance(row, dict) else row[0]
-        return bool(value) and (not isinstance(value, int | float) or value > 0)
-
     def _apply(self, readings: list[Reading]) -> None:
         critical = next((r for r in readings if r.critical), None)
         if critical is not None and not self.stop_signal.requested:
@@ -317,11 +296,12 @@ class Throttle(Background):
             self._clear.set()
             self._record(None, secs=secs)
 
-    def begin(self, job_id: int) -> None:
+    def begin(self, job_id: int, *, recorded_hold: str | None) -> None:
         """The run's job is known: a hold recorded by a run that died while held is cleared, and
         the monitor starts (when any check or --max-rate is on)."""
         self.job_id = job_id
-        self._record(None)
+        if recorded_hold is not None:
+            self._record(None)
         if self.enabled:
             self.start()
 
@@ -352,7 +332,7 @@ class Throttle(Background):
             self._conn = None
 
     def close(self) -> None:
-        """Stop the monitor; a hold still on is ended (and recorded) here."""
+        """Stop the monitor; a hold still on is ended (and recorded) here; its connections go back."""
         if self._thread.is_alive():
             self.stop()
         if self._since is not None:
@@ -363,9 +343,37 @@ class Throttle(Background):
             self._since = None
         self._clear.set()
         self._drop_connection()
+        if self.held is not None:
+            self.held.release()
         for replica in self._replicas.values():
             if replica is not None:
                 replica.close()
+
+
+def check_options(opts: RunOptions, conninfo: str) -> None:
+    """Before any write: the operator's --throttle-query runs, each --replica-dsn answers
+    (ConfigError, exit 2, if not)."""
+    if opts.throttle_query is not None:
+        try:
+            with db.connect(conninfo, role="throttle", vectors=False, autocommit=True) as conn:
+                _query_holds(conn, opts.throttle_query)
+        except psycopg.Error as exc:
+            raise ConfigError(f"--throttle-query fails: {first_line(exc)}; fix the query (it must return one "
+                              "row whose first column is true or a number > 0 to hold the job)") from exc
+    for dsn in opts.replica_dsns:
+        try:
+            db.connect(dsn, role="throttle replica", vectors=False, autocommit=True).close()
+        except ConfigError as exc:
+            raise ConfigError(f"--replica-dsn {_safe(dsn)}: {exc}") from exc
+
+
+def _query_holds(conn: psycopg.Connection[Any], statement: str) -> bool:
+    """The operator's query: a first column that is true or > 0 holds the job."""
+    row = conn.execute(statement).fetchone()  # the operator's own SQL, as given
+    if row is None:
+        return False
+    value = next(iter(row.values())) if isinstance(row, dict) else row[0]
+    return bool(value) and (not isinstance(value, int | float) or value > 0)
 
 
 def _value(conn: psycopg.Connection[Any], name: str, column: str, **params: Any) -> Any:

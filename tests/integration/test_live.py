@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 
 from reembed.job import run
 from reembed.settings import ModelSpec, RunOptions, Settings, Target
+from support.application import App
 from support.database import Application, fetch, job_rows_done, keys, make_table, one, writer_waiting
 from support.fakes import Gate, HashEmbedder
 from support.fakes import job_settings as settings
@@ -28,7 +27,6 @@ from support.processes import (
     ROWS,
     Background,
     cli_args,
-    cli_env,
     cli_run_args,
     events,
     last_report,
@@ -36,10 +34,6 @@ from support.processes import (
     spawn,
     wait_for,
 )
-
-APP = Path(__file__).resolve().parent.parent / "app_workload.py"
-
-
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -62,37 +56,6 @@ def assert_final(dsn: str, dim: int, model_name: str, *, index: bool = True) -> 
     assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'reembed_capture_%%'") == 0
     assert one(dsn, "SELECT count(*) FROM reembed_changes") == 0
     assert one(dsn, "SELECT state FROM reembed_checkpoint ORDER BY job_id DESC LIMIT 1") == "done"
-
-
-class App:
-    """The application process (tests/app_workload.py), writing until stopped."""
-
-    def __init__(self, dsn: str, workdir: Path, *, new_model: Path, new_name: str, rate: float = 30.0,
-                 id_type: str = "uuid") -> None:
-        self.stop_file, self.out = workdir / "app.stop", workdir / "app.json"
-        with (workdir / "app.log").open("wb") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, str(APP), dsn, str(self.stop_file), str(self.out), "--new-model", str(new_model),
-                 "--new-name", new_name, "--rate", str(rate), "--id-type", id_type],
-                env=cli_env(), stdout=subprocess.DEVNULL, stderr=log)
-        wait_for(lambda: (workdir / "app.json.ready").exists() or self.proc.poll() is not None, timeout=120,
-                 what="the application to start")
-        assert self.proc.poll() is None, (workdir / "app.log").read_text()[-2000:]
-
-    def writes(self) -> int:
-        stats = self.stats()
-        return sum(stats.get(k, 0) for k in ("inserts", "edits", "deletes", "null_inserts"))
-
-    def stats(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.out.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-
-    def stop(self) -> dict[str, Any]:
-        self.stop_file.write_text("stop")
-        self.proc.wait(timeout=60)
-        return self.stats()
 
 
 # -------------------------------------------------------------- the application writes

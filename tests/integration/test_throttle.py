@@ -17,6 +17,7 @@ from psycopg.conninfo import make_conninfo
 
 from reembed.settings import Settings, Target
 from reembed.status import status
+from support.application import App
 from support.database import make_table, one
 from support.models import assert_rows_hold_the_models_vectors
 from support.processes import cli_run_args, events, last_report, spawn, wait_exit, wait_for
@@ -109,6 +110,45 @@ def test_a_flag_file_holds_the_job_until_it_is_removed(dsn: str, model48: Path, 
         flag.unlink(missing_ok=True)
     assert wait_exit(proc) == 0, log.read_text()[-3000:]
     _assert_held_once(log, "flag_file")
+    assert_rows_hold_the_models_vectors(dsn, model48)
+
+
+def test_a_job_killed_while_held_under_an_application_writing_throughout_resumes_right(
+    dsn: str, model48: Path, workdir: Path
+) -> None:
+    """An application writing (and reading) throughout, the registry read FOR SHARE first; the
+    job held by a flag file and SIGKILLed in the hold; a re-run clears the hold it recorded and
+    finishes: no application error, every row the model's encoding of its current content."""
+    make_table(dsn, rows=ROWS, old_dim=48)  # with the HNSW index: dropped at prepare, built at the end
+    app = App(dsn, workdir, new_model=model48, new_name="static48")
+    flag, log = workdir / "hold-reembed", workdir / "held.log"
+    try:
+        wait_for(lambda: app.writes() >= 10, what="the application writing")
+        proc = spawn(_args(dsn, model48, "--model-name", "static48", "--throttle-flag-file", str(flag),
+                           "--max-rate", "300"), cwd=workdir, log=log)
+        wait_for(lambda: _started(dsn), what="the first commits")
+        flag.touch()
+        wait_for(lambda: _held(dsn), what="the hold recorded on the job")
+        writes_at_hold = app.writes()
+        wait_for(lambda: app.writes() >= writes_at_hold + 10, what="the application writing while the job is held")
+        proc.kill()  # SIGKILL in the hold
+        assert wait_exit(proc) == -9
+        assert one(dsn, "SELECT state FROM reembed_checkpoint") == "embedding" and _held(dsn) is not None
+        flag.unlink()
+        again = workdir / "again.log"
+        assert wait_exit(spawn(_args(dsn, model48, "--model-name", "static48"), cwd=workdir, log=again)) == 0, \
+            again.read_text()[-3000:]
+        assert _held(dsn) is None  # the dead run's hold is not shown any more
+        wait_for(lambda: app.stats().get("writes_with_new_model", 0) >= 5, what="the application on the new model")
+    finally:
+        flag.unlink(missing_ok=True)
+        stats = app.stop()
+    assert stats["errors"] == [], stats["errors"][:5]
+    assert stats["read_errors"] == [], stats["read_errors"][:5]
+    assert stats["edits"] and stats["inserts"] and stats["reads"]
+    assert one(dsn, "SELECT model_name FROM embedding_model") == "static48"
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%'") == 0
+    assert one(dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_knowledge_nodes_embedding_hnsw'::regclass")
     assert_rows_hold_the_models_vectors(dsn, model48)
 
 

@@ -1,0 +1,46 @@
+"""The application process of the live-table tests (tests/app_workload.py): it reads the registry
+row FOR SHARE in each writing transaction, embeds with the model it names, writes and reads
+until stopped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from support.processes import cli_env, wait_for
+
+APP = Path(__file__).resolve().parent.parent / "app_workload.py"
+
+
+class App:
+    """The application process (tests/app_workload.py), writing until stopped."""
+
+    def __init__(self, dsn: str, workdir: Path, *, new_model: Path, new_name: str, rate: float = 30.0,
+                 id_type: str = "uuid") -> None:
+        self.stop_file, self.out = workdir / "app.stop", workdir / "app.json"
+        with (workdir / "app.log").open("wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, str(APP), dsn, str(self.stop_file), str(self.out), "--new-model", str(new_model),
+                 "--new-name", new_name, "--rate", str(rate), "--id-type", id_type],
+                env=cli_env(), stdout=subprocess.DEVNULL, stderr=log)
+        wait_for(lambda: (workdir / "app.json.ready").exists() or self.proc.poll() is not None, timeout=120,
+                 what="the application to start")
+        assert self.proc.poll() is None, (workdir / "app.log").read_text()[-2000:]
+
+    def writes(self) -> int:
+        stats = self.stats()
+        return sum(stats.get(k, 0) for k in ("inserts", "edits", "deletes", "null_inserts"))
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.out.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_file.write_text("stop")
+        self.proc.wait(timeout=60)
+        return self.stats()
