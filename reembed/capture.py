@@ -57,31 +57,32 @@ class Capture:
         }
 
 
-def _tool_schema(conn: psycopg.Connection[Any]) -> str:
+def tool_schema(conn: psycopg.Connection[Any]) -> str:
     row = conn.execute(query("tool_schema")).fetchone()
     if row is None:
         raise ReembedError("reembed_changes is missing (dropped by hand?); re-run to create reembed's tables again")
     return str(row["schema"])
 
 
-def install(ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job) -> None:
-    """Inside prepare's transaction: the job's triggers and their function."""
-    cap = create(conn, ctx.info, job.id)
+def install(ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job, *, column: str | None = None) -> None:
+    """Inside prepare's transaction: the job's triggers and their function (watching the content
+    and `column`, the column the job writes: by default the embedding column)."""
+    cap = create(conn, ctx.info, job.id, column=column)
     conn.execute(query("set_capture_trigger"), {"name": cap.prefix, "job_id": job.id})
 
 
-def create(conn: psycopg.Connection[Any], info: TableInfo, job_id: int) -> Capture:
+def create(conn: psycopg.Connection[Any], info: TableInfo, job_id: int, *, column: str | None = None) -> Capture:
     """The triggers and their function, for job `job_id` (reembed's tables must exist)."""
-    cap = Capture(job_id, _tool_schema(conn))
+    cap = Capture(job_id, tool_schema(conn))
     conn.execute(info.statement("create_capture_function", changes=(cap.schema, "reembed_changes"),
                                 job_id=sql.Literal(job_id), **cap.fill()))
-    conn.execute(info.statement("create_capture_triggers", column=info.column, **cap.fill()))
+    conn.execute(info.statement("create_capture_triggers", column=column or info.column, **cap.fill()))
     return cap
 
 
 def remove(conn: psycopg.Connection[Any], info: TableInfo, job_id: int) -> None:
     """Drop a job's triggers and function, and forget what they captured."""
-    cap = Capture(job_id, _tool_schema(conn))
+    cap = Capture(job_id, tool_schema(conn))
     conn.execute(info.statement("drop_capture", **cap.fill()))
     conn.execute(query("forget_job_changes"), {"job_id": job_id})
     conn.execute(query("set_capture_trigger"), {"name": None, "job_id": job_id})
@@ -299,7 +300,7 @@ def stop_capturing(ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
     lock that readers would wait for)."""
     if ctx.active.capture_trigger is None:  # a job started before capture existed
         return
-    cap = Capture(ctx.active.id, _tool_schema(conn))
+    cap = Capture(ctx.active.id, tool_schema(conn))
     conn.execute(ctx.info.statement("disable_capture_triggers", **cap.fill()))
 
 

@@ -67,6 +67,10 @@ class Job:
     throttle_reason: str | None = None  # while the job is held (reembed.throttle): the checks over their limits
     throttled_since: dt.datetime | None = None
     throttled_secs: float = 0.0
+    shadow: dict[str, Any] | None = None  # --strategy shadow: its column and indexes (reembed.shadow)
+    gate: dict[str, Any] | None = None  # the quality gate's figures
+    swapped_at: dt.datetime | None = None
+    previous_state: str | None = None  # after a shadow swap: kept | rolled_back | cleaned
 
     @property
     def id(self) -> int:
@@ -144,6 +148,14 @@ def latest_job(conn: psycopg.Connection[Any], table: str, column: str) -> Job | 
     return _one(conn, Job, "latest_job", {"table": table, "column": column})
 
 
+def kept_previous(conn: psycopg.Connection[Any], table: str, column: str) -> Job | None:
+    """The shadow job whose previous column is kept on (table, column), if any."""
+    row = conn.execute(query("previous_state_exists")).fetchone()
+    if not row or not row["present"]:  # no reembed tables, or of a version before the shadow strategy
+        return None
+    return _one(conn, Job, "kept_previous", {"table": table, "column": column})
+
+
 def find(conn: psycopg.Connection[Any], job_id: int) -> Job | None:
     return _one(conn, Job, "job_by_id", {"job_id": job_id})
 
@@ -168,6 +180,7 @@ def create_job(
     rows_total: int | None,
     holder: str,
     dependents: list[dict[str, Any]] | None = None,
+    strategy: str = "in_place",
 ) -> Job:
     """Insert the job and its single range. Call inside the caller's transaction."""
     job = _one(conn, Job, "insert_job", {
@@ -188,6 +201,7 @@ def create_job(
         "rows_total": rows_total,
         "holder": holder,
         "dependents": Jsonb(dependents) if dependents is not None else None,
+        "strategy": strategy,
     })
     if job is None:
         raise InternalError("insert_job returned no row")

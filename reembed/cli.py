@@ -13,7 +13,8 @@ from reembed import __version__
 from reembed.errors import ReembedError, Stopped
 from reembed.job import plan, run
 from reembed.logs import configure_logging
-from reembed.settings import Settings, VerifyOptions
+from reembed.rollback import cleanup, rollback
+from reembed.settings import RollbackOptions, Settings, VerifyOptions
 from reembed.status import status as job_status
 from reembed.verify import verify
 
@@ -109,6 +110,29 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     j.add_argument("--accept-failed", action="store_true",
                    help="finalize with the failed rows' embeddings left NULL")
     j.add_argument("--dry-run", action="store_true", help="plan only: write nothing")
+    j.add_argument("--strategy", choices=("in_place", "shadow"), default="in_place",
+                   help="in_place: rewrite the column (search must not be served until the end); shadow: fill a "
+                        "column beside it, search keeps serving the old vectors until one short swap, which the "
+                        "quality gate must pass; `reembed rollback` and `reembed cleanup` after (default: in_place; "
+                        "`reembed plan` compares them)")
+    q = p.add_argument_group("quality gate (--strategy shadow; before the swap)")
+    q.add_argument("--skip-gate", action="store_true", help="swap without the gate (logged)")
+    q.add_argument("--gate-sample", type=int, default=1000, help="rows whose new vectors are checked (1000)")
+    q.add_argument("--gate-queries", type=int, default=200,
+                   help="sampled rows made into queries: one of a row's sentences must find the row (200)")
+    q.add_argument("--gate-min-recall", type=float, default=0.5,
+                   help="recall@10 of those queries through the new index, at least (0.5)")
+    q.add_argument("--gate-max-regression", type=float, default=0.05,
+                   help="with --old-model: the new recall@10 may be at most this much under the old model's (0.05)")
+    q.add_argument("--gate-min-self-recall", type=float, default=0.9,
+                   help="each sampled row found from its own vector in the top 10 through each new index (0.9)")
+    q.add_argument("--old-model", default=None,
+                   help="the model the column holds now (its hash must match the registry's): the gate compares "
+                        "recall through the old column with it")
+    q.add_argument("--old-model-name", default=None, help="the registry's name for the old model")
+    q.add_argument("--old-prefix", default="", help="the --prefix the old model was run with")
+    q.add_argument("--old-max-seq-length", type=int, default=None,
+                   help="the --max-seq-length the old model was run with")
 
     t = p.add_argument_group("throttling (checked every 0.5 s; the job holds while any is over its limit)")
     t.add_argument("--max-replica-lag", default="5s",
@@ -179,6 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(verify)
     _add_output(verify)
     verify.set_defaults(command=_verify)
+    back = sub.add_parser("rollback", help="after a shadow job's swap: swap the previous column back in, its stale "
+                                           "rows re-embedded (exit 2: nothing to roll back)")
+    g = back.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="the model the previous column holds (its hash is checked): it re-embeds the rows written "
+                        "since the swap")
+    g.add_argument("--model-name", default=None, help="the registry's name for it")
+    _add_encoding(g, prefix="the --prefix it was run with", length="the --max-seq-length it was run with")
+    b = back.add_argument_group("rollback")
+    b.add_argument("--leave-stale-null", action="store_true",
+                   help="without --model: swap back with the rows written since the swap left NULL")
+    b.add_argument("--batch-size", type=int, default=256, help="stale rows per transaction (256)")
+    b.add_argument("--cut-over-lock-timeout", default="200ms",
+                   help="how long the swap back waits for each lock before it yields and tries again (200ms)")
+    _add_target(back)
+    _add_output(back)
+    back.set_defaults(command=_rollback)
+    clean = sub.add_parser("cleanup", help="after a shadow job's swap: drop the previous column, its indexes and the "
+                                           "record of rows written since (exit 2: nothing to clean up)")
+    _add_target(clean)
+    _add_output(clean)
+    clean.set_defaults(command=_cleanup)
     return parser
 
 
@@ -220,6 +266,18 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(verdict.text(), flush=True)
     return verdict.exit_code
+
+
+def _rollback(settings: Settings, args: argparse.Namespace) -> int:
+    report = rollback(settings, RollbackOptions.from_args(args))
+    _emit(report.as_dict(), report.message, args, quiet=False)
+    return report.exit_code
+
+
+def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    report = cleanup(settings)
+    _emit(report.as_dict(), report.message, args, quiet=False)
+    return report.exit_code
 
 
 def _emit(data: dict[str, Any], summary: str, args: argparse.Namespace, *, quiet: bool) -> None:

@@ -107,6 +107,7 @@ class RunContext:
     deadline: float | None = None  # monotonic; None: no time window
     writers: int = 1  # writer connections (writer_count)
     throttle: Throttle = field(default_factory=Throttle.off)  # the gate every batch passes
+    old_embedder: Callable[[], Embedder] | None = None  # --old-model, loaded when the quality gate asks
 
     @property
     def opts(self) -> RunOptions:

@@ -50,6 +50,8 @@ REINDEX = "reindex"  # kept through the writes, REINDEXed at finalize
 CARRIED = "carried"  # PostgreSQL carries it through the type change
 UNTOUCHED = "untouched"  # nothing the job does affects it
 REFUSED = "refused"
+SHADOW = "shadow"  # --strategy shadow: an index built on the shadow column, swapped in with it
+RECREATE = "recreate"  # --strategy shadow: a view, trigger or policy re-created on the new column at the swap
 
 _CAST = re.compile(r"::(vector|halfvec|bit|sparsevec)\((\d+)\)")
 _OURS = "reembed_"  # the job's own capture triggers and function
@@ -91,6 +93,12 @@ class Inventory:
     type_change: bool
     dimension: int
     column_type: str
+    strategy: str = "in_place"
+
+    @property
+    def shadowed(self) -> list[Dependent]:
+        """--strategy shadow: the indexes built again on the shadow column."""
+        return [d for d in self.dependents if d.action == SHADOW]
 
     @property
     def refused(self) -> list[Dependent]:
@@ -118,7 +126,8 @@ class Inventory:
             return
         change = f"{info.column_type}({self.dimension})"
         said = refusals(refused)
-        raise ConfigError(f"cannot change {info.qualified}.{info.column} to {change} in place: {said}; "
+        how = "with a shadow column (--strategy shadow)" if self.strategy == "shadow" else "in place"
+        raise ConfigError(f"cannot change {info.qualified}.{info.column} to {change} {how}: {said}; "
                           "nothing was written")
 
 
@@ -128,6 +137,8 @@ _SAID = {
     CARRIED: "kept (PostgreSQL carries it through the type change)",
     UNTOUCHED: "untouched",
     REFUSED: "refused",
+    SHADOW: "built again on the shadow column, swapped in with it",
+    RECREATE: "re-created on the new column at the swap",
 }
 
 def refusals(refused: Sequence[Dependent]) -> str:
@@ -142,21 +153,26 @@ def summary(found: Sequence[Dependent]) -> str:
     return ", ".join(f"{d.kind} {d.name} ({_SAID[d.action]})" for d in found)
 
 
-_SHADOW = "a shadow column swapped in at the end (--strategy shadow, once it exists) will handle it"
+_SHADOW = "--strategy shadow (a shadow column swapped in at the end) re-creates it on the new column"
+_IN_PLACE = "or use --strategy in_place"
 
 
 def take(conn: psycopg.Connection[Any], info: TableInfo, *, dimension: int, source_dimension: int | None,
          drop_first: bool = False, allow_published: bool = False, probe: bool = True,
-         carried: Sequence[Dependent] = ()) -> Inventory:
+         carried: Sequence[Dependent] = (), strategy: str = "in_place") -> Inventory:
     """The inventory for a job that brings the column to `dimension`; `probe`: also try the new
     definitions on an empty copy of the table (in a transaction rolled back); `carried`: the
     indexes an abandoned job dropped (built again by this one, at its dimension)."""
     type_change = info.typmod != dimension
     old = info.typmod or source_dimension
+    shadow = strategy == "shadow"
     found: list[Dependent] = []
     for row in conn.execute(query("column_dependents"), {"table_oid": info.oid, "attnum": info.attnum}).fetchall():
-        dependent = _classify(row, info, type_change=type_change, dimension=dimension, old=old,
-                              drop_first=drop_first)
+        if shadow:
+            dependent = _classify_shadow(row, dimension=dimension, old=old)
+        else:
+            dependent = _classify(row, info, type_change=type_change, dimension=dimension, old=old,
+                                  drop_first=drop_first)
         if dependent is not None:
             found.append(dependent)
     present = {d.name for d in found if d.is_index}
@@ -165,13 +181,14 @@ def take(conn: psycopg.Connection[Any], info: TableInfo, *, dimension: int, sour
                   original=d.original, method=d.method)
         for d in carried if d.is_index and d.action == REBUILD and d.name not in present
     ] + found
-    found += _publications(conn, info, type_change=type_change, allow=allow_published)
-    inventory = Inventory(tuple(found), type_change=type_change, dimension=dimension, column_type=info.column_type)
-    if type_change and dimension > TYPE_LIMIT:
+    found += _publications(conn, info, type_change=type_change, allow=allow_published, shadow=shadow)
+    inventory = Inventory(tuple(found), type_change=type_change, dimension=dimension, column_type=info.column_type,
+                          strategy=strategy)
+    if (type_change or shadow) and dimension > TYPE_LIMIT:
         raise ConfigError(f"a {info.column_type} column holds at most {TYPE_LIMIT} dimensions; the model gives "
                           f"{dimension}; nothing was written")
     inventory = _limits(inventory)
-    if probe and not inventory.refused and (type_change or inventory.rebuilt):
+    if probe and not inventory.refused and (type_change or inventory.rebuilt or inventory.shadowed):
         inventory = _probe(conn, info, inventory)
     return inventory
 
@@ -196,7 +213,8 @@ def _classify(row: dict[str, Any], info: TableInfo, *, type_change: bool, dimens
     why = {
         "view": f"selects the column: PostgreSQL cannot change the type of a column a view uses; {_SHADOW}, "
                 "or drop the view for the job and create it again after",
-        "rule": f"uses the column: PostgreSQL cannot change the type of a column a rule uses; {_SHADOW}",
+        "rule": "uses the column: PostgreSQL cannot change the type of a column a rule uses; drop the rule for "
+                "the job and create it again after",
         "policy": "uses the column: PostgreSQL cannot change the type of a column a row-level security policy "
                   "uses; drop the policy for the job and create it again after (the table is then unprotected "
                   f"by it), or {_SHADOW}",
@@ -204,7 +222,7 @@ def _classify(row: dict[str, Any], info: TableInfo, *, type_change: bool, dimens
                    f"trigger for the job and create it again after, or {_SHADOW}",
         "generated column": "is computed from the column: PostgreSQL cannot change the type of a column a "
                             "generated column uses, and its expression names the old dimension; drop the expression "
-                            f"(ALTER TABLE ... ALTER COLUMN ... DROP EXPRESSION) first, or {_SHADOW}",
+                            "(ALTER TABLE ... ALTER COLUMN ... DROP EXPRESSION) first",
         "function": "has a SQL-standard body that uses the column: PostgreSQL cannot change its type; replace "
                     "the function with a string body for the job",
         "constraint": "uses the column (a key or exclusion constraint): it cannot be dropped for the job; drop "
@@ -213,6 +231,44 @@ def _classify(row: dict[str, Any], info: TableInfo, *, type_change: bool, dimens
                        "type; drop the table from the publication for the job",
     }.get(kind, f"depends on the column ({row['deptype']}): reembed does not know how to carry it through "
                 "a type change; drop it for the job and create it again after")
+    return Dependent(kind, name, REFUSED, original=row["definition"], why=why)
+
+
+def _classify_shadow(row: dict[str, Any], *, dimension: int, old: int | None) -> Dependent | None:
+    """--strategy shadow: the live column is never touched while the job runs; at the swap it is
+    renamed away and the shadow column takes its name. Every index that reads the column is built
+    again on the shadow; what refers to the column by its identity (views, triggers, policies) is
+    re-created on the new column in the swap's transaction; what holds the column's values or
+    would not follow it is refused, by name."""
+    kind, name = row["kind"], row["description"]
+    if kind in ("trigger", "function") and row["object_name"].startswith(_OURS):
+        return None
+    if kind == "index":
+        index_name, method, original = row["object_name"], row["method"], row["definition"]
+        if row["constraint_name"] is not None:
+            return Dependent("index", index_name, REFUSED, original=original, method=method,
+                             why=f"backs constraint {row['constraint_name']}: a shadow column cannot take it over "
+                                 f"in the swap; drop the constraint for the job, {_IN_PLACE}")
+        return Dependent("index", index_name, SHADOW, definition=_rewritten(original, old, dimension),
+                         original=original, method=method)
+    if kind in ("view", "trigger", "policy"):
+        return Dependent(kind, name, RECREATE, original=row["definition"])
+    why = {
+        "materialized view": "holds a copy of the column's values: it would have to be refreshed inside the swap; "
+                             f"drop it for the job and create it again after, {_IN_PLACE}",
+        "rule": f"uses the column: reembed does not re-create rules at the swap; drop it for the job, {_IN_PLACE}",
+        "generated column": "is computed from the column: it would go on reading the previous column after the "
+                            f"swap; drop the expression for the job, {_IN_PLACE}",
+        "function": "has a SQL-standard body that uses the column: it would go on reading the previous column "
+                    f"after the swap; replace it with a string body for the job, {_IN_PLACE}",
+        "constraint": "constrains the column: the shadow column would not carry it; drop it for the job and add it "
+                      f"on the new column after, {_IN_PLACE}",
+        "default": "is the column's default: the shadow column would not carry it; drop it for the job and set it "
+                   f"on the new column after, {_IN_PLACE}",
+        "statistics": "covers the column: the shadow column would not carry it; drop it for the job and create it "
+                      f"again after, {_IN_PLACE}",
+    }.get(kind, f"depends on the column ({row['deptype']}): reembed does not know how to carry it to a shadow "
+                f"column; drop it for the job and create it again after, {_IN_PLACE}")
     return Dependent(kind, name, REFUSED, original=row["definition"], why=why)
 
 
@@ -239,12 +295,18 @@ def _rewritten(definition: str, old: int | None, new: int) -> str:
 
 
 def _publications(conn: psycopg.Connection[Any], info: TableInfo, *, type_change: bool,
-                  allow: bool) -> list[Dependent]:
+                  allow: bool, shadow: bool = False) -> list[Dependent]:
     rows = conn.execute(query("table_publications"), {"table_oid": info.oid}).fetchall()
     out = []
     for row in rows:
         name = f"publication {row['name']}"
-        if not type_change:
+        if shadow:
+            out.append(Dependent("publication", name, CARRIED) if allow else Dependent(
+                "publication", name, REFUSED,
+                why="replicates the table: the shadow column is a new column, and subscribers without it stop "
+                    "applying; add it on each subscriber first (see the runbook), then pass --allow-published, "
+                    f"{_IN_PLACE}"))
+        elif not type_change:
             out.append(Dependent("publication", name, UNTOUCHED))
         elif allow:
             out.append(Dependent("publication", name, CARRIED))
@@ -261,7 +323,7 @@ def _limits(inventory: Inventory) -> Inventory:
     """pgvector's index limits against the new dimension, for every index to build."""
     out = []
     for d in inventory.dependents:
-        if d.action == REBUILD and d.method in ANN_METHODS and d.definition is not None:
+        if d.action in (REBUILD, SHADOW) and d.method in ANN_METHODS and d.definition is not None:
             reads = _index_reads(d.definition) or inventory.column_type  # no opclass shown: the default
             limit = INDEX_LIMITS.get(reads)
             if limit is not None and inventory.dimension > limit:
@@ -271,7 +333,8 @@ def _limits(inventory: Inventory) -> Inventory:
                     f"or an index on a halfvec cast, USING {d.method} ((column::halfvec({inventory.dimension})) "
                     "halfvec_cosine_ops)"))
         out.append(d)
-    return Inventory(tuple(out), inventory.type_change, inventory.dimension, inventory.column_type)
+    return Inventory(tuple(out), inventory.type_change, inventory.dimension, inventory.column_type,
+                     inventory.strategy)
 
 
 _OPCLASS = re.compile(r"\b(vector|halfvec|bit|sparsevec)_[a-z0-9]+_ops\b")
@@ -307,9 +370,9 @@ def _probe(conn: psycopg.Connection[Any], info: TableInfo, inventory: Inventory)
             if d.kind == "constraint" and d.action == CARRIED and d.original is not None:
                 steps.append((d, info.statement("probe_check", check=sql.SQL(d.original))))
         for d in inventory.dependents:
-            if d.action == REBUILD and d.definition is not None:
+            if d.action in (REBUILD, SHADOW) and d.definition is not None:
                 steps.append((d, sql.SQL("CREATE INDEX ON pg_temp.reembed_probe USING ")
-                              + sql.SQL(_after_using(d.definition, d.method))))
+                              + sql.SQL(after_using(d.definition, d.method))))
         for d, statement in steps:
             if (error := _try(conn, statement)) is not None:
                 refused[d.name] = error
@@ -323,16 +386,37 @@ def _probe(conn: psycopg.Connection[Any], info: TableInfo, inventory: Inventory)
                           why=f"would not take the new vectors ({what}, tried on an empty copy of the table at "
                               f"{new_text}: {refused[d.name]}); change or drop it for the job")
         out.append(d)
-    return Inventory(tuple(out), inventory.type_change, inventory.dimension, inventory.column_type)
+    return Inventory(tuple(out), inventory.type_change, inventory.dimension, inventory.column_type,
+                     inventory.strategy)
 
 
-def _after_using(definition: str, method: str | None) -> str:
+def after_using(definition: str, method: str | None) -> str:
     """`CREATE INDEX name ON table USING hnsw (...) ...` -> `hnsw (...) ...`."""
     marker = f" USING {method} " if method else " USING "
     at = definition.find(marker)
     if at < 0:
         raise ConfigError(f"cannot read the index definition {definition!r}")
     return definition[at + len(" USING "):]
+
+
+_LITERAL = re.compile(r"('(?:[^']|'')*')")
+
+
+def rename_refs(text: str, old: str, new: str) -> str:
+    """`text` (an expression PostgreSQL printed) with its references to column `old` made to
+    `new`: a quoted "old" anywhere, a bare old as a whole word (not a function's name, not after
+    a dot), never inside a string literal."""
+    quoted_new = '"' + new.replace('"', '""') + '"'
+    quoted_old = re.escape('"' + old.replace('"', '""') + '"')
+    bare = re.compile(rf"(?<![\w.\"$]){re.escape(old)}(?![\w\"$(])") if re.fullmatch(r"[a-z_][a-z0-9_$]*", old) \
+        else None
+    parts = _LITERAL.split(text)
+    for i in range(0, len(parts), 2):  # the even parts are outside literals
+        part = re.sub(quoted_old, lambda _m: quoted_new, parts[i])
+        if bare is not None:
+            part = bare.sub(lambda _m: quoted_new, part)
+        parts[i] = part
+    return "".join(parts)
 
 
 def _try(conn: psycopg.Connection[Any], statement: sql.SQL | sql.Composed) -> str | None:
@@ -363,6 +447,8 @@ class RecordedJob(Protocol):
     def source_typmod(self) -> int | None: ...
     @property
     def target_dimension(self) -> int: ...
+    @property
+    def strategy(self) -> str: ...
 
 
 def recorded(job: RecordedJob | None) -> list[Dependent]:
@@ -394,6 +480,8 @@ def table_state(job: RecordedJob) -> str | None:
     does about it; None when nothing is (or the job is over)."""
     if job.state not in ("embedding", "finalizing"):
         return None
+    if job.strategy == "shadow":
+        return None  # the live column, its indexes and what depends on it are untouched until the swap
     steps = set(job.finalize_steps or [])
     indexes = [d for d in recorded(job) if d.action in (REBUILD, REINDEX)]
     dropped = [d.name for d in indexes if d.action == REBUILD

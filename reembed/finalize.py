@@ -112,7 +112,8 @@ def _postponed(ctx: RunContext, outcome: Outcome) -> bool:
         return False
     rows = ctx.lease.read(ckpt.progress, ctx.active, on=ctx.control, what="job_progress")["rows_done"]
     need = estimate_finalize_secs(rows, ctx.signature.dimension,
-                                  typmod_change=ctx.info.typmod != ctx.signature.dimension)
+                                  typmod_change=ctx.info.typmod != ctx.signature.dimension
+                                  and ctx.strategy.name == "in_place")
     left = ctx.deadline - time.monotonic()
     if need * 1.5 <= left:
         return False
@@ -179,13 +180,13 @@ def index_steps(ctx: RunContext) -> list[FinalizeStep]:
             log.warning("no_index_to_rebuild", detail="no index read the column when the job started")
 
         return [FinalizeStep("build_index", nothing)]
-    return [_index_step(ctx, d, only=len(indexes) == 1) for d in indexes]
+    return [index_step(ctx, d, only=len(indexes) == 1) for d in indexes]
 
 
 _M = re.compile(r"\bm\s*=\s*'?(\d+)")
 
 
-def _index_step(ctx: RunContext, index: dependents.Dependent, *, only: bool) -> FinalizeStep:
+def index_step(ctx: RunContext, index: dependents.Dependent, *, only: bool) -> FinalizeStep:
     job, info, opts = ctx.active, ctx.info, ctx.opts
     name = index.name
     ident = info.index_ident(name)

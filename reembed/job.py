@@ -10,15 +10,17 @@ embedded by a worker (reembed.worker) that claims a range of the key space.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import psycopg
 import structlog
 
-from reembed import capture, db, dependents, failures, finalize, lease
+from reembed import capture, db, dependents, failures, finalize, lease, shadow
 from reembed import checkpoint as ckpt
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
@@ -46,6 +48,12 @@ WARNING: Until this job finishes, the column mixes two embedding spaces{index_no
 WARNING: search results over it are meaningless. Stop serving search from it now.
 WARNING: The application may keep writing: its writes are captured and re-embedded.{rewrite_note}
 WARNING: Press Ctrl-C within {secs:g} seconds to abort (--no-confirm skips this pause)."""
+SHADOW_BANNER = """\
+WARNING: reembed is about to re-embed {table}.{column} with {model} ({dim}-d) in a shadow column.
+WARNING: Search keeps serving the old vectors until one short swap at the end; the application may
+WARNING: keep writing with the old model (its writes are captured and re-embedded). The table grows
+WARNING: by the new column and its indexes until `reembed cleanup` drops the previous ones.
+WARNING: Press Ctrl-C within {secs:g} seconds to abort (--no-confirm skips this pause)."""
 REWRITE_NOTE = """
 WARNING: At the end the column becomes {dim}: that rewrites the table while writers
 WARNING: and readers wait, about {secs:.0f} s for {rows:,} rows (see `reembed plan`)."""
@@ -72,6 +80,9 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
         if job is None and registry is not None and _registry_matches(registry, name, model_hash):
             return _noop(registry, spec.dimension, started, info)
         _check_target(job, name, model_hash, info, settings)
+        with db.translated():
+            _check_previous(conn, info, job, settings)
+        old_loader = _old_model(opts, job, registry)
         if opts.dry_run:
             embedder = embedder or _load(spec, opts, model_hash)
             return plan_report(conn, info, registry, job, embedder, settings, started)
@@ -101,9 +112,9 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
                                 held=connections.hold("throttle"))
             ctx = RunContext(settings=settings, info=info, embedder=embedder, stop=stop, lease=keeper,
                              connections=connections, control=connections.hold("control"),
-                             state=JobState(for_name("in_place")), started=started,
+                             state=JobState(for_name(opts.strategy)), started=started,
                              deadline=opts.deadline(started), writers=writer_count(opts, embedder.device),
-                             throttle=throttle)
+                             throttle=throttle, old_embedder=old_loader)
             stop.install()
             try:
                 return _locked_run(ctx, conn)
@@ -149,6 +160,39 @@ def _load(spec: ModelSpec, opts: RunOptions, model_hash: str) -> Embedder:
     return SentenceTransformerEmbedder(spec, encode_batch_size=opts.encode_batch_size, model_hash=model_hash)
 
 
+def _check_previous(conn: psycopg.Connection[Any], info: TableInfo, job: Job | None, settings: Settings) -> None:
+    """A new job waits until a shadow job's kept previous column is cleaned up or rolled back
+    (a second swap would have nowhere to put it, and rollback would lose its meaning); a
+    shadow job needs the name it renames the column to."""
+    if job is not None:
+        return
+    kept = ckpt.kept_previous(conn, info.qualified, info.column)
+    if kept is not None:
+        previous = (kept.shadow or {}).get("previous", "the previous column")
+        raise ConfigError(
+            f"job {kept.job_id} swapped {kept.target_model_name} into {info.qualified}.{info.column} and kept "
+            f"{previous} for a rollback: run `reembed cleanup` (keep the new vectors) or `reembed rollback` (go "
+            "back) before starting another job; nothing was written")
+    if settings.options.strategy == "shadow":
+        shadow.check_table(conn, info)
+
+
+def _old_model(opts: RunOptions, job: Job | None, registry: Signature | None) -> Callable[[], Embedder] | None:
+    """--old-model, checked against the model the column holds now (before any write), and
+    loaded only when the quality gate asks for it."""
+    spec = opts.old_model
+    if spec is None:
+        return None
+    name, model_hash = fingerprint(spec)
+    current = job.source if job is not None else registry
+    if current is None or current.hash != model_hash:
+        said = f"{current.name} ({current.hash})" if current is not None else "none (no registry row)"
+        raise ConfigError(f"--old-model {spec.model} hashes to {model_hash}, but the column holds {said}: the "
+                          "gate would compare the new vectors with the wrong model; give the model (with its "
+                          "--old-prefix and --old-max-seq-length) the registry names")
+    return functools.cache(lambda: _load(spec, opts, model_hash))
+
+
 def _check_target(job: Job | None, name: str, model_hash: str, info: TableInfo, settings: Settings) -> None:
     """A different target while a job is active is refused, unless told to abandon it.
     (The hash covers the model's files, so name + hash settle the dimension too.)"""
@@ -175,6 +219,9 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
     _check_target(job, sig.name, sig.hash, info, ctx.settings)
 
     resumed_from: str | None = None
+    if job is not None and job.matches(sig) and job.strategy != ctx.opts.strategy:
+        log.warning("strategy_kept", job_id=job.id, strategy=job.strategy, asked=ctx.opts.strategy,
+                    detail="a job finishes with the strategy it started with")
     if job is not None and job.matches(sig):
         with db.translated():
             ckpt.ensure_schema(conn)  # a job of an older version gains the newer columns and tables
@@ -207,8 +254,8 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
 def _recheck(ctx: RunContext, conn: psycopg.Connection[Any], job: Job) -> None:
     """A resumed job whose column still changes type: refuse what was added on the column since
     the job started (a view, a policy, ...), before any more work, saying what state the table is in."""
-    if job.source_typmod == job.target_dimension or "cut_over" in job.steps:
-        return
+    if job.strategy == "shadow" or job.source_typmod == job.target_dimension or "cut_over" in job.steps:
+        return  # a shadow job re-reads what is on the column inside its swap
     with db.translated():
         now = dependents.take(conn, ctx.info, dimension=job.target_dimension, source_dimension=job.source_typmod,
                               allow_published=ctx.opts.allow_published, probe=False)
@@ -225,6 +272,10 @@ def _confirm(ctx: RunContext, conn: psycopg.Connection[Any], rows: int, seconds:
     if seconds <= 0:
         return False
     info, sig = ctx.info, ctx.signature
+    if ctx.strategy.name == "shadow":
+        print(SHADOW_BANNER.format(table=info.qualified, column=info.column, model=sig.name, dim=sig.dimension,
+                                   secs=seconds), file=sys.stderr, flush=True)
+        return ctx.stop.wait(seconds)
     dropped = [d.name for d in found.rebuilt]
     note = (f" and {'index ' if len(dropped) == 1 else 'indexes '}{', '.join(dropped)} "
             f"{'is' if len(dropped) == 1 else 'are'} dropped until the end") if dropped else ""
@@ -259,10 +310,12 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
         if old is not None:
             ckpt.set_state(c, old, to="abandoned", from_state=old.state)
             capture.remove(c, info, old.id)
+            if old.strategy == "shadow":
+                shadow.discard(c, info, old)
             log.warning("job_abandoned", old_job_id=old.id, old_model=old.target.name)
         job = ckpt.create_job(c, info, target=sig, source=source, index=index_def, index_name=index_name,
                               source_typmod=source_typmod, rows_total=rows_total, holder=db.holder_name(),
-                              dependents=now.as_json())
+                              dependents=now.as_json(), strategy=ctx.strategy.name)
         ctx.strategy.prepare(ctx, c, job, resumed_from=old)
         return ckpt.reload(c, job)
 
@@ -298,6 +351,9 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
         report.index_rebuild_secs = outcome.index_secs
         report.details["writers_held_secs"] = ctx.active.writers_held_secs
         report.details["catch_up_rows"] = ctx.active.catchup_rows
+        report.details["strategy"] = ctx.strategy.name
+        if ctx.active.gate is not None:
+            report.details["gate"] = ctx.active.gate
         if not outcome.finished:
             return _stopped(ctx, report, message=outcome.message)
     except Stopped:

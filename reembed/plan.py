@@ -13,6 +13,7 @@ from reembed.checkpoint import Job
 from reembed.cost import estimate as estimate_cost
 from reembed.dependents import Inventory
 from reembed.encoding import Embedder, feed_for
+from reembed.errors import ConfigError
 from reembed.finalize import REWRITE_BYTES_PER_SEC, REWRITE_ROWS_PER_SEC
 from reembed.queries import query
 from reembed.report import Report
@@ -38,6 +39,10 @@ def inventory(conn: psycopg.Connection[Any], info: TableInfo, registry: Signatur
     """Everything on the column and what a new job does with each (reembed.dependents), or a
     ConfigError naming what it refuses; `old`: the job a new one abandons (its dropped indexes
     are this one's to build)."""
+    if old is not None and old.strategy == "in_place" and opts.strategy == "shadow":
+        raise ConfigError(f"job {old.id} re-embeds {info.qualified}.{info.column} in place: the column already mixes "
+                          "two models, which a shadow column cannot undo; abandon it with --strategy in_place; "
+                          "nothing was written")
     if old is not None:
         source = old.source_typmod or old.source_dimension
     else:
@@ -45,7 +50,7 @@ def inventory(conn: psycopg.Connection[Any], info: TableInfo, registry: Signatur
     carried = [d for d in dependents.recorded(old) if d.action == dependents.REBUILD]
     found = dependents.take(conn, info, dimension=dimension, source_dimension=source,
                             drop_first=opts.drop_hnsw_first, allow_published=opts.allow_published,
-                            probe=probe, carried=carried)
+                            probe=probe, carried=carried, strategy=opts.strategy)
     found.check(info)
     return found
 

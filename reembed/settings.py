@@ -131,6 +131,16 @@ class RunOptions:
     throttle_query: str | None = None  # the operator's SQL: a first column true or > 0 holds the job
     throttle_flag_file: str | None = None  # holds while this file exists
     max_rate: float | None = None  # rows per second, at most
+    # the strategy (reembed.strategy): in_place rewrites the column; shadow fills a column beside it
+    strategy: str = "in_place"
+    # --strategy shadow's quality gate (reembed.gate)
+    skip_gate: bool = False
+    gate_sample: int = 1000  # rows whose new vectors are checked
+    gate_queries: int = 200  # of them, rows made into queries (self-recall and recall@10)
+    gate_min_recall: float = 0.5  # recall@10 of queries made from the rows, through the new index
+    gate_max_regression: float = 0.05  # with --old-model: how much worse than the old model's recall
+    gate_min_self_recall: float = 0.9  # each row found from its own vector in the top 10 through each index
+    old_model: ModelSpec | None = None  # the registry's current model, for the gate's comparison
 
     def deadline(self, started_monotonic: float, now_wall: dt.datetime | None = None) -> float | None:
         """The run's deadline on the monotonic clock, or None."""
@@ -158,6 +168,22 @@ class VerifyOptions:
 
 
 @dataclass(frozen=True)
+class RollbackOptions:
+    """What `reembed rollback` does with the rows written since the swap."""
+
+    leave_stale_null: bool = False  # without the old model: those rows' previous vector set NULL
+    batch_size: int = 256
+    confirm: bool = True  # False: --no-confirm (nothing is asked today; kept for the cron form)
+    cut_over_lock_timeout: str = "200ms"
+    max_writers_held: float = 1.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RollbackOptions:
+        return cls(leave_stale_null=args.leave_stale_null, batch_size=args.batch_size,
+                   cut_over_lock_timeout=_millis(args.cut_over_lock_timeout))
+
+
+@dataclass(frozen=True)
 class Settings:
     target: Target
     model: ModelSpec | None = None
@@ -168,8 +194,10 @@ class Settings:
         target = _from_namespace(Target, args)
         if not hasattr(args, "model"):
             return cls(target=target)
+        if args.model is None:  # rollback without the old model
+            return cls(target=target)
         model = _from_namespace(ModelSpec, args, prefix=args.prefix or "")
-        if not hasattr(args, "batch_size"):  # verify: a model and no job
+        if not hasattr(args, "dry_run"):  # verify, rollback: a model and no job
             return cls(target=target, model=model)
         _check_args(args)
         options = _from_namespace(
@@ -187,6 +215,9 @@ class Settings:
             critical_replica_lag=_optional_duration(args.critical_replica_lag),
             replica_dsns=tuple(args.replica_dsns or ()),
             max_wal_rate=float(parse_size(args.max_wal_rate.removesuffix("/s"))) if args.max_wal_rate else None,
+            old_model=ModelSpec(model=args.old_model, device=args.device, precision=args.precision,
+                                prefix=args.old_prefix or "", max_seq_length=args.old_max_seq_length,
+                                model_name=args.old_model_name) if args.old_model else None,
         )
         return cls(target=target, model=model, options=options)
 
@@ -215,6 +246,13 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.max_rate is not None and args.max_rate <= 0:
         raise ConfigError(f"--max-rate must be a positive number of rows per second, got {args.max_rate:g}")
+    if args.old_model and args.strategy != "shadow":
+        raise ConfigError("--old-model is for the quality gate of --strategy shadow")
+    _positive("--gate-sample", args.gate_sample)
+    _positive("--gate-queries", args.gate_queries)
+    for flag in ("gate_min_recall", "gate_max_regression", "gate_min_self_recall"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 1, got {getattr(args, flag):g}")
     if args.retry_failed and args.accept_failed:
         raise ConfigError("--retry-failed and --accept-failed exclude each other: pick one")
 

@@ -99,7 +99,7 @@ INSERT INTO reembed_checkpoint (
     source_model_name, source_dimension, source_hash, source_typmod,
     index_name, index_def, rows_total, holder, heartbeat_at, dependents)
 VALUES (
-    %(table)s, %(column)s, %(content_column)s, %(id_column)s, %(id_type)s, 'embedding', 'in_place',
+    %(table)s, %(column)s, %(content_column)s, %(id_column)s, %(id_type)s, 'embedding', %(strategy)s,
     %(target_model_name)s, %(target_dimension)s, %(target_hash)s,
     %(source_model_name)s, %(source_dimension)s, %(source_hash)s, %(source_typmod)s,
     %(index_name)s, %(index_def)s, %(rows_total)s, %(holder)s, now(), %(dependents)s)
@@ -518,3 +518,121 @@ SELECT i.indexrelid::regclass::text AS name, c.relname AS index_name, pg_relatio
        am.amname AS method
   FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
  WHERE i.indrelid = %(table_oid)s::oid;
+
+-- name: kept_previous
+-- A shadow job whose previous column is kept (until `reembed cleanup` or `reembed rollback`).
+SELECT * FROM reembed_checkpoint
+ WHERE table_name = %(table)s AND column_name = %(column)s AND previous_state = 'kept'
+ ORDER BY job_id DESC LIMIT 1;
+
+-- name: record_shadow
+UPDATE reembed_checkpoint SET shadow = %(shadow)s, updated_at = now() WHERE job_id = %(job_id)s;
+
+-- name: record_gate
+UPDATE reembed_checkpoint SET gate = %(gate)s, updated_at = now() WHERE job_id = %(job_id)s;
+
+-- name: record_swap
+UPDATE reembed_checkpoint SET swapped_at = now(), previous_state = 'kept', updated_at = now()
+ WHERE job_id = %(job_id)s;
+
+-- name: set_previous_state
+UPDATE reembed_checkpoint SET previous_state = %(state)s, updated_at = now()
+ WHERE job_id = %(job_id)s AND previous_state = 'kept';
+
+-- name: after_swap_count
+-- Rows written after the swap that still exist (a deleted row needs no previous vector).
+SELECT count(DISTINCT row_id) AS n FROM reembed_after_swap WHERE job_id = %(job_id)s;
+
+-- name: after_swap_page
+-- The next page of keys written after the swap, each with the newest record of it read.
+SELECT row_id, max(seq) AS seq FROM reembed_after_swap
+ WHERE job_id = %(job_id)s AND (%(after)s::text IS NULL OR row_id > %(after)s)
+ GROUP BY row_id ORDER BY row_id LIMIT %(n)s;
+
+-- name: after_swap_settled
+-- Keys whose previous vector is right again: their records up to the one read (a newer write
+-- by the application, recorded since, stays).
+DELETE FROM reembed_after_swap AS a
+ USING unnest(%(row_ids)s::text[], %(seqs)s::bigint[]) AS s(row_id, seq)
+ WHERE a.job_id = %(job_id)s AND a.row_id = s.row_id AND a.seq <= s.seq;
+
+-- name: forget_after_swap
+DELETE FROM reembed_after_swap WHERE job_id = %(job_id)s;
+
+-- name: swap_dependents
+-- Everything to re-create when the column is swapped: the views on the column, and the views on
+-- those (depth: 1 on the column), the triggers and policies that name the column.
+WITH RECURSIVE views AS (
+    SELECT DISTINCT r.ev_class AS oid, 1 AS depth
+      FROM pg_depend d JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+     WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = %(table_oid)s::oid
+       AND d.refobjsubid = %(attnum)s AND r.ev_class <> %(table_oid)s::oid
+    UNION
+    SELECT DISTINCT r.ev_class, v.depth + 1
+      FROM views v
+      JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = v.oid
+      JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+     WHERE r.ev_class <> v.oid
+)
+SELECT 'view' AS kind, c.oid, n.nspname AS schema, c.relname AS name, max(v.depth) AS depth,
+       c.relkind::text AS relkind, pg_get_viewdef(c.oid) AS definition,
+       pg_get_userbyid(c.relowner) AS owner, c.reloptions,
+       obj_description(c.oid, 'pg_class') AS comment,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('grantee', CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                                          ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
+                                                     'privilege', a.privilege_type, 'grantable', a.is_grantable)),
+                        '[]'::jsonb)
+          FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS grants,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('column', at.attname, 'comment', col_description(c.oid, at.attnum))),
+                        '[]'::jsonb)
+          FROM pg_attribute at WHERE at.attrelid = c.oid AND at.attnum > 0
+           AND col_description(c.oid, at.attnum) IS NOT NULL) AS column_comments,
+       NULL::text AS enabled
+  FROM views v JOIN pg_class c ON c.oid = v.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+ GROUP BY c.oid, n.nspname, c.relname
+UNION ALL
+SELECT 'trigger', t.oid, NULL, t.tgname, 0, NULL, pg_get_triggerdef(t.oid), NULL, NULL,
+       obj_description(t.oid, 'pg_trigger'), '[]'::jsonb, '[]'::jsonb, t.tgenabled::text
+  FROM pg_trigger t
+ WHERE t.tgrelid = %(table_oid)s::oid AND NOT t.tgisinternal AND t.tgname NOT LIKE 'reembed\_%%'
+   AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_trigger'::regclass AND d.objid = t.oid
+                  AND d.refobjid = %(table_oid)s::oid AND d.refobjsubid = %(attnum)s)
+UNION ALL
+SELECT 'policy', p.oid, NULL, p.polname, 0, NULL,
+       'AS ' || CASE WHEN p.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END
+       || ' FOR ' || CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
+                                   WHEN 'd' THEN 'DELETE' ELSE 'ALL' END
+       || ' TO ' || (SELECT string_agg(CASE WHEN r = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(r)) END, ', ')
+                       FROM unnest(p.polroles) AS r)
+       || coalesce(' USING (' || pg_get_expr(p.polqual, p.polrelid) || ')', '')
+       || coalesce(' WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')', ''),
+       NULL, NULL, obj_description(p.oid, 'pg_policy'), '[]'::jsonb, '[]'::jsonb, NULL
+  FROM pg_policy p
+ WHERE p.polrelid = %(table_oid)s::oid
+   AND EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid
+                  AND d.refobjid = %(table_oid)s::oid AND d.refobjsubid = %(attnum)s)
+ ORDER BY 1, 5, 4;
+
+-- name: column_not_null
+SELECT attnotnull AS not_null FROM pg_attribute WHERE attrelid = %(table_oid)s::oid AND attname = %(column)s;
+
+-- name: indexes_valid
+SELECT c.relname AS name, i.indisvalid AND i.indisready AS valid
+  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+ WHERE i.indrelid = %(table_oid)s::oid AND c.relname = ANY(%(names)s::text[]);
+
+-- name: previous_state_exists
+SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('reembed_checkpoint')
+                  AND attname = 'previous_state' AND NOT attisdropped) AS present;
+
+-- name: gate_excused
+-- Rows that may lack a new vector at the gate: captured and not caught up yet, or failed and accepted.
+SELECT row_id FROM reembed_changes WHERE job_id = %(job_id)s
+UNION
+SELECT row_id FROM reembed_failed_rows WHERE job_id = %(job_id)s;
+
+-- name: gate_search_settings
+-- The gate's queries go through the index (as the application's search does); IVFFlat probes a
+-- tenth of a usual 100 lists, HNSW keeps the server's ef_search.
+SET LOCAL enable_seqscan = off;
+SET LOCAL ivfflat.probes = 10;

@@ -102,3 +102,20 @@ CREATE TABLE IF NOT EXISTS reembed_heartbeat (
     job_id      bigint      PRIMARY KEY,
     beat_at     timestamptz NOT NULL
 );
+
+-- Added with the shadow strategy (reembed.shadow): the shadow column and its indexes (their names
+-- before and after the swap), the quality gate's figures, the swap, and what became of the
+-- previous column (kept until `reembed cleanup`, or swapped back by `reembed rollback`).
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS shadow         jsonb,
+    ADD COLUMN IF NOT EXISTS gate           jsonb,
+    ADD COLUMN IF NOT EXISTS swapped_at     timestamptz,
+    ADD COLUMN IF NOT EXISTS previous_state text;            -- kept | rolled_back | cleaned
+-- The keys of rows the application wrote after a shadow job's swap (inserted, or their content
+-- changed): the rows whose previous vector is stale, which `reembed rollback` re-embeds.
+CREATE TABLE IF NOT EXISTS reembed_after_swap (
+    seq         bigserial   PRIMARY KEY,
+    job_id      bigint      NOT NULL,
+    row_id      text        NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reembed_after_swap_job_row ON reembed_after_swap (job_id, row_id);

@@ -161,3 +161,63 @@ SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
 -- `plan`'s cost estimate: each sampled row's stored column sizes ({sizes}: pg_column_size of each
 -- column and, from PostgreSQL 17, whether the value lives in TOAST), pages drawn from the whole table.
 SELECT {sizes} FROM {table} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (7) LIMIT %(n)s;
+
+-- name: add_shadow_column
+-- --strategy shadow: the new vectors' column beside the live one (catalog only: no default, no rewrite).
+ALTER TABLE {table} ADD COLUMN {shadow} {vtype}({dim});
+
+-- name: drop_column_if_exists
+ALTER TABLE {table} DROP COLUMN IF EXISTS {column};
+
+-- name: rename_column
+ALTER TABLE {table} RENAME COLUMN {old} TO {new};
+
+-- name: rename_index
+ALTER INDEX {old} RENAME TO {new};
+
+-- name: drop_not_null
+ALTER TABLE {table} ALTER COLUMN {column} DROP NOT NULL;
+
+-- name: create_after_swap_function
+-- After a shadow job's swap: the keys of rows the application inserts or whose content it
+-- changes (their previous vector is stale), for `reembed rollback`.
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $after_swap$
+BEGIN
+    INSERT INTO {recorded} (job_id, row_id) VALUES ({job_id}, NEW.{id}::text);
+    RETURN NULL;
+END
+$after_swap$;
+
+-- name: create_after_swap_triggers
+CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {function}();
+CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE OF {content} ON {table}
+    FOR EACH ROW WHEN (OLD.{content} IS DISTINCT FROM NEW.{content})
+    EXECUTE FUNCTION {function}();
+
+-- name: drop_after_swap
+DROP TRIGGER IF EXISTS {insert_trigger} ON {table};
+DROP TRIGGER IF EXISTS {update_trigger} ON {table};
+DROP FUNCTION IF EXISTS {function}();
+
+-- name: write_previous
+-- `reembed rollback`: a stale row's previous vector, where the row is unchanged since it was read.
+UPDATE {table} AS t SET {col} = v.e
+  FROM unnest(%(ids)s::{id_type}[], %(vectors)s::{vtype}[], %(xmins)s::bigint[]) AS v(id, e, x)
+ WHERE t.{id} = v.id AND t.xmin::text::bigint = v.x
+RETURNING t.{id}::text AS id_text;
+
+-- name: null_previous
+UPDATE {table} SET {col} = NULL WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]));
+
+-- name: gate_sample
+-- The quality gate's rows (reembed.gate): drawn row by row with the job's seed, in key order.
+SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
+  FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (%(seed)s)
+ WHERE {content} IS NOT NULL
+ ORDER BY {id} LIMIT %(n)s;
+
+-- name: gate_search
+-- One query of the gate through an ANN index: the k nearest rows by the index's own key and operator.
+SELECT {id}::text AS id_text, {content} AS content FROM {table} ORDER BY {key} {op} {q} LIMIT {k};

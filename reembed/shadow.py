@@ -1,0 +1,352 @@
+"""--strategy shadow: search keeps serving the old vectors until one atomic swap.
+
+Prepare adds a shadow column of the target type beside the live one (catalog only: no rewrite,
+no typmod relaxed); batches, catch-ups and the capture write and watch it, and the live
+column, its indexes and everything that depends on it are never touched while the job runs.
+Finalize catches up, builds every index the inventory found on the live column again on the
+shadow (CONCURRENTLY, from its own definition: opclass, parameters, predicate), checks them
+valid, catches up again, runs the quality gate (reembed.gate), then swaps in one short
+transaction (the bounded cut-over of reembed.cutover: writers held off for the last catch-up,
+readers only for the renames): the live column and its indexes become `<name>_previous`, the
+shadow ones take the original names, every view, trigger and policy on the column is created
+again on the new column (owner, grants, options, comments), the registry names the new model,
+NOTIFY. From the swap on, the keys of rows the application writes are recorded
+(reembed_after_swap), so that `reembed rollback` knows exactly which previous vectors are
+stale; `reembed cleanup` drops the previous column and the recording.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from reembed import capture, dependents, failures, finalize, gate
+from reembed import checkpoint as ckpt
+from reembed.context import FinalizeStep, RunContext
+from reembed.cutover import CUT_OVER_BACKOFF, CutOver
+from reembed.errors import ConfigError, InternalError, ReembedError
+from reembed.queries import query
+from reembed.target import TableInfo
+
+log = structlog.get_logger()
+
+PREVIOUS = "_previous"
+_NAME_BYTES = 63  # NAMEDATALEN - 1
+
+
+def name_with(base: str, suffix: str) -> str:
+    """`base` + `suffix`, `base` cut (on a character boundary) so that it fits PostgreSQL's 63 bytes."""
+    room = _NAME_BYTES - len(suffix.encode())
+    cut = base.encode()[:room].decode(errors="ignore")
+    return cut + suffix
+
+
+@dataclass(frozen=True)
+class ShadowIndex:
+    """An index of the live column and its twin on the shadow column, by their names at each stage."""
+
+    name: str  # the live index's name (the shadow one's after the swap)
+    shadow: str  # the twin's name while the job runs
+    previous: str  # the live index's name after the swap
+    definition: str  # CREATE INDEX of the twin on the shadow column
+    method: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shadow": self.shadow, "previous": self.previous,
+                "definition": self.definition, "method": self.method}
+
+
+@dataclass(frozen=True)
+class Names:
+    """A shadow job's columns and indexes (recorded on the job row at prepare)."""
+
+    column: str  # the live column (the shadow's name after the swap)
+    shadow: str  # the shadow column while the job runs
+    previous: str  # the live column after the swap
+    indexes: tuple[ShadowIndex, ...]
+    not_null: bool  # the live column is NOT NULL (dropped from the previous column at the swap)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"column": self.column, "shadow": self.shadow, "previous": self.previous,
+                "indexes": [i.as_json() for i in self.indexes], "not_null": self.not_null}
+
+    @classmethod
+    def of(cls, job: ckpt.Job) -> Names:
+        data = job.shadow
+        if data is None:
+            raise InternalError(f"job {job.id} is a shadow job but recorded no shadow column")
+        return cls(column=data["column"], shadow=data["shadow"], previous=data["previous"],
+                   indexes=tuple(ShadowIndex(**i) for i in data["indexes"]), not_null=bool(data.get("not_null")))
+
+
+def plan_names(info: TableInfo, job_id: int, found: list[dependents.Dependent], *, not_null: bool) -> Names:
+    shadow = name_with(info.column, f"_reembed{job_id}")
+    indexes = []
+    for d in found:
+        if d.action != dependents.SHADOW or d.definition is None:
+            continue
+        twin = name_with(d.name, f"_reembed{job_id}")
+        body = dependents.rename_refs(dependents.after_using(d.definition, d.method), info.column, shadow)
+        statement = sql.SQL("CREATE INDEX {name} ON {table} USING ").format(
+            name=sql.Identifier(twin), table=sql.Identifier(*info.ident)).as_string() + body
+        indexes.append(ShadowIndex(d.name, twin, name_with(d.name, PREVIOUS), statement, d.method))
+    return Names(info.column, shadow, name_with(info.column, PREVIOUS), tuple(indexes), not_null)
+
+
+def check_table(conn: psycopg.Connection[Any], info: TableInfo) -> None:
+    """Before any write: the names the swap will give must be free."""
+    previous = name_with(info.column, PREVIOUS)
+    if conn.execute(query("column_info"), {"table_oid": info.oid, "column": previous}).fetchone() is not None:
+        raise ConfigError(f"{info.qualified} already has a column {previous}: a shadow job renames "
+                          f"{info.column} to it at the swap; `reembed cleanup` drops a previous column a "
+                          "shadow job kept, or rename it; nothing was written")
+
+
+class Shadow:
+    name = "shadow"
+
+    def __init__(self) -> None:
+        self._cut = CutOver()
+
+    def names(self, ctx: RunContext) -> Names:
+        return Names.of(ctx.active)
+
+    def plan(self, ctx: RunContext, job: ckpt.Job) -> dict[str, Any]:
+        return {"relax_typmod": False, "drop_indexes": [],
+                "shadow_column": job.shadow["shadow"] if job.shadow else None}
+
+    def prepare(self, ctx: RunContext, conn: psycopg.Connection[Any], job: ckpt.Job, *,
+                resumed_from: ckpt.Job | None) -> None:
+        info = ctx.info
+        capture.settle_others(ctx, conn, job)
+        check_table(conn, info)
+        row = conn.execute(query("column_not_null"), {"table_oid": info.oid, "column": info.column}).fetchone()
+        names = plan_names(info, job.id, dependents.recorded(job), not_null=bool(row and row["not_null"]))
+        conn.execute(info.statement("add_shadow_column", shadow=names.shadow, dim=sql.Literal(ctx.signature.dimension)))
+        conn.execute(query("record_shadow"), {"shadow": Jsonb(names.as_json()), "job_id": job.id})
+        capture.install(ctx, conn, job, column=names.shadow)
+        log.info("shadow_column_added", column=names.shadow, indexes=[i.shadow for i in names.indexes])
+
+    def column(self, ctx: RunContext) -> str:
+        return self.names(ctx).shadow
+
+    def finalize_steps(self, ctx: RunContext) -> list[FinalizeStep]:
+        names = self.names(ctx)
+        builds = [finalize.index_step(ctx, dependents.Dependent("index", i.shadow, dependents.REBUILD,
+                                                                 definition=i.definition, method=i.method),
+                                      only=False)
+                  for i in names.indexes]
+        return [
+            FinalizeStep("catch_up", lambda conn: self._catch_up(ctx), in_transaction=False, record=False),
+            *builds,
+            FinalizeStep("check_indexes", lambda conn: self._check_indexes(ctx, conn, names)),
+            FinalizeStep("catch_up_after_index", lambda conn: self._catch_up(ctx), in_transaction=False,
+                         record=False),
+            FinalizeStep("gate", lambda conn: gate.run(ctx, conn, names.shadow, [
+                gate.IndexUse.of(i.shadow, i.definition, names.shadow) for i in names.indexes]),
+                in_transaction=False, role="gate"),
+            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
+                         lock_timeout=ctx.opts.cut_over_lock_timeout, max_backoff=CUT_OVER_BACKOFF),
+            FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
+        ]
+
+    def _catch_up(self, ctx: RunContext) -> None:
+        capture.catch_up(ctx)
+        failures.settle(ctx)
+
+    def _check_indexes(self, ctx: RunContext, conn: psycopg.Connection[Any], names: Names) -> None:
+        wanted = [i.shadow for i in names.indexes]
+        if not wanted:
+            return
+        rows = conn.execute(query("indexes_valid"), {"table_oid": ctx.info.oid, "names": wanted}).fetchall()
+        valid = {r["name"] for r in rows if r["valid"]}
+        bad = [n for n in wanted if n not in valid]
+        if bad:
+            raise ReembedError(f"index {', '.join(bad)} on the shadow column is missing or not valid; nothing was "
+                               "swapped; drop it and re-run to build it again")
+        log.info("shadow_indexes_valid", indexes=wanted)
+
+    def _cut_over(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+        """The swap, writers held off for the last catch-up (bounded, as in place), readers
+        only from the ACCESS EXCLUSIVE lock the renames take to the commit."""
+        held: dict[str, float] = {}
+        self._cut.run(ctx, conn, rewrite=False, swap=lambda c: held.update(readers=self._swap(ctx, c)))
+        log.info("swap", readers_held_secs=round(held.get("readers", 0.0), 4),
+                 column=ctx.info.column, previous=self.names(ctx).previous)
+
+    def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> float:
+        info, names, job = ctx.info, self.names(ctx), ctx.active
+        began = time.monotonic()
+        conn.execute(info.statement("lock_for_rewrite"))  # readers wait from here: a few renames
+        objects = read_objects(conn, info, info.attnum)
+        capture.remove(conn, info, job.id)
+        drop_objects(conn, info, objects)
+        rename_column(conn, info, info.column, names.previous)
+        rename_column(conn, info, names.shadow, info.column)
+        if names.not_null:
+            conn.execute(info.statement("drop_not_null", column=names.previous))
+            log.warning("not_null_not_carried", column=info.column,
+                        detail=f"{names.previous} no longer refuses NULL (the application stops writing it); the new "
+                               f"{info.column} is nullable: ALTER TABLE ... ALTER COLUMN {info.column} SET NOT NULL "
+                               "when you want it back")
+        for i in names.indexes:
+            rename_index(conn, info, i.name, i.previous)
+            rename_index(conn, info, i.shadow, i.name)
+        create_objects(conn, info, objects)
+        record_after_swap(conn, info, job.id)
+        conn.execute(query("upsert_registry", registry=info.registry), ctx.signature.as_dict())
+        conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
+        conn.execute(query("record_swap"), {"job_id": job.id})
+        return time.monotonic() - began
+
+
+def discard(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job) -> None:
+    """An abandoned shadow job's shadow column and its indexes (the live column is as it was)."""
+    if job.shadow is None or "cut_over" in job.steps:
+        return
+    names = Names.of(job)
+    for i in names.indexes:
+        conn.execute(info.statement("drop_index_if_exists", index=info.index_ident(i.shadow)))
+    conn.execute(info.statement("drop_column_if_exists", column=names.shadow))
+    log.warning("shadow_column_dropped", old_job_id=job.id, column=names.shadow)
+
+
+# ------------------------------------------------- what the swap re-creates on the column
+
+
+@dataclass(frozen=True)
+class Recreated:
+    """A view, trigger or policy on the column, as read just before the swap."""
+
+    kind: str
+    schema: str | None
+    name: str
+    depth: int
+    relkind: str | None
+    definition: str
+    owner: str | None
+    options: list[str] | None
+    comment: str | None
+    grants: list[dict[str, Any]]
+    column_comments: list[dict[str, Any]]
+    enabled: str | None
+
+
+def read_objects(conn: psycopg.Connection[Any], info: TableInfo, attnum: int) -> list[Recreated]:
+    """The views (and views on them), triggers and policies that name column `attnum`; a
+    materialized view is refused (its rows hold the column's values)."""
+    rows = conn.execute(query("swap_dependents"), {"table_oid": info.oid, "attnum": attnum}).fetchall()
+    out = [Recreated(kind=r["kind"], schema=r["schema"], name=r["name"], depth=int(r["depth"]), relkind=r["relkind"],
+                     definition=r["definition"], owner=r["owner"], options=r["reloptions"], comment=r["comment"],
+                     grants=r["grants"] or [], column_comments=r["column_comments"] or [], enabled=r["enabled"])
+           for r in rows]
+    matviews = [f"{o.schema}.{o.name}" for o in out if o.relkind == "m"]
+    if matviews:
+        raise ConfigError(f"materialized view {', '.join(matviews)} now depends on {info.qualified}.{info.column} "
+                          "(created while the job ran): the swap cannot carry it; drop it, re-run to swap, and "
+                          "create it again after; nothing was swapped")
+    return out
+
+
+def drop_objects(conn: psycopg.Connection[Any], info: TableInfo, objects: list[Recreated]) -> None:
+    for o in sorted(objects, key=lambda o: -o.depth):
+        if o.kind == "view":
+            conn.execute(sql.SQL("DROP VIEW {}").format(sql.Identifier(o.schema or "", o.name)))
+        elif o.kind == "trigger":
+            conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(o.name), sql.Identifier(*info.ident)))
+        elif o.kind == "policy":
+            conn.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(o.name), sql.Identifier(*info.ident)))
+
+
+_TRIGGER_STATE = {"D": "DISABLE TRIGGER", "R": "ENABLE REPLICA TRIGGER", "A": "ENABLE ALWAYS TRIGGER"}
+
+
+def create_objects(conn: psycopg.Connection[Any], info: TableInfo, objects: list[Recreated]) -> None:
+    """Each object again, from the definition read before the renames (so that it names the
+    column by its name: the new column now), with its owner, grants, options and comments."""
+    table = sql.Identifier(*info.ident)
+    for o in sorted(objects, key=lambda o: o.depth):
+        if o.kind == "view":
+            view = sql.Identifier(o.schema or "", o.name)
+            options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(sql.SQL(opt) for opt in _options(o.options))) \
+                if o.options else sql.SQL("")
+            conn.execute(sql.SQL("CREATE VIEW {}{} AS ").format(view, options) + sql.SQL(o.definition.rstrip("; \n")))
+            if o.owner:
+                conn.execute(sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, sql.Identifier(o.owner)))
+            for g in o.grants:
+                conn.execute(sql.SQL("GRANT {} ON {} TO {}{}").format(
+                    sql.SQL(g["privilege"]), view, sql.SQL(g["grantee"]),
+                    sql.SQL(" WITH GRANT OPTION" if g["grantable"] else "")))
+            if o.comment is not None:
+                conn.execute(sql.SQL("COMMENT ON VIEW {} IS {}").format(view, sql.Literal(o.comment)))
+            for c in o.column_comments:
+                conn.execute(sql.SQL("COMMENT ON COLUMN {}.{} IS {}").format(
+                    view, sql.Identifier(c["column"]), sql.Literal(c["comment"])))
+        elif o.kind == "trigger":
+            conn.execute(sql.SQL(o.definition))
+            if o.enabled in _TRIGGER_STATE:
+                conn.execute(sql.SQL("ALTER TABLE {} {} {}").format(table, sql.SQL(_TRIGGER_STATE[o.enabled]),
+                                                                     sql.Identifier(o.name)))
+            if o.comment is not None:
+                conn.execute(sql.SQL("COMMENT ON TRIGGER {} ON {} IS {}").format(
+                    sql.Identifier(o.name), table, sql.Literal(o.comment)))
+        elif o.kind == "policy":
+            conn.execute(sql.SQL("CREATE POLICY {} ON {} ").format(sql.Identifier(o.name), table)
+                         + sql.SQL(o.definition))
+            if o.comment is not None:
+                conn.execute(sql.SQL("COMMENT ON POLICY {} ON {} IS {}").format(
+                    sql.Identifier(o.name), table, sql.Literal(o.comment)))
+    if objects:
+        log.info("recreated_on_new_column", objects=[f"{o.kind} {o.name}" for o in objects])
+
+
+_OPTION = re.compile(r"^([a-z_]+)=(.*)$")
+
+
+def _options(options: list[str]) -> list[str]:
+    """reloptions (key=value) as CREATE VIEW's WITH list takes them."""
+    out = []
+    for item in options:
+        match = _OPTION.match(item)
+        if match is None:
+            raise InternalError(f"cannot read the view option {item!r}")
+        out.append(f"{match.group(1)} = '{match.group(2).replace(chr(39), chr(39) * 2)}'")
+    return out
+
+
+def rename_column(conn: psycopg.Connection[Any], info: TableInfo, old: str, new: str) -> None:
+    conn.execute(info.statement("rename_column", old=old, new=new))
+
+
+def rename_index(conn: psycopg.Connection[Any], info: TableInfo, old: str, new: str) -> None:
+    conn.execute(info.statement("rename_index", old=info.index_ident(old), new=new))
+
+
+# --------------------------------------------------- the keys written after the swap
+
+
+def after_swap_names(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any]:
+    schema = capture.tool_schema(conn)
+    prefix = f"reembed_after_swap_{job_id}"
+    return {"function": (schema, prefix), "insert_trigger": f"{prefix}_ins", "update_trigger": f"{prefix}_upd",
+            "recorded": (schema, "reembed_after_swap")}
+
+
+def record_after_swap(conn: psycopg.Connection[Any], info: TableInfo, job_id: int) -> None:
+    """From the swap on: the keys of rows inserted, or whose content changes."""
+    names = after_swap_names(conn, job_id)
+    conn.execute(info.statement("create_after_swap_function", job_id=sql.Literal(job_id), **names))
+    conn.execute(info.statement("create_after_swap_triggers", **names))
+
+
+def stop_recording(conn: psycopg.Connection[Any], info: TableInfo, job_id: int) -> None:
+    conn.execute(info.statement("drop_after_swap", **after_swap_names(conn, job_id)))
+    conn.execute(query("forget_after_swap"), {"job_id": job_id})
