@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -11,10 +12,11 @@ from reembed import checkpoint as ckpt
 from reembed import dependents
 from reembed.checkpoint import Job
 from reembed.cost import estimate as estimate_cost
+from reembed.cost import size, vector_bytes
 from reembed.dependents import Inventory
 from reembed.encoding import Embedder, feed_for
 from reembed.errors import ConfigError
-from reembed.finalize import REWRITE_BYTES_PER_SEC, REWRITE_ROWS_PER_SEC
+from reembed.finalize import REWRITE_BYTES_PER_SEC, REWRITE_ROWS_PER_SEC, estimate_finalize_secs
 from reembed.queries import query
 from reembed.report import Report
 from reembed.settings import RunOptions, Settings
@@ -60,6 +62,62 @@ def rewrite_secs(conn: psycopg.Connection[Any], info: TableInfo, rows: int) -> f
     row = conn.execute(query("table_size"), {"table_oid": info.oid}).fetchone()
     size = int(row["bytes"]) if row and row["bytes"] is not None else 0
     return max(rows / REWRITE_ROWS_PER_SEC, size / REWRITE_BYTES_PER_SEC)  # the slower of the two
+
+
+def compare(conn: psycopg.Connection[Any], info: TableInfo, registry: Signature | None, old: Job | None,
+            dimension: int, opts: RunOptions, *, rows: int, encode_secs: float | None, cost: Any, type_change: bool,
+            shadowed: set[str]) -> dict[str, Any]:
+    """Both strategies side by side: the extra disk each needs, how long search and the
+    application's writes would be unavailable, whether the inventory refuses it; and the one
+    recommended (shadow when search is served from the column and nothing refuses it)."""
+    indexes = conn.execute(query("cost_indexes"), {"table_oid": info.oid}).fetchall()
+    ann = [i for i in indexes if i["method"] in dependents.ANN_METHODS and i["index_name"] in shadowed]
+    old_dim = info.typmod or (registry.dimension if registry else None) or dimension
+    index_bytes = sum(int(i["bytes"]) for i in ann) * dimension / max(old_dim, 1)
+    column_bytes = rows * vector_bytes(info.column_type, dimension)
+    finalize = estimate_finalize_secs(rows, dimension, typmod_change=False)
+    rewrite = rewrite_secs(conn, info, rows) if type_change else 0.0
+    out: dict[str, Any] = {}
+    for name in ("in_place", "shadow"):
+        refused = None
+        try:
+            inventory(conn, info, registry, old, dimension, replace(opts, strategy=name), probe=False)
+        except ConfigError as exc:
+            refused = str(exc)
+        if name == "in_place":
+            out[name] = {"extra_disk_bytes": int(cost.extra_disk_bytes),
+                         "search_unavailable_secs": round((encode_secs or 0.0) + finalize + rewrite, 1),
+                         "writers_held_secs": round(opts.max_writers_held + rewrite, 3),
+                         "readers_held_secs": round(rewrite, 3), "refused": refused}
+        else:
+            out[name] = {"extra_disk_bytes": int(cost.extra_disk_bytes + column_bytes + index_bytes),
+                         "kept_until_cleanup_bytes": int(column_bytes + index_bytes),
+                         "search_unavailable_secs": 0.0, "writers_held_secs": round(opts.max_writers_held, 3),
+                         "readers_held_secs": 0.01, "refused": refused}
+    served = bool(ann) or registry is not None
+    if out["shadow"]["refused"] is None and served:
+        out["recommended"], why = "shadow", "search is served from the column: shadow keeps it serving"
+    elif out["in_place"]["refused"] is None:
+        why = "the shadow strategy is refused here" if out["shadow"]["refused"] else "no search index to keep serving"
+        out["recommended"] = "in_place"
+    else:
+        out["recommended"], why = None, "both strategies are refused"
+    out["why"] = why
+    return out
+
+
+def said_strategies(s: dict[str, Any]) -> str:
+    parts = []
+    for name in ("in_place", "shadow"):
+        d = s[name]
+        if d["refused"]:
+            parts.append(f"{name}: refused")
+            continue
+        down = d["search_unavailable_secs"]
+        unavailable = f"for about {down:g} s" if down else "never"
+        parts.append(f"{name}: extra disk up to {size(d['extra_disk_bytes'])}, search unavailable {unavailable}, "
+                     f"writers held at most {d['writers_held_secs']:g} s")
+    return "strategies: " + "; ".join(parts) + f"; recommended: {s['recommended'] or 'none'} ({s['why']})"
 
 
 def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, opts: RunOptions,
@@ -126,7 +184,12 @@ def plan_report(
                          rebuilt={d.name for d in found if d.is_index and d.action == dependents.REBUILD},
                          reindexed={d.name for d in found if d.is_index and d.action == dependents.REINDEX},
                          hnsw_m=info.index.m if info.index else 16)
+    strategies = compare(conn, info, registry, job if not resume else None, sig.dimension, opts, rows=rows,
+                         encode_secs=estimate, cost=cost, type_change=bool(alter),
+                         shadowed={d.name for d in found if d.is_index})
     details = {
+        "strategy": opts.strategy,
+        "strategies": strategies,
         "table": info.qualified,
         "rows_to_update": to_update,
         "embedder_batches": batches,
@@ -149,7 +212,8 @@ def plan_report(
         + "; on the column: " + dependents.summary(on_column)
         + f"; cost: {cost.said()}"
         + (f"; at the cut-over the table is rewritten (vector({sig.dimension})): writers and readers wait "
-           f"about {details['cut_over_rewrite_secs']} s" if alter else "")
+           f"about {details['cut_over_rewrite_secs']} s" if alter and opts.strategy == "in_place" else "")
+        + "; " + said_strategies(strategies)
     )
     return Report(state="planned", model_name=sig.name, dimension=sig.dimension, model_hash=sig.hash,
                   duration_secs=time.monotonic() - started, message=message, details=details)

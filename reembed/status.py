@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reembed import checkpoint as ckpt
-from reembed import db, dependents, lease
+from reembed import db, dependents, gate, lease
 from reembed.errors import ConfigError
 from reembed.queries import query
 from reembed.settings import RunOptions, Settings
@@ -31,6 +31,7 @@ class Status:
             f"job        {d['job_id']}  state {d['state']}"
             + (f"  (finalize steps done: {', '.join(d['finalize_steps']) or 'none'})"
                if d["state"] == "finalizing" else ""),
+            f"strategy   {d['strategy']}   phase {d['phase']}",
             f"target     {d['target']['model_name']} ({d['target']['dimension']}-d)   source {_sig(d.get('source'))}",
             f"progress   {d['rows_done']:,} / {d['rows_total'] or 0:,} rows"
             + (f" ({d['percent']:.1f}%)" if d.get("percent") is not None else "")
@@ -67,6 +68,16 @@ class Status:
             lines.append(f"throttle   not held; {throttle['secs_before']:.1f} s held in all")
         if d.get("writers_held_secs") is not None:
             lines.append(f"cut-over   writers held off {d['writers_held_secs']:.3f} s")
+        if d.get("gate"):
+            verdict = "skipped" if d["gate"].get("skipped") else ("passed" if d["gate"].get("passed") else "REFUSED")
+            lines.append(f"gate       {verdict}: {gate.said(d['gate'])}"
+                         + (f"; {'; '.join(d['gate']['failures'])}" if d["gate"].get("failures") else ""))
+        previous = d.get("previous")
+        if previous and previous["state"] == "kept":
+            lines.append(f"previous   {previous['column']} kept: {previous['stale_rows']:,} rows written since the "
+                         "swap (`reembed rollback` swaps it back, `reembed cleanup` drops it)")
+        elif previous:
+            lines.append(f"previous   {previous['column']} {previous['state'].replace('_', ' ')}")
         if d.get("table_state"):
             lines.append(f"table now  {d['table_state']}")
         if d.get("last_error"):
@@ -77,6 +88,29 @@ class Status:
 
 def _sig(sig: dict[str, Any] | None) -> str:
     return f"{sig['model_name']} ({sig['dimension']}-d)" if sig else "none"
+
+
+def phase(job: ckpt.Job) -> str:
+    """Where the job is: backfill, catch-up, index, gate, swap (cut-over), then done; a shadow
+    job after its swap: previous kept, rolled back, or cleaned up."""
+    steps = job.steps
+    if job.state == "embedding":
+        return "backfill"
+    if job.state == "finalizing":
+        if "cut_over" in steps:
+            return "index" if job.strategy == "in_place" else "swapped"
+        if job.strategy == "shadow":
+            if "gate" in steps:
+                return "swap"
+            if "check_indexes" in steps:
+                return "gate"
+            if any(s.startswith("build_index") for s in steps):
+                return "index"
+        return "catch-up"
+    if job.state == "done" and job.previous_state is not None:
+        return {"kept": "swapped, previous kept", "rolled_back": "rolled back",
+                "cleaned": "swapped, previous cleaned up"}.get(job.previous_state, job.previous_state)
+    return job.state
 
 
 def _num(value: float | None, unit: str) -> str:
@@ -141,7 +175,18 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
         pending = conn.execute(query("changes_pending"), {"job_id": job.id}).fetchone()["n"]
         capture = {"trigger": job.capture_trigger, "installed": installed, "pending_changes": int(pending)}
     held_secs = round((now - job.throttled_since).total_seconds(), 1) if job.throttled_since is not None else None
+    previous = None
+    if job.previous_state is not None:
+        stale = conn.execute(query("after_swap_count"), {"job_id": job.id}).fetchone()
+        previous = {"state": job.previous_state, "column": (job.shadow or {}).get("previous"),
+                    "stale_rows": int(stale["n"]) if stale and job.previous_state == "kept" else 0,
+                    "swapped_at": job.swapped_at}
     data.update(
+        strategy=job.strategy,
+        phase=phase(job),
+        shadow_column=(job.shadow or {}).get("shadow"),
+        gate=job.gate,
+        previous=previous,
         throttle={"reason": job.throttle_reason, "since": job.throttled_since, "held_secs": held_secs,
                   "secs_before": job.throttled_secs},
         capture=capture,

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 
-def save_static_model(path: Path, *, tokenizer_dir: Path, dim: int, seed: int = 0, normalize: bool = False) -> Path:
+def save_static_model(path: Path, *, tokenizer_dir: Path, dim: int, seed: int = 0, normalize: bool = False,
+                      constant: bool = False) -> Path:
     """A seeded random StaticEmbedding over the tokenizer in `tokenizer_dir` (`normalize`: with a
-    Normalize module after it, as static models often ship), saved as a model directory."""
+    Normalize module after it, as static models often ship), saved as a model directory.
+    `constant`: every token's vector the same, so every text gets one vector (a broken model)."""
     import torch
     from tokenizers import Tokenizer
 
@@ -30,6 +32,9 @@ def save_static_model(path: Path, *, tokenizer_dir: Path, dim: int, seed: int = 
     torch.manual_seed(seed)
     tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     modules: list[Any] = [StaticEmbedding(tokenizer, embedding_dim=dim)]
+    if constant:
+        with torch.no_grad():
+            modules[0].embedding.weight.fill_(0.1)
     if normalize:
         modules.append(Normalize())
     model = SentenceTransformer(modules=modules, device="cpu")

@@ -167,7 +167,7 @@ SELECT {sizes} FROM {table} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (7) LIMI
 ALTER TABLE {table} ADD COLUMN {shadow} {vtype}({dim});
 
 -- name: drop_column_if_exists
-ALTER TABLE {table} DROP COLUMN IF EXISTS {column};
+ALTER TABLE {table} DROP COLUMN IF EXISTS {col};
 
 -- name: rename_column
 ALTER TABLE {table} RENAME COLUMN {old} TO {new};
@@ -176,7 +176,7 @@ ALTER TABLE {table} RENAME COLUMN {old} TO {new};
 ALTER INDEX {old} RENAME TO {new};
 
 -- name: drop_not_null
-ALTER TABLE {table} ALTER COLUMN {column} DROP NOT NULL;
+ALTER TABLE {table} ALTER COLUMN {col} DROP NOT NULL;
 
 -- name: create_after_swap_function
 -- After a shadow job's swap: the keys of rows the application inserts or whose content it

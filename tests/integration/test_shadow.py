@@ -3,14 +3,26 @@ gate before it and an exact rollback after it."""
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import psycopg
+import pytest
 from pgvector.psycopg import register_vector
 
+from reembed.embedder import SentenceTransformerEmbedder
+from reembed.errors import ConfigError
 from reembed.job import run
+from reembed.rollback import cleanup, rollback
+from reembed.settings import ModelSpec, RollbackOptions, RunOptions, Settings, Target
 from support.database import fetch, make_table, one
 from support.fakes import HashEmbedder, hash_vector
 from support.fakes import job_settings as settings
+from support.models import assert_rows_hold_the_models_vectors
+from support.processes import cli_run_args, events, run_cli, spawn
+from support.scripts import corpus, fastmodel
 
 VIEW = "CREATE VIEW recent_nodes AS SELECT id, content, embedding FROM knowledge_nodes WHERE touched = 7"
 
@@ -53,3 +65,185 @@ def test_a_shadow_job_swaps_in_the_new_column_keeps_the_previous_and_recreates_t
     job = fetch(dsn, "SELECT * FROM reembed_checkpoint")[0]
     assert job["state"] == "done" and job["previous_state"] == "kept" and job["gate"]["passed"]
     print(job["gate"])
+
+
+# ------------------------------------------------------------------ rollback and cleanup
+
+
+def _old_model_table(dsn: str, old: Path, rows: int = 150) -> Any:
+    """The table embedded by a real model `old` (an in-place job), the registry naming it."""
+    make_table(dsn, rows=rows, old_dim=48)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(VIEW)
+        conn.execute("GRANT SELECT ON recent_nodes TO PUBLIC")
+    spec = ModelSpec(model=str(old), device="cpu")
+    report = run(Settings(target=Target(dsn=dsn), model=spec, options=RunOptions(confirm_seconds=0)),
+                 embedder=SentenceTransformerEmbedder(spec))
+    assert report.state == "done", report
+    return spec
+
+
+def _application_writes_after_the_swap(dsn: str, dim: int = 32) -> dict[str, list[str]]:
+    """Inserts, content edits, a delete, and an edit of another column, by the application with
+    the new (hash) model, as it would after the swap."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        register_vector(conn)
+        keys = [str(r[0]) for r in conn.execute("SELECT id FROM knowledge_nodes ORDER BY id LIMIT 12").fetchall()]
+        inserted = []
+        for i in range(5):
+            key = str(uuid.uuid4())
+            text = f"written after the swap {i}: river mountain"
+            conn.execute("INSERT INTO knowledge_nodes (id, content, source, embedding) VALUES (%s, %s, 'app', %s)",
+                         (key, text, hash_vector(text, dim)))
+            inserted.append(key)
+        for key in keys[:5]:
+            text = f"edited after the swap {key}"
+            conn.execute("UPDATE knowledge_nodes SET content = %s, embedding = %s WHERE id = %s",
+                         (text, hash_vector(text, dim), key))
+        conn.execute("DELETE FROM knowledge_nodes WHERE id = %s", (keys[5],))
+        conn.execute("UPDATE knowledge_nodes SET touched = 7 WHERE id = ANY(%s::uuid[])", (keys[6:8],))
+    return {"inserted": inserted, "edited": keys[:5], "deleted": keys[5:6], "touched": keys[6:8]}
+
+
+@pytest.fixture
+def old48(static_model_dir: Any) -> Path:
+    return static_model_dir(48)
+
+
+def test_rollback_re_embeds_exactly_the_rows_written_after_the_swap_with_the_old_model(
+    dsn: str, old48: Path
+) -> None:
+    spec = _old_model_table(dsn, old48)
+    assert run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(32)).state == "done"
+    wrote = _application_writes_after_the_swap(dsn)
+    assert one(dsn, "SELECT count(DISTINCT row_id) FROM reembed_after_swap") == 10
+    target = Target(dsn=dsn)
+    with pytest.raises(ConfigError, match="10 rows were written after the swap"):
+        rollback(Settings(target=target), RollbackOptions())
+    assert columns(dsn)["embedding"] == "vector(32)"  # refused: nothing written
+    report = rollback(Settings(target=target, model=spec), RollbackOptions(batch_size=4))
+    assert report.rows_updated == 10 and report.state == "rolled_back", report
+    cols = columns(dsn)
+    assert cols["embedding"] == "vector(48)" and "embedding_previous" not in cols, cols
+    assert_rows_hold_the_models_vectors(dsn, old48)  # every row the old model's encoding of its content
+    assert one(dsn, "SELECT model_name FROM embedding_model") == spec.registry_name
+    assert one(dsn, "SELECT count(*) FROM recent_nodes WHERE vector_dims(embedding) = 48") == \
+        one(dsn, "SELECT count(*) FROM knowledge_nodes")
+    assert one(dsn, "SELECT has_table_privilege('public', 'recent_nodes', 'SELECT')")
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed%%'") == 0
+    assert one(dsn, "SELECT count(*) FROM reembed_after_swap") == 0
+    assert "idx_knowledge_nodes_embedding_hnsw" in {r["indexname"] for r in fetch(
+        dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'knowledge_nodes'")}
+    assert one(dsn, "SELECT previous_state FROM reembed_checkpoint ORDER BY job_id DESC LIMIT 1") == "rolled_back"
+    assert wrote["inserted"]
+    with pytest.raises(ConfigError, match="nothing to roll back"):
+        rollback(Settings(target=target, model=spec), RollbackOptions())
+    with pytest.raises(ConfigError, match="nothing to clean up"):
+        cleanup(Settings(target=target))
+
+
+def test_rollback_without_the_old_model_leaves_the_stale_rows_null_when_told(dsn: str, old48: Path) -> None:
+    _old_model_table(dsn, old48)
+    assert run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(32)).state == "done"
+    wrote = _application_writes_after_the_swap(dsn)
+    report = rollback(Settings(target=Target(dsn=dsn)), RollbackOptions(leave_stale_null=True))
+    assert report.details["left_null"] == 10, report
+    nulls = {str(r["id"]) for r in fetch(dsn, "SELECT id FROM knowledge_nodes WHERE embedding IS NULL")}
+    assert nulls == set(wrote["inserted"]) | set(wrote["edited"])
+    assert_rows_hold_the_models_vectors(dsn, old48, where="embedding IS NOT NULL")
+
+
+def test_cleanup_drops_the_previous_column_and_the_recording_and_a_new_job_may_start(dsn: str) -> None:
+    make_table(dsn, rows=80, old_dim=32)
+    assert run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(48)).state == "done"
+    with pytest.raises(ConfigError, match="reembed cleanup"):  # no second job while the previous is kept
+        run(settings(dsn, strategy="shadow"), embedder=HashEmbedder(24))
+    _application_writes_after_the_swap(dsn, dim=48)
+    report = cleanup(Settings(target=Target(dsn=dsn)))
+    assert report.state == "cleaned", report
+    cols = columns(dsn)
+    assert "embedding_previous" not in cols and cols["embedding"] == "vector(48)"
+    assert {r["indexname"] for r in fetch(dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'knowledge_nodes'"
+                                          " AND indexname LIKE '%%previous'")} == set()
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed%%'") == 0
+    assert one(dsn, "SELECT count(*) FROM reembed_after_swap") == 0
+    with pytest.raises(ConfigError, match="nothing to clean up"):
+        cleanup(Settings(target=Target(dsn=dsn)))
+    assert run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(24)).state == "done"
+
+
+# ------------------------------------------------------------------------- the quality gate
+
+
+@pytest.fixture(scope="module")
+def constant48(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
+    """A real sentence-transformers model that is broken: every text gets the same vector."""
+    path = tmp_path_factory.mktemp("constant48")
+    return fastmodel.save_static_model(path, tokenizer_dir=minilm_path, dim=48, constant=True)
+
+
+def _nothing_swapped(dsn: str, old_dim: int, model_name: str) -> None:
+    cols = columns(dsn)
+    assert cols["embedding"] == f"vector({old_dim})" and "embedding_previous" not in cols, cols
+    assert one(dsn, "SELECT model_name FROM embedding_model") == model_name
+    assert one(dsn, "SELECT state FROM reembed_checkpoint ORDER BY job_id DESC LIMIT 1") == "finalizing"
+
+
+def test_the_gate_refuses_a_model_that_returns_constant_vectors_and_the_job_stays_resumable(
+    dsn: str, constant48: Path, workdir: Path
+) -> None:
+    texts = corpus.docstrings(limit=200, seed=11)
+    make_table(dsn, rows=len(texts), old_dim=32, content=lambda i: texts[i])
+    before = vectors(dsn, "embedding")
+    log = workdir / "run.log"
+    proc = spawn(cli_run_args(dsn, constant48, "--strategy", "shadow"), cwd=workdir, log=log)
+    assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
+    assert "the quality gate refused the swap" in log.read_text()
+    gate = events(log, "gate_done")[-1]
+    assert gate["passed"] is False and gate["self_recall"] and max(gate["self_recall"].values()) < 0.9, gate
+    assert gate["recall_new"] < 0.5, gate
+    _nothing_swapped(dsn, 32, "old-model")
+    after = vectors(dsn, "embedding")  # the live column untouched: search served the old vectors throughout
+    assert after.keys() == before.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    shown = run_cli(["status", "--dsn", dsn], cwd=workdir)
+    assert "gate       REFUSED" in shown.stdout and "phase gate" in shown.stdout, shown.stdout
+    again = run_cli(cli_run_args(dsn, constant48, "--strategy", "shadow", "--skip-gate"), cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert '"event": "gate_skipped"' in again.stderr
+    assert columns(dsn)["embedding"] == "vector(48)"
+
+
+@pytest.mark.model
+def test_the_gate_refuses_a_model_worse_than_the_old_one_on_the_tables_own_rows(
+    dsn: str, minilm_path: Path, minilm: Any, workdir: Path
+) -> None:
+    """The old column holds all-MiniLM-L6-v2; the new model is the same network cut to 16 tokens:
+    queries made from a row's later sentences no longer find it."""
+    texts = [t for t in corpus.docstrings(limit=600, seed=13) if len(t) > 300][:250]
+    make_table(dsn, rows=len(texts), old_dim=384, content=lambda i: texts[i])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        register_vector(conn)
+        rows = conn.execute("SELECT id, content FROM knowledge_nodes").fetchall()
+        encoded = minilm.encode([c for _, c in rows])
+        with conn.cursor() as cur:
+            cur.executemany("UPDATE knowledge_nodes SET embedding = %s WHERE id = %s",
+                            [(v, k) for (k, _), v in zip(rows, encoded, strict=True)])
+        sig = minilm.signature
+        conn.execute("UPDATE embedding_model SET model_name = %s, dimension = 384, model_hash = %s",
+                     (sig.name, sig.hash))
+    worse = ("--strategy", "shadow", "--max-seq-length", "16", "--model-name", "minilm-16",
+             "--old-model", str(minilm_path), "--old-model-name", sig.name)
+    log = workdir / "run.log"
+    proc = spawn(cli_run_args(dsn, minilm_path, *worse), cwd=workdir, log=log)
+    assert proc.wait(timeout=600) == 1, log.read_text()[-3000:]
+    gate = events(log, "gate_done")[-1]
+    print(f"\n[gate] new (16 tokens) recall@10 {gate['recall_new']:.3f}, old {gate['recall_old']:.3f}, "
+          f"self-recall {gate['self_recall']}, {gate['queries']} queries, {gate['secs']:.2f} s")
+    assert gate["recall_old"] >= 0.8 and gate["recall_new"] < gate["recall_old"] - 0.05, gate
+    assert "worse than the old model's" in log.read_text()
+    _nothing_swapped(dsn, 384, sig.name)
+    # the thresholds are options: a looser one passes the same job at its gate, and it swaps
+    again = run_cli(cli_run_args(dsn, minilm_path, *worse, "--gate-max-regression", "0.6"), cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert one(dsn, "SELECT model_name FROM embedding_model") == "minilm-16"
+    assert one(dsn, "SELECT (gate->>'passed')::boolean FROM reembed_checkpoint ORDER BY job_id DESC LIMIT 1")
