@@ -3,7 +3,9 @@ gate before it and an exact rollback after it."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,12 @@ from reembed.errors import ConfigError
 from reembed.job import run
 from reembed.rollback import cleanup, rollback
 from reembed.settings import ModelSpec, RollbackOptions, RunOptions, Settings, Target
-from support.database import fetch, make_table, one
+from support.application import App, Reader
+from support.database import Application, fetch, job_rows_done, make_table, one
 from support.fakes import HashEmbedder, hash_vector
 from support.fakes import job_settings as settings
 from support.models import assert_rows_hold_the_models_vectors
-from support.processes import cli_run_args, events, run_cli, spawn
+from support.processes import BATCH, ROWS, cli_args, cli_run_args, events, run_cli, spawn, wait_for
 from support.scripts import corpus, fastmodel
 
 VIEW = "CREATE VIEW recent_nodes AS SELECT id, content, embedding FROM knowledge_nodes WHERE touched = 7"
@@ -247,3 +250,90 @@ def test_the_gate_refuses_a_model_worse_than_the_old_one_on_the_tables_own_rows(
     assert again.returncode == 0, again.stderr[-3000:]
     assert one(dsn, "SELECT model_name FROM embedding_model") == "minilm-16"
     assert one(dsn, "SELECT (gate->>'passed')::boolean FROM reembed_checkpoint ORDER BY job_id DESC LIMIT 1")
+
+
+# ------------------------------------------- an application and a search reader throughout
+
+
+def _closely(predicate: Callable[[], Any], *, timeout: float, what: str) -> None:
+    """wait_for, every 10 ms: a phase that lasts half a second is caught inside."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _cut_over_waiting_for_the_registry(dsn: str) -> int:
+    return int(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'reembed control%%'"
+                        " AND wait_event_type = 'Lock' AND query ILIKE '%%embedding_model%%FOR UPDATE%%'"))
+
+
+@pytest.mark.slow
+def test_search_serves_one_vector_space_through_a_shadow_job_killed_in_every_phase(
+    dsn: str, model48: Path, workdir: Path
+) -> None:
+    """A dimension change (64 -> 48) with the application writing and a reader searching the
+    column (and a view over it) throughout; SIGKILL in the backfill, the index build, the gate
+    and the swap, a re-run after each: no query fails, no answer mixes spaces, every row current."""
+    make_table(dsn, rows=ROWS, old_dim=64, id_type="bigint")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(VIEW)
+    name = str(model48)
+    app = App(dsn, workdir, new_model=model48, new_name=name, id_type="bigint", rate=20)
+    reader = Reader(dsn, workdir, new_model=model48, new_name=name, view="recent_nodes")
+    args = ("--strategy", "shadow", "--gate-min-recall", "0", "--cut-over-lock-timeout", "5s")
+    first_key = one(dsn, "SELECT min(id) FROM knowledge_nodes")
+    # Each phase held open by what a live system does, so that the kill lands in it: the backfill
+    # throttled, the index build waiting for an application's open write (CREATE INDEX CONCURRENTLY
+    # waits for writers), the swap waiting for a writer's hold on the registry row; the gate runs
+    # about half a second (every row a query), watched closely (the registry held behind it too).
+    phases: dict[str, tuple[tuple[str, ...], Callable[[Application], None], Callable[[Path], Any]]] = {
+        "backfill": (("--max-rate", "100"), lambda h: None, lambda log: job_rows_done(dsn) >= 3 * BATCH),
+        "index": ((), lambda h: h.conn.execute("UPDATE knowledge_nodes SET touched = 7 WHERE id = %s", (first_key,)),
+                  lambda log: events(log, "index_build_started")),
+        "gate": (("--gate-queries", "480"), lambda h: h.hold_registry(), lambda log: events(log, "gate_started")),
+        "swap": ((), lambda h: h.hold_registry(),
+                 lambda log: events(log, "gate_done") and _cut_over_waiting_for_the_registry(dsn)),
+    }
+    killed: dict[str, list[str]] = {}
+    try:
+        wait_for(lambda: app.writes() >= 10 and reader.queries() >= 10, timeout=60, what="the application going")
+        for phase, (extra, hold, reached) in phases.items():
+            log = workdir / f"run-{phase}.log"
+            with Application(dsn) as holder:
+                hold(holder)
+                proc = spawn(cli_args(dsn, model48, *args, *extra), cwd=workdir, log=log)
+                _closely(lambda log=log, reached=reached: reached(log) or proc.poll() is not None, timeout=180,
+                         what=f"the job in its {phase} phase")
+                proc.kill()
+                assert proc.wait(timeout=60) == -9, log.read_text()[-3000:]
+            killed[phase] = [e for e in ("index_build_started", "gate_started", "gate_done", "cut_over")
+                             if events(log, e)]
+            assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
+            assert columns(dsn)["embedding"] == "vector(64)"  # the live column: untouched until the swap
+            before = app.writes(), reader.queries()
+            wait_for(lambda before=before: app.writes() > before[0] + 5 and reader.queries() > before[1] + 5,
+                     timeout=60, what="the application and the reader going on after the kill")
+        assert killed["backfill"] == [] and killed["index"] == ["index_build_started"], killed
+        assert "gate_started" in killed["gate"] and "cut_over" not in killed["gate"], killed
+        assert "gate_done" in killed["swap"] and "cut_over" not in killed["swap"], killed
+        final = run_cli(cli_args(dsn, model48, *args), cwd=workdir)
+        assert final.returncode == 0, final.stderr[-3000:]
+        wait_for(lambda: app.stats().get("writes_with_new_model", 0) >= 10 and reader.queries(name) >= 20,
+                 timeout=90, what="the application and the reader on the new model")
+    finally:
+        stats, seen = app.stop(), reader.stop()
+    assert list(killed) == list(phases)
+    assert stats["errors"] == [] and stats["read_errors"] == [], (stats["errors"][:3], stats["read_errors"][:3])
+    assert seen["errors"] == [], seen["errors"][:5]
+    assert seen["mismatched"] == [], seen["mismatched"][:5]
+    assert seen["self_found"] >= 0.9 * seen["queries"], seen
+    assert seen["by_model"].get("old-model", 0) > 20 and seen["by_model"][name] >= 20 and seen["view_queries"]
+    print(f"\n[shadow, killed in {', '.join(killed)}] reader {seen['queries']} queries ({seen['by_model']}), "
+          f"self found {seen['self_found']}, application {app.writes()} writes")
+    cols = columns(dsn)
+    assert cols["embedding"] == "vector(48)" and cols["embedding_previous"] == "vector(64)"
+    assert_rows_hold_the_models_vectors(dsn, model48)
+    assert one(dsn, "SELECT count(*) FROM recent_nodes WHERE vector_dims(embedding) <> 48") == 0
+    assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture%%'") == 0

@@ -13,6 +13,7 @@ from typing import Any
 from support.processes import cli_env, wait_for
 
 APP = Path(__file__).resolve().parent.parent / "app_workload.py"
+READER = Path(__file__).resolve().parent.parent / "reader_workload.py"
 
 
 class App:
@@ -39,6 +40,38 @@ class App:
             return json.loads(self.out.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_file.write_text("stop")
+        self.proc.wait(timeout=60)
+        return self.stats()
+
+
+class Reader:
+    """The search application (tests/reader_workload.py), querying until stopped."""
+
+    def __init__(self, dsn: str, workdir: Path, *, new_model: Path, new_name: str, rate: float = 20.0,
+                 view: str | None = None) -> None:
+        self.stop_file, self.out = workdir / "reader.stop", workdir / "reader.json"
+        self.log = workdir / "reader.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(READER), dsn, str(self.stop_file), str(self.out), "--new-model", str(new_model),
+                 "--new-name", new_name, "--rate", str(rate), *(["--view", view] if view else [])],
+                env=cli_env(), stdout=subprocess.DEVNULL, stderr=log)
+        wait_for(lambda: (workdir / "reader.json.ready").exists() or self.proc.poll() is not None, timeout=120,
+                 what="the reader to start")
+        assert self.proc.poll() is None, self.log.read_text()[-2000:]
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.out.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def queries(self, model: str | None = None) -> int:
+        stats = self.stats()
+        return int(stats.get("queries", 0) if model is None else stats.get("by_model", {}).get(model, 0))
 
     def stop(self) -> dict[str, Any]:
         self.stop_file.write_text("stop")
