@@ -304,7 +304,8 @@ def test_search_serves_one_vector_space_through_a_shadow_job_killed_in_every_pha
             with Application(dsn) as holder:
                 hold(holder)
                 proc = spawn(cli_args(dsn, model48, *args, *extra), cwd=workdir, log=log)
-                _closely(lambda log=log, reached=reached: reached(log) or proc.poll() is not None, timeout=180,
+                _closely(lambda log=log, reached=reached, proc=proc: reached(log) or proc.poll() is not None,
+                         timeout=180,
                          what=f"the job in its {phase} phase")
                 proc.kill()
                 assert proc.wait(timeout=60) == -9, log.read_text()[-3000:]
