@@ -354,6 +354,8 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
         report.details["strategy"] = ctx.strategy.name
         if ctx.active.gate is not None:
             report.details["gate"] = ctx.active.gate
+        if ctx.active.shadow is not None:
+            report.details["readers_held_secs"] = ctx.active.shadow.get("readers_held_secs")
         if not outcome.finished:
             return _stopped(ctx, report, message=outcome.message)
     except Stopped:

@@ -204,8 +204,9 @@ class Shadow:
         record_after_swap(conn, info, job.id)
         conn.execute(query("upsert_registry", registry=info.registry), ctx.signature.as_dict())
         conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
-        conn.execute(query("record_swap"), {"job_id": job.id})
-        return time.monotonic() - began
+        held = time.monotonic() - began
+        conn.execute(query("record_swap"), {"job_id": job.id, "readers_held": held})
+        return held
 
 
 def discard(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job) -> None:

@@ -44,7 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost")
+SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost", "shadow")
 WORDS = (
     "database index vector search model embedding query table row column cosine graph python compiler "
     "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
@@ -763,6 +763,80 @@ class Bench:
             self.checkpoint(f"cost {old_dim}->{new_dim}")
         self.results["cost"] = out
 
+    def section_shadow(self) -> None:
+        """Search through a job, both strategies: a reader process (tests/reader_workload.py: the
+        registry FOR SHARE, the query embedded by the model it names, the column searched by its
+        name, LIMIT 5) and an application process (tests/app_workload.py) throughout; the search's
+        p50/p99 before, during and after the job, its answers from another vector space, the
+        swap's writers-held and readers-held time, the gate's cost. Static model, real docstrings,
+        the old vectors the reader's old model's (a hash of the text)."""
+        from reembed.embedder import SentenceTransformerEmbedder
+        from reembed.job import run
+        from reembed.settings import ModelSpec, RunOptions, Settings, Target
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from app_workload import old_vector
+
+        rows, calm = self.args.shadow_rows, 5.0
+        content = corpus("docstrings", rows)
+        path = self.model_dir("static")
+        emb = SentenceTransformerEmbedder(ModelSpec(model=str(path), model_name="static384", device="cpu"))
+        out: dict[str, Any] = {"rows": rows}
+        for strategy in ("in_place", "shadow"):
+            with self.database() as dsn:
+                self.fill(dsn, rows=rows, dim=384, content=content)
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    register_vector(conn)
+                    conn.execute("ALTER TABLE knowledge_nodes ADD COLUMN source text NOT NULL DEFAULT 'bench'")
+                    conn.execute("UPDATE embedding_model SET model_name = 'old-model'")
+                    ids = conn.execute("SELECT id, content FROM knowledge_nodes").fetchall()
+                    with conn.cursor() as cur:
+                        cur.executemany("UPDATE knowledge_nodes SET embedding = %s WHERE id = %s",
+                                        [(old_vector(c, 384), k) for k, c in ids])
+                    conn.execute("VACUUM ANALYZE knowledge_nodes")
+                work = self.args.data / f"shadow-{strategy}"
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True)
+                procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / f"{name}_workload.py"), dsn,
+                                           str(work / f"{name}.stop"), str(work / f"{name}.json"),
+                                           "--new-model", str(path), "--new-name", "static384", "--rate", rate],
+                                          stdout=subprocess.DEVNULL, stderr=(work / f"{name}.log").open("wb"))
+                         for name, rate in (("reader", "50"), ("app", "20"))]
+                for name in ("reader", "app"):
+                    while not (work / f"{name}.json.ready").exists():
+                        time.sleep(0.1)
+                time.sleep(calm)
+                began = time.time()
+                report = run(Settings(target=Target(dsn=dsn), model=ModelSpec(model="bench"),
+                                      options=RunOptions(batch_size=self.args.batch_size, confirm_seconds=0,
+                                                         progress_interval=3600, strategy=strategy)),
+                             embedder=emb).as_dict()
+                ended = time.time()
+                time.sleep(calm)
+                for name, proc in zip(("reader", "app"), procs, strict=True):
+                    (work / f"{name}.stop").write_text("stop")
+                    proc.wait(timeout=60)
+                seen = json.loads((work / "reader.json").read_text())
+                app = json.loads((work / "app.json").read_text())
+            if report["state"] != "done":
+                raise SystemExit(f"bench run ended {report}")
+            phases: dict[str, Any] = {}
+            for phase, low, high in (("before", 0, began), ("during", began, ended), ("after", ended, 1e12)):
+                secs = np.array([s for at, _, s in seen["searches"] if low <= at < high]) * 1000
+                wrong = sum(1 for at in seen["missed"] if low <= at < high)
+                phases[phase] = {"queries": int(secs.size), "p50_ms": round(float(np.percentile(secs, 50)), 2),
+                                 "p99_ms": round(float(np.percentile(secs, 99)), 2), "row_not_found": wrong}
+            gate = report.get("gate") or {}
+            out[strategy] = {"job_secs": round(ended - began, 1), "phases": phases,
+                             "reader_errors": len(seen["errors"]), "app_errors": len(app["errors"]),
+                             "app_writes": sum(app.get(k, 0) for k in ("inserts", "edits", "deletes", "null_inserts")),
+                             "writers_held_secs": report.get("writers_held_secs"),
+                             "readers_held_secs": report.get("readers_held_secs"),
+                             "gate_secs": gate.get("secs"), "gate_recall": gate.get("recall_new"),
+                             "gate_queries": gate.get("queries")}
+            self.checkpoint(f"shadow {strategy}")
+        self.results["shadow"] = out
+
     def section_rss(self) -> None:
         model = self.model_dir("static")
         peaks: dict[str, float] = {}
@@ -862,6 +936,21 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"  {key.replace('_to_', ' -> ')}: WAL estimated {v['wal_estimated_mb']} MB, written "
                          f"{v['wal_written_mb']} MB (estimate/written {v['estimate_over_written']}); extra disk "
                          f"{v['extra_disk_estimated_mb']} MB; dead rows left {v['bloat_estimated_mb']} MB")
+    if "shadow" in results:
+        c = results["shadow"]
+        lines.append(f"\nsearch through a job ({c['rows']} rows of docstrings, static model; a reader at 50 q/s and an "
+                     "application at 20 writes/s throughout; search p50/p99 in ms; 'row not found': the query, a "
+                     "row's own text embedded by the registry's model, missed that row, whose vector is not that "
+                     "model's, or which the index's approximation lost)")
+        for strategy in ("in_place", "shadow"):
+            v = c[strategy]
+            said = ", ".join(f"{k} {p['p50_ms']}/{p['p99_ms']} ({p['queries']} q, row not found {p['row_not_found']})"
+                             for k, p in v["phases"].items())
+            lines.append(f"  {strategy}: job {v['job_secs']} s; {said}; writers held {v['writers_held_secs']:.4f} s"
+                         + (f", readers held {v['readers_held_secs']:.4f} s" if v.get("readers_held_secs") else "")
+                         + (f"; gate {v['gate_secs']} s ({v['gate_queries']} queries, recall@10 {v['gate_recall']})"
+                            if v.get("gate_secs") is not None else "")
+                         + f"; errors: reader {v['reader_errors']}, application {v['app_errors']}")
     if "peak_rss_mb" in results:
         r = results["peak_rss_mb"]
         rows = [k for k in r if k != "growth_mb"]
@@ -880,6 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live-rows", type=int, default=20_000)
     p.add_argument("--live-writes", type=int, default=3_000, help="single-row writes per trigger-cost pass")
     p.add_argument("--cost-rows", type=int, default=20_000, help="rows for the cost section's WAL measurement")
+    p.add_argument("--shadow-rows", type=int, default=20_000, help="rows for the shadow section's search-through-a-job")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--encode-batch-size", type=int, default=None)
     p.add_argument("--write-path", default="copy", help="the path the model section's write-only figure uses")

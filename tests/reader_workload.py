@@ -7,7 +7,8 @@ with the model the registry names, and searches the column by its original name 
 
 The query is the content of a row read in the same transaction, so its nearest neighbour is that
 row at distance ~0 when the column holds the registry's model's vectors: an answer holding the
-row at a larger distance is an answer from another vector space (`mismatched`). Writes the
+row at a larger distance is an answer from another vector space (`mismatched`); one without the
+row at all is `missed` (another space, or the index's approximation). Writes the
 counts, the errors and each search's (wall time, model, secs) to OUT_JSON.
 """
 
@@ -47,7 +48,7 @@ def main() -> int:
 
     new_model = SentenceTransformer(args.new_model, device="cpu")
     stats: dict[str, Any] = {"queries": 0, "self_found": 0, "mismatched": [], "errors": [], "by_model": {},
-                             "view_queries": 0, "searches": []}
+                             "view_queries": 0, "searches": [], "missed": []}
     conn = psycopg.connect(args.dsn)
     register_vector(conn)
     (args.out.parent / (args.out.name + ".ready")).write_text("ready")
@@ -78,8 +79,11 @@ def main() -> int:
             same = [(k, d) for k, s, d in found if s]
             if any(d < SAME for _, d in same):
                 stats["self_found"] += 1
+            else:
+                stats["missed"].append(time.time())
             elif same:
-                stats["mismatched"].append({"model": name, "key": str(key), "distance": min(d for _, d in same)})
+                stats["mismatched"].append({"at": time.time(), "model": name, "key": str(key),
+                                            "distance": min(d for _, d in same)})
         except Exception as exc:  # noqa: BLE001 - every failed query is a failed promise: counted, shown
             stats["errors"].append(f"{type(exc).__name__}: {exc}"[:300])
             if conn.broken:

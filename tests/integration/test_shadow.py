@@ -338,3 +338,77 @@ def test_search_serves_one_vector_space_through_a_shadow_job_killed_in_every_pha
     assert_rows_hold_the_models_vectors(dsn, model48)
     assert one(dsn, "SELECT count(*) FROM recent_nodes WHERE vector_dims(embedding) <> 48") == 0
     assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture%%'") == 0
+
+
+# ------------------------------------------------------------- the schemas people have
+
+RICH = """
+CREATE INDEX nodes_l2_partial ON knowledge_nodes USING hnsw (embedding vector_l2_ops) WHERE source <> 'app';
+CREATE INDEX nodes_half ON knowledge_nodes USING hnsw ((embedding::halfvec(32)) halfvec_cosine_ops) WITH (m = 12);
+CREATE INDEX nodes_with_vector ON knowledge_nodes (id) WHERE embedding IS NOT NULL;
+CREATE VIEW v1 WITH (security_barrier = true) AS SELECT id, content, embedding FROM knowledge_nodes;
+COMMENT ON COLUMN v1.embedding IS 'the vectors';
+GRANT SELECT ON v1 TO pg_monitor;
+CREATE VIEW v2 AS SELECT id FROM v1 WHERE embedding IS NOT NULL;
+CREATE FUNCTION nodes_touch() RETURNS trigger LANGUAGE plpgsql AS
+  $$ BEGIN NEW.touched := NEW.touched + 1; RETURN NEW; END $$;
+CREATE TRIGGER nodes_vector_changed BEFORE UPDATE OF embedding ON knowledge_nodes
+  FOR EACH ROW EXECUTE FUNCTION nodes_touch();
+COMMENT ON TRIGGER nodes_vector_changed ON knowledge_nodes IS 'counts re-embeddings';
+ALTER TABLE knowledge_nodes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY with_vectors ON knowledge_nodes FOR SELECT TO pg_monitor USING (embedding IS NOT NULL);
+"""
+
+
+def _depends_on(dsn: str, kind: str, name: str) -> str:
+    """The column of knowledge_nodes that `name` (a view, trigger or policy) depends on."""
+    classid = {"view": "pg_rewrite", "trigger": "pg_trigger", "policy": "pg_policy"}[kind]
+    object_id = {"view": "(SELECT oid FROM pg_rewrite WHERE ev_class = %(name)s::regclass)",
+                 "trigger": "(SELECT oid FROM pg_trigger WHERE tgname = %(name)s)",
+                 "policy": "(SELECT oid FROM pg_policy WHERE polname = %(name)s)"}[kind]
+    return str(one(dsn, f"SELECT string_agg(a.attname, ',' ORDER BY a.attname) FROM pg_depend d JOIN pg_attribute a"
+                        " ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid"
+                        f" WHERE d.classid = '{classid}'::regclass"
+                        f" AND d.objid = {object_id} AND d.refobjid = 'knowledge_nodes'::regclass"
+                        " AND a.attname LIKE 'embedding%%'", {"name": name}))
+
+
+def test_a_shadow_swap_carries_partial_and_expression_indexes_views_on_views_triggers_and_policies(
+    dsn: str
+) -> None:
+    make_table(dsn, rows=150, old_dim=32)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(RICH)
+    report = run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    gate = report.details["gate"]
+    assert set(gate["self_recall"]) == {"idx_knowledge_nodes_embedding_hnsw_reembed1", "nodes_half_reembed1"}, gate
+    idx = {r["indexname"]: r["indexdef"] for r in fetch(dsn, "SELECT indexname, indexdef FROM pg_indexes"
+                                                            " WHERE tablename = 'knowledge_nodes'")}
+    assert "USING hnsw (embedding vector_l2_ops) WHERE (source <> 'app'::text)" in idx["nodes_l2_partial"]
+    assert "((embedding)::halfvec(48)) halfvec_cosine_ops) WITH (m='12')" in idx["nodes_half"], idx["nodes_half"]
+    assert "WHERE (embedding IS NOT NULL)" in idx["nodes_with_vector"]
+    assert "halfvec(32)" in idx["nodes_half_previous"] and "embedding_previous" in idx["nodes_l2_partial_previous"]
+    for kind, name in (("view", "v1"), ("trigger", "nodes_vector_changed"), ("policy", "with_vectors")):
+        assert _depends_on(dsn, kind, name) == "embedding", (kind, name)
+    assert one(dsn, "SELECT reloptions::text FROM pg_class WHERE relname = 'v1'") == "{security_barrier=true}"
+    assert one(dsn, "SELECT has_table_privilege('pg_monitor', 'v1', 'SELECT')")
+    assert one(dsn, "SELECT col_description('v1'::regclass, 3)") == "the vectors"
+    assert one(dsn, "SELECT count(*) FROM v2") == 150
+    assert one(dsn, "SELECT obj_description(oid, 'pg_trigger') FROM pg_trigger WHERE tgname = 'nodes_vector_changed'") \
+        == "counts re-embeddings"
+    key = one(dsn, "SELECT min(id::text) FROM knowledge_nodes")
+    before = one(dsn, "SELECT touched FROM knowledge_nodes WHERE id = %s", (key,))
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the trigger now fires on the new column
+        conn.execute("UPDATE knowledge_nodes SET embedding = embedding WHERE id = %s", (key,))
+    assert one(dsn, "SELECT touched FROM knowledge_nodes WHERE id = %s", (key,)) == before + 1
+
+
+def test_a_materialized_view_on_the_column_is_refused_before_any_write(dsn: str) -> None:
+    make_table(dsn, rows=40, old_dim=32)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE MATERIALIZED VIEW mv AS SELECT id, embedding FROM knowledge_nodes")
+    with pytest.raises(ConfigError, match=r"materialized view .*mv.* holds a copy of the column's values"):
+        run(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48))
+    assert "embedding_reembed1" not in columns(dsn)
+    assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL")  # not even reembed's own tables
