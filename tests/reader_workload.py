@@ -81,9 +81,9 @@ def main() -> int:
                 stats["self_found"] += 1
             else:
                 stats["missed"].append(time.time())
-            elif same:
-                stats["mismatched"].append({"at": time.time(), "model": name, "key": str(key),
-                                            "distance": min(d for _, d in same)})
+                if same:  # the row itself, at a distance its text's own vector would not be
+                    stats["mismatched"].append({"at": time.time(), "model": name, "key": str(key),
+                                                "distance": min(d for _, d in same)})
         except Exception as exc:  # noqa: BLE001 - every failed query is a failed promise: counted, shown
             stats["errors"].append(f"{type(exc).__name__}: {exc}"[:300])
             if conn.broken:
