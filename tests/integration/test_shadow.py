@@ -16,7 +16,7 @@ from pgvector.psycopg import register_vector
 
 from reembed.embedder import SentenceTransformerEmbedder
 from reembed.errors import ConfigError
-from reembed.job import run
+from reembed.job import plan, run
 from reembed.rollback import cleanup, rollback
 from reembed.settings import ModelSpec, RollbackOptions, RunOptions, Settings, Target
 from support.application import App, Reader
@@ -412,3 +412,24 @@ def test_a_materialized_view_on_the_column_is_refused_before_any_write(dsn: str)
         run(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48))
     assert "embedding_reembed1" not in columns(dsn)
     assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL")  # not even reembed's own tables
+
+
+def test_plan_compares_both_strategies_and_recommends_one_writing_nothing(dsn: str) -> None:
+    make_table(dsn, rows=200, old_dim=32)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(VIEW)  # refused in place on a dimension change: PostgreSQL cannot retype a viewed column
+    report = plan(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48))
+    s = report.details["strategies"]
+    assert s["recommended"] == "shadow" and s["shadow"]["refused"] is None, s
+    assert "recent_nodes" in s["in_place"]["refused"], s
+    assert s["shadow"]["search_unavailable_secs"] == 0 and s["in_place"]["search_unavailable_secs"] > 0
+    assert s["shadow"]["kept_until_cleanup_bytes"] >= 200 * (8 + 4 * 48)
+    assert s["shadow"]["extra_disk_bytes"] > s["in_place"]["extra_disk_bytes"]
+    assert "recommended: shadow" in report.message
+    assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL") and "embedding_reembed1" not in columns(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP VIEW recent_nodes")
+        conn.execute("DROP INDEX idx_knowledge_nodes_embedding_hnsw")
+        conn.execute("DELETE FROM embedding_model")
+    again = plan(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48)).details["strategies"]
+    assert again["recommended"] == "in_place", again  # no search served from the column: nothing to keep serving
