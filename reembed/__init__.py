@@ -9,7 +9,8 @@ The library is what the CLI calls:
     report = run(settings)              # resumes an active job; a no-op when the registry already matches
     print(report.state, report.rows_updated)
 
-`plan(settings)` is the dry run, `status(settings)` the job's progress. Every failure an
+`plan(settings)` is the dry run, `status(settings)` the job's progress; after a shadow job's swap
+(`RunOptions(strategy="shadow")`), `rollback(settings, RollbackOptions())` and `cleanup(settings)`. Every failure an
 operator can act on is a `ReembedError`, whose `exit_code` is the CLI's.
 """
 
@@ -31,7 +32,8 @@ if TYPE_CHECKING:  # what the names are; at run time each module loads on first 
     )
     from reembed.job import plan, run
     from reembed.report import Report
-    from reembed.settings import ModelSpec, RunOptions, Settings, Target
+    from reembed.rollback import cleanup, rollback
+    from reembed.settings import ModelSpec, RollbackOptions, RunOptions, Settings, Target
     from reembed.signals import StopSignal
     from reembed.status import Status, status
 
@@ -41,7 +43,8 @@ _WHERE = {
     "CheckpointConflict": "errors", "ConfigError": "errors", "DatabaseError": "errors", "Interrupted": "errors",
     "LockHeld": "errors", "ReembedError": "errors", "plan": "job", "run": "job", "Report": "report",
     "ModelSpec": "settings", "RunOptions": "settings", "Settings": "settings", "Target": "settings",
-    "StopSignal": "signals", "Status": "status", "status": "status",
+    "StopSignal": "signals", "Status": "status", "status": "status", "rollback": "rollback", "cleanup": "rollback",
+    "RollbackOptions": "settings",
 }
 
 
@@ -60,13 +63,16 @@ __all__ = [
     "ModelSpec",
     "ReembedError",
     "Report",
+    "RollbackOptions",
     "RunOptions",
     "Settings",
     "Status",
     "StopSignal",
     "Target",
     "__version__",
+    "cleanup",
     "plan",
+    "rollback",
     "run",
     "status",
 ]

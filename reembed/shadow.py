@@ -136,10 +136,14 @@ class Shadow:
         log.info("shadow_column_added", column=names.shadow, indexes=[i.shadow for i in names.indexes])
 
     def column(self, ctx: RunContext) -> str:
-        return self.names(ctx).shadow
+        """The shadow column; after the swap it has the live column's name."""
+        return ctx.info.column if "cut_over" in ctx.active.steps else self.names(ctx).shadow
 
     def finalize_steps(self, ctx: RunContext) -> list[FinalizeStep]:
         names = self.names(ctx)
+        live = {d.name: d.original for d in dependents.recorded(ctx.active) if d.is_index and d.original}
+        old_uses = [gate.IndexUse.of(i.name, definition, ctx.info.column)
+                    for i in names.indexes if (definition := live.get(i.name)) is not None]
         builds = [finalize.index_step(ctx, dependents.Dependent("index", i.shadow, dependents.REBUILD,
                                                                  definition=i.definition, method=i.method),
                                       only=False)
@@ -151,7 +155,7 @@ class Shadow:
             FinalizeStep("catch_up_after_index", lambda conn: self._catch_up(ctx), in_transaction=False,
                          record=False),
             FinalizeStep("gate", lambda conn: gate.run(ctx, conn, names.shadow, [
-                gate.IndexUse.of(i.shadow, i.definition, names.shadow) for i in names.indexes]),
+                gate.IndexUse.of(i.shadow, i.definition, names.shadow) for i in names.indexes], old_uses),
                 in_transaction=False, role="gate"),
             FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
                          lock_timeout=ctx.opts.cut_over_lock_timeout, max_backoff=CUT_OVER_BACKOFF),
@@ -159,6 +163,8 @@ class Shadow:
         ]
 
     def _catch_up(self, ctx: RunContext) -> None:
+        if "cut_over" in ctx.active.steps:
+            return  # a run resumed after the swap: nothing is captured any more
         capture.catch_up(ctx)
         failures.settle(ctx)
 

@@ -19,9 +19,11 @@ from reembed.errors import ConfigError
 from reembed.job import plan, run
 from reembed.rollback import cleanup, rollback
 from reembed.settings import ModelSpec, RollbackOptions, RunOptions, Settings, Target
+from reembed.signals import StopSignal
+from reembed.status import status
 from support.application import App, Reader
 from support.database import Application, fetch, job_rows_done, make_table, one
-from support.fakes import HashEmbedder, hash_vector
+from support.fakes import HashEmbedder, hash_vector, stopping_after
 from support.fakes import job_settings as settings
 from support.models import assert_rows_hold_the_models_vectors
 from support.processes import BATCH, ROWS, cli_args, cli_run_args, events, run_cli, spawn, wait_for
@@ -433,3 +435,55 @@ def test_plan_compares_both_strategies_and_recommends_one_writing_nothing(dsn: s
         conn.execute("DELETE FROM embedding_model")
     again = plan(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48)).details["strategies"]
     assert again["recommended"] == "in_place", again  # no search served from the column: nothing to keep serving
+
+
+@pytest.mark.slow
+def test_rollback_killed_mid_way_and_run_again_re_embeds_every_stale_row_once_the_application_writing(
+    dsn: str, old48: Path, workdir: Path
+) -> None:
+    """The real CLI: a SIGKILL after rollback's first committed page, then a re-run: every row the
+    old model's encoding of its current content; a third run has nothing to do (exit 2)."""
+    _old_model_table(dsn, old48, rows=100)
+    assert run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(32)).state == "done"
+    docs = corpus.docstrings(limit=400)
+    texts = [f"after the swap {i}: " + " ".join(doc.split()[:20]) for i, doc in enumerate(docs)]
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the application after the swap: 400 new rows
+        register_vector(conn)
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO knowledge_nodes (id, content, source, embedding) VALUES (%s, %s, 'app', %s)",
+                            [(uuid.uuid4(), text, hash_vector(text, 32)) for text in texts])
+    assert one(dsn, "SELECT count(*) FROM reembed_after_swap") == len(texts)
+    back = ["rollback", "--dsn", dsn, "--model", str(old48), "--batch-size", "4", "--log-format", "json"]
+    log = workdir / "rollback.log"
+    proc = spawn(back, cwd=workdir, log=log)
+    _closely(lambda: events(log, "rollback_page") or proc.poll() is not None, timeout=120, what="a page rolled back")
+    proc.kill()
+    assert proc.wait(timeout=60) == -9, log.read_text()[-2000:]
+    left = one(dsn, "SELECT count(DISTINCT row_id) FROM reembed_after_swap")
+    assert 0 < left < len(texts), left  # some pages committed, with their records settled
+    assert columns(dsn)["embedding"] == "vector(32)"  # not swapped back yet
+    again = run_cli(back, cwd=workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert columns(dsn)["embedding"] == "vector(48)"
+    assert_rows_hold_the_models_vectors(dsn, old48)
+    third = run_cli(back, cwd=workdir)
+    assert third.returncode == 2 and "nothing to roll back" in third.stderr, third.stderr
+    assert run_cli(["cleanup", "--dsn", dsn], cwd=workdir).returncode == 2
+
+
+def test_a_shadow_job_stopped_by_its_time_window_resumes_and_search_was_never_touched(dsn: str) -> None:
+    make_table(dsn, rows=200, old_dim=32)
+    before = vectors(dsn, "embedding")
+    stop = StopSignal()
+    emb = stopping_after(HashEmbedder(48), stop, calls=2, reason="time_budget")
+    report = run(settings(dsn, strategy="shadow", gate_min_recall=0.0, batch_size=16, window_rows=16), embedder=emb,
+                 stop=stop)
+    assert report.exit_code == 75 and report.state == "time_budget", report
+    assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
+    after = vectors(dsn, "embedding")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    shown = status(Settings(target=Target(dsn=dsn)))
+    assert shown.data["strategy"] == "shadow" and shown.data["phase"] == "backfill", shown.data
+    done = run(settings(dsn, strategy="shadow", gate_min_recall=0.0, batch_size=16), embedder=HashEmbedder(48))
+    assert done.state == "done" and done.resumed_from is not None, done
+    assert status(Settings(target=Target(dsn=dsn))).data["phase"] == "swapped, previous kept"
