@@ -25,11 +25,12 @@ import structlog
 from psycopg import sql
 
 from reembed import checkpoint as ckpt
-from reembed import failures
+from reembed import db, failures
 from reembed.batches import Batch, Writer
 from reembed.commits import Written, commit_batch
 from reembed.context import RunContext
 from reembed.errors import ReembedError
+from reembed.progress import Pace
 from reembed.queries import query
 from reembed.target import TableInfo
 
@@ -123,16 +124,18 @@ def pending(conn: psycopg.Connection[Any], job: ckpt.Job) -> int:
 # --------------------------------------------------------------- catch-up passes
 
 
-def catch_up(ctx: RunContext) -> None:
-    """Passes over the captured keys until fewer than a batch are left or they stop shrinking."""
+def catch_up(ctx: RunContext, *, until: int | None = None, writes: Pace | None = None) -> None:
+    """Passes over the captured keys until fewer than `until` (default: a batch) are left or
+    they stop shrinking; `writes`: the pace of the commits, measured (rows/s)."""
     job, lease, size = ctx.active, ctx.lease, ctx.opts.batch_size
+    until = size if until is None else until
     if "cut_over" in job.steps:
         return
     writer = Writer(ctx.info, column=ctx.strategy.column(ctx))
     previous: int | None = None
     while not ctx.stop.requested:
         left = lease.read(pending, job, on=ctx.control, what="count_changes")
-        if left < size or (previous is not None and left >= previous):
+        if left < until or (previous is not None and left >= previous):
             log.info("catch_up_done", keys_left=left, shrinking=previous is None or left < previous,
                      detail="the rest is re-embedded inside the cut-over")
             return
@@ -149,7 +152,11 @@ def catch_up(ctx: RunContext) -> None:
                 break
             batch = lease.read(_read, ctx.info, page, on=ctx.control, what="read_changed_rows")
             _encode(ctx, batch)
-            rows += lease.write(_write, job, writer, page, batch, on=ctx.control, what="commit_catch_up")
+            wrote = time.monotonic()
+            written = lease.write(_write, job, writer, page, batch, on=ctx.control, what="commit_catch_up")
+            if writes is not None:
+                writes.measured(len(page), time.monotonic() - wrote)
+            rows += written
             keys, after = keys + len(page), page[-1]
         log.info("catch_up_pass_done", catch_up_pass=number, keys=keys, rows=rows,
                  secs=round(time.monotonic() - started, 2))
@@ -177,10 +184,12 @@ class Backlog:
     unencoded: int
     batches: list[tuple[list[str], Batch]]
 
-    def predicted_secs(self, pace: float | None) -> float:
-        """The cut-over's work on it under the lock: the encoding at `pace` rows/s, the writes."""
+    def predicted_secs(self, pace: float | None, write_rate: float | None = None) -> float:
+        """The cut-over's work on it under the lock: the encoding at `pace` rows/s, the writes at
+        `write_rate` (measured by the catch-up's commits; an index on the column written, as a
+        shadow column has, makes them far slower than the constant)."""
         encode = self.unencoded / pace if pace else (0.0 if not self.unencoded else float("inf"))
-        return encode + self.keys / WRITE_ROWS_PER_SEC
+        return encode + self.keys / min(write_rate or WRITE_ROWS_PER_SEC, WRITE_ROWS_PER_SEC)
 
 
 def backlog(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> Backlog:
@@ -207,6 +216,18 @@ def encode_ahead(ctx: RunContext, work: Backlog, known: Encoded) -> tuple[Encode
             if vec is not None:
                 done[(batch.id_texts[i], batch.xmins[i])] = vec
     return done, work.unencoded
+
+
+def write_ahead(ctx: RunContext, work: Backlog, ahead: Encoded, *, on: db.Kept) -> int:
+    """Before the cut-over takes its locks, on a connection of its own: the backlog written, a
+    page per transaction as a catch-up pass writes it (for when its writes alone would hold the
+    application's writers past the bound: an index on the column written makes them slow)."""
+    writer = Writer(ctx.info, column=ctx.strategy.column(ctx))
+    rows = 0
+    for page, batch in work.batches:
+        _encode(ctx, batch, ahead)
+        rows += ctx.lease.write(_write, ctx.active, writer, page, batch, on=on, what="cut_over_write_ahead")
+    return rows
 
 
 def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded, work: Backlog) -> int:

@@ -38,6 +38,7 @@ class CutOver:
         self._lock_timeout_checked = False
         self._ahead: capture.Encoded = {}  # the cut-over's rows encoded ahead, kept across its tries
         self._pace = Pace(at_least=8)  # rows/s of the cut-over's encoding ahead
+        self.writes = Pace(at_least=8)  # rows/s of the catch-up's commits (the writes under the lock)
 
     def run(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool,
             swap: Callable[[psycopg.Connection[Any]], None]) -> float:
@@ -53,17 +54,24 @@ class CutOver:
                 raise Interrupted(f"stopped ({ctx.stop.reason}) during the cut-over's catch-up; nothing of it was "
                                   "committed; re-run to finish", exit_code=ctx.stop.exit_code)
             work = capture.backlog(ctx, conn, self._ahead)  # no lock: writers go on
-            if work.predicted_secs(self._pace.value) * _MARGIN > bound:
+            if work.predicted_secs(self._pace.value, self.writes.value) * _MARGIN > bound:
                 progress.again(work, self._pace.value)
-                self._encode_ahead(ctx, work)
+                if work.predicted_secs(None, self.writes.value) * _MARGIN > bound / 2 and not work.unencoded:
+                    self._write_ahead(ctx, work)  # the writes are what would run long: write them now
+                else:
+                    self._encode_ahead(ctx, work)
                 continue
             try:
                 with conn.transaction():  # a savepoint: let go of the locks if the hold would run long
                     began = capture.hold_writers(ctx, conn, rewrite=rewrite)
                     work = capture.backlog(ctx, conn, self._ahead)
-                    if work.predicted_secs(self._pace.value) * _MARGIN > bound - (time.monotonic() - began):
+                    if work.predicted_secs(self._pace.value, self.writes.value) * _MARGIN > \
+                            bound - (time.monotonic() - began):
                         raise _OverBound
+                    caught = time.monotonic()
                     rows = capture.final_catch_up(ctx, conn, self._ahead, work)
+                    caught = time.monotonic() - caught
+                    self.writes.measured(work.keys, caught)
                     swap(conn)
                     held = time.monotonic() - began
             except _OverBound:
@@ -72,8 +80,20 @@ class CutOver:
             break
         conn.execute(query("record_writers_held"), {"secs": held, "job_id": ctx.active.id})
         log.info("cut_over", writers_held_secs=round(held, 3), rows_caught_up=rows,
-                 max_writers_held_secs=bound, tries=progress.tries + 1)
+                 final_catch_up_secs=round(caught, 4), max_writers_held_secs=bound, tries=progress.tries + 1)
         return held
+
+    def _write_ahead(self, ctx: RunContext, work: capture.Backlog) -> None:
+        """The backlog committed without the cut-over's locks (on a connection of its own: the
+        cut-over's transaction holds no lock yet), and the write pace measured on it."""
+        held = ctx.connections.hold("cut-over-write")
+        try:
+            started = time.monotonic()
+            rows = capture.write_ahead(ctx, work, self._ahead, on=held)
+            self.writes.measured(work.keys, time.monotonic() - started)
+        finally:
+            held.release()
+        log.debug("cut_over_wrote_ahead", keys=work.keys, rows=rows)
 
     def _encode_ahead(self, ctx: RunContext, work: capture.Backlog) -> None:
         """The backlog encoded without a lock (what is known at its version kept), and the

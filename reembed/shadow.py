@@ -39,6 +39,7 @@ from reembed.target import TableInfo
 log = structlog.get_logger()
 
 PREVIOUS = "_previous"
+_SMALL_BACKLOG = 16  # the last catch-up before the swap goes on until fewer keys than this are left
 _NAME_BYTES = 63  # NAMEDATALEN - 1
 
 
@@ -115,6 +116,7 @@ class Shadow:
 
     def __init__(self) -> None:
         self._cut = CutOver()
+        self._lock_wait = 0.0  # the swap's wait for ACCESS EXCLUSIVE (in-flight reads), for the log
 
     def names(self, ctx: RunContext) -> Names:
         return Names.of(ctx.active)
@@ -152,20 +154,22 @@ class Shadow:
             FinalizeStep("catch_up", lambda conn: self._catch_up(ctx), in_transaction=False, record=False),
             *builds,
             FinalizeStep("check_indexes", lambda conn: self._check_indexes(ctx, conn, names)),
-            FinalizeStep("catch_up_after_index", lambda conn: self._catch_up(ctx), in_transaction=False,
-                         record=False),
             FinalizeStep("gate", lambda conn: gate.run(ctx, conn, names.shadow, [
                 gate.IndexUse.of(i.shadow, i.definition, names.shadow) for i in names.indexes], old_uses),
                 in_transaction=False, role="gate"),
+            # what the application wrote during the index builds and the gate, down to a few rows:
+            # the swap's own catch-up writes through the new indexes, with writers held off
+            FinalizeStep("catch_up_before_swap", lambda conn: self._catch_up(ctx, until=_SMALL_BACKLOG),
+                         in_transaction=False, record=False),
             FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
                          lock_timeout=ctx.opts.cut_over_lock_timeout, max_backoff=CUT_OVER_BACKOFF),
             FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
         ]
 
-    def _catch_up(self, ctx: RunContext) -> None:
+    def _catch_up(self, ctx: RunContext, *, until: int | None = None) -> None:
         if "cut_over" in ctx.active.steps:
             return  # a run resumed after the swap: nothing is captured any more
-        capture.catch_up(ctx)
+        capture.catch_up(ctx, until=until, writes=self._cut.writes)
         failures.settle(ctx)
 
     def _check_indexes(self, ctx: RunContext, conn: psycopg.Connection[Any], names: Names) -> None:
@@ -186,12 +190,14 @@ class Shadow:
         held: dict[str, float] = {}
         self._cut.run(ctx, conn, rewrite=False, swap=lambda c: held.update(readers=self._swap(ctx, c)))
         log.info("swap", readers_held_secs=round(held.get("readers", 0.0), 4),
-                 column=ctx.info.column, previous=self.names(ctx).previous)
+                 access_exclusive_wait_secs=round(self._lock_wait, 4), column=ctx.info.column,
+                 previous=self.names(ctx).previous)
 
     def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> float:
         info, names, job = ctx.info, self.names(ctx), ctx.active
         began = time.monotonic()
         conn.execute(info.statement("lock_for_rewrite"))  # readers wait from here: a few renames
+        self._lock_wait = time.monotonic() - began
         objects = read_objects(conn, info, info.attnum)
         capture.remove(conn, info, job.id)
         drop_objects(conn, info, objects)

@@ -1,6 +1,7 @@
 """Strategies: how a job makes room for the new vectors, where batches write them, and how
-it finishes. The coordinator, the worker and finalize only talk to this protocol, so a
-second strategy (a shadow column swapped in at the end) is a new module here.
+it finishes. The coordinator, the worker and finalize only talk to this protocol; `for_name`
+picks one. The second, shadow (a column beside the live one, swapped in at the end behind a
+quality gate), is reembed.shadow; both end with the bounded cut-over of reembed.cutover.
 
 in_place (the default, the origin plan's): the live column is rewritten. A dimension change
 drops every index whose key reads the column (reembed.dependents: the job's inventory) and
@@ -29,8 +30,6 @@ from reembed.queries import query
 from reembed.shadow import Shadow
 
 log = structlog.get_logger()
-
-
 
 
 class InPlace:
@@ -71,7 +70,7 @@ class InPlace:
         ]
 
     def _catch_up(self, ctx: RunContext) -> None:
-        capture.catch_up(ctx)
+        capture.catch_up(ctx, writes=self._cut.writes)
         failures.settle(ctx)  # rows the application wrote that the model cannot take
 
     def _cut_over(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:

@@ -991,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from reembed.logs import configure_logging
 
-    configure_logging("json", "warning")
+    configure_logging("json", os.environ.get("REEMBED_BENCH_LOG_LEVEL", "warning"))
     if (args.data / "pgdata").exists():
         shutil.rmtree(args.data / "pgdata")
     bench = Bench(args)

@@ -59,8 +59,11 @@ def main() -> int:
             with conn.transaction():
                 name, dim = conn.execute("SELECT model_name, dimension FROM embedding_model"
                                          " WHERE id = 1 FOR SHARE").fetchone()
-                row = conn.execute("SELECT id, content FROM knowledge_nodes TABLESAMPLE SYSTEM (20)"
-                                   " WHERE content IS NOT NULL AND embedding IS NOT NULL LIMIT 1").fetchone()
+                # a row drawn uniformly (BERNOULLI samples rows, not pages: a rewritten row's new
+                # version, at the end of the heap, is as likely as any)
+                row = conn.execute("SELECT id, content FROM knowledge_nodes TABLESAMPLE BERNOULLI (5)"
+                                   " WHERE content IS NOT NULL AND embedding IS NOT NULL ORDER BY random() LIMIT 1"
+                                   ).fetchone()
                 if row is None:
                     continue
                 key, text = row
