@@ -3,6 +3,7 @@ gate before it and an exact rollback after it."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -51,8 +52,13 @@ def test_a_shadow_job_swaps_in_the_new_column_keeps_the_previous_and_recreates_t
         conn.execute(VIEW)
         conn.execute("COMMENT ON VIEW recent_nodes IS 'what search reads'")
     emb = HashEmbedder(48)
+    listener = psycopg.connect(dsn, autocommit=True)
+    listener.execute("LISTEN reembed_model_changed")
     report = run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=emb)
     assert report.state == "done", report
+    told = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+    listener.close()
+    assert told and told[0]["model_name"] == "test-hash-48" and told[0]["dimension"] == 48, told
     cols = columns(dsn)
     assert cols["embedding"] == "vector(48)" and cols["embedding_previous"] == "vector(32)"
     new = vectors(dsn, "embedding")
@@ -487,3 +493,19 @@ def test_a_shadow_job_stopped_by_its_time_window_resumes_and_search_was_never_to
     done = run(settings(dsn, strategy="shadow", gate_min_recall=0.0, batch_size=16), embedder=HashEmbedder(48))
     assert done.state == "done" and done.resumed_from is not None, done
     assert status(Settings(target=Target(dsn=dsn))).data["phase"] == "swapped, previous kept"
+
+
+def test_a_halfvec_column_gets_a_halfvec_shadow_and_its_index_at_the_new_dimension(dsn: str) -> None:
+    make_table(dsn, rows=100, old_dim=32, with_index=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE knowledge_nodes ALTER COLUMN embedding TYPE halfvec(32)")
+        conn.execute("CREATE INDEX nodes_half_hnsw ON knowledge_nodes USING hnsw (embedding halfvec_cosine_ops)")
+    report = run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    cols = columns(dsn)
+    assert cols["embedding"] == "halfvec(48)" and cols["embedding_previous"] == "halfvec(32)"
+    assert "(embedding halfvec_cosine_ops)" in one(dsn, "SELECT pg_get_indexdef('nodes_half_hnsw'::regclass)")
+    assert report.details["gate"]["self_recall"]["nodes_half_hnsw_reembed1"] >= 0.9
+    new = vectors(dsn, "embedding")
+    for key, content in ((str(r["id"]), r["content"]) for r in fetch(dsn, "SELECT id, content FROM knowledge_nodes")):
+        assert np.allclose(new[key], hash_vector(content, 48), atol=2e-3)
