@@ -19,8 +19,10 @@ and safe to kill: every transaction leaves the table as a re-run expects it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -43,16 +45,25 @@ log = structlog.get_logger()
 _TRIES_FOR = 120.0  # seconds a swap back or a cleanup keeps trying for its locks
 
 
-def rollback(settings: Settings, opts: RollbackOptions) -> Report:
-    started = time.monotonic()
-    conninfo = settings.target.conninfo()
-    conn = db.connect(conninfo, role="control", vectors=False, autocommit=True)
+@contextlib.contextmanager
+def _kept_job(settings: Settings, what: str) -> Iterator[tuple[psycopg.Connection[Any], TableInfo, ckpt.Job]]:
+    """The control connection, the target, and the shadow job whose previous column is kept
+    (a ConfigError, exit 2, when there is none: nothing to `what`)."""
+    conn = db.connect(settings.target.conninfo(), role="control", vectors=False, autocommit=True)
     try:
         with db.translated():
             info = inspect_target(conn, settings.target)
-            job = _kept(conn, info, "roll back")
-            names = shadow.Names.of(job)
-            stale = _stale(conn, job)
+            yield conn, info, _kept(conn, info, what)
+    finally:
+        conn.close()
+
+
+def rollback(settings: Settings, opts: RollbackOptions) -> Report:
+    started = time.monotonic()
+    conninfo = settings.target.conninfo()
+    with _kept_job(settings, "roll back") as (conn, info, job):
+        names = shadow.Names.of(job)
+        stale = _stale(conn, job)
         source = job.source
         if source is None:
             raise ConfigError(f"job {job.id} recorded no model before it (the registry was empty): there is nothing "
@@ -68,15 +79,12 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
         try:
             work = db.connect(conninfo, role="rollback", vectors=True, autocommit=True)
             try:
-                with db.translated():
-                    re_embedded = _passes(work, info, job, names, embedder, opts) if embedder is not None else 0
-                    rest, nulled, writers_held = _swap_back(work, info, job, names, embedder, opts)
+                re_embedded = _passes(work, info, job, names, embedder, opts) if embedder is not None else 0
+                rest, nulled, writers_held = _swap_back(work, info, job, names, embedder, opts)
             finally:
                 work.close()
         finally:
             held.release()
-    finally:
-        conn.close()
     secs = time.monotonic() - started
     message = (f"rolled back {info.qualified}.{info.column} to {source.name} ({source.dimension}-d): "
                f"{re_embedded + rest} stale rows re-embedded with it"
@@ -91,22 +99,14 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
 
 def cleanup(settings: Settings) -> Report:
     started = time.monotonic()
-    conninfo = settings.target.conninfo()
-    conn = db.connect(conninfo, role="control", vectors=False, autocommit=True)
-    try:
-        with db.translated():
-            info = inspect_target(conn, settings.target)
-            job = _kept(conn, info, "clean up")
+    with _kept_job(settings, "clean up") as (conn, info, job):
         names = shadow.Names.of(job)
-        held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
+        held = lease.take(conn, settings.target.conninfo(), info.oid, table=info.qualified, column=info.column,
                           break_stale_lock=False, stale_after=90.0)
         try:
-            with db.translated():
-                _retrying(conn, "cleanup", lambda c: _drop_previous(c, info, job, names))
+            _retrying(conn, "cleanup", lambda c: _drop_previous(c, info, job, names))
         finally:
             held.release()
-    finally:
-        conn.close()
     message = (f"dropped {info.qualified}.{names.previous}"
                + (f" and index {', '.join(i.previous for i in names.indexes)}" if names.indexes else "")
                + " and the record of rows written since the swap; the heap space the column took is reused as rows "

@@ -15,7 +15,6 @@ counts, the errors and each search's (wall time, model, secs) to OUT_JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_workload import old_vector
+from app_workload import _publish, old_vector  # the application's old model and its output file, shared
 
 SAME = 1e-3  # cosine distance of a text to its own vector, from the same model
 
@@ -101,12 +100,6 @@ def main() -> int:
     conn.close()
     _publish(args.out, stats)
     return 0
-
-
-def _publish(out: Path, stats: dict[str, Any]) -> None:
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(stats))
-    partial.replace(out)
 
 
 if __name__ == "__main__":

@@ -509,3 +509,19 @@ def test_a_halfvec_column_gets_a_halfvec_shadow_and_its_index_at_the_new_dimensi
     new = vectors(dsn, "embedding")
     for key, content in ((str(r["id"]), r["content"]) for r in fetch(dsn, "SELECT id, content FROM knowledge_nodes")):
         assert np.allclose(new[key], hash_vector(content, 48), atol=2e-3)
+
+
+def test_abandoning_a_shadow_job_drops_its_shadow_column_and_the_new_job_starts_clean(dsn: str) -> None:
+    make_table(dsn, rows=120, old_dim=32)
+    stop = StopSignal()
+    first = run(settings(dsn, strategy="shadow", batch_size=16, window_rows=16),
+                embedder=stopping_after(HashEmbedder(48), stop, calls=2, reason="time_budget"), stop=stop)
+    assert first.state == "time_budget" and "embedding_reembed1" in columns(dsn)
+    with pytest.raises(ConfigError, match="--abandon-active"):
+        run(settings(dsn, strategy="shadow"), embedder=HashEmbedder(24))
+    second = run(settings(dsn, strategy="shadow", abandon_active=True, gate_min_recall=0.0), embedder=HashEmbedder(24))
+    assert second.state == "done", second
+    cols = columns(dsn)
+    assert "embedding_reembed1" not in cols and cols["embedding"] == "vector(24)", cols
+    assert not [r for r in fetch(dsn, "SELECT indexname FROM pg_indexes WHERE indexname LIKE '%%reembed1'")]
+    assert one(dsn, "SELECT state FROM reembed_checkpoint WHERE job_id = 1") == "abandoned"
