@@ -41,14 +41,15 @@ class CutOver:
         self.writes = Pace(at_least=8)  # rows/s of the catch-up's commits (the writes under the lock)
 
     def run(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool,
-            swap: Callable[[psycopg.Connection[Any]], None]) -> float:
+            swap: Callable[[psycopg.Connection[Any]], None], tail: float = 0.0) -> float:
         """The last catch-up and `swap`, writers held off (readers too when `rewrite`), inside
-        the caller's transaction; returns how long writers were held."""
+        the caller's transaction; `tail`: what `swap` itself takes, kept within the bound.
+        Returns how long writers were held."""
         if not self._lock_timeout_checked:
             capture.check_lock_timeout(conn, ctx.opts.cut_over_lock_timeout)
             self._lock_timeout_checked = True
-        bound = ctx.opts.max_writers_held
-        progress = _Convergence(bound)
+        bound = max(ctx.opts.max_writers_held - tail, ctx.opts.max_writers_held / 2)
+        progress = _Convergence(ctx.opts.max_writers_held)
         while True:
             if ctx.stop.requested:
                 raise Interrupted(f"stopped ({ctx.stop.reason}) during the cut-over's catch-up; nothing of it was "
@@ -80,7 +81,8 @@ class CutOver:
             break
         conn.execute(query("record_writers_held"), {"secs": held, "job_id": ctx.active.id})
         log.info("cut_over", writers_held_secs=round(held, 3), rows_caught_up=rows,
-                 final_catch_up_secs=round(caught, 4), max_writers_held_secs=bound, tries=progress.tries + 1)
+                 final_catch_up_secs=round(caught, 4), max_writers_held_secs=ctx.opts.max_writers_held,
+                 tries=progress.tries + 1)
         return held
 
     def _write_ahead(self, ctx: RunContext, work: capture.Backlog) -> None:

@@ -200,8 +200,11 @@ def _swap_back(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, na
     def body(c: psycopg.Connection[Any]) -> None:
         c.execute(query("set_lock_timeout"), {"value": opts.cut_over_lock_timeout})
         began = time.monotonic()
+        # every lock up front (ACCESS EXCLUSIVE for the renames too): asked for later, while an
+        # application transaction that read the table waits for the registry row held here, it
+        # would make a deadlock whose victim PostgreSQL may pick in the application
         c.execute(sql.Composed([query("lock_registry_row", registry=info.registry), sql.SQL("; "),
-                                info.statement("lock_for_cut_over")]))
+                                info.statement("lock_for_rewrite")]))
         rest = nulled = 0
         after: str | None = None
         while page := c.execute(query("after_swap_page"), {"job_id": job.id, "after": after,
@@ -210,7 +213,6 @@ def _swap_back(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, na
                 nulled += len(page)
             rest += _re_embed(c, info, job, names, embedder, page)
             after = page[-1]["row_id"]
-        c.execute(info.statement("lock_for_rewrite"))  # readers wait from here: the renames
         column = c.execute(query("column_info"), {"table_oid": info.oid, "column": info.column}).fetchone()
         objects = shadow.read_objects(c, info, int(column["attnum"])) if column else []
         shadow.drop_objects(c, info, objects)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from reembed.target import TableInfo
 log = structlog.get_logger()
 
 PREVIOUS = "_previous"
+_SWAP_TAIL = 0.05  # the renames and re-creations after the last catch-up, within --max-writers-held
 _SMALL_BACKLOG = 16  # the last catch-up before the swap goes on until fewer keys than this are left
 _NAME_BYTES = 63  # NAMEDATALEN - 1
 
@@ -116,7 +116,6 @@ class Shadow:
 
     def __init__(self) -> None:
         self._cut = CutOver()
-        self._lock_wait = 0.0  # the swap's wait for ACCESS EXCLUSIVE (in-flight reads), for the log
 
     def names(self, ctx: RunContext) -> Names:
         return Names.of(ctx.active)
@@ -185,19 +184,19 @@ class Shadow:
         log.info("shadow_indexes_valid", indexes=wanted)
 
     def _cut_over(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
-        """The swap, writers held off for the last catch-up (bounded, as in place), readers
-        only from the ACCESS EXCLUSIVE lock the renames take to the commit."""
-        held: dict[str, float] = {}
-        self._cut.run(ctx, conn, rewrite=False, swap=lambda c: held.update(readers=self._swap(ctx, c)))
-        log.info("swap", readers_held_secs=round(held.get("readers", 0.0), 4),
-                 access_exclusive_wait_secs=round(self._lock_wait, 4), column=ctx.info.column,
+        """The swap: the last catch-up (bounded, as in place) and the renames under one hold.
+        The renames need ACCESS EXCLUSIVE, and it is asked for up front with the writers' locks
+        (as a rewriting cut-over does): asked for later, while an application transaction that
+        read the table waits for the registry row the swap holds, it would make a deadlock whose
+        victim PostgreSQL may pick in the application. So readers wait for the whole hold: the
+        last catch-up is a few rows (the step before it), the renames a few milliseconds."""
+        held = self._cut.run(ctx, conn, rewrite=True, swap=lambda c: self._swap(ctx, c), tail=_SWAP_TAIL)
+        conn.execute(query("record_readers_held"), {"secs": held, "job_id": ctx.active.id})
+        log.info("swap", readers_held_secs=round(held, 4), column=ctx.info.column,
                  previous=self.names(ctx).previous)
 
-    def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> float:
+    def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
         info, names, job = ctx.info, self.names(ctx), ctx.active
-        began = time.monotonic()
-        conn.execute(info.statement("lock_for_rewrite"))  # readers wait from here: a few renames
-        self._lock_wait = time.monotonic() - began
         objects = read_objects(conn, info, info.attnum)
         capture.remove(conn, info, job.id)
         drop_objects(conn, info, objects)
@@ -216,9 +215,7 @@ class Shadow:
         record_after_swap(conn, info, job.id)
         conn.execute(query("upsert_registry", registry=info.registry), ctx.signature.as_dict())
         conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
-        held = time.monotonic() - began
-        conn.execute(query("record_swap"), {"job_id": job.id, "readers_held": held})
-        return held
+        conn.execute(query("record_swap"), {"job_id": job.id})
 
 
 def discard(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job) -> None:

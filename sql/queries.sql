@@ -532,9 +532,11 @@ UPDATE reembed_checkpoint SET shadow = %(shadow)s, updated_at = now() WHERE job_
 UPDATE reembed_checkpoint SET gate = %(gate)s, updated_at = now() WHERE job_id = %(job_id)s;
 
 -- name: record_swap
-UPDATE reembed_checkpoint
-   SET swapped_at = now(), previous_state = 'kept', updated_at = now(),
-       shadow = shadow || jsonb_build_object('readers_held_secs', %(readers_held)s::float8)
+UPDATE reembed_checkpoint SET swapped_at = now(), previous_state = 'kept', updated_at = now()
+ WHERE job_id = %(job_id)s;
+
+-- name: record_readers_held
+UPDATE reembed_checkpoint SET shadow = shadow || jsonb_build_object('readers_held_secs', %(secs)s::float8)
  WHERE job_id = %(job_id)s;
 
 -- name: set_previous_state

@@ -274,3 +274,56 @@ def test_an_application_writing_faster_than_the_job_encodes_never_holds_writers_
     stale = [r["content"] for r in rows
              if not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], 64), atol=1e-5)]
     assert stale == []
+
+
+@pytest.mark.parametrize(("shape", "new_dim"), [("plain", 256), ("view", 256), ("halfvec", 256),
+                                                ("second-index", 64)],
+                         ids=["dimension-change", "view", "halfvec", "second-index-same-dimension"])
+def test_no_application_transaction_fails_because_of_the_shadow_swap_or_the_cleanup(
+    dsn: str, shape: str, new_dim: int
+) -> None:
+    """The same eight editors through a shadow job (its swap takes ACCESS EXCLUSIVE for the renames,
+    after the writers' lock: an editor holding the row and waiting for the registry is the case the
+    swap must yield to) and then `reembed cleanup` (DROP COLUMN)."""
+    from reembed.rollback import cleanup
+    from reembed.settings import Settings, Target
+
+    ddl, vtype = SHAPES[shape]
+    keys = make_table(dsn, rows=300, id_type="bigint", with_index=shape != "plain")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in ddl:
+            conn.execute(statement)
+    editors = [_Editor(dsn, keys, order, n, vtype) for n, order in enumerate(["read-first", "write-first"] * 4)]
+    for e in editors:
+        e.start()
+    try:
+        wait_for(lambda: all(e.done > 5 for e in editors), timeout=60, what="the editors editing")
+        report = run(job_settings(dsn, batch_size=16, strategy="shadow", gate_min_recall=0.0),
+                     embedder=HashEmbedder(new_dim, name="model-new"))
+        assert report.state == "done", report
+        during = [e.done for e in editors]
+        wait_for(lambda: all(e.done > d + 5 for e, d in zip(editors, during, strict=True)), timeout=60,
+                 what="the editors editing after the swap")
+        assert cleanup(Settings(target=Target(dsn=dsn))).state == "cleaned"
+        after = [e.done for e in editors]
+        wait_for(lambda: all(e.done > d + 5 for e, d in zip(editors, after, strict=True)), timeout=60,
+                 what="the editors editing after the cleanup")
+    finally:
+        for e in editors:
+            e.stop.set()
+        for e in editors:
+            e.join(30)
+    failures = [f for e in editors for f in e.failures]
+    assert failures == [], failures[:5]
+    print(f"\n[shadow {shape}] editors {sum(e.done for e in editors)} edits, writers held "
+          f"{report.details['writers_held_secs']:.3f} s, readers held {report.details['readers_held_secs']:.4f} s")
+    rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
+    atol = 2e-3 if vtype == "halfvec" else 1e-5
+    stale = [r["content"] for r in rows
+             if not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], new_dim), atol=atol)]
+    assert stale == [], stale[:5]
+    assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                    "'knowledge_nodes'::regclass AND attname = 'embedding'") == f"{vtype}({new_dim})"
+    if shape == "view":
+        assert one(dsn, "SELECT count(*) FROM knowledge_view WHERE vector_dims(embedding) = %s", (new_dim,)) == \
+            len(keys)
