@@ -276,17 +276,19 @@ def test_an_application_writing_faster_than_the_job_encodes_never_holds_writers_
     assert stale == []
 
 
-@pytest.mark.parametrize(("shape", "new_dim"), [("plain", 256), ("view", 256), ("halfvec", 256),
-                                                ("second-index", 64)],
-                         ids=["dimension-change", "view", "halfvec", "second-index-same-dimension"])
-def test_no_application_transaction_fails_because_of_the_shadow_swap_or_the_cleanup(
-    dsn: str, shape: str, new_dim: int
+@pytest.mark.parametrize(("shape", "new_dim", "then"), [("plain", 256, "cleanup"), ("view", 256, "cleanup"),
+                                                        ("halfvec", 256, "cleanup"), ("second-index", 64, "cleanup"),
+                                                        ("view", 256, "rollback")],
+                         ids=["dimension-change", "view", "halfvec", "second-index-same-dimension", "view-rollback"])
+def test_no_application_transaction_fails_because_of_the_shadow_swap_the_cleanup_or_the_rollback(
+    dsn: str, shape: str, new_dim: int, then: str
 ) -> None:
-    """The same eight editors through a shadow job (its swap takes ACCESS EXCLUSIVE for the renames,
-    after the writers' lock: an editor holding the row and waiting for the registry is the case the
-    swap must yield to) and then `reembed cleanup` (DROP COLUMN)."""
-    from reembed.rollback import cleanup
-    from reembed.settings import Settings, Target
+    """The same eight editors through a shadow job (its swap needs ACCESS EXCLUSIVE for the renames,
+    with the registry row held: an editor holding the table and waiting for the registry is the
+    case the swap must never deadlock with) and then `reembed cleanup` (DROP COLUMN) or `reembed
+    rollback --leave-stale-null` (the swap back)."""
+    from reembed.rollback import cleanup, rollback
+    from reembed.settings import RollbackOptions, Settings, Target
 
     ddl, vtype = SHAPES[shape]
     keys = make_table(dsn, rows=300, id_type="bigint", with_index=shape != "plain")
@@ -304,7 +306,11 @@ def test_no_application_transaction_fails_because_of_the_shadow_swap_or_the_clea
         during = [e.done for e in editors]
         wait_for(lambda: all(e.done > d + 5 for e, d in zip(editors, during, strict=True)), timeout=60,
                  what="the editors editing after the swap")
-        assert cleanup(Settings(target=Target(dsn=dsn))).state == "cleaned"
+        if then == "cleanup":
+            assert cleanup(Settings(target=Target(dsn=dsn))).state == "cleaned"
+        else:
+            assert rollback(Settings(target=Target(dsn=dsn)), RollbackOptions(leave_stale_null=True)).state \
+                == "rolled_back"
         after = [e.done for e in editors]
         wait_for(lambda: all(e.done > d + 5 for e, d in zip(editors, after, strict=True)), timeout=60,
                  what="the editors editing after the cleanup")
@@ -319,11 +325,20 @@ def test_no_application_transaction_fails_because_of_the_shadow_swap_or_the_clea
           f"{report.details['writers_held_secs']:.3f} s, readers held {report.details['readers_held_secs']:.4f} s")
     rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
     atol = 2e-3 if vtype == "halfvec" else 1e-5
-    stale = [r["content"] for r in rows
-             if not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], new_dim), atol=atol)]
+    dim = new_dim if then == "cleanup" else 64
+
+    def current(r: dict[str, Any]) -> bool:
+        if r["e"] is None:  # rolled back with --leave-stale-null: written after the swap
+            return then == "rollback"
+        got = np.array(json.loads(r["e"]))
+        # after a rollback, a row no one edited keeps the vector the table was made with ("old:")
+        return any(np.allclose(got, hash_vector(t, dim), atol=atol)
+                   for t in ([r["content"]] + ([f"old:{r['content']}"] if then == "rollback" else [])))
+
+    stale = [r["content"] for r in rows if not current(r)]
     assert stale == [], stale[:5]
     assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
-                    "'knowledge_nodes'::regclass AND attname = 'embedding'") == f"{vtype}({new_dim})"
+                    "'knowledge_nodes'::regclass AND attname = 'embedding'") == f"{vtype}({dim})"
     if shape == "view":
-        assert one(dsn, "SELECT count(*) FROM knowledge_view WHERE vector_dims(embedding) = %s", (new_dim,)) == \
-            len(keys)
+        assert one(dsn, "SELECT count(*) FROM knowledge_view WHERE vector_dims(embedding) = %s", (dim,)) == \
+            one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE embedding IS NOT NULL")
