@@ -93,7 +93,8 @@ def compare(conn: psycopg.Connection[Any], info: TableInfo, registry: Signature 
             out[name] = {"extra_disk_bytes": int(cost.extra_disk_bytes + column_bytes + index_bytes),
                          "kept_until_cleanup_bytes": int(column_bytes + index_bytes),
                          "search_unavailable_secs": 0.0, "writers_held_secs": round(opts.max_writers_held, 3),
-                         "readers_held_secs": 0.01, "refused": refused}
+                         "readers_held_secs": round(opts.max_writers_held, 3),  # the swap holds both, at most
+                         "refused": refused}
     served = bool(ann) or registry is not None
     if out["shadow"]["refused"] is None and served:
         out["recommended"], why = "shadow", "search is served from the column: shadow keeps it serving"
