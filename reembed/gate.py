@@ -15,10 +15,11 @@ row, in the report and in `status`); --skip-gate passes it, logged.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,17 +245,17 @@ def _vectors(rows: list[_Row], excused: set[str], dimension: int) -> dict[str, i
     return out
 
 
-def _search(conn: psycopg.Connection[Any], info: TableInfo, use: IndexUse) -> Callable[[np.ndarray], list[Any]]:
+@contextlib.contextmanager
+def _through(conn: psycopg.Connection[Any], info: TableInfo, use: IndexUse) -> Iterator[Callable[[np.ndarray],
+                                                                                             list[Any]]]:
+    """A search through `use`, for one pass of the gate's queries: one transaction, its settings
+    (through the index, as the application's search goes) set once."""
     statement = info.statement("gate_search", key=sql.SQL(use.key), op=sql.SQL(use.operator),
                                q=sql.SQL(use.query_side), k=sql.Literal(K))
-
-    def search(vector: np.ndarray) -> list[Any]:
-        with conn.transaction():
-            if use.name != "exact":  # through the index (what the application's search goes through)
-                conn.execute(query("gate_search_settings"))
-            return conn.execute(statement, {"q": vector}).fetchall()
-
-    return search
+    with conn.transaction():
+        if use.name != "exact":
+            conn.execute(query("gate_search_settings"))
+        yield lambda vector: conn.execute(statement, {"q": vector}).fetchall()
 
 
 def _hit(found: list[Any], row: _Row) -> bool:
@@ -264,8 +265,8 @@ def _hit(found: list[Any], row: _Row) -> bool:
 def _self_recall(conn: psycopg.Connection[Any], info: TableInfo, use: IndexUse, probes: list[_Row]) -> float | None:
     if not probes:
         return None
-    search = _search(conn, info, use)
-    hits = sum(_hit(search(r.vector), r) for r in probes if r.vector is not None)
+    with _through(conn, info, use) as search:
+        hits = sum(_hit(search(r.vector), r) for r in probes if r.vector is not None)
     return round(hits / len(probes), 4)
 
 
@@ -274,6 +275,7 @@ def _recall(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, 
     if not queries:
         return None
     vectors = embedder.encode([q for _, q in queries])
-    search = _search(conn, info, use)
-    hits = sum(_hit(search(np.asarray(v, dtype=np.float32)), r) for (r, _), v in zip(queries, vectors, strict=True))
+    with _through(conn, info, use) as search:
+        hits = sum(_hit(search(np.asarray(v, dtype=np.float32)), r)
+                   for (r, _), v in zip(queries, vectors, strict=True))
     return round(hits / len(queries), 4)

@@ -5,6 +5,7 @@ test embedder (the job's mechanics)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,23 @@ class _Editor(threading.Thread):
                          (_literal(hash_vector(text, dim)), key))
 
 
+@contextlib.contextmanager
+def _editing(dsn: str, keys: list[Any], vtype: str) -> Iterator[list[_Editor]]:
+    """Eight editors, both orders, editing until the block ends; their failures asserted none."""
+    editors = [_Editor(dsn, keys, order, n, vtype) for n, order in enumerate(["read-first", "write-first"] * 4)]
+    for e in editors:
+        e.start()
+    try:
+        yield editors
+    finally:
+        for e in editors:
+            e.stop.set()
+        for e in editors:
+            e.join(30)
+    failures = [f for e in editors for f in e.failures]
+    assert failures == [], failures[:5]
+
+
 SHAPES = {  # the table's shape: its DDL after make_table, the column's type
     "plain": ((), "vector"),
     "second-index": (("CREATE INDEX knowledge_ivf ON knowledge_nodes USING ivfflat (embedding vector_l2_ops)"
@@ -102,21 +121,11 @@ def test_no_application_transaction_fails_because_of_the_cut_over(dsn: str, shap
     before = {r["name"]: r["definition"] for r in fetch(
         dsn, "SELECT c.relname AS name, pg_get_indexdef(i.indexrelid) AS definition FROM pg_index i"
              " JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'knowledge_nodes'::regclass")}
-    editors = [_Editor(dsn, keys, order, n, vtype) for n, order in enumerate(["read-first", "write-first"] * 4)]
-    for e in editors:
-        e.start()
-    try:
+    with _editing(dsn, keys, vtype) as editors:
         for k in range(3):  # the last one with the model the assertions check
             dim = new_dim if k != 1 else (new_dim * 2 if new_dim != 64 else 64)
             report = run(job_settings(dsn, batch_size=16), embedder=HashEmbedder(dim, name=f"model-{k}"))
             assert report.state == "done"
-    finally:
-        for e in editors:
-            e.stop.set()
-        for e in editors:
-            e.join(30)
-    failures = [f for e in editors for f in e.failures]
-    assert failures == [], failures[:5]
     assert report.state == "done"
     assert all(e.done > 0 for e in editors), [e.done for e in editors]
     assert one(dsn, "SELECT writers_held_secs FROM reembed_checkpoint") is not None
@@ -295,10 +304,7 @@ def test_no_application_transaction_fails_because_of_the_shadow_swap_the_cleanup
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in ddl:
             conn.execute(statement)
-    editors = [_Editor(dsn, keys, order, n, vtype) for n, order in enumerate(["read-first", "write-first"] * 4)]
-    for e in editors:
-        e.start()
-    try:
+    with _editing(dsn, keys, vtype) as editors:
         wait_for(lambda: all(e.done > 5 for e in editors), timeout=60, what="the editors editing")
         report = run(job_settings(dsn, batch_size=16, strategy="shadow", gate_min_recall=0.0),
                      embedder=HashEmbedder(new_dim, name="model-new"))
@@ -314,13 +320,6 @@ def test_no_application_transaction_fails_because_of_the_shadow_swap_the_cleanup
         after = [e.done for e in editors]
         wait_for(lambda: all(e.done > d + 5 for e, d in zip(editors, after, strict=True)), timeout=60,
                  what="the editors editing after the cleanup")
-    finally:
-        for e in editors:
-            e.stop.set()
-        for e in editors:
-            e.join(30)
-    failures = [f for e in editors for f in e.failures]
-    assert failures == [], failures[:5]
     print(f"\n[shadow {shape}] editors {sum(e.done for e in editors)} edits, writers held "
           f"{report.details['writers_held_secs']:.3f} s, readers held {report.details['readers_held_secs']:.4f} s")
     rows = fetch(dsn, "SELECT content, embedding::text AS e FROM knowledge_nodes")
