@@ -1,14 +1,17 @@
 """The reembed_checkpoint rows: create, find, claim, advance, finish.
 
 A job is one row of reembed_checkpoint per (table, target signature); its cursors live in
-reembed_checkpoint_range (one unbounded range today), each claimed by one worker at a time.
-Every cursor move happens in the same transaction as the vector writes it stands for, names
-the worker that claimed the range, and must match exactly one row.
+reembed_checkpoint_range (the key space cut into ranges at prepare, reembed.ranges), each
+claimed by one worker at a time. Every cursor move happens in the same transaction as the
+vector writes it stands for, names the worker that claimed the range, and must match exactly
+one row. reembed_worker holds one row per worker process, for `reembed status`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -16,13 +19,18 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from reembed.errors import CheckpointConflict, InternalError, ReembedError
+from reembed.errors import CheckpointConflict, ClaimLost, InternalError, ReembedError
 from reembed.queries import query, schema_sql
 from reembed.signature import Signature
 from reembed.target import TableInfo
 
 ACTIVE = ("embedding", "finalizing")
 _SCHEMA_LOCK = 0x7265656D00000000  # 'reem' << 32: serialises schema creation across runs
+_SPLIT_NAMESPACE = 0x7265656E  # 'reen': one transaction-level lock per job serialises its splits
+
+
+def split_key(job_id: int) -> int:
+    return (_SPLIT_NAMESPACE << 32) | (job_id & 0xFFFFFFFF)
 
 R = TypeVar("R")
 
@@ -112,6 +120,35 @@ class Range:
     done: bool
     claimed_by: str | None
     updated_at: dt.datetime
+    rows_estimate: int | None = None
+    claimed_pid: int | None = None
+    heartbeat_at: dt.datetime | None = None
+    split_wanted: bool = False
+    taken_from: str | None = None  # set by claim(): the stale claimant this claim took over from
+
+    @property
+    def rows_left(self) -> int:
+        """By estimate (prepare's sample; exact after a declined split)."""
+        return max(0, (self.rows_estimate or 0) - self.rows_done - self.rows_skipped)
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """A row of reembed_worker, with its heartbeat's age."""
+
+    job_id: int
+    worker: str
+    host: str
+    pid: int
+    device: str | None
+    range_no: int | None
+    rows_done: int
+    rows_per_sec: float | None
+    state: str
+    started_at: dt.datetime
+    heartbeat_at: dt.datetime
+    heartbeat_age: float
+    range_last_id: str | None
 
 
 def _one(conn: psycopg.Connection[Any], cls: type[R], name: str, params: dict[str, Any]) -> R | None:
@@ -181,8 +218,10 @@ def create_job(
     holder: str,
     dependents: list[dict[str, Any]] | None = None,
     strategy: str = "in_place",
+    bounds: Sequence[str] = (),
 ) -> Job:
-    """Insert the job and its single range. Call inside the caller's transaction."""
+    """Insert the job and its ranges, cut at `bounds` (reembed.ranges: each range's inclusive upper
+    key; the last range is unbounded). Call inside the caller's transaction."""
     job = _one(conn, Job, "insert_job", {
         "table": info.qualified,
         "column": info.column,
@@ -205,7 +244,12 @@ def create_job(
     })
     if job is None:
         raise InternalError("insert_job returned no row")
-    conn.execute(query("insert_range"), {"job_id": job.id, "range_no": 0, "lower_id": None, "upper_id": None})
+    edges: list[str | None] = [None, *bounds, None]
+    estimate = (rows_total or 0) // (len(bounds) + 1) + 1
+    with conn.cursor() as cur:
+        cur.executemany(query("insert_range"), [
+            {"job_id": job.id, "range_no": i, "lower_id": lower, "upper_id": upper, "estimate": estimate}
+            for i, (lower, upper) in enumerate(itertools.pairwise(edges))])
     return job
 
 
@@ -213,18 +257,79 @@ def ranges(conn: psycopg.Connection[Any], job: Job) -> list[Range]:
     return _all(conn, Range, "job_ranges", {"job_id": job.id})
 
 
-def claim(conn: psycopg.Connection[Any], job: Job, worker: str) -> Range | None:
-    """The next unfinished, unclaimed range, claimed for `worker` (inside the caller's transaction)."""
-    rng = _one(conn, Range, "claim_range", {"job_id": job.id})
+def claim(conn: psycopg.Connection[Any], job: Job, worker: str, *, pid: int, key: int,
+          stale_secs: float) -> Range | None:
+    """The next range to work on — unclaimed, or a stale claim taken over from its cursor —
+    claimed for `worker`, whose lock connection is backend `pid` (inside the caller's transaction)."""
+    rng = _one(conn, Range, "claim_range", {"job_id": job.id, "key": key, "stale_secs": stale_secs})
     if rng is None:
         return None
-    conn.execute(query("mark_claimed"), {"job_id": job.id, "range_no": rng.range_no, "worker": worker})
-    rng.claimed_by = worker
+    conn.execute(query("mark_claimed"), {"job_id": job.id, "range_no": rng.range_no, "worker": worker, "pid": pid})
+    rng.taken_from = rng.claimed_by
+    rng.claimed_by, rng.claimed_pid, rng.split_wanted = worker, pid, False
     return rng
 
 
 def release_claims(conn: psycopg.Connection[Any], job: Job) -> None:
     conn.execute(query("release_claims"), {"job_id": job.id})
+
+
+def release_mine(conn: psycopg.Connection[Any], job_id: int, worker: str) -> None:
+    conn.execute(query("release_my_claims"), {"job_id": job_id, "worker": worker})
+
+
+def beat_claims(conn: psycopg.Connection[Any], job_id: int, worker: str, pid: int) -> None:
+    conn.execute(query("beat_claims"), {"job_id": job_id, "worker": worker, "pid": pid})
+
+
+def request_split(conn: psycopg.Connection[Any], job: Job, min_rows: int) -> int | None:
+    """Ask the holder of the largest remaining range to split it; its number, or None."""
+    row = conn.execute(query("request_split"), {"job_id": job.id, "min_rows": min_rows}).fetchone()
+    return int(row["range_no"]) if row else None
+
+
+def split(conn: psycopg.Connection[Any], rng: Range, *, at: str, keep: int, give: int) -> int:
+    """Cut `rng` (ours) at `at`: it keeps (lower, at], a new unclaimed range gets (at, upper].
+    The new range's number."""
+    conn.execute(query("split_lock"), {"key": split_key(rng.job_id)})
+    moved = conn.execute(query("split_range"), {
+        "job_id": rng.job_id, "range_no": rng.range_no, "worker": rng.claimed_by, "at": at,
+        "upper": rng.upper_id, "keep_estimate": rng.rows_done + rng.rows_skipped + keep}).rowcount
+    if moved != 1:
+        raise ClaimLost(rng)
+    row = conn.execute(query("insert_split"), {"job_id": rng.job_id, "at": at, "upper": rng.upper_id,
+                                               "estimate": give}).fetchone()
+    if row is None:
+        raise InternalError("insert_split returned no row")
+    return int(row["range_no"])
+
+
+def decline_split(conn: psycopg.Connection[Any], rng: Range, *, left: int) -> None:
+    conn.execute(query("split_declined"), {"job_id": rng.job_id, "range_no": rng.range_no, "worker": rng.claimed_by,
+                                           "estimate": rng.rows_done + rng.rows_skipped + left})
+
+
+def join_worker(conn: psycopg.Connection[Any], job_id: int, worker: str, host: str, pid: int, device: str) -> None:
+    conn.execute(query("upsert_worker"), {"job_id": job_id, "worker": worker, "host": host, "pid": pid,
+                                          "device": device})
+
+
+def beat_worker(conn: psycopg.Connection[Any], job_id: int, worker: str, *, range_no: int | None, rows: int,
+                rate: float | None, state: str) -> None:
+    conn.execute(query("beat_worker"), {"job_id": job_id, "worker": worker, "range_no": range_no, "rows": rows,
+                                        "rate": rate, "state": state})
+
+
+def workers(conn: psycopg.Connection[Any], job: Job) -> list[WorkerRow]:
+    row = conn.execute(query("worker_table_exists")).fetchone()
+    if not row or not row["present"]:  # reembed's tables of a version before workers
+        return []
+    return _all(conn, WorkerRow, "job_workers", {"job_id": job.id})
+
+
+def range_counts(conn: psycopg.Connection[Any], job: Job) -> dict[str, int]:
+    row = conn.execute(query("job_range_counts"), {"job_id": job.id}).fetchone()
+    return {k: int(v or 0) for k, v in (row or {}).items()}
 
 
 def open_ranges(conn: psycopg.Connection[Any], job: Job) -> int:
@@ -239,9 +344,10 @@ def committed_cursor(conn: psycopg.Connection[Any], rng: Range) -> str | None:
 
 def advance(
     conn: psycopg.Connection[Any], rng: Range, *, to_id: str, rows: int, skipped: int, rate: float | None
-) -> None:
-    """Move the cursor from where we last left it, as the range's claimant; anything else is a conflict."""
-    moved = conn.execute(
+) -> bool:
+    """Move the cursor from where we last left it, as the range's claimant; a claim taken over by
+    another worker is ClaimLost, anything else a conflict. Whether a dry worker asked for a split."""
+    cur = conn.execute(
         query("advance_checkpoint"),
         {
             "job_id": rng.job_id,
@@ -253,9 +359,20 @@ def advance(
             "rate": rate,
             "worker": rng.claimed_by,
         },
-    ).rowcount
-    if moved != 1:
-        raise CheckpointConflict(rng.job_id, rng.last_id)
+    )
+    row = cur.fetchone()
+    if row is None:
+        _why_not_moved(conn, rng)
+    return bool(row and row["split_wanted"])
+
+
+def _why_not_moved(conn: psycopg.Connection[Any], rng: Range) -> None:
+    """The cursor did not move: another worker took the claim over (ClaimLost), or it is not where
+    we left it (CheckpointConflict)."""
+    row = conn.execute(query("range_claimant"), {"job_id": rng.job_id, "range_no": rng.range_no}).fetchone()
+    if row is not None and row["claimed_by"] != rng.claimed_by:
+        raise ClaimLost(rng)
+    raise CheckpointConflict(rng.job_id, rng.last_id)
 
 
 def finish_range(conn: psycopg.Connection[Any], rng: Range) -> None:
@@ -264,7 +381,7 @@ def finish_range(conn: psycopg.Connection[Any], rng: Range) -> None:
         {"job_id": rng.job_id, "range_no": rng.range_no, "last_id": rng.last_id, "worker": rng.claimed_by},
     ).rowcount
     if moved != 1:
-        raise CheckpointConflict(rng.job_id, rng.last_id)
+        _why_not_moved(conn, rng)
 
 
 def set_state(conn: psycopg.Connection[Any], job: Job, *, to: str, from_state: str) -> None:

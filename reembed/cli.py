@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from reembed import __version__
@@ -115,6 +116,28 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "column beside it, search keeps serving the old vectors until one short swap, which the "
                         "quality gate must pass; `reembed rollback` and `reembed cleanup` after (default: in_place; "
                         "`reembed plan` compares them)")
+    w = p.add_argument_group("workers (one job on several processes, GPUs and hosts; PostgreSQL coordinates)")
+    w.add_argument("--workers", type=int, default=None,
+                   help="worker processes on this host, this one included; each claims key ranges of the job "
+                        "(default: one per --devices entry, else 1). The same `reembed run` started on another "
+                        "host joins the active job")
+    w.add_argument("--devices", default=None, metavar="LIST",
+                   help="one worker per device, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (overrides --device)")
+    w.add_argument("--ranges", type=int, default=None,
+                   help="key ranges a new job's key space is cut into (default: one per 16 batches, at most 256); "
+                        "a worker that runs dry splits the largest remaining range")
+    w.add_argument("--no-join", dest="join", action="store_false",
+                   help="exit 3 when another run's workers are on the job, instead of joining them")
+    w.add_argument("--join-wait", default="0s",
+                   help="while another run holds the lock exclusively (preparing or finalizing the job), try again "
+                        "every second for this long before exit 3: for workers a scheduler starts together (0s)")
+    w.add_argument("--stale-after", default="90s",
+                   help="a claim (or a lock holder) whose heartbeat is older than this is stale: its range is taken "
+                        "over from its cursor (a dead worker's claim at once) (90s)")
+    w.add_argument("--metrics-file", default=None, metavar="PATH",
+                   help="write the job's progress, rate, ETA, failed rows, phase and exit state in the Prometheus "
+                        "text format (node_exporter's textfile collector), atomically, at every progress event "
+                        "and at exit")
     q = p.add_argument_group("quality gate (--strategy shadow; before the swap)")
     q.add_argument("--skip-gate", action="store_true", help="swap without the gate (logged)")
     q.add_argument("--gate-sample", type=int, default=1000, help="rows whose new vectors are checked (1000)")
@@ -169,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reembed {__version__}")
     sub = parser.add_subparsers(dest="command_name", required=True)
 
-    run = sub.add_parser("run", help="re-embed the table; resumes an active job")
+    run = sub.add_parser("run", help="re-embed the table; resumes an active job", allow_abbrev=False)
     _add_model(run)
     _add_target(run)
     _add_output(run)
@@ -229,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
+    settings = replace(settings, options=replace(settings.options, command_line=tuple(args.argv)))
     report = run(settings)
     _emit(report.as_dict(), report.summary(), args, quiet=report.state == "noop")
     return report.exit_code
@@ -290,8 +314,10 @@ def _emit(data: dict[str, Any], summary: str, args: argparse.Namespace, *, quiet
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
+        args.argv = argv
     except SystemExit as exc:  # argparse: 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     configure_logging(args.log_format, args.log_level)

@@ -108,6 +108,7 @@ class RunContext:
     writers: int = 1  # writer connections (writer_count)
     throttle: Throttle = field(default_factory=Throttle.off)  # the gate every batch passes
     old_embedder: Callable[[], Embedder] | None = None  # --old-model, loaded when the quality gate asks
+    on_progress: Callable[[], None] | None = None  # at every progress event (--metrics-file)
 
     @property
     def opts(self) -> RunOptions:

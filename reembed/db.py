@@ -44,8 +44,16 @@ RETRYABLE = (
 )
 
 
+def host_name() -> str:
+    return socket.gethostname()
+
+
+def process_id() -> int:
+    return os.getpid()
+
+
 def holder_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{host_name()}:{process_id()}"
 
 
 def app_name(role: str) -> str:

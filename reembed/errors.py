@@ -49,6 +49,27 @@ class CheckpointConflict(ReembedError):
         )
 
 
+class ClaimLost(ReembedError):
+    """Another worker took over our claim on a range (ours looked stale: a long pause, a lost
+    connection). Nothing of the transaction that found it out was committed; the worker lets the
+    range go and claims another."""
+
+    def __init__(self, rng: object) -> None:
+        super().__init__(f"range {getattr(rng, 'range_no', '?')} was taken over by another worker")
+        self.range = rng
+
+
+def most_severe(codes: list[int]) -> int:
+    """The exit code of several workers: a failure over a refusal over a lost lock over a signal
+    over a time window over success."""
+    order = (EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_SIGTERM, EXIT_SIGINT, EXIT_TIME_BUDGET, EXIT_OK)
+    known = [c for c in codes if c in order]
+    unknown = [c for c in codes if c not in order]  # killed by a signal (negative), or any other failure
+    if unknown:
+        return EXIT_FAILED
+    return min(known, key=order.index) if known else EXIT_OK
+
+
 class DatabaseError(ReembedError):
     """A database error, translated in reembed.db; `retryable` marks transient ones."""
 

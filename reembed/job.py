@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from reembed import capture, db, dependents, failures, finalize, lease, shadow
+from reembed import capture, db, dependents, failures, finalize, lease, ranges, shadow
 from reembed import checkpoint as ckpt
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
@@ -28,8 +28,11 @@ from reembed.context import JobState, RunContext, writer_count
 from reembed.dependents import Inventory
 from reembed.embedder import SentenceTransformerEmbedder, fingerprint, pick_device
 from reembed.encoding import Embedder
-from reembed.errors import ConfigError, Stopped, first_line
-from reembed.plan import estimate_rows, inventory, plan_report, rewrite_secs
+from reembed.errors import EXIT_FAILED, ConfigError, LockHeld, Stopped, first_line
+from reembed.feed import default_workers
+from reembed.fleet import Fleet, child_command_line, combined_exit, tokenizers_per_worker
+from reembed.metrics import Metrics
+from reembed.plan import estimate_rows, inventory, plan_report, rewrite_secs, sample_texts
 from reembed.report import Report
 from reembed.settings import ModelSpec, RunOptions, Settings
 from reembed.signals import StopSignal
@@ -61,6 +64,21 @@ WARNING: and readers wait, about {secs:.0f} s for {rows:,} rows (see `reembed pl
 
 def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSignal | None = None) -> Report:
     """The whole job. Library entry point; the CLI is a thin shell around it."""
+    path = settings.options.metrics_file
+    if path is None or settings.options.dry_run:
+        return _run(settings, embedder, stop, None)
+    metrics = Metrics(path, settings)
+    try:
+        report = _run(settings, embedder, stop, metrics)
+    except BaseException as exc:
+        code = getattr(exc, "exit_code", EXIT_FAILED)
+        metrics.exit(code if isinstance(code, int) else EXIT_FAILED, "failed" if code == EXIT_FAILED else "error")
+        raise
+    metrics.exit(report.exit_code, report.state)
+    return report
+
+
+def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal | None, metrics: Metrics | None) -> Report:
     if settings.model is None:
         raise ConfigError("run needs a model: give --model (a local model directory)")
     stop = stop or StopSignal()
@@ -89,7 +107,8 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
         throttle_options(opts, conninfo)  # the operator's query and replicas answer, before any write
 
         held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
-                          break_stale_lock=opts.break_stale_lock, stale_after=opts.stale_after)
+                          break_stale_lock=opts.break_stale_lock, stale_after=opts.stale_after, join=opts.join,
+                          join_wait=opts.join_wait)
         try:
             # Writer connections: as many as the device wants (a CUDA host: 4); known before the
             # model loads, so that the lease's keeper and the work share one set of connections.
@@ -114,7 +133,8 @@ def run(settings: Settings, *, embedder: Embedder | None = None, stop: StopSigna
                              connections=connections, control=connections.hold("control"),
                              state=JobState(for_name(opts.strategy)), started=started,
                              deadline=opts.deadline(started), writers=writer_count(opts, embedder.device),
-                             throttle=throttle, old_embedder=old_loader)
+                             throttle=throttle, old_embedder=old_loader,
+                             on_progress=metrics.progress if metrics is not None else None)
             stop.install()
             try:
                 return _locked_run(ctx, conn)
@@ -217,6 +237,14 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
     if job is None and registry is not None and _registry_matches(registry, sig.name, sig.hash):
         return _noop(registry, None, ctx.started, info)
     _check_target(job, sig.name, sig.hash, info, ctx.settings)
+    if ctx.lease.shared:  # other runs' workers hold the lock: join their job, or nothing
+        if job is not None and job.matches(sig) and job.state == "embedding":
+            return _join(ctx, job)
+        if not ctx.lease.coordinate():  # they let go meanwhile, and someone else coordinates now
+            raise LockHeld(f"{info.qualified} is being re-embedded by another run; wait for it, or stop it first")
+        with db.translated():
+            job = ckpt.active_job(conn, info)
+        _check_target(job, sig.name, sig.hash, info, ctx.settings)
 
     resumed_from: str | None = None
     if job is not None and job.matches(sig) and job.strategy != ctx.opts.strategy:
@@ -241,6 +269,19 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
         with db.translated():
             ckpt.ensure_schema(conn)  # the first write of a new job: after the banner
         ctx.state.advance(prepare(ctx, conn, registry, job, rows_total=rows_total, found=found))
+    return _begin(ctx, resumed_from)
+
+
+def _join(ctx: RunContext, job: Job) -> Report:
+    """Another run's workers are on the job: one more worker (no prepare, no schema change, no
+    claim released: theirs are live)."""
+    ctx.state.advance(job, strategy=for_name(job.strategy))
+    log.info("job_joined", job_id=job.id, workers=len(ctx.lease.read(ckpt.workers, job, on=ctx.control,
+                                                                      what="read_workers")))
+    return _begin(ctx, None)
+
+
+def _begin(ctx: RunContext, resumed_from: str | None) -> Report:
     structlog.contextvars.bind_contextvars(job_id=ctx.active.id)
     ctx.lease.job_id = ctx.active.id
     ctx.throttle.begin(ctx.active.id, recorded_hold=ctx.active.throttle_reason)
@@ -313,9 +354,11 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
             if old.strategy == "shadow":
                 shadow.discard(c, info, old)
             log.warning("job_abandoned", old_job_id=old.id, old_model=old.target.name)
+        bounds = ranges.boundaries(c, info, rows_total=rows_total,
+                                   ranges=ranges.count_for(rows_total, ctx.opts.batch_size, ctx.opts.ranges))
         job = ckpt.create_job(c, info, target=sig, source=source, index=index_def, index_name=index_name,
                               source_typmod=source_typmod, rows_total=rows_total, holder=db.holder_name(),
-                              dependents=now.as_json(), strategy=ctx.strategy.name)
+                              dependents=now.as_json(), strategy=ctx.strategy.name, bounds=bounds)
         ctx.strategy.prepare(ctx, c, job, resumed_from=old)
         return ckpt.reload(c, job)
 
@@ -323,7 +366,7 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
     plan = ctx.strategy.plan(ctx, job)
     log.info("job_started", job_id=job.id, table=info.qualified, model_name=sig.name, dimension=sig.dimension,
              rows_total=rows_total, indexes_dropped=plan["drop_indexes"], typmod_relaxed=plan["relax_typmod"],
-             on_column=found.summary())
+             on_column=found.summary(), ranges=len(ctx.lease.read(ckpt.ranges, job, on=ctx.control, what="ranges")))
     return job
 
 
@@ -334,16 +377,18 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
                     model_hash=sig.hash, resumed_from=resumed_from)
     try:
         if job.state == "embedding":
-            ctx.lease.write(ckpt.release_claims, job, on=ctx.control, what="release_claims")
-            worker.run()
+            if not ctx.lease.shared:  # the lock is ours alone: claims left by earlier runs are dead
+                ctx.lease.write(ckpt.release_claims, job, on=ctx.control, what="release_claims")
+                ctx.lease.share()  # from here on, other runs may join as workers
+            _embed(ctx, worker, report)
+            if not ctx.stop.requested and not ctx.lease.coordinate():
+                return _worker_done(ctx, worker, report)
+            ctx.state.advance(ctx.lease.read(ckpt.reload, ctx.active, on=ctx.control, what="reload_job"))
+            if ctx.active.state == "done":  # the last of the other workers finalized it a moment ago
+                return _worker_done(ctx, worker, report, finalized=True)
             _hand_to_finalize(ctx, worker)
         ctx.stop.deadline(None)  # finalize judges the window once, up front (finalize._postponed)
-        report.rows_updated, report.rows_skipped = worker.rows_updated, worker.rows_skipped
-        report.details["embed_secs"] = round(worker.secs, 3)
-        report.details["embed_rows_per_sec"] = round(report.rows_updated / worker.secs, 1) if worker.secs else None
-        report.rows_failed = worker.rows_failed
-        report.details["throttled_secs"] = round(ctx.throttle.secs, 3)
-        report.details["throttle_pauses"] = ctx.throttle.pauses
+        _embedded(ctx, worker, report)
         if ctx.stop.requested:
             return _stopped(ctx, report)
         note = failures.settle(ctx)
@@ -364,10 +409,102 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
         report.rows_updated, report.rows_skipped = worker.rows_updated, worker.rows_skipped
         _record_error(ctx, exc)
         raise
+    _with_workers(report)
     report.duration_secs = time.monotonic() - ctx.started
     report.message = "; ".join(m for m in (note, outcome.message) if m)
     log.info("job_done", rows_updated=report.rows_updated, rows_skipped=report.rows_skipped,
              duration_secs=round(report.duration_secs, 2), index_rebuild_secs=round(report.index_rebuild_secs, 2))
+    return report
+
+
+def _embed(ctx: RunContext, worker: Worker, report: Report) -> None:
+    """This process's worker, and with --workers N the other N - 1 of this host (reembed.fleet),
+    until every range is done or a stop; the others' exit codes kept for the report."""
+    fleet = _start_fleet(ctx, worker) if ctx.opts.workers > 1 else None
+    try:
+        worker.run()
+    except BaseException:
+        if fleet is not None:
+            report.details["worker_exit_codes"] = fleet.end()
+        raise
+    finally:
+        if fleet is not None:
+            fleet.close()
+    if fleet is not None:
+        codes = fleet.wait()
+        report.details["worker_exit_codes"] = codes
+        report.details["worker_pids"] = fleet.pids
+        mine = {f"{db.host_name()}:{pid}/0" for pid in fleet.pids}
+        rows = ctx.lease.read(ckpt.workers, ctx.active, on=ctx.control, what="read_workers")
+        report.details["worker_rows"] = {w.worker: w.rows_done for w in rows if w.worker in mine}
+
+
+def _start_fleet(ctx: RunContext, worker: Worker) -> Fleet:
+    opts = ctx.opts
+    if not opts.command_line:
+        raise ConfigError("--workers N starts `reembed run` again for each worker: run it from the command line")
+    devices = opts.devices or (None,)
+    tokenizers = opts.tokenizer_workers
+    if tokenizers is None:
+        tokenizers = worker.tokenizers = _size_tokenizers(ctx)
+    left = ctx.deadline - time.monotonic() if ctx.deadline is not None else None
+    fleet = Fleet(ctx.stop)
+    fleet.start([child_command_line(opts.command_line, device=devices[i % len(devices)],
+                                    tokenizers=tokenizers, seconds_left=left)
+                 for i in range(1, opts.workers)])
+    return fleet
+
+
+def _size_tokenizers(ctx: RunContext) -> int:
+    """The host's tokenizer processes shared out between its workers, from the measured balance of
+    tokenising and device time on a sample of the table's own rows (reembed.fleet)."""
+    texts = sample_texts(ctx.control.conn, ctx.info, 128, ctx.active.rows_total or 0)
+    cores = default_workers() + 1
+    if not texts:
+        return max(0, cores - ctx.opts.workers) // ctx.opts.workers
+    emb = ctx.embedder
+    emb.encode(texts[:8])  # the first call pays for kernels and allocations
+    started = time.perf_counter()
+    features = emb.tokenize(texts)
+    tokenized = time.perf_counter()
+    emb.forward(features)
+    done = time.perf_counter()
+    tok, dev = (tokenized - started) / len(texts), (done - tokenized) / len(texts)
+    count = tokenizers_per_worker(cores=cores, workers=ctx.opts.workers, tokenize_secs=tok, device_secs=dev)
+    log.info("tokenizers_sized", per_worker=count, workers=ctx.opts.workers, cores=cores,
+             tokenize_rows_per_sec=round(1 / tok) if tok else None, device_rows_per_sec=round(1 / dev) if dev else None)
+    return count
+
+
+def _embedded(ctx: RunContext, worker: Worker, report: Report) -> None:
+    """The embedding part of the report: this process's rows, and its workers'."""
+    others = report.details.get("worker_rows", {})
+    report.rows_updated = worker.rows_updated + sum(others.values())
+    report.rows_skipped = worker.rows_skipped
+    report.details["embed_secs"] = round(worker.secs, 3)
+    report.details["embed_rows_per_sec"] = round(report.rows_updated / worker.secs, 1) if worker.secs else None
+    report.details["ranges_claimed"] = worker.ranges
+    report.details["ranges_split"] = worker.splits
+    report.rows_failed = worker.rows_failed
+    report.details["throttled_secs"] = round(ctx.throttle.secs, 3)
+    report.details["throttle_pauses"] = ctx.throttle.pauses
+
+
+def _with_workers(report: Report) -> None:
+    """With --workers N: the most severe of this process's exit code and its workers'."""
+    if codes := report.details.get("worker_exit_codes"):
+        report.exit_code = combined_exit(report.exit_code, codes)
+
+
+def _worker_done(ctx: RunContext, worker: Worker, report: Report, *, finalized: bool = False) -> Report:
+    """Every range is done, and another worker finalizes (the last to let go of the lock)."""
+    report.state = "worker_done"
+    _embedded(ctx, worker, report)
+    report.duration_secs = time.monotonic() - ctx.started
+    report.message = ("the job was finalized by another worker" if finalized
+                      else "every range is done; the last worker to finish finalizes the job")
+    _with_workers(report)
+    log.info("worker_done", rows_updated=worker.rows_updated, detail=report.message)
     return report
 
 
@@ -390,6 +527,7 @@ def _stopped(ctx: RunContext, report: Report, message: str = "") -> Report:
     stop = ctx.stop
     report.state = stop.reason if stop.reason in ("time_budget", "throttle_critical") else "stopped"
     report.exit_code = stop.exit_code
+    _with_workers(report)
     report.duration_secs = time.monotonic() - ctx.started
     progress = ctx.lease.read(ckpt.progress, ctx.active, on=ctx.control, what="job_progress")
     critical = ctx.throttle.critical if stop.reason == "throttle_critical" else None

@@ -2,10 +2,16 @@
 the run, proving we are alive, breaking a stale holder, and the one fenced write.
 
 A run holds a session-level advisory lock on the table (its own dedicated connection) from
-before prepare until the end. A LockKeeper thread checks every few seconds that it is still
-held (a lost connection, a server restart or pg_terminate_backend drops it), takes it again
-when it can, and records a heartbeat on the job row; if another run took it meanwhile, the
-job stops with exit 3.
+before prepare until the end: exclusively while it coordinates (prepare, finalize: catch-up,
+cut-over, the registry), shared while it is a worker embedding ranges (reembed.worker) beside
+other workers, each holding it shared. Any coordinator step waits until no worker holds it, and
+no worker starts while a coordinator does: `share()` goes from the first to the second with no
+gap, `coordinate()` back (only once every other worker has let go).
+
+A LockKeeper thread checks every few seconds that it is still held (a lost connection, a
+server restart or pg_terminate_backend drops it), takes it again when it can (in the same
+mode), and records a heartbeat on the job row (and a worker's claims); if another run took it
+meanwhile, the job stops with exit 3.
 
 The keeper only notices at its next tick, so every transaction that writes goes through
 `Lease.write()`: retry on transient faults, one transaction, optional lock_timeout, and,
@@ -55,10 +61,11 @@ class TableLock:
 
     conn: psycopg.Connection[Any]
     key: int
+    shared: bool = False  # held shared (a worker beside others), else exclusively
 
     def release(self) -> None:
         with contextlib.suppress(psycopg.Error):
-            self.conn.execute(query("release_lock"), {"key": self.key})
+            self.conn.execute(query("release_lock_shared" if self.shared else "release_lock"), {"key": self.key})
         with contextlib.suppress(psycopg.Error):
             self.conn.close()
 
@@ -93,15 +100,19 @@ def holder_of(conn: psycopg.Connection[Any], table_oid: int) -> dict[str, Any] |
     return conn.execute(query("lock_holder"), {"key": lock_key(table_oid)}).fetchone()
 
 
-def try_lock(conninfo: str, table_oid: int, *, table: str, again: bool = False) -> TableLock:
+def try_lock(conninfo: str, table_oid: int, *, table: str, again: bool = False, shared: bool = False,
+             join: bool = False) -> TableLock:
     """Take the table's advisory lock on a dedicated autocommit connection, or raise LockHeld.
-    `again`: we held it before, so a server that does not answer is a transient fault."""
+    `again`: we held it before, so a server that does not answer is a transient fault. `shared`:
+    as a worker, beside others. `join`: exclusively if nobody holds it, else shared if only
+    workers do."""
     conn = (db.reconnect if again else db.connect)(conninfo, role="lock", vectors=False, autocommit=True)
     key = lock_key(table_oid)
     with db.translated():
-        got = conn.execute(query("try_lock"), {"key": key}).fetchone()
-        if got and got["got"]:
-            return TableLock(conn=conn, key=key)
+        for mode in ((True,) if shared else (False, True) if join else (False,)):
+            got = conn.execute(query("try_lock_shared" if mode else "try_lock"), {"key": key}).fetchone()
+            if got and got["got"]:
+                return TableLock(conn=conn, key=key, shared=mode)
         row = holder_of(conn, table_oid)
     conn.close()
     raise LockHeld(
@@ -135,18 +146,27 @@ def break_stale(conn: psycopg.Connection[Any], *, table: str, column: str, holde
 
 
 def take(conn: psycopg.Connection[Any], conninfo: str, table_oid: int, *, table: str, column: str,
-         break_stale_lock: bool, stale_after: float) -> TableLock:
-    """The lock, at once (exit 3 if held), or after terminating a stale holder when told to."""
-    try:
-        return try_lock(conninfo, table_oid, table=table)
-    except LockHeld as held:
-        if not break_stale_lock:
-            raise
-        break_stale(conn, table=table, column=column, holder_pid=held.holder, stale_after=stale_after)
+         break_stale_lock: bool, stale_after: float, join: bool = False, join_wait: float = 0.0) -> TableLock:
+    """The lock, at once (exit 3 if held), or after terminating a stale holder when told to.
+    `join`: held shared by the workers of an active job, it is taken shared, to join them.
+    `join_wait`: held exclusively (another run prepares or finalizes the job), try again every
+    second for this long (workers a scheduler starts together: one prepares, the others join)."""
+    give_up = time.monotonic() + join_wait
+    while True:
+        try:
+            return try_lock(conninfo, table_oid, table=table, join=join)
+        except LockHeld as held:
+            if break_stale_lock:
+                break_stale(conn, table=table, column=column, holder_pid=held.holder, stale_after=stale_after)
+                break
+            if time.monotonic() >= give_up:
+                raise
+            log.debug("lock_held_waiting", detail=str(held))
+            time.sleep(1.0)
     deadline = time.monotonic() + 15
     while True:  # the terminated backend lets go of the lock as it exits
         try:
-            return try_lock(conninfo, table_oid, table=table)
+            return try_lock(conninfo, table_oid, table=table, join=join)
         except LockHeld:
             if time.monotonic() > deadline:
                 raise
@@ -171,6 +191,56 @@ class Lease(Background):
         self.lost: LockHeld | None = None
         self._since_beat = HEARTBEAT_EVERY
         self._mutex = threading.Lock()
+        self._beats: list[Callable[[psycopg.Connection[Any], int], None]] = []  # (lock conn, its backend pid)
+        self.released = False  # let go by coordinate(): nothing more may be written
+
+    @property
+    def shared(self) -> bool:
+        return self.lock.shared
+
+    @property
+    def backend_pid(self) -> int:
+        """The backend of the lock's connection (a worker's claims name it: a claim whose backend
+        no longer holds the lock is stale)."""
+        return int(self.lock.conn.info.backend_pid)
+
+    def on_beat(self, beat: Callable[[psycopg.Connection[Any], int], None]) -> None:
+        """Also run `beat(lock connection, its backend pid)` at every heartbeat (a worker's claims)."""
+        with self._mutex:
+            self._beats.append(beat)
+
+    # ------------------------------------------------------------ the modes
+
+    def share(self) -> None:
+        """Exclusive -> shared, with no moment unlocked: the coordinator becomes a worker beside others."""
+        with self._mutex:
+            if self.lock.shared:
+                return
+            with db.translated():
+                self.lock.conn.execute(query("lock_shared"), {"key": self.lock.key})  # ours: granted at once
+                self.lock.conn.execute(query("release_lock"), {"key": self.lock.key})
+            self.lock.shared = True
+        log.debug("lock_shared")
+
+    def coordinate(self) -> bool:
+        """Shared -> exclusive, if no other worker holds the lock: the last worker out becomes the
+        coordinator. Otherwise let go of it altogether and say False: another worker is still at
+        work (or already coordinating), and will finalize (the last to let go and try again wins)."""
+        with self._mutex:
+            if not self.lock.shared:
+                return True
+            with db.translated():
+                got = self.lock.conn.execute(query("try_lock"), {"key": self.lock.key}).fetchone()
+                self.lock.conn.execute(query("release_lock_shared"), {"key": self.lock.key})
+                if not (got and got["got"]):
+                    got = self.lock.conn.execute(query("try_lock"), {"key": self.lock.key}).fetchone()
+            if got and got["got"]:
+                self.lock.shared = False
+                log.debug("lock_exclusive")
+                return True
+            self.released = True
+            self.lost = LockHeld(f"{self.table}: this worker let go of the table's lock; another one finalizes")
+            return False
 
     # ---------------------------------------------------------- the writes
 
@@ -286,9 +356,11 @@ class Lease(Background):
 
     def _tick(self, *, beat: bool = True) -> None:
         with self._mutex:
+            if self.released:
+                return
             if not self.lock.alive():
                 self.lock.release()
-                fresh = try_lock(self.conninfo, self.table_oid, table=self.table, again=True)
+                fresh = try_lock(self.conninfo, self.table_oid, table=self.table, again=True, shared=self.lock.shared)
                 self.lock.conn, self.lock.key = fresh.conn, fresh.key
                 log.warning("lock_reacquired", table=self.table)
                 self._since_beat = HEARTBEAT_EVERY
@@ -299,6 +371,8 @@ class Lease(Background):
         self._since_beat += CHECK_EVERY
         if self.job_id is not None and self._since_beat >= HEARTBEAT_EVERY:
             ckpt.heartbeat(self.lock.conn, self.job_id, db.holder_name())
+            for beat in self._beats:
+                beat(self.lock.conn, self.backend_pid)
             self._since_beat = 0.0
 
     def release(self) -> None:

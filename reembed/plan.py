@@ -121,6 +121,13 @@ def said_strategies(s: dict[str, Any]) -> str:
     return "strategies: " + "; ".join(parts) + f"; recommended: {s['recommended'] or 'none'} ({s['why']})"
 
 
+def sample_texts(conn: psycopg.Connection[Any], info: TableInfo, n: int, rows_total: int) -> list[str]:
+    """About `n` texts of the table, pages drawn from all of it."""
+    percent = min(100.0, 120.0 * n / max(rows_total, 1))
+    rows = conn.execute(info.statement("sample_content"), {"n": n, "percent": percent}).fetchall()
+    return [r["content"] for r in rows]
+
+
 def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, opts: RunOptions,
                 rows_total: int) -> float | None:
     """Rows/s of the table's own rows through the pipeline a run uses, timed the way the run
@@ -129,10 +136,7 @@ def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedd
     the sample cut into windows as the run cuts them (about WINDOW_SECS of the pace the first pass
     measured, at most the feed's window). The stages overlap in a run, so the slower sets the
     pace: tokenizer processes beside the device; a tokenizer thread of this process shares its GIL."""
-    n = max(2 * opts.batch_size, 512)
-    percent = min(100.0, 120.0 * n / max(rows_total, 1))
-    rows = conn.execute(info.statement("sample_content"), {"n": n, "percent": percent}).fetchall()
-    texts = [r["content"] for r in rows]
+    texts = sample_texts(conn, info, max(2 * opts.batch_size, 512), rows_total)
     if not texts:
         return None
     feed = feed_for(embedder, opts)

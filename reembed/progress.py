@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -33,8 +34,10 @@ class Pace:
 
 
 class Progress:
-    def __init__(self, *, total: int | None, done: int, interval: float, bar: bool | None = None) -> None:
+    def __init__(self, *, total: int | None, done: int, interval: float, bar: bool | None = None,
+                 listener: Callable[[], None] | None = None) -> None:
         self.total = total
+        self.listener = listener  # called at every progress event (--metrics-file), bar or not
         self.done = done
         self.interval = interval
         self._samples: deque[tuple[float, int]] = deque([(time.monotonic(), done)])
@@ -68,9 +71,12 @@ class Progress:
             self._samples.popleft()
         if self._bar is not None:
             self._bar.update(rows)
-        elif now - self._last_event >= self.interval:
+        if now - self._last_event >= self.interval:
             self._last_event = now
-            self.emit()
+            if self._bar is None:
+                self.emit()
+            if self.listener is not None:
+                self.listener()
 
     def emit(self) -> None:
         rate, eta = self.rate, self.eta_secs

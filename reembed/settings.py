@@ -8,7 +8,7 @@ import datetime as dt
 import os
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, TypeVar
 
 from reembed.errors import ConfigError
@@ -141,6 +141,14 @@ class RunOptions:
     gate_max_regression: float = 0.05  # with --old-model: how much worse than the old model's recall
     gate_min_self_recall: float = 0.9  # each row found from its own vector in the top 10 through each index
     old_model: ModelSpec | None = None  # the registry's current model, for the gate's comparison
+    # workers (reembed.worker, reembed.fleet): one job on several processes, GPUs, hosts
+    workers: int = 1  # worker processes this run starts on this host (itself included)
+    devices: tuple[str, ...] = ()  # one per worker, round robin (--devices cuda:0,cuda:1)
+    ranges: int | None = None  # key ranges cut at prepare; None: one per 16 batches, at most 256
+    join: bool = True  # an active job's workers hold the table's lock shared: join them (False: exit 3)
+    join_wait: float = 0.0  # seconds to wait while another run holds the lock exclusively (prepare, finalize)
+    metrics_file: str | None = None  # Prometheus text format, rewritten at every progress event and at exit
+    command_line: tuple[str, ...] = ()  # the CLI's argv: what --workers N starts again for each worker
 
     def deadline(self, started_monotonic: float, now_wall: dt.datetime | None = None) -> float | None:
         """The run's deadline on the monotonic clock, or None."""
@@ -197,6 +205,8 @@ class Settings:
         if args.model is None:  # rollback without the old model
             return cls(target=target)
         model = _from_namespace(ModelSpec, args, prefix=args.prefix or "")
+        if getattr(args, "devices", None):  # this process is the first worker: the first device
+            model = replace(model, device=_devices(args.devices)[0])
         if not hasattr(args, "dry_run"):  # verify, rollback: a model and no job
             return cls(target=target, model=model)
         _check_args(args)
@@ -215,6 +225,10 @@ class Settings:
             critical_replica_lag=_optional_duration(args.critical_replica_lag),
             replica_dsns=tuple(args.replica_dsns or ()),
             max_wal_rate=float(parse_size(args.max_wal_rate.removesuffix("/s"))) if args.max_wal_rate else None,
+            stale_after=parse_duration(args.stale_after),
+            join_wait=parse_duration(args.join_wait),
+            devices=_devices(args.devices),
+            workers=args.workers or (len(_devices(args.devices)) or 1),
             old_model=ModelSpec(model=args.old_model, device=args.device, precision=args.precision,
                                 prefix=args.old_prefix or "", max_seq_length=args.old_max_seq_length,
                                 model_name=args.old_model_name) if args.old_model else None,
@@ -229,8 +243,20 @@ def _from_namespace(cls: type[T], args: argparse.Namespace, **overrides: object)
     return cls(**values)
 
 
+def _devices(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not devices:
+        raise ConfigError(f"--devices {text!r} names no device: give them like cuda:0,cuda:1")
+    return devices
+
+
 def _check_args(args: argparse.Namespace) -> None:
     _positive("--batch-size", args.batch_size)
+    for flag in ("workers", "ranges"):
+        if getattr(args, flag) is not None:
+            _positive("--" + flag, getattr(args, flag))
     for flag in ("encode_batch_size", "max_batch_tokens", "window_rows", "writers"):
         if getattr(args, flag) is not None:
             _positive("--" + flag.replace("_", "-"), getattr(args, flag))

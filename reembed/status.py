@@ -40,6 +40,15 @@ class Status:
             f"last id    {d['last_id']}",
             f"rate       {_num(d.get('rows_per_sec'), ' rows/s')}   ETA {_eta(d.get('eta_secs'))}",
         ]
+        if d.get("ranges", {}).get("ranges", 0) > 1 or d.get("workers"):
+            r = d["ranges"]
+            lines.append(f"ranges     {r['ranges']}: {r['done']} done, {r['claimed']} claimed")
+        for w in d.get("workers") or []:
+            if w["state"] in ("running", "dry", "stale") or d["state"] in ckpt.ACTIVE:
+                lines.append(f"worker     {w['host']} pid {w['pid']} {w['device'] or '?'}  {w['state']}"
+                             + (f"  range {w['range']} at {w['range_last_id']}" if w["range"] is not None else "")
+                             + f"  {w['rows']:,} rows  {_num(w['rows_per_sec'], ' rows/s')}"
+                             + f"  heartbeat {_age(w['heartbeat_age_secs'])} ago")
         holder = d.get("holder")
         if holder:
             lines.append(f"holder     {holder['who']}  heartbeat {_age(d.get('heartbeat_age_secs'))} ago")
@@ -127,14 +136,18 @@ def _age(secs: float | None) -> str:
     return "?" if secs is None else str(dt.timedelta(seconds=int(secs)))
 
 
+PHASES = ("backfill", "catch-up", "index", "gate", "swap", "swapped", "done", "abandoned")
+
+
 def status(settings: Settings, *, stale_after: float = RunOptions.stale_after) -> Status:
     target = settings.target
     with db.connect(target.conninfo(), role="status", vectors=False, autocommit=True) as conn:
         with db.translated():
-            return _status(conn, settings, stale_after)
+            return status_on(conn, settings, stale_after)
 
 
-def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
+def status_on(conn: Any, settings: Settings, stale_after: float) -> Status:
+    """The status, read on `conn` (reembed.metrics keeps one open)."""
     target = settings.target
     row = conn.execute(query("table_by_name"), {"table": regclass_text(split_name(target.table))}).fetchone()
     if row is None:
@@ -156,7 +169,13 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
     failed = conn.execute(query("failed_rows_count"), {"job_id": job.id}).fetchone()
     done = int(progress["rows_done"]) + int(progress["rows_skipped"])
     total = job.rows_total
-    rate = max((r.rows_per_sec or 0.0) for r in ranges) if ranges else None
+    workers = ckpt.workers(conn, job)
+    live = [w for w in workers if w.state in ("running", "dry") and w.heartbeat_age <= stale_after]
+    if live:  # every worker's own rate, summed
+        rate: float | None = sum(w.rows_per_sec or 0.0 for w in live)
+    else:
+        rate = max((r.rows_per_sec or 0.0) for r in ranges) if ranges else None
+    counts = ckpt.range_counts(conn, job)
     now = conn.execute(query("server_now")).fetchone()["now"]
     heartbeat_age = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at is not None else None
     holder_row = lease.holder_of(conn, int(row["oid"]))
@@ -205,6 +224,11 @@ def _status(conn: Any, settings: Settings, stale_after: float) -> Status:
         rows_per_sec=round(rate, 1) if rate and active else None,
         eta_secs=(max(total - done, 0) / rate) if rate and total and active else None,
         holder=holder,
+        ranges=counts,
+        workers=[{"worker": w.worker, "host": w.host, "pid": w.pid, "device": w.device, "range": w.range_no,
+                  "range_last_id": w.range_last_id, "rows": w.rows_done, "rows_per_sec": w.rows_per_sec,
+                  "state": w.state if w.heartbeat_age <= stale_after or w.state not in ("running", "dry")
+                  else "stale", "heartbeat_age_secs": round(w.heartbeat_age, 1)} for w in workers],
         heartbeat_at=job.heartbeat_at,
         heartbeat_age_secs=round(heartbeat_age, 1) if heartbeat_age is not None else None,
         stale=bool(active and heartbeat_age is not None and heartbeat_age > stale_after),

@@ -1,7 +1,15 @@
-"""A worker: claims a range of the job's key space, embeds it batch by batch, and advances
-that range's cursor. Today one worker runs one range, in the coordinator's process; the
-shape is the one several workers on several hosts will share (pgai's Executor: one worker
-shape, many instances, no special first worker).
+"""A worker: claims ranges of the job's key space, embeds each batch by batch, and advances
+that range's cursor. Every process of a job — the first run, the `--workers N` it starts, a
+`reembed run` on another host — runs one worker of this shape (pgai's Executor: one worker
+shape, many instances, no special first worker), holding the table's lock shared.
+
+Claims (reembed.checkpoint.claim): an unclaimed range first, else a stale claim — its holder's
+lock backend is gone (the process died) or its heartbeat (the lease keeper beats the worker's
+claims every 10 s) is older than the stale limit — taken over from its committed cursor. A
+worker with nothing to claim asks the holder of the largest remaining range to split it, and
+polls; the holder cuts it past what it has read (reembed.ranges). A worker whose claim was taken
+over (ClaimLost: its commit found another name on the range) drops that range, having committed
+nothing of the batch that found out, and claims another.
 
 A window of batches (transactions) goes through a chain of stages (reembed.stages) with
 bounded channels:
@@ -21,8 +29,10 @@ windows are in memory.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,12 +40,12 @@ import psycopg
 import structlog
 
 from reembed import checkpoint as ckpt
-from reembed import db, failures
+from reembed import db, failures, ranges
 from reembed.batches import Batch, Reader, Writer
 from reembed.commits import Turns, Writers, Written, commit_batch
 from reembed.context import RunContext
 from reembed.encoding import Feed, feed_for, is_device_fault
-from reembed.errors import CheckpointConflict, ReembedError, first_line
+from reembed.errors import CheckpointConflict, ClaimLost, ReembedError, first_line
 from reembed.progress import Pace, Progress
 from reembed.stages import Chain, Step
 
@@ -46,6 +56,7 @@ _DEPTH = 2
 # encoder's measured pace, and at --window-rows: on a slow device progress commits every few
 # seconds (status moves, a stop loses little); on a fast one the windows stay large.
 WINDOW_SECS = 2.0
+DRY_POLL_SECS = 0.5  # a worker with nothing to claim looks again this often
 
 
 class Worker:
@@ -55,42 +66,114 @@ class Worker:
         self.rows_updated = 0
         self.rows_skipped = 0
         self.rows_failed = 0
+        self.ranges = 0  # ranges claimed (taken over ones included)
+        self.splits = 0  # splits made for other workers
         self.secs = 0.0  # wall time spent embedding in this run
+        self.range_no: int | None = None  # the range held now
+        self.state = "running"
+        self.tokenizers: int | None = None  # --workers N: this host's share per worker (reembed.fleet)
+        self._started = time.monotonic()
+
+    @property
+    def rate(self) -> float | None:
+        secs = time.monotonic() - self._started
+        return round(self.rows_updated / secs, 1) if secs > 0 else None
 
     def run(self) -> None:
-        """Claim ranges until none is left, the run is asked to stop, or a batch fails."""
+        """Claim ranges until every range is done, the run is asked to stop, or a batch fails."""
         ctx = self.ctx
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         reader, writers = ctx.connections.hold("reader"), Writers(ctx.connections, ctx.writers)
         primary = writers.primary  # the connection of the worker's own statements
         progress: Progress | None = None
         feed: Feed | None = None
         clean = False
+        ctx.lease.write(ckpt.join_worker, ctx.active.id, self.name, db.host_name(), db.process_id(),
+                        str(ctx.embedder.device), on=primary, what="join_job")
+        ctx.lease.on_beat(self._beat)
+        structlog.contextvars.bind_contextvars(worker=self.name)
         try:
             while not ctx.stop.requested:
-                rng = ctx.lease.write(ckpt.claim, ctx.active, self.name, on=primary, what="claim_range")
+                rng = ctx.lease.write(self._claim, on=primary, what="claim_range")
                 if rng is None:
-                    return
+                    if not self._dry(primary):
+                        break
+                    continue
                 if progress is None or feed is None:
                     progress = self._progress(primary)
-                    feed = feed_for(ctx.embedder, ctx.opts)
-                log.info("embedding_started", range_no=rng.range_no, last_id=rng.last_id, worker=self.name,
-                         rows_done=progress.done, rows_total=progress.total)
-                _RangeRun(self, rng, reader, writers, progress, feed).run()
+                    feed = feed_for(ctx.embedder, ctx.opts if self.tokenizers is None
+                                    else replace(ctx.opts, tokenizer_workers=self.tokenizers))
+                self.ranges += 1
+                log.info("embedding_started", range_no=rng.range_no, last_id=rng.last_id, upper_id=rng.upper_id,
+                         taken_over_from=rng.taken_from, rows_done=progress.done, rows_total=progress.total)
+                try:
+                    _RangeRun(self, rng, reader, writers, progress, feed).run()
+                except ClaimLost as lost:
+                    log.warning("claim_lost", range_no=rng.range_no, detail=str(lost) + "; claiming another")
+                finally:
+                    self.range_no = None
             clean = True
         finally:
+            structlog.contextvars.unbind_contextvars("worker")
             if feed is not None:
                 feed.close(now=not clean)  # a failure or a second Ctrl-C: no tokenizer process outlives us
             self.secs += time.monotonic() - started
+            self.state = "done" if clean and not ctx.stop.requested else "stopped" if clean else "failed"
+            self._leave(primary)
             if progress is not None:
                 progress.close()
             reader.release()
             writers.release()
 
+    def _claim(self, conn: psycopg.Connection[Any]) -> ckpt.Range | None:
+        lease = self.ctx.lease
+        rng = ckpt.claim(conn, self.ctx.active, self.name, pid=lease.backend_pid, key=lease.lock.key,
+                         stale_secs=self.ctx.opts.stale_after)
+        self.range_no = rng.range_no if rng is not None else None
+        self.state = "running" if rng is not None else "dry"
+        self._record(conn)
+        return rng
+
+    def _dry(self, conn: db.Held) -> bool:
+        """Nothing to claim: False once every range is done; else ask for a split of the largest
+        remaining range and wait a moment (True: claim again)."""
+        ctx = self.ctx
+        if not ctx.lease.read(ckpt.open_ranges, ctx.active, on=conn, what="open_ranges"):
+            return False
+        asked = ctx.lease.write(ckpt.request_split, ctx.active, 4 * ctx.opts.batch_size, on=conn,
+                                what="request_split")
+        if asked is not None:
+            log.info("split_requested", range_no=asked)
+        ctx.stop.wait(DRY_POLL_SECS)
+        return True
+
+    def _record(self, conn: psycopg.Connection[Any]) -> None:
+        ckpt.beat_worker(conn, self.ctx.active.id, self.name, range_no=self.range_no, rows=self.rows_updated,
+                         rate=self.rate, state=self.state)
+
+    def _beat(self, conn: psycopg.Connection[Any], pid: int) -> None:
+        """The lease keeper's heartbeat (every 10 s, on the lock's connection): our claims (with the
+        backend that holds our lock now) and our row."""
+        ckpt.beat_claims(conn, self.ctx.active.id, self.name, pid)
+        self._record(conn)
+
+    def _leave(self, conn: db.Held) -> None:
+        """Best effort at the end: our claims let go (the cursors stay), our row's last state."""
+        try:
+            if self.ctx.lease.lost is None:
+                self.ctx.lease.write(self._release, on=conn, what="release_claims")
+        except ReembedError as exc:  # the claims go stale and are taken over anyway
+            log.debug("claims_not_released", error=first_line(exc))
+
+    def _release(self, conn: psycopg.Connection[Any]) -> None:
+        ckpt.release_mine(conn, self.ctx.active.id, self.name)
+        self._record(conn)
+
     def _progress(self, conn: db.Held) -> Progress:
         ranges = self.ctx.lease.read(ckpt.ranges, self.ctx.active, on=conn, what="read_ranges")
         done = sum(r.rows_done + r.rows_skipped for r in ranges)
-        return Progress(total=self.ctx.active.rows_total, done=done, interval=self.ctx.opts.progress_interval)
+        return Progress(total=self.ctx.active.rows_total, done=done, interval=self.ctx.opts.progress_interval,
+                        listener=self.ctx.on_progress)
 
 
 class _RangeRun:
@@ -108,6 +191,9 @@ class _RangeRun:
         self.reader = Reader(self.ctx.info, batch_size=self.ctx.opts.batch_size, upper=rng.upper_id)
         self.writer = Writer(self.ctx.info, column=self.ctx.strategy.column(self.ctx))
         self.pace = Pace()  # rows/s through the encode stage
+        self.split_wanted = threading.Event()  # a dry worker asked (seen at a commit): cut at the next read
+        if rng.split_wanted:
+            self.split_wanted.set()
 
     def window_limit(self) -> int:
         """Rows that close the next window: about WINDOW_SECS of the measured pace, at most the
@@ -143,6 +229,8 @@ class _RangeRun:
         window: list[tuple[Batch, Any]] = []
         rows = 0
         while not self.ctx.stop.requested:
+            if self.split_wanted.is_set():
+                self._split(after)
             batch = self.ctx.lease.read(self.reader.read, after, seq, on=self.reader_conn, what="read_batch")
             log.debug("batch_read", seq=seq, rows=len(batch.ids) if batch else 0)
             if batch is None:
@@ -156,6 +244,27 @@ class _RangeRun:
             after, seq = batch.last_id, seq + 1
         if window and not self.ctx.stop.requested:
             yield window
+
+    def _split(self, after: str | None) -> None:
+        """Cut our range past everything read so far (`after`), for a worker that ran dry: we keep
+        up to the median key of what is left, a new unclaimed range gets the rest."""
+        self.split_wanted.clear()
+        rng, info, min_rows = self.rng, self.ctx.info, 2 * self.ctx.opts.batch_size
+
+        def body(conn: psycopg.Connection[Any]) -> tuple[str, int, int] | None:
+            at, left = ranges.split_point(conn, info, after=after, upper=rng.upper_id, min_rows=min_rows)
+            if at is None:
+                ckpt.decline_split(conn, rng, left=left)
+                return None
+            return at, ckpt.split(conn, rng, at=at, keep=left // 2, give=left - left // 2), left
+
+        cut = self.ctx.lease.write(body, on=self.reader_conn, what="split_range")
+        if cut is None:
+            return
+        at, new, left = cut
+        log.info("range_split", range_no=rng.range_no, new_range_no=new, at=at, rows_left=left, after=after)
+        rng.upper_id = self.reader.upper = at
+        self.worker.splits += 1
 
     def _encode(self, window: list[tuple[Batch, Any]],
                 peek: Callable[[], list[tuple[Batch, Any]] | None]) -> list[Batch] | None:
@@ -247,8 +356,9 @@ class _RangeRun:
     def _advance(self, batch: Batch, turns: Turns, conn: psycopg.Connection[Any], written: Written) -> None:
         """The range's cursor, in key order: once every earlier batch committed."""
         turns.wait(batch.seq)
-        ckpt.advance(conn, self.rng, to_id=batch.last_id, rows=written.rows, skipped=written.skipped,
-                     rate=self.progress.rate)
+        if ckpt.advance(conn, self.rng, to_id=batch.last_id, rows=written.rows, skipped=written.skipped,
+                        rate=self.progress.rate):
+            self.split_wanted.set()
 
     def _finish(self) -> None:
         """Every row of the range is done: close it."""

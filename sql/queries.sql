@@ -106,23 +106,32 @@ VALUES (
 RETURNING *;
 
 -- name: insert_range
-INSERT INTO reembed_checkpoint_range (job_id, range_no, lower_id, upper_id, last_id)
-VALUES (%(job_id)s, %(range_no)s, %(lower_id)s, %(upper_id)s, %(lower_id)s);
+INSERT INTO reembed_checkpoint_range (job_id, range_no, lower_id, upper_id, last_id, rows_estimate)
+VALUES (%(job_id)s, %(range_no)s, %(lower_id)s, %(upper_id)s, %(lower_id)s, %(estimate)s);
 
 -- name: job_ranges
 SELECT * FROM reembed_checkpoint_range WHERE job_id = %(job_id)s ORDER BY range_no;
 
 -- name: claim_range
--- The next unfinished range nobody else is working on (then marked with mark_claimed in the
--- same transaction).
-SELECT * FROM reembed_checkpoint_range
- WHERE job_id = %(job_id)s AND NOT done AND claimed_by IS NULL
- ORDER BY range_no
+-- The next range to work on: unclaimed first, else one whose claim is stale (the claimant's lock
+-- backend no longer holds the table's lock: the process died; or its heartbeat is older than
+-- %(stale_secs)s), locked so that two workers never take the same one (then marked with
+-- mark_claimed in the same transaction). A stale claim is taken over from its cursor.
+SELECT r.* FROM reembed_checkpoint_range r
+ WHERE r.job_id = %(job_id)s AND NOT r.done
+   AND (r.claimed_by IS NULL
+        OR r.heartbeat_at < now() - make_interval(secs => %(stale_secs)s)
+        OR (r.claimed_pid IS NOT NULL AND NOT EXISTS (
+              SELECT 1 FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = r.claimed_pid
+                 AND l.classid = ((%(key)s::bigint >> 32) & 4294967295)::bigint::oid
+                 AND l.objid   = (%(key)s::bigint & 4294967295)::bigint::oid)))
+ ORDER BY (r.claimed_by IS NULL) DESC, r.range_no
  LIMIT 1
    FOR UPDATE SKIP LOCKED;
 
 -- name: advance_checkpoint
--- Move the cursor; must match exactly one row.
+-- Move the cursor; must match exactly one row. Says whether a dry worker asked for a split.
 UPDATE reembed_checkpoint_range
    SET last_id = %(to_id)s,
        rows_done = rows_done + %(rows)s,
@@ -132,7 +141,8 @@ UPDATE reembed_checkpoint_range
  WHERE job_id = %(job_id)s AND range_no = %(range_no)s
    AND last_id IS NOT DISTINCT FROM %(from_id)s
    AND claimed_by = %(worker)s
-   AND NOT done;
+   AND NOT done
+RETURNING split_wanted;
 
 -- name: finish_range
 UPDATE reembed_checkpoint_range
@@ -344,12 +354,62 @@ SELECT last_id FROM reembed_checkpoint_range
  WHERE job_id = %(job_id)s AND range_no = %(range_no)s;
 
 -- name: release_claims
--- The coordinator holds the table's lock: claims left by earlier runs are dead.
-UPDATE reembed_checkpoint_range SET claimed_by = NULL
+-- The coordinator holds the table's lock exclusively: no worker holds it, claims left are dead.
+UPDATE reembed_checkpoint_range SET claimed_by = NULL, claimed_pid = NULL, split_wanted = false
  WHERE job_id = %(job_id)s AND NOT done;
 
+-- name: release_my_claims
+-- A worker that stops lets go of what it holds (its cursors stay: the next claimant goes on from them).
+UPDATE reembed_checkpoint_range SET claimed_by = NULL, claimed_pid = NULL, split_wanted = false,
+       updated_at = now()
+ WHERE job_id = %(job_id)s AND claimed_by = %(worker)s AND NOT done;
+
+-- name: beat_claims
+-- The worker's heartbeat on its claims, and the backend that now holds its lock (after a reconnect).
+UPDATE reembed_checkpoint_range SET heartbeat_at = now(), claimed_pid = %(pid)s
+ WHERE job_id = %(job_id)s AND claimed_by = %(worker)s AND NOT done;
+
+-- name: request_split
+-- A worker ran dry: ask the holder of the largest remaining range (by estimate) to split it. Only
+-- ranges with more than %(min_rows)s rows left by estimate; none already asked.
+UPDATE reembed_checkpoint_range SET split_wanted = true
+ WHERE (job_id, range_no) = (
+        SELECT job_id, range_no FROM reembed_checkpoint_range
+         WHERE job_id = %(job_id)s AND NOT done AND claimed_by IS NOT NULL AND NOT split_wanted
+           AND coalesce(rows_estimate, 0) - rows_done - rows_skipped > %(min_rows)s
+         ORDER BY coalesce(rows_estimate, 0) - rows_done - rows_skipped DESC
+         LIMIT 1)
+   AND NOT EXISTS (SELECT 1 FROM reembed_checkpoint_range
+                    WHERE job_id = %(job_id)s AND NOT done AND split_wanted)
+RETURNING range_no;
+
+-- name: split_lock
+-- Serialises the splits of one job (each takes the next range number).
+SELECT pg_advisory_xact_lock(%(key)s);
+
+-- name: split_range
+-- The holder cuts its range at %(at)s (past everything it has read): it keeps (lower, at], the
+-- new range is (at, upper], unclaimed.
+UPDATE reembed_checkpoint_range
+   SET upper_id = %(at)s, split_wanted = false, rows_estimate = %(keep_estimate)s, updated_at = now()
+ WHERE job_id = %(job_id)s AND range_no = %(range_no)s AND claimed_by = %(worker)s AND NOT done
+   AND upper_id IS NOT DISTINCT FROM %(upper)s;
+
+-- name: insert_split
+INSERT INTO reembed_checkpoint_range (job_id, range_no, lower_id, upper_id, last_id, rows_estimate)
+SELECT %(job_id)s, max(range_no) + 1, %(at)s, %(upper)s, %(at)s, %(estimate)s
+  FROM reembed_checkpoint_range WHERE job_id = %(job_id)s
+RETURNING range_no;
+
+-- name: split_declined
+-- Too little left to split: the estimate is made exact, so that nobody asks again.
+UPDATE reembed_checkpoint_range SET split_wanted = false, rows_estimate = %(estimate)s
+ WHERE job_id = %(job_id)s AND range_no = %(range_no)s AND claimed_by = %(worker)s;
+
 -- name: mark_claimed
-UPDATE reembed_checkpoint_range SET claimed_by = %(worker)s, updated_at = now()
+UPDATE reembed_checkpoint_range
+   SET claimed_by = %(worker)s, claimed_pid = %(pid)s, heartbeat_at = now(), split_wanted = false,
+       updated_at = now()
  WHERE job_id = %(job_id)s AND range_no = %(range_no)s;
 
 -- name: record_failed_rows
@@ -640,3 +700,46 @@ SELECT row_id FROM reembed_failed_rows WHERE job_id = %(job_id)s;
 -- tenth of a usual 100 lists, HNSW keeps the server's ef_search.
 SET LOCAL enable_seqscan = off;
 SET LOCAL ivfflat.probes = 10;
+
+-- name: upsert_worker
+-- A worker process joins the job (or its row is refreshed): for `reembed status`.
+INSERT INTO reembed_worker (job_id, worker, host, pid, device, state)
+VALUES (%(job_id)s, %(worker)s, %(host)s, %(pid)s, %(device)s, 'running')
+ON CONFLICT (job_id, worker) DO UPDATE
+   SET device = EXCLUDED.device, state = 'running', heartbeat_at = now();
+
+-- name: beat_worker
+UPDATE reembed_worker
+   SET range_no = %(range_no)s, rows_done = %(rows)s, rows_per_sec = %(rate)s, state = %(state)s,
+       heartbeat_at = now()
+ WHERE job_id = %(job_id)s AND worker = %(worker)s;
+
+-- name: job_workers
+-- Every worker of the job, with its heartbeat's age (seconds) and whether its process still holds
+-- the table's lock (its claims' backend; NULL when it holds no claim).
+SELECT w.*, extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_age,
+       (SELECT r.last_id FROM reembed_checkpoint_range r
+         WHERE r.job_id = w.job_id AND r.range_no = w.range_no) AS range_last_id
+  FROM reembed_worker w
+ WHERE w.job_id = %(job_id)s
+ ORDER BY w.started_at, w.worker;
+
+-- name: job_range_counts
+SELECT count(*) AS ranges, count(*) FILTER (WHERE done) AS done,
+       count(*) FILTER (WHERE claimed_by IS NOT NULL AND NOT done) AS claimed
+  FROM reembed_checkpoint_range WHERE job_id = %(job_id)s;
+
+-- name: try_lock_shared
+SELECT pg_try_advisory_lock_shared(%(key)s) AS got;
+
+-- name: lock_shared
+SELECT pg_advisory_lock_shared(%(key)s);
+
+-- name: release_lock_shared
+SELECT pg_advisory_unlock_shared(%(key)s);
+
+-- name: range_claimant
+SELECT claimed_by FROM reembed_checkpoint_range WHERE job_id = %(job_id)s AND range_no = %(range_no)s;
+
+-- name: worker_table_exists
+SELECT to_regclass('reembed_worker') IS NOT NULL AS present;

@@ -119,3 +119,30 @@ CREATE TABLE IF NOT EXISTS reembed_after_swap (
     row_id      text        NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reembed_after_swap_job_row ON reembed_after_swap (job_id, row_id);
+
+-- Added with workers (reembed.worker, reembed.ranges): the key space is split at prepare into
+-- ranges of about rows_estimate rows each; a claim names its worker and the backend of that
+-- worker's lock connection (a claim whose backend no longer holds the table's lock, or whose
+-- heartbeat is older than the stale limit, may be taken over from its cursor); a worker that
+-- runs dry asks the holder of the largest remaining range to split it (split_wanted), and the
+-- holder cuts it past what it has read. reembed_worker: one row per worker process of a job,
+-- for `reembed status`.
+ALTER TABLE reembed_checkpoint_range
+    ADD COLUMN IF NOT EXISTS rows_estimate bigint,
+    ADD COLUMN IF NOT EXISTS claimed_pid   int,
+    ADD COLUMN IF NOT EXISTS heartbeat_at  timestamptz,
+    ADD COLUMN IF NOT EXISTS split_wanted  boolean NOT NULL DEFAULT false;
+CREATE TABLE IF NOT EXISTS reembed_worker (
+    job_id       bigint      NOT NULL REFERENCES reembed_checkpoint (job_id) ON DELETE CASCADE,
+    worker       text        NOT NULL,              -- host:pid/n, as in claimed_by
+    host         text        NOT NULL,
+    pid          int         NOT NULL,
+    device       text,
+    range_no     int,                               -- the range it holds now (NULL: none)
+    rows_done    bigint      NOT NULL DEFAULT 0,    -- rows it committed, this process
+    rows_per_sec double precision,
+    state        text        NOT NULL DEFAULT 'running',  -- running | dry | done | stopped | failed
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, worker)
+);

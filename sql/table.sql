@@ -221,3 +221,24 @@ SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
 -- name: gate_search
 -- One query of the gate through an ANN index: the k nearest rows by the index's own key and operator.
 SELECT {id}::text AS id_text, {content} AS content FROM {table} ORDER BY {key} {op} {q} LIMIT {k};
+
+-- name: key_quantiles
+-- Range boundaries for workers: the keys at these fractions of a sample of the key space (any
+-- orderable key: bigint, uuid, text in its collation), in the order the readers page.
+SELECT percentile_disc(%(fractions)s::float8[]) WITHIN GROUP (ORDER BY {id})::text[] AS keys
+  FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (11);
+
+-- name: keys_left
+-- Rows of a range past a key (at most %(cap)s counted), for a split.
+SELECT count(*) AS n FROM (
+  SELECT 1 FROM {table}
+   WHERE (%(after)s::text IS NULL OR {id} > CAST(%(after)s AS {id_type}))
+     AND (%(upper)s::text IS NULL OR {id} <= CAST(%(upper)s AS {id_type}))
+   LIMIT %(cap)s) s;
+
+-- name: key_at
+-- The key %(offset)s rows past a key, within a range: where a split cuts.
+SELECT {id}::text AS id_text FROM {table}
+ WHERE (%(after)s::text IS NULL OR {id} > CAST(%(after)s AS {id_type}))
+   AND (%(upper)s::text IS NULL OR {id} <= CAST(%(upper)s AS {id_type}))
+ ORDER BY {id} OFFSET %(offset)s LIMIT 1;

@@ -141,7 +141,7 @@ def test_signal_stops_after_a_consistent_checkpoint_and_a_rerun_finishes(
     assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 384") == ROWS
 
 
-def test_second_run_exits_3_within_seconds_and_writes_nothing_while_status_shows_the_first(
+def test_a_second_run_with_no_join_exits_3_within_seconds_and_writes_nothing_while_status_shows_the_first(
     dsn: str, minilm_path: Path, workdir: Path
 ) -> None:
     make_table(dsn, rows=ROWS)
@@ -156,7 +156,8 @@ def test_second_run_exits_3_within_seconds_and_writes_nothing_while_status_shows
         jobs_before = fetch(dsn, "SELECT job_id, target_model_name, started_at FROM reembed_checkpoint")
 
         started = time.monotonic()
-        second = run_cli(run_args(dsn, minilm_path), cwd=workdir, timeout=60)
+        # (without --no-join it would join the first as a worker: test_workers.py)
+        second = run_cli([*run_args(dsn, minilm_path), "--no-join"], cwd=workdir, timeout=60)
         elapsed = time.monotonic() - started
         assert second.returncode == 3, second.stderr[-2000:]
         assert elapsed < 15

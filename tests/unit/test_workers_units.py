@@ -1,0 +1,43 @@
+"""The workers' small rules: exit codes, the tokenizer share, the number of ranges."""
+
+from __future__ import annotations
+
+import signal
+
+from reembed.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_TIME_BUDGET, most_severe
+from reembed.fleet import combined_exit, tokenizers_per_worker
+from reembed.ranges import MAX_RANGES, count_for
+
+
+def test_the_exit_code_of_several_workers_is_the_most_severe() -> None:
+    assert most_severe([EXIT_OK, EXIT_TIME_BUDGET, EXIT_OK]) == EXIT_TIME_BUDGET
+    assert most_severe([EXIT_TIME_BUDGET, EXIT_SIGINT]) == EXIT_SIGINT
+    assert most_severe([EXIT_SIGINT, EXIT_SIGTERM]) == EXIT_SIGTERM
+    assert most_severe([EXIT_SIGTERM, EXIT_LOCKED, EXIT_OK]) == EXIT_LOCKED
+    assert most_severe([EXIT_LOCKED, EXIT_FAILED]) == EXIT_FAILED
+    assert most_severe([EXIT_OK, 9]) == EXIT_FAILED  # a code reembed never gives: a failure
+    assert most_severe([]) == EXIT_OK
+
+
+def test_a_worker_killed_by_a_signal_is_not_counted_its_ranges_were_taken_over() -> None:
+    assert combined_exit(EXIT_OK, [-signal.SIGKILL, EXIT_OK]) == EXIT_OK
+    assert combined_exit(EXIT_OK, [-signal.SIGKILL, EXIT_FAILED]) == EXIT_FAILED
+    assert combined_exit(EXIT_TIME_BUDGET, [EXIT_OK]) == EXIT_TIME_BUDGET
+
+
+def test_tokenizers_are_shared_out_by_the_measured_balance_within_the_cores_left() -> None:
+    # a GPU host, 16 cores, 4 workers: tokenising takes 3x the device's time per row -> 3 each
+    assert tokenizers_per_worker(cores=16, workers=4, tokenize_secs=3e-4, device_secs=1e-4) == 3
+    # the device is the slower stage: one tokenizer keeps it fed, whatever the core count
+    assert tokenizers_per_worker(cores=16, workers=4, tokenize_secs=1e-4, device_secs=5e-4) == 1
+    # tokenising 10x slower: capped at the cores the 4 workers leave (12 / 4)
+    assert tokenizers_per_worker(cores=16, workers=4, tokenize_secs=1e-3, device_secs=1e-4) == 3
+    # two cores, two workers: no core left -> tokenise in each worker's own process
+    assert tokenizers_per_worker(cores=2, workers=2, tokenize_secs=1e-3, device_secs=1e-4) == 0
+
+
+def test_ranges_one_per_sixteen_batches_within_bounds() -> None:
+    assert count_for(100, 256, None) == 1
+    assert count_for(16 * 256 * 10, 256, None) == 10
+    assert count_for(10**9, 256, None) == MAX_RANGES
+    assert count_for(10, 256, 12) == 12
