@@ -44,7 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost", "shadow")
+SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost", "shadow", "workers")
 WORDS = (
     "database index vector search model embedding query table row column cosine graph python compiler "
     "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
@@ -763,6 +763,51 @@ class Bench:
             self.checkpoint(f"cost {old_dim}->{new_dim}")
         self.results["cost"] = out
 
+    def section_workers(self) -> None:
+        """One job on 1, 2 and 4 worker processes (scripts/simworker.py), each on a SIMULATED device
+        of a fixed rate (--sim-rate rows/s: a sleep per row, as a device's time): the job's rate (rows
+        / from the first worker's start to the last one's end, read from reembed_worker) and the
+        speed-up over one worker; then the write ceiling: the same N workers with no device time, so
+        that what limits them is reading and writing through N connections (the ceiling on this
+        host: 2 cores share the server, the workers and the hashing)."""
+        rows = self.args.worker_rows
+        content = texts(rows)
+        out: dict[str, Any] = {"rows": rows, "device": f"simulated, {self.args.sim_rate:g} rows/s per worker",
+                               "host_cores": os.cpu_count()}
+
+        def job(n: int, rate: float) -> dict[str, Any]:
+            with self.database() as dsn:
+                self.fill(dsn, rows=rows, dim=384, content=content, index=False)
+                procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "simworker.py"), dsn, str(rate)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+                codes = [p.wait(timeout=1800) for p in procs]
+                with psycopg.connect(dsn, row_factory=dict_row) as conn:
+                    w = conn.execute("SELECT count(*) AS n, sum(rows_done) AS rows, sum(rows_per_sec) AS summed, "
+                                     "extract(epoch FROM max(heartbeat_at) - min(started_at)) AS secs "
+                                     "FROM reembed_worker").fetchone()
+                    state = conn.execute("SELECT state FROM reembed_checkpoint").fetchone()["state"]
+            if state != "done" or any(codes) or int(w["rows"]) != rows:
+                raise SystemExit(f"workers bench: exit codes {codes}, state {state}, {w}")
+            return {"workers": int(w["n"]), "secs": round(float(w["secs"]), 2),
+                    "rows_per_sec": round(rows / float(w["secs"])),
+                    "summed_rows_per_sec": round(float(w["summed"]))}  # each worker's rows / its own life
+
+        one_rate: float | None = None
+        one_summed: float | None = None
+        for n in self.args.worker_counts:
+            simulated, ceiling = job(n, self.args.sim_rate), job(n, 0)
+            one_rate = one_rate or simulated["rows_per_sec"]
+            one_summed = one_summed or simulated["summed_rows_per_sec"]
+            out[str(n)] = {"simulated": simulated, "speedup": round(simulated["rows_per_sec"] / one_rate, 2),
+                           "speedup_summed": round(simulated["summed_rows_per_sec"] / one_summed, 2),
+                           "ideal": min(n * self.args.sim_rate, ceiling["rows_per_sec"]),
+                           "write_ceiling": ceiling}
+            print(f"  workers {n}: {simulated['rows_per_sec']} rows/s ({simulated['summed_rows_per_sec']} summed) "
+                  "on the simulated device "
+                  f"(speed-up {out[str(n)]['speedup']}x), write ceiling {ceiling['rows_per_sec']} rows/s",
+                  file=sys.stderr, flush=True)
+        self.results["workers"] = out
+
     def section_shadow(self) -> None:
         """Search through a job, both strategies: a reader process (tests/reader_workload.py: the
         registry FOR SHARE, the query embedded by the model it names, the column searched by its
@@ -951,6 +996,17 @@ def render(results: dict[str, Any]) -> str:
                          + (f"; gate {v['gate_secs']} s ({v['gate_queries']} queries, recall@10 {v['gate_recall']})"
                             if v.get("gate_secs") is not None else "")
                          + f"; errors: reader {v['reader_errors']}, application {v['app_errors']}")
+    if "workers" in results:
+        c = results["workers"]
+        lines.append(f"\none job on N worker processes ({c['rows']} rows; device SIMULATED: {c['device']}; "
+                     f"{c['host_cores']} cores; rate = rows / first worker's start to last one's end)")
+        for n in (k for k in c if k.isdigit()):
+            v = c[n]
+            lines.append(f"  {n} worker(s): {v['simulated']['rows_per_sec']} rows/s, speed-up {v['speedup']}x; "
+                         f"the workers' own rates summed {v['simulated']['summed_rows_per_sec']} rows/s, speed-up "
+                         f"{v['speedup_summed']}x "
+                         f"(ideal {v['ideal']} rows/s = min(N x device, write ceiling)); write ceiling with "
+                         f"{n} writer connection(s), no device time: {v['write_ceiling']['rows_per_sec']} rows/s")
     if "peak_rss_mb" in results:
         r = results["peak_rss_mb"]
         rows = [k for k in r if k != "growth_mb"]
@@ -970,6 +1026,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live-writes", type=int, default=3_000, help="single-row writes per trigger-cost pass")
     p.add_argument("--cost-rows", type=int, default=20_000, help="rows for the cost section's WAL measurement")
     p.add_argument("--shadow-rows", type=int, default=20_000, help="rows for the shadow section's search-through-a-job")
+    p.add_argument("--worker-rows", type=int, default=20_000, help="rows for the workers section")
+    p.add_argument("--worker-counts", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--sim-rate", type=float, default=1000.0, help="the simulated device's rows/s per worker")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--encode-batch-size", type=int, default=None)
     p.add_argument("--write-path", default="copy", help="the path the model section's write-only figure uses")
