@@ -269,3 +269,31 @@ def test_prepare_cuts_the_key_space_at_sampled_quantiles_of_any_orderable_key(ds
     report = run(job_settings(dsn, batch_size=10), embedder=HashEmbedder(32))
     assert report.state == "done"
     assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 32") == 400
+
+
+@pytest.mark.slow
+def test_sigterm_to_workers_n_reaches_each_worker_which_commits_and_lets_its_claim_go(
+    dsn: str, model48: Path, workdir: Path
+) -> None:
+    make_table(dsn, rows=1500, old_dim=64, id_type="bigint")
+    log = workdir / "run.log"
+    proc = spawn(_args(dsn, model48, "--workers", "2", "--ranges", "6"), cwd=workdir, log=log)
+    try:
+        wait_for(lambda: job_rows_done(dsn) and one(dsn, "SELECT count(*) FROM reembed_checkpoint_range WHERE "
+                                                         "claimed_by IS NOT NULL AND rows_done > 0") == 2,
+                 timeout=120, what="both workers committing")
+        proc.send_signal(signal.SIGTERM)  # to the first process only: it forwards it
+        assert wait_exit(proc, timeout=120) == 143, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    report = last_report(log)
+    assert report["state"] == "stopped" and report["worker_exit_codes"] == [143]
+    assert one(dsn, "SELECT count(*) FROM reembed_checkpoint_range WHERE claimed_by IS NOT NULL") == 0
+    assert sorted(r["state"] for r in fetch(dsn, "SELECT state FROM reembed_worker")) == ["stopped", "stopped"]
+    done = job_rows_done(dsn)
+    assert 0 < done < 1500
+    rerun = run_cli(_args(dsn, model48, "--max-rate", "100000"), cwd=workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["rows_updated"] == 1500 - done  # nothing committed was done again
+    assert assert_rows_hold_the_models_vectors(dsn, model48) == 1500
