@@ -126,11 +126,6 @@ class Range:
     split_wanted: bool = False
     taken_from: str | None = None  # set by claim(): the stale claimant this claim took over from
 
-    @property
-    def rows_left(self) -> int:
-        """By estimate (prepare's sample; exact after a declined split)."""
-        return max(0, (self.rows_estimate or 0) - self.rows_done - self.rows_skipped)
-
 
 @dataclass(frozen=True)
 class WorkerRow:

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reembed import lease
 from reembed.job import run
 from support.application import App
-from support.database import fetch, job_rows_done, make_table, one
+from support.database import fetch, job_rows_done, make_id, make_table, one
 from support.fakes import HashEmbedder, job_settings, sentence
 from support.models import assert_rows_hold_the_models_vectors
 from support.processes import cli_run_args, events, last_report, run_cli, spawn, wait_exit, wait_for
@@ -51,7 +51,7 @@ def _untouched_written_once(dsn: str, rows: int) -> int:
     written exactly once by reembed. How many there are."""
     counts = fetch(dsn, "SELECT k.id, k.content, count(w.id) AS n FROM knowledge_nodes k "
                         "LEFT JOIN test_writes w ON w.id = k.id::text GROUP BY k.id, k.content")
-    original = {i * 3 + 1: sentence(i) for i in range(rows)}  # make_id("bigint", i)
+    original = {make_id("bigint", i): sentence(i) for i in range(rows)}
     untouched = [r for r in counts if original.get(r["id"]) == r["content"]]
     twice = [r for r in untouched if r["n"] != 1]
     assert not twice, f"{len(twice)} untouched rows written other than once, e.g. {twice[:5]}"
