@@ -31,7 +31,7 @@ import structlog
 from psycopg import sql
 
 from reembed import checkpoint as ckpt
-from reembed import db, lease, shadow
+from reembed import carry, db, lease, shadow
 from reembed.embedder import SentenceTransformerEmbedder, fingerprint
 from reembed.encoding import Embedder
 from reembed.errors import ConfigError, ReembedError
@@ -214,14 +214,21 @@ def _swap_back(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, na
             rest += _re_embed(c, info, job, names, embedder, page)
             after = page[-1]["row_id"]
         column = c.execute(query("column_info"), {"table_oid": info.oid, "column": info.column}).fetchone()
-        objects = shadow.read_objects(c, info, int(column["attnum"])) if column else []
-        shadow.drop_objects(c, info, objects)
+        if column is None:
+            raise ReembedError(f"{info.qualified}.{info.column} is gone; nothing was swapped back")
+        carried = carry.read(c, info, int(column["attnum"]))
+        carried.check(info, when="nothing was swapped back")
+        attributes = carry.read_column(c, info.oid, info.column)  # what the live column has now goes back with it
+        indexes = {i.name: carry.read_index(c, info, i.name) for i in names.indexes}
+        carry.drop(c, carried)
         shadow.stop_recording(c, info, job.id)
         c.execute(info.statement("drop_column_if_exists", column=info.column))  # its indexes go with it
         shadow.rename_column(c, info, names.previous, info.column)
+        carry.apply_column(c, info, info.column, attributes)
         for i in names.indexes:
             shadow.rename_index(c, info, i.previous, i.name)
-        shadow.create_objects(c, info, objects)
+            carry.apply_index(c, info, i.name, indexes[i.name])
+        carry.create(c, carried, old=job.target_dimension, new=job.source_typmod or job.target_dimension)
         source = job.source
         if source is None:
             raise ReembedError(f"job {job.id} recorded no model before it")

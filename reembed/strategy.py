@@ -21,7 +21,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import capture, dependents, failures, finalize
+from reembed import capture, carry, dependents, failures, finalize
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext, Strategy
 from reembed.cutover import CUT_OVER_BACKOFF, CutOver
@@ -53,7 +53,7 @@ class InPlace:
         if what["drop_indexes"] or (resumed_from is not None and resumed_from.index_dropped):
             ckpt.mark_index_dropped(conn, job)
         if what["relax_typmod"]:
-            conn.execute(info.statement("relax_typmod"))
+            carry.through_type_change(conn, info, info.statement("relax_typmod"))
         capture.install(ctx, conn, job)
 
     def column(self, ctx: RunContext) -> str:
@@ -100,7 +100,8 @@ class InPlace:
 
     def _tighten(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
         """The integrity gate: every vector must have the target dimension, or this fails."""
-        conn.execute(ctx.info.statement("tighten_typmod", dim=sql.Literal(ctx.signature.dimension)))
+        carry.through_type_change(conn, ctx.info, ctx.info.statement("tighten_typmod",
+                                                                     dim=sql.Literal(ctx.signature.dimension)))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {"in_place": InPlace, "shadow": Shadow}

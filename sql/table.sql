@@ -64,6 +64,11 @@ DROP INDEX {index};
 -- name: drop_index_if_exists
 DROP INDEX IF EXISTS {index};
 
+-- name: drop_index_concurrently
+-- An invalid leftover of an interrupted CONCURRENTLY build: dropped without queueing an ACCESS
+-- EXCLUSIVE request that every query on the table would wait behind.
+DROP INDEX CONCURRENTLY IF EXISTS {index};
+
 -- name: relax_typmod
 -- vector(N) -> vector (halfvec alike): catalog only, no rewrite.
 ALTER TABLE {table} ALTER COLUMN {col} TYPE {vtype};
