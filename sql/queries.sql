@@ -991,3 +991,10 @@ SELECT DISTINCT CASE WHEN x.grantee = 0 THEN NULL ELSE pg_get_userbyid(x.grantee
 
 -- name: relation_owner
 SELECT pg_get_userbyid(relowner) AS owner FROM pg_class WHERE oid = %(relation)s::oid;
+
+-- name: row_security_applies
+-- Would row-level security filter what this role reads of the relation (its oid, or its name)?
+SELECT row_security_active(c.oid) AS active, c.relforcerowsecurity AS forced,
+       pg_has_role(c.relowner, 'USAGE') AS owns, pg_get_userbyid(c.relowner) AS owner, current_user AS me
+  FROM pg_class c
+ WHERE c.oid = coalesce(%(oid)s::oid, to_regclass(%(name)s::text)) AND c.relrowsecurity;
