@@ -18,7 +18,6 @@ stale; `reembed cleanup` drops the previous column and the recording.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +26,10 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from reembed import capture, carry, dependents, failures, finalize, gate
+from reembed import capture, carry, cutover, dependents, failures, finalize, gate
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext
-from reembed.cutover import CUT_OVER_BACKOFF, CutOver
+from reembed.cutover import CutOver
 from reembed.errors import ConfigError, InternalError, ReembedError
 from reembed.queries import query
 from reembed.target import TableInfo
@@ -160,8 +159,8 @@ class Shadow:
             # the swap's own catch-up writes through the new indexes, with writers held off
             FinalizeStep("catch_up_before_swap", lambda conn: self._catch_up(ctx, until=_SMALL_BACKLOG),
                          in_transaction=False, record=False),
-            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
-                         lock_timeout=ctx.opts.cut_over_lock_timeout, max_backoff=CUT_OVER_BACKOFF),
+            # its transaction opens only for the hold, and records the step (reembed.cutover)
+            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx), in_transaction=False, record=False),
             FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
         ]
 
@@ -183,16 +182,19 @@ class Shadow:
                                "swapped; drop it and re-run to build it again")
         log.info("shadow_indexes_valid", indexes=wanted)
 
-    def _cut_over(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+    def _cut_over(self, ctx: RunContext) -> None:
         """The swap: the last catch-up (bounded, as in place) and the renames under one hold.
         The renames need ACCESS EXCLUSIVE, and it is asked for up front with the writers' locks
         (as a rewriting cut-over does): asked for later, while an application transaction that
         read the table waits for the registry row the swap holds, it would make a deadlock whose
         victim PostgreSQL may pick in the application. So readers wait for the whole hold: the
         last catch-up is a few rows (the step before it), the renames a few milliseconds."""
-        held = self._cut.run(ctx, conn, rewrite=True, swap=lambda c: self._swap(ctx, c), tail=_SWAP_TAIL)
-        conn.execute(query("record_readers_held"), {"secs": held, "job_id": ctx.active.id})
-        log.info("swap", readers_held_secs=round(held, 4), column=ctx.info.column,
+        def readers_held(conn: psycopg.Connection[Any], secs: float) -> None:
+            conn.execute(query("record_readers_held"), {"secs": secs, "job_id": ctx.active.id})
+
+        held = cutover.for_job(self._cut, ctx, rewrite=True, swap=lambda c: self._swap(ctx, c), tail=_SWAP_TAIL,
+                               record=readers_held)
+        log.info("swap", readers_held_secs=round(held.secs, 4), column=ctx.info.column,
                  previous=self.names(ctx).previous)
 
     def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:

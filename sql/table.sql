@@ -220,7 +220,8 @@ UPDATE {table} AS t SET {col} = v.e
 RETURNING t.{id}::text AS id_text;
 
 -- name: null_previous
-UPDATE {table} SET {col} = NULL WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]));
+UPDATE {table} SET {col} = NULL WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]))
+RETURNING {id}::text AS id_text;
 
 -- name: gate_sample
 -- The quality gate's rows (reembed.gate): drawn row by row with the job's seed, in key order.
