@@ -199,7 +199,8 @@ def _slow_job(dsn: str, **opts: Any) -> Any:
     from reembed.job import run
     from support.fakes import SlowHashEmbedder, job_settings
 
-    return run(job_settings(dsn, batch_size=20, pipeline=False, **opts), embedder=SlowHashEmbedder(32, rows_per_sec=100))
+    return run(job_settings(dsn, batch_size=20, pipeline=False, **opts),
+               embedder=SlowHashEmbedder(32, rows_per_sec=100))
 
 
 def test_a_replication_slot_whose_replica_went_away_counts_as_lag_until_excluded(dsn: str) -> None:
