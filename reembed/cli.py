@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = verify.add_argument_group("model")
     g.add_argument("--model", required=True,
                    help="the registry's model: a local sentence-transformers directory (its hash is checked)")
+    g.add_argument("--model-name", default=None,
+                   help="the name the run recorded in the registry (checked against it, as `run` was given it)")
     _add_encoding(g, prefix="the --prefix the table was embedded with",
                   length="the --max-seq-length it was embedded with")
     v = verify.add_argument_group("verify")

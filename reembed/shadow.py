@@ -17,6 +17,7 @@ stale; `reembed cleanup` drops the previous column and the recording.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -43,10 +44,14 @@ _NAME_BYTES = 63  # NAMEDATALEN - 1
 
 
 def name_with(base: str, suffix: str) -> str:
-    """`base` + `suffix`, `base` cut (on a character boundary) so that it fits PostgreSQL's 63 bytes."""
-    room = _NAME_BYTES - len(suffix.encode())
-    cut = base.encode()[:room].decode(errors="ignore")
-    return cut + suffix
+    """`base` + `suffix` within PostgreSQL's 63 bytes: when it does not fit, `base` is cut (on a
+    character boundary) and a short digest of the whole of it added, so that two long names that
+    differ only past the cut never give the same name."""
+    if len((base + suffix).encode()) <= _NAME_BYTES:
+        return base + suffix
+    tag = "_" + hashlib.sha256(base.encode()).hexdigest()[:8]
+    room = _NAME_BYTES - len((tag + suffix).encode())
+    return base.encode()[:room].decode(errors="ignore") + tag + suffix
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,20 @@ def check_table(conn: psycopg.Connection[Any], info: TableInfo) -> None:
                           "shadow job kept, or rename it; nothing was written")
 
 
+def check_names(conn: psycopg.Connection[Any], info: TableInfo, names: Names) -> None:
+    """Inside prepare, before its DDL: the shadow column's and the indexes' names at each stage are
+    free and distinct (a name PostgreSQL would have to cut to 63 bytes is made unique by a digest)."""
+    if conn.execute(query("column_info"), {"table_oid": info.oid, "column": names.shadow}).fetchone() is not None:
+        raise ConfigError(f"{info.qualified} already has a column {names.shadow}; rename it; nothing was written")
+    wanted = [n for i in names.indexes for n in (i.shadow, i.previous)]
+    taken = {r["name"] for r in conn.execute(query("relations_named"),
+                                             {"table_oid": info.oid, "names": wanted}).fetchall()}
+    clash = sorted(taken | {n for n in wanted if wanted.count(n) > 1})
+    if clash:
+        raise ConfigError(f"the shadow job would name indexes {', '.join(clash)}, which are taken in the table's "
+                          "schema; rename the relation or index that holds the name; nothing was written")
+
+
 class Shadow:
     name = "shadow"
 
@@ -130,6 +149,7 @@ class Shadow:
         check_table(conn, info)
         row = conn.execute(query("column_not_null"), {"table_oid": info.oid, "column": info.column}).fetchone()
         names = plan_names(info, job.id, dependents.recorded(job), not_null=bool(row and row["not_null"]))
+        check_names(conn, info, names)
         conn.execute(info.statement("add_shadow_column", shadow=names.shadow, dim=sql.Literal(ctx.signature.dimension)))
         conn.execute(query("record_shadow"), {"shadow": Jsonb(names.as_json()), "job_id": job.id})
         capture.install(ctx, conn, job, column=names.shadow)

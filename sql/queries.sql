@@ -1033,3 +1033,9 @@ SELECT r.upper_id AS at, n.range_no AS new_range_no
   LEFT JOIN reembed_checkpoint_range n ON n.job_id = r.job_id AND n.lower_id = r.upper_id
  WHERE r.job_id = %(job_id)s AND r.range_no = %(range_no)s
    AND r.upper_id IS DISTINCT FROM %(upper)s;
+
+-- name: relations_named
+-- Which of these names a relation (table, index, view, sequence) of the table's schema already has.
+SELECT c.relname AS name FROM pg_class c
+ WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = %(table_oid)s::oid)
+   AND c.relname = ANY(%(names)s::text[]);
