@@ -102,6 +102,7 @@ class Writer:
         self.info = info
         self.path = path
         self.half = info.column_type == "halfvec"  # written as halfvec values, the column's own type
+        self.not_null = info.not_null  # the live column refuses NULL (a shadow column too: it will be the live one)
         self._update_one = info.statement("write_one", column=column)
         self._update_unnest = info.statement("write_unnest", column=column)
         self._update_stage = info.statement("write_from_stage", column=column)

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from reembed.errors import ConfigError, InternalError
+from reembed.errors import ConfigError, InternalError, ReembedError
 from reembed.queries import query
 from reembed.target import TableInfo
 
@@ -408,3 +408,55 @@ def apply_index(conn: psycopg.Connection[Any], info: TableInfo, name: str, attrs
     for number, target in attrs.stats:
         conn.execute(query("carry_index_statistics", index=index, number=sql.Literal(number),
                            target=sql.Literal(target)))
+
+
+# ------------------------------------------------------------------ NOT NULL across a swap
+
+NOT_NULL_CHECK = "reembed_not_null_{job_id}"
+
+
+def hold_not_null(conn: psycopg.Connection[Any], info: TableInfo, column: str, *, job_id: int,
+                  name: str | None) -> None:
+    """Inside a swap: `column` (which has NULLs only where rows wait for their vector, none by now)
+    refuses NULL from now on, with no scan under the hold: a CHECK ... NOT VALID, which
+    `finish_not_null` validates after the hold and turns into the NOT NULL constraint `name` (the
+    one the column had; PostgreSQL 18 names them)."""
+    table, check = sql.Identifier(*info.ident), sql.Identifier(NOT_NULL_CHECK.format(job_id=job_id))
+    conn.execute(query("carry_not_null_check", relation=table, object=check, column=sql.Identifier(column)))
+    conn.execute(query("carry_constraint_comment", object=check, relation=table, text=sql.Literal(name or "")))
+
+
+def finish_not_null(conn: psycopg.Connection[Any], info: TableInfo, *, lock_timeout: str = "5s") -> list[str]:
+    """Outside any hold, on an autocommit connection: each CHECK left by `hold_not_null` validated
+    (SHARE UPDATE EXCLUSIVE: the application's reads and writes go on while it scans), then, in one
+    short transaction, the column's NOT NULL put back under its name (PostgreSQL proves it from the
+    valid check: no second scan) and the check dropped. Idempotent; returns the columns done."""
+    done = []
+    table = sql.Identifier(*info.ident)
+    for r in conn.execute(query("not_null_checks"), {"table_oid": info.oid}).fetchall():
+        check, column = sql.Identifier(r["check_name"]), sql.Identifier(r["column_name"])
+        if not r["validated"]:
+            try:
+                conn.execute(query("carry_validate", relation=table, object=check))
+            except psycopg.errors.CheckViolation as exc:
+                raise ReembedError(
+                    f"{info.qualified}.{r['column_name']} has rows without a vector, so it cannot be NOT NULL again "
+                    f"({str(exc).splitlines()[0]}); the check {r['check_name']} refuses new NULLs meanwhile: "
+                    "give those rows vectors and run again") from exc
+        with conn.transaction():
+            conn.execute(query("set_lock_timeout"), {"value": lock_timeout})
+            if not r["not_null"]:
+                if conn.info.server_version >= 180000 and r["wanted"]:
+                    conn.execute(query("carry_add_not_null", relation=table, object=sql.Identifier(r["wanted"]),
+                                       column=column))
+                else:
+                    conn.execute(query("carry_set_not_null", relation=table, column=column))
+            conn.execute(query("carry_drop_constraint", relation=table, object=check))
+        done.append(str(r["column_name"]))
+    return done
+
+
+def not_null_name(conn: psycopg.Connection[Any], info: TableInfo, column: str) -> str | None:
+    """The name of the column's NOT NULL constraint (PostgreSQL 18 catalogues them), or None."""
+    row = conn.execute(query("not_null_constraint"), {"table_oid": info.oid, "column": column}).fetchone()
+    return str(row["name"]) if row else None

@@ -79,6 +79,8 @@ class Job:
     gate: dict[str, Any] | None = None  # the quality gate's figures
     swapped_at: dt.datetime | None = None
     previous_state: str | None = None  # after a shadow swap: kept | rolled_back | cleaned
+    content_expr: str | None = None  # --content: the text as a SQL expression (None: content_column)
+    null_content: str = "null"  # --null-content
 
     @property
     def id(self) -> int:
@@ -236,6 +238,8 @@ def create_job(
         "holder": holder,
         "dependents": Jsonb(dependents) if dependents is not None else None,
         "strategy": strategy,
+        "content_expr": info.content_sql,
+        "null_content": info.null_content,
     })
     if job is None:
         raise InternalError("insert_job returned no row")

@@ -27,6 +27,13 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--table", default="knowledge_nodes", help="table to re-embed (schema.table allowed)")
     g.add_argument("--column", default="embedding", help="the vector column")
     g.add_argument("--content-column", default="content", help="the text column to encode")
+    g.add_argument("--content", default=None, metavar="EXPR",
+                   help="the text to encode as a SQL expression over the row, instead of --content-column, e.g. "
+                        "\"title || E'\\n' || body\" or \"doc->>'text'\" (its columns unqualified; in the model's "
+                        "hash: the registry records what was embedded)")
+    g.add_argument("--null-content", choices=("null", "empty"), default="null",
+                   help="a row whose text is NULL: null leaves its vector NULL (refused for a NOT NULL column that "
+                        "has such rows); empty encodes the empty text (in the model's hash) (null)")
     g.add_argument("--index", default=None, help="the HNSW index to rebuild (default: the one on --column)")
     g.add_argument("--registry", default="embedding_model", help="the one-row model registry table")
 

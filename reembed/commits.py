@@ -37,6 +37,19 @@ from reembed.errors import InternalError
 from reembed.queries import query
 
 
+NULL_IN_NOT_NULL = ("its text is NULL and {column} is NOT NULL: give it text and --retry-failed, or run with "
+                    "--null-content empty")
+
+
+def fail_null_vectors(batch: Batch, writer: Writer) -> None:
+    """For a NOT NULL column: each row the batch has no vector for (its text is NULL) is a failed row."""
+    if batch.vectors is None or not writer.not_null:
+        return
+    for i, vec in enumerate(batch.vectors):
+        if vec is None and i not in batch.failed:
+            batch.failed[i] = NULL_IN_NOT_NULL.format(column=writer.info.column)
+
+
 @dataclass(frozen=True)
 class Written:
     """What one batch's commit wrote."""
@@ -60,6 +73,9 @@ def commit_batch(conn: psycopg.Connection[Any], job: Job, writer: Writer, batch:
     caller's cursor, moved last."""
     if batch.vectors is None:
         raise InternalError(f"batch {batch.seq} reached its commit unencoded")
+    if writer.not_null:  # a NOT NULL column takes no NULL: a row without a vector fails, and is not written
+        fail_null_vectors(batch, writer)
+        write_failed = False
     if write_failed or not batch.failed:  # every row (the main pass): no copies on the hot path
         rows: Sequence[int] = range(len(batch.ids))
         keys = writer.write(conn, batch.ids, batch.vectors, batch.xmins)

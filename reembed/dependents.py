@@ -211,6 +211,8 @@ def _classify(row: dict[str, Any], info: TableInfo, *, type_change: bool, dimens
         return None
     if not type_change:
         return Dependent(kind, name, UNTOUCHED)
+    if kind == "constraint" and row["contype"] == "n":
+        return Dependent(kind, name, CARRIED)  # NOT NULL: kept through the type change
     if kind == "statistics":
         return Dependent(kind, name, CARRIED)
     if kind == "default":
@@ -260,6 +262,8 @@ def _classify_shadow(row: dict[str, Any], *, dimension: int, old: int | None) ->
                          original=original, method=method)
     if kind in _CARRIED_KINDS:
         return None  # reembed.carry reads them all, and what sits on them (_carried)
+    if kind == "constraint" and row["contype"] == "n":  # NOT NULL: on the new column from the swap on
+        return Dependent(kind, name, RECREATE)
     why = {
         "generated column": "is computed from the column: it would go on reading the previous column after the "
                             f"swap; drop the expression for the job, {_IN_PLACE}",

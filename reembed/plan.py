@@ -54,7 +54,23 @@ def inventory(conn: psycopg.Connection[Any], info: TableInfo, registry: Signatur
                             drop_first=opts.drop_hnsw_first, allow_published=opts.allow_published,
                             probe=probe, carried=carried, strategy=opts.strategy)
     found.check(info)
+    if probe:
+        check_null_text(conn, info)
     return found
+
+
+def check_null_text(conn: psycopg.Connection[Any], info: TableInfo) -> None:
+    """A NOT NULL vector column takes no NULL: rows whose text is NULL (they would get none) are
+    refused before any write, by their count, unless --null-content empty encodes them."""
+    if not info.not_null or info.null_content != "null":
+        return
+    row = conn.execute(info.statement("null_text_rows")).fetchone()
+    count = int(row["n"]) if row else 0
+    if count:
+        raise ConfigError(
+            f"{count} rows of {info.qualified} have no text ({info.content_sql or info.content_column} is NULL) and "
+            f"{info.column} is NOT NULL: they would have no vector; pass --null-content empty to encode them as the "
+            "empty text, or give them text first; nothing was written")
 
 
 def rewrite_secs(conn: psycopg.Connection[Any], info: TableInfo, rows: int) -> float:
@@ -223,12 +239,21 @@ def plan_report(
         "resumes_job": job.id if resume and job else None,
         "cut_over_rewrite_secs": round(rewrite_secs(conn, info, rows), 1) if alter else 0.0,
         "cost": cost.as_dict(),
+        "text": {"content": info.content_sql or info.content_column, "reads": list(info.content_reads),
+                 "null_content": info.null_content},
+        "not_null": info.not_null,
     }
     message = (
         f"plan: {to_update} rows of {info.qualified} to re-embed in {batches} batches with {sig.name} "
         f"({sig.dimension}-d), about {estimate if estimate is not None else '?'} s of encoding; "
         f"typmod change: {'yes' if alter else 'no'}; current model: {registry.name if registry else 'none'}"
         + (f"; resumes job {job.id}" if resume and job else "")
+        + (f"; the text: {info.content_sql} (capture compares {', '.join(info.content_reads)})"
+           if info.content_sql else "")
+        + ("; a NULL text is encoded as the empty text" if info.null_content == "empty" else "")
+        + (f"; {info.column} is NOT NULL: kept (in place, PostgreSQL keeps it through the type change; shadow, "
+           "the new column refuses NULL from the swap on, then one scan validates it with the application "
+           "writing, no lock held)" if info.not_null else "")
         + "; on the column: " + dependents.summary(on_column)
         + f"; cost: {cost.said()}"
         + (f"; at the cut-over the table is rewritten (vector({sig.dimension})): writers and readers wait "

@@ -65,6 +65,7 @@ def _kept_job(settings: Settings, what: str) -> Iterator[tuple[psycopg.Connectio
     try:
         with db.translated():
             info = inspect_target(conn, settings.target)
+            carry.finish_not_null(conn, info)  # what a rollback killed after its swap back left to finish
             yield conn, info, _kept(conn, info, what)
     finally:
         conn.close()
@@ -81,6 +82,11 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
             raise ConfigError(f"job {job.id} recorded no model before it (the registry was empty): there is nothing "
                               "to swap back to; `reembed cleanup` keeps the new vectors")
         embedder = _old_model(settings, job, source.hash)
+        if embedder is None and stale and names.not_null:
+            raise ConfigError(
+                f"{stale} rows were written after the swap and {info.column} was NOT NULL: their previous vectors "
+                f"cannot be left NULL; give the old model (--model, {source.name}) to re-embed them; nothing was "
+                "written")
         if embedder is None and stale and not opts.leave_stale_null:
             raise ConfigError(
                 f"{stale} rows were written after the swap: their previous vectors are stale; give the old model "
@@ -107,6 +113,7 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
                                                        opts.cut_over_lock_timeout, body),
                     swap=lambda c: _swap_back(c, info, job, names),
                     record=lambda c, secs: None)
+                carry.finish_not_null(work, info)  # the previous column's NOT NULL, validated with no hold
             finally:
                 work.close()
                 writer.close()
@@ -165,9 +172,9 @@ def _stale(conn: psycopg.Connection[Any], job: ckpt.Job) -> int:
 
 
 def _old_model(settings: Settings, job: ckpt.Job, want_hash: str) -> Embedder | None:
-    spec = settings.model
-    if spec is None:
+    if settings.model is None:
         return None
+    spec = settings.model.for_target(settings.target)
     _, model_hash = fingerprint(spec)
     if model_hash != want_hash:
         raise ConfigError(f"--model {spec.model} hashes to {model_hash}, but job {job.id} replaced a column embedded "
@@ -320,6 +327,8 @@ def _swap_back(c: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, names
     c.execute(info.statement("drop_column_if_exists", column=info.column))  # its indexes go with it
     shadow.rename_column(c, info, names.previous, info.column)
     carry.apply_column(c, info, info.column, attributes)
+    if names.not_null:  # the swap took it off the previous column: back, validated after the hold
+        carry.hold_not_null(c, info, info.column, job_id=job.id, name=names.not_null_name)
     for i in names.indexes:
         shadow.rename_index(c, info, i.previous, i.name)
         carry.apply_index(c, info, i.name, indexes[i.name])

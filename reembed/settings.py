@@ -62,6 +62,8 @@ class Target:
     table: str = "knowledge_nodes"
     column: str = "embedding"
     content_column: str = "content"
+    content: str | None = None  # a SQL expression over the row for the text (instead of content_column)
+    null_content: str = "null"  # a row whose text is NULL: "null" (its vector NULL) or "empty" (the empty text's)
     index: str | None = None  # None: the HNSW index found on the column
     registry: str = "embedding_model"
 
@@ -81,10 +83,16 @@ class ModelSpec:
     precision: str = "auto"
     prefix: str = ""
     max_seq_length: int | None = None  # None: the model's own
+    content: str | None = None  # the target's content expression: the text the vectors are of (in the hash)
+    null_content: str = "null"  # the target's: "empty" encodes a NULL text as "" (in the hash)
 
     @property
     def registry_name(self) -> str:
         return self.model_name or self.model
+
+    def for_target(self, target: Target) -> ModelSpec:
+        """This model reading `target`'s text: what it reads and how it takes a NULL are in its hash."""
+        return replace(self, content=target.content, null_content=target.null_content)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,10 @@ class TableInfo:
     registry: tuple[str, ...]
     attnum: int = 0  # the column's number (pg_attribute.attnum)
     column_type: str = "vector"  # the column's pgvector type: vector or halfvec
+    content_sql: str | None = None  # --content: the text as a SQL expression over the row (else the column)
+    content_reads: tuple[str, ...] = ()  # the columns the text is made of (what capture compares)
+    null_content: str = "null"  # a NULL text: "null" (a NULL vector) or "empty" (the empty text's vector)
+    not_null: bool = False  # the vector column is NOT NULL: no row may be left without a vector
 
     def statement(self, name: str, *, column: str | None = None, **extra: Fill) -> sql.Composed | sql.SQL:
         """The statement `name` of sql/table.sql on this table; `column`: the column written
@@ -71,12 +75,29 @@ class TableInfo:
             "table": self.ident,
             "id": self.id_column,
             "col": column or self.column,
-            "content": self.content_column,
+            "content": self.content,
+            "changed": self.content_changed,
             "id_type": sql.SQL(self.id_type),  # from format_type(): already quoted as needed
             "vtype": sql.SQL(self.column_type),  # vector or halfvec, a known keyword
         }
         fill.update(extra)
         return table_statement(name, fill)
+
+    @property
+    def content(self) -> sql.Composable:
+        """The text each row is encoded from: the content column, or the --content expression
+        (the operator's SQL, checked at inspection), with a NULL as the empty text under
+        --null-content empty."""
+        text: sql.Composable = sql.Identifier(self.content_column) if self.content_sql is None \
+            else sql.SQL("({})::text").format(sql.SQL(self.content_sql))
+        return sql.SQL("coalesce({}, '')").format(text) if self.null_content == "empty" else text
+
+    @property
+    def content_changed(self) -> sql.Composable:
+        """In a row trigger: did the text's columns change (by value)?"""
+        reads = self.content_reads or (self.content_column,)
+        return sql.SQL("(") + sql.SQL(" OR ").join(
+            sql.SQL("OLD.{c} IS DISTINCT FROM NEW.{c}").format(c=sql.Identifier(c)) for c in reads) + sql.SQL(")")
 
     def index_ident(self, name: str) -> tuple[str, str]:
         """An index of this table, schema-qualified."""
@@ -110,13 +131,21 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
             f"column {target.column} of {table} is {column['formatted']}, not a pgvector vector or halfvec; "
             "check --column"
         )
-    content = _column(conn, row["table_oid"], target.content_column)
-    if content is None:
-        raise ConfigError(f"column {target.content_column} does not exist in {table}; check --content-column")
-    if content["typname"] not in ("text", "varchar", "bpchar", "citext", "name"):
-        raise ConfigError(
-            f"column {target.content_column} of {table} is {content['formatted']}, not text; check --content-column"
-        )
+    if target.content is None:
+        content = _column(conn, row["table_oid"], target.content_column)
+        if content is None:
+            raise ConfigError(f"column {target.content_column} does not exist in {table}; check --content-column")
+        if content["typname"] not in ("text", "varchar", "bpchar", "citext", "name"):
+            raise ConfigError(
+                f"column {target.content_column} of {table} is {content['formatted']}, not text; check "
+                "--content-column")
+        reads: tuple[str, ...] = (target.content_column,)
+    else:
+        reads = _expression_reads(conn, int(row["table_oid"]), (row["schema_name"], row["table_name"]),
+                                  target.content, table)
+    if target.column in reads:
+        raise ConfigError(f"the text to encode ({target.content or target.content_column}) reads the vector "
+                          f"column {target.column} itself; give the text's own columns")
     registry = split_name(target.registry)
     present = conn.execute(query("registry_exists"), {"registry": regclass_text(registry)}).fetchone()
     if not present or not present["present"]:
@@ -142,6 +171,10 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
         registry=registry,
         attnum=int(column["attnum"]),
         column_type=column["typname"],
+        content_sql=target.content,
+        content_reads=reads,
+        null_content=target.null_content,
+        not_null=bool(column["not_null"]),
     )
 
 
@@ -161,6 +194,28 @@ def check_row_security(conn: psycopg.Connection[Any], relations: list[tuple[str,
             f"{name}: {why}, so the job would see only the rows its policies allow; run reembed as a role with "
             f"BYPASSRLS (ALTER ROLE {row['me']} BYPASSRLS), or as the table's owner "
             f"({row['owner']}) with FORCE ROW LEVEL SECURITY off; nothing was written")
+
+
+def _expression_reads(conn: psycopg.Connection[Any], oid: int, ident: tuple[str, str], expression: str,
+                      table: str) -> tuple[str, ...]:
+    """--content: the expression must be one expression over the row that PostgreSQL can turn into
+    text (tried, and made into a temporary view, in a transaction rolled back); the columns it reads,
+    from that view's dependencies (what capture compares, by value)."""
+    text = sql.SQL("({})::text").format(sql.SQL(expression))
+    try:
+        with conn.transaction(force_rollback=True):
+            # prepared: one statement only (an expression with a `;` in it is refused here)
+            conn.execute(query("content_probe", table=ident, text=text), prepare=True)
+            conn.execute(query("content_probe_view", table=ident, text=text))
+            rows = conn.execute(query("content_probe_reads"), {"table_oid": oid}).fetchall()
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--content {expression!r} is not an expression over a row of {table} that can be "
+                          f"text: {first}; write it as for a SELECT list, its columns unqualified") from None
+    if not rows or any(r["attnum"] == 0 for r in rows):  # a whole-row reference, or none at all
+        raise ConfigError(f"--content {expression!r} reads the whole row of {table}, or none of its columns; name "
+                          "the columns the text is made of (capture compares them)")
+    return tuple(r["attname"] for r in rows)
 
 
 def _column(conn: psycopg.Connection[Any], oid: int, name: str) -> dict[str, Any] | None:

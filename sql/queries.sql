@@ -30,7 +30,8 @@ SELECT a.attname,
        a.attnum,
        t.typname,
        format_type(a.atttypid, a.atttypmod) AS formatted,
-       a.atttypmod                           AS typmod
+       a.atttypmod                           AS typmod,
+       a.attnotnull                          AS not_null
   FROM pg_attribute a
   JOIN pg_type t ON t.oid = a.atttypid
  WHERE a.attrelid = %(table_oid)s::oid AND a.attname = %(column)s
@@ -97,12 +98,13 @@ INSERT INTO reembed_checkpoint (
     table_name, column_name, content_column, id_column, id_type, state, strategy,
     target_model_name, target_dimension, target_hash,
     source_model_name, source_dimension, source_hash, source_typmod,
-    index_name, index_def, rows_total, holder, heartbeat_at, dependents)
+    index_name, index_def, rows_total, holder, heartbeat_at, dependents, content_expr, null_content)
 VALUES (
     %(table)s, %(column)s, %(content_column)s, %(id_column)s, %(id_type)s, 'embedding', %(strategy)s,
     %(target_model_name)s, %(target_dimension)s, %(target_hash)s,
     %(source_model_name)s, %(source_dimension)s, %(source_hash)s, %(source_typmod)s,
-    %(index_name)s, %(index_def)s, %(rows_total)s, %(holder)s, now(), %(dependents)s)
+    %(index_name)s, %(index_def)s, %(rows_total)s, %(holder)s, now(), %(dependents)s, %(content_expr)s,
+    %(null_content)s)
 RETURNING *;
 
 -- name: insert_range
@@ -1039,3 +1041,54 @@ SELECT r.upper_id AS at, n.range_no AS new_range_no
 SELECT c.relname AS name FROM pg_class c
  WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = %(table_oid)s::oid)
    AND c.relname = ANY(%(names)s::text[]);
+
+-- name: content_probe
+-- --content, tried on the table (no row read).
+SELECT {text} AS content FROM {table} LIMIT 0;
+
+-- name: content_probe_view
+-- --content as a temporary view (rolled back): its dependencies are the columns the text reads.
+CREATE TEMP VIEW reembed_content_probe AS SELECT {text} AS content FROM {table};
+
+-- name: content_probe_reads
+SELECT DISTINCT d.refobjsubid AS attnum, a.attname
+  FROM pg_depend d
+  JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+  LEFT JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+ WHERE r.ev_class = 'pg_temp.reembed_content_probe'::regclass
+   AND d.refclassid = 'pg_class'::regclass AND d.refobjid = %(table_oid)s::oid
+ ORDER BY 1;
+
+-- name: carry_not_null_check
+ALTER TABLE {relation} ADD CONSTRAINT {object} CHECK ({column} IS NOT NULL) NOT VALID;
+
+-- name: carry_constraint_comment
+COMMENT ON CONSTRAINT {object} ON {relation} IS {text};
+
+-- name: carry_validate
+ALTER TABLE {relation} VALIDATE CONSTRAINT {object};
+
+-- name: carry_add_not_null
+-- PostgreSQL 18: the NOT NULL constraint under the name the column had (a valid CHECK proves it).
+ALTER TABLE {relation} ADD CONSTRAINT {object} NOT NULL {column};
+
+-- name: carry_set_not_null
+ALTER TABLE {relation} ALTER COLUMN {column} SET NOT NULL;
+
+-- name: carry_drop_constraint
+ALTER TABLE {relation} DROP CONSTRAINT {object};
+
+-- name: not_null_checks
+-- The checks a swap left to stand for a NOT NULL (reembed.carry.hold_not_null): their column, whether
+-- validated, the NOT NULL constraint's name to give back (in the check's comment), the column's state.
+SELECT c.conname AS check_name, a.attname AS column_name, c.convalidated AS validated,
+       nullif(obj_description(c.oid, 'pg_constraint'), '') AS wanted, a.attnotnull AS not_null
+  FROM pg_constraint c
+  JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+ WHERE c.conrelid = %(table_oid)s::oid AND c.contype = 'c' AND c.conname LIKE 'reembed\_not\_null\_%%'
+ ORDER BY c.conname;
+
+-- name: not_null_constraint
+SELECT c.conname AS name
+  FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+ WHERE c.conrelid = %(table_oid)s::oid AND c.contype = 'n' AND a.attname = %(column)s;

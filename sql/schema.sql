@@ -146,3 +146,9 @@ CREATE TABLE IF NOT EXISTS reembed_worker (
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job_id, worker)
 );
+
+-- Added with the tables applications have (issue 28): the text as a SQL expression over the row
+-- (--content; NULL: content_column), how a NULL text is taken (--null-content).
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS content_expr text,
+    ADD COLUMN IF NOT EXISTS null_content text NOT NULL DEFAULT 'null';

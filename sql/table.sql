@@ -13,6 +13,10 @@ SELECT count(*) AS n FROM {table};
 SELECT {content} AS content FROM {table} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (7)
 WHERE {content} IS NOT NULL LIMIT %(n)s;
 
+-- name: null_text_rows
+-- Rows whose text is NULL (a NOT NULL vector column refuses them before any write).
+SELECT count(*) AS n FROM {table} WHERE {content} IS NULL;
+
 -- name: read_first
 -- Keyset pagination, first page of a range (upper bound inclusive, NULL: none). xmin tells
 -- the write whether the row changed since this read.
@@ -115,7 +119,7 @@ CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
 CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {table}
     FOR EACH ROW
-    WHEN ((OLD.{content} IS DISTINCT FROM NEW.{content} OR OLD.{col} IS DISTINCT FROM NEW.{col})
+    WHEN (({changed} OR OLD.{col} IS DISTINCT FROM NEW.{col})
           AND current_setting('reembed.writer', true) IS DISTINCT FROM 'on')
     EXECUTE FUNCTION {function}();
 
@@ -207,7 +211,7 @@ $after_swap$;
 CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
 CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {table}
-    FOR EACH ROW WHEN (OLD.{content} IS DISTINCT FROM NEW.{content})
+    FOR EACH ROW WHEN {changed}
     EXECUTE FUNCTION {function}();
 
 -- name: drop_after_swap
