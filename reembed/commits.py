@@ -36,7 +36,6 @@ from reembed.checkpoint import Job
 from reembed.errors import InternalError
 from reembed.queries import query
 
-
 NULL_IN_NOT_NULL = ("its text is NULL and {column} is NOT NULL: give it text and --retry-failed, or run with "
                     "--null-content empty")
 
