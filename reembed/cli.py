@@ -86,6 +86,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     j.add_argument("--allow-published", action="store_true",
                    help="change the dimension of a table a publication replicates (relax each subscriber's "
                         "column to plain vector first)")
+    j.add_argument("--allow-shared-registry", action="store_true",
+                   help="go ahead although other vector columns of the registry's dimension exist (they follow "
+                        "another registry, or may be left as they are while the registry names the new model)")
     j.add_argument("--concurrent-index", action=argparse.BooleanOptionalAction, default=True,
                    help="build the HNSW index CONCURRENTLY, so the application's writes never wait for it "
                         "(default: yes)")

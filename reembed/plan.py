@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import psycopg
+import structlog
 
 from reembed import checkpoint as ckpt
 from reembed import dependents
@@ -24,6 +25,8 @@ from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.target import TableInfo
 from reembed.worker import WINDOW_SECS
+
+log = structlog.get_logger()
 
 
 def estimate_rows(conn: psycopg.Connection[Any], info: TableInfo) -> int:
@@ -56,7 +59,36 @@ def inventory(conn: psycopg.Connection[Any], info: TableInfo, registry: Signatur
     found.check(info)
     if probe:
         check_null_text(conn, info)
+        check_shared_registry(conn, info, registry, opts)
     return found
+
+
+def check_shared_registry(conn: psycopg.Connection[Any], info: TableInfo, registry: Signature | None,
+                          opts: RunOptions) -> None:
+    """Other vector columns of the registry's dimension (another table's, or another column of this
+    one) probably follow the same registry row: the job would flip it for them too and leave them in
+    a space it no longer names. Refused, by name, unless --allow-shared-registry says they follow
+    another one (or may be left as they are)."""
+    if registry is None:
+        return
+    mine = {info.column, f"{info.column}_previous"}
+    rows = conn.execute(query("vector_columns_of_dimension"),
+                        {"dim": registry.dimension, "table_oid": info.oid}).fetchall()
+    others = [f"{r['schema']}.{r['table_name']}.{r['column_name']}" for r in rows
+              if not (r["table_oid"] == info.oid and (r["column_name"] in mine
+                                                       or r["column_name"].startswith(f"{info.column}_reembed")))]
+    if not others:
+        return
+    if opts.allow_shared_registry:
+        log.warning("registry_shared", other_columns=others, registry=".".join(info.registry),
+                    detail="these columns are left as they are while the registry will name the new model")
+        return
+    raise ConfigError(
+        f"{', '.join(others)} also hold{'s' if len(others) == 1 else ''} {registry.dimension}-d vectors, probably of "
+        f"the model {'.'.join(info.registry)} names ({registry.name}): the job would make the registry name the new "
+        f"model for them too; re-embed them in their own jobs first with --registry pointing at a registry of their "
+        "own, or pass --allow-shared-registry if they follow another registry or may be left as they are; nothing "
+        "was written")
 
 
 def check_null_text(conn: psycopg.Connection[Any], info: TableInfo) -> None:

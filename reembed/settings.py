@@ -107,6 +107,7 @@ class RunOptions:
     window_rows: int | None = None  # rows sorted by length together; None: 4,096 on CUDA, 1,024 elsewhere
     drop_hnsw_first: bool = True  # the column's ANN indexes dropped before the writes, built again at the end
     allow_published: bool = False  # a type change on a table logical replication publishes (subscribers relaxed)
+    allow_shared_registry: bool = False  # other vector columns of the registry's dimension may stay as they are
     concurrent_index: bool = True  # the HNSW build never blocks the application's writes
     confirm_seconds: float = 5.0  # the warning banner's pause; 0 with --no-confirm
     dry_run: bool = False

@@ -1092,3 +1092,17 @@ SELECT c.conname AS check_name, a.attname AS column_name, c.convalidated AS vali
 SELECT c.conname AS name
   FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
  WHERE c.conrelid = %(table_oid)s::oid AND c.contype = 'n' AND a.attname = %(column)s;
+
+-- name: vector_columns_of_dimension
+-- Every vector or halfvec column of this dimension in the database's tables (partitions left out: their
+-- parent stands for them), but reembed's own: columns that probably follow the same registry.
+SELECT c.oid::bigint AS table_oid, n.nspname AS schema, c.relname AS table_name, a.attname AS column_name
+  FROM pg_attribute a
+  JOIN pg_class c ON c.oid = a.attrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_type t ON t.oid = a.atttypid
+ WHERE t.typname IN ('vector', 'halfvec') AND a.atttypmod = %(dim)s AND a.attnum > 0 AND NOT a.attisdropped
+   AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%%'
+   AND c.relname NOT LIKE 'reembed\_%%'
+ ORDER BY 2, 3, 4;

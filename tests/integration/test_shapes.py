@@ -303,3 +303,26 @@ def test_plan_says_what_the_text_is_made_of_and_what_not_null_keeps(dsn: str) ->
     report = plan(_expression_settings(dsn, "title || ' ' || coalesce(body, '')"), embedder=HashEmbedder(48))
     assert report.details["text"]["reads"] == ["title", "body"] and report.details["not_null"] is True
     assert "capture compares title, body" in report.message and "is NOT NULL: kept" in report.message
+
+
+# ------------------------------------------------------------------ several tables under one registry
+
+
+def test_a_table_that_shares_the_registry_but_is_not_in_the_job_is_named_and_refused_unless_told(
+    dsn: str,
+) -> None:
+    from reembed.errors import ConfigError
+    from support.database import make_table, snapshot
+
+    make_table(dsn, rows=30, old_dim=32)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # chunks of the same documents, the same model
+        conn.execute("CREATE TABLE chunks (id bigint PRIMARY KEY, body text, chunk_embedding vector(32))")
+    before = snapshot(dsn)
+    with pytest.raises(ConfigError) as refused:
+        run(job_settings(dsn), embedder=HashEmbedder(48))
+    message = str(refused.value)
+    assert "public.chunks.chunk_embedding" in message and "--allow-shared-registry" in message, message
+    assert "nothing was written" in message
+    assert snapshot(dsn) == before
+    report = run(job_settings(dsn, allow_shared_registry=True), embedder=HashEmbedder(48))
+    assert report.state == "done", report
