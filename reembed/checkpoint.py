@@ -223,8 +223,8 @@ def create_job(
         "table": info.qualified,
         "column": info.column,
         "content_column": info.content_column,
-        "id_column": info.id_column,
-        "id_type": info.id_type,
+        "id_column": ",".join(info.pk.columns),  # the key's columns (several for a composite key)
+        "id_type": ",".join(info.pk.types),
         "target_model_name": target.name,
         "target_dimension": target.dimension,
         "target_hash": target.hash,

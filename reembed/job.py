@@ -452,9 +452,9 @@ def _embed(ctx: RunContext, worker: Worker, report: Report) -> None:
         codes = fleet.wait()
         report.details["worker_exit_codes"] = codes
         report.details["worker_pids"] = fleet.pids
-        mine = {f"{db.host_name()}:{pid}/0" for pid in fleet.pids}
         rows = ctx.lease.read(ckpt.workers, ctx.active, on=ctx.control, what="read_workers")
-        report.details["worker_rows"] = {w.worker: w.rows_done for w in rows if w.worker in mine}
+        report.details["worker_rows"] = {w.worker: w.rows_done for w in rows
+                                         if w.host == db.host_name() and w.pid in fleet.pids}
 
 
 def _start_fleet(ctx: RunContext, worker: Worker) -> Fleet:

@@ -247,7 +247,7 @@ class Shadow:
             rename_index(conn, info, i.name, i.previous)
             rename_index(conn, info, i.shadow, i.name)
             carry.apply_index(conn, info, i.name, indexes[i.name])
-        carry.create(conn, carried, old=job.source_typmod, new=ctx.signature.dimension)
+        carry.create(conn, carried, old=job.source_typmod, new=ctx.signature.dimension, column=info.column)
         if carried.views or carried.attached:
             log.info("recreated_on_new_column", objects=carried.labels())
         record_after_swap(conn, info, job.id)

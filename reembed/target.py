@@ -49,6 +49,94 @@ class IndexInfo:
 
 
 @dataclass(frozen=True)
+class Key:
+    """The table's primary key, as the statements of sql/table.sql use it. A key's text form (the
+    cursors, the captured keys, the failed rows: all text) is its column's `::text` for a one-column
+    key, and a JSON array of its columns' `::text` for a composite one (`["7", "k0042"]`); each is
+    parsed back to a row value the key's index serves: keyset reads compare rows, `(a, b) > (x, y)`."""
+
+    columns: tuple[str, ...]
+    types: tuple[str, ...]  # format_type() of each: already quoted as needed
+    type_oids: tuple[int, ...]
+
+    @property
+    def composite(self) -> bool:
+        return len(self.columns) > 1
+
+    def _cols(self, q: str | None) -> list[sql.Composable]:
+        if q in ("NEW", "OLD"):  # a trigger's record: a keyword, not an identifier to quote
+            return [sql.SQL(f"{q}.") + sql.Identifier(c) for c in self.columns]
+        return [sql.Identifier(q, c) if q else sql.Identifier(c) for c in self.columns]
+
+    def row(self, q: str | None = None) -> sql.Composable:
+        """`a`, or the row `(a, b)` (its columns qualified by `q`)."""
+        cols = self._cols(q)
+        return cols[0] if not self.composite else sql.SQL("({})").format(sql.SQL(", ").join(cols))
+
+    def order(self, q: str | None = None) -> sql.Composable:
+        return sql.SQL(", ").join(self._cols(q))
+
+    def text(self, q: str | None = None) -> sql.Composable:
+        """The key's text form, computed from the row."""
+        cols = [sql.SQL("{}::text").format(c) for c in self._cols(q)]
+        return cols[0] if not self.composite else sql.SQL("json_build_array({})::text").format(sql.SQL(", ").join(cols))
+
+    def of(self, text: sql.Composable) -> sql.Composable:
+        """The key (a value, or a row of values) whose text form `text` is."""
+        if not self.composite:
+            return sql.SQL("CAST({} AS {})").format(text, sql.SQL(self.types[0]))
+        parts = [sql.SQL("(({})::json->>{})::{}").format(text, sql.Literal(i), sql.SQL(t))
+                 for i, t in enumerate(self.types)]
+        return sql.SQL("({})").format(sql.SQL(", ").join(parts))
+
+    def select(self) -> sql.Composable:
+        """The key's columns as a read returns them: `id`, or `id_0, id_1, ...`."""
+        if not self.composite:
+            return sql.SQL("{} AS id").format(sql.Identifier(self.columns[0]))
+        return sql.SQL(", ").join(sql.SQL("{} AS {}").format(c, sql.Identifier(f"id_{i}"))
+                                  for i, c in enumerate(self._cols(None)))
+
+    def stage_names(self) -> list[str]:
+        return ["id"] if not self.composite else [f"id_{i}" for i in range(len(self.columns))]
+
+    def fills(self) -> dict[str, sql.Composable]:
+        stage = self.stage_names()
+        parsed = sql.SQL("k")
+        change_cols = [sql.SQL("{} AS {}").format(part, sql.Identifier(f"k{i}"))
+                       for i, part in enumerate(self._parts(sql.SQL("row_id")))]
+        return {
+            "id": self.row(),
+            "id_order": self.order(),
+            "id_text": self.text(),
+            "id_select": self.select(),
+            "t_id": self.row("t"),
+            "t_id_text": self.text("t"),
+            "new_id_text": self.text("NEW"),
+            "after_id": self.of(sql.Placeholder("after")),
+            "upper_id": self.of(sql.Placeholder("upper")),
+            "ids_match": (sql.SQL("{} = ANY(CAST(%(ids)s AS {}[]))").format(self.row(), sql.SQL(self.types[0]))
+                          if not self.composite else
+                          sql.SQL("{} IN (SELECT {} FROM unnest(CAST(%(ids)s AS text[])) AS k)").format(
+                              self.row(), sql.SQL(", ").join(self._parts(parsed)))),
+            "stage_defs": sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t))
+                                             for n, t in zip(stage, self.types, strict=True)),
+            "stage_cols": sql.SQL(", ").join(sql.Identifier(n) for n in stage),
+            "s_id": (sql.Identifier("s", stage[0]) if not self.composite else
+                     sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier("s", n) for n in stage))),
+            "v_id": self.of(sql.SQL("v.k")),
+            "row_id_key": self.of(sql.SQL("row_id")),
+            "row_id_cols": sql.SQL(", ").join(change_cols),
+            "row_id_order": sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(len(self.columns))),
+        }
+
+    def _parts(self, text: sql.Composable) -> list[sql.Composable]:
+        if not self.composite:
+            return [sql.SQL("CAST({} AS {})").format(text, sql.SQL(self.types[0]))]
+        return [sql.SQL("(({})::json->>{})::{}").format(text, sql.Literal(i), sql.SQL(t))
+                for i, t in enumerate(self.types)]
+
+
+@dataclass(frozen=True)
 class TableInfo:
     qualified: str  # schema.table, quoted, the key of the job in reembed_checkpoint
     ident: tuple[str, str]
@@ -67,13 +155,18 @@ class TableInfo:
     content_reads: tuple[str, ...] = ()  # the columns the text is made of (what capture compares)
     null_content: str = "null"  # a NULL text: "null" (a NULL vector) or "empty" (the empty text's vector)
     not_null: bool = False  # the vector column is NOT NULL: no row may be left without a vector
+    key: Key | None = None  # the primary key (None: id_column alone, as an older caller built it)
+
+    @property
+    def pk(self) -> Key:
+        return self.key or Key((self.id_column,), (self.id_type,), (self.id_type_oid,))
 
     def statement(self, name: str, *, column: str | None = None, **extra: Fill) -> sql.Composed | sql.SQL:
         """The statement `name` of sql/table.sql on this table; `column`: the column written
         (default: the embedding column); `extra`: the statement's own identifiers or literals."""
         fill: dict[str, Fill] = {
+            **self.pk.fills(),
             "table": self.ident,
-            "id": self.id_column,
             "col": column or self.column,
             "content": self.content,
             "changed": self.content_changed,
@@ -117,12 +210,10 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
         raise ConfigError(f"table {target.table} does not exist; check --table and --dsn")
     table = f"{target.table}"
     pk = row["pk_columns"] or []
-    if len(pk) != 1:
-        what = "no primary key" if not pk else f"a composite primary key ({', '.join(pk)})"
+    if not pk:
         raise ConfigError(
-            f"table {table} has {what}; reembed walks the table in primary-key order and needs "
-            "a single-column primary key"
-        )
+            f"table {table} has no primary key; reembed walks the table in primary-key order and needs one "
+            "(of one column or several); add one")
     column = _column(conn, row["table_oid"], target.column)
     if column is None:
         raise ConfigError(f"column {target.column} does not exist in {table}; check --column")
@@ -162,8 +253,9 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
         ident=(row["schema_name"], row["table_name"]),
         oid=int(row["table_oid"]),
         id_column=pk[0],
-        id_type=row["pk_type"],
-        id_type_oid=int(row["pk_type_oid"]),
+        id_type=row["pk_types"][0],
+        id_type_oid=int(row["pk_type_oids"][0]),
+        key=Key(tuple(pk), tuple(row["pk_types"]), tuple(int(o) for o in row["pk_type_oids"])),
         column=target.column,
         content_column=target.content_column,
         typmod=typmod,

@@ -255,6 +255,10 @@ class Throttle(Background):
         for r in conn.execute(query("idle_replication_slots")).fetchall():
             if r["slot_name"] in self.opts.exclude_replicas:
                 continue
+            if r["slot_type"] != "physical" and r["wal_status"] in ("reserved", None):
+                # a logical slot's consumer may poll it now and then (pg_logical_slot_get_changes): not a
+                # replica behind; it counts once it keeps more WAL than max_wal_size (extended, unreserved)
+                continue
             mine = self._behind(int(r["position"]), now)
             if mine > self._lag_limit:
                 self._once(f"slot {r['slot_name']}", "replication_slot_idle", slot=r["slot_name"],

@@ -218,7 +218,7 @@ class Bench:
             t0 = time.perf_counter()
             for b, v in zip(batches, vecs, strict=True):
                 with conn.transaction():
-                    writer.write(conn, b.ids, v, b.xmins)
+                    writer.write(conn, b.ids, v, b.xmins, id_texts=b.id_texts)
                     conn.execute("UPDATE cursor_t SET last_id = %s", (b.last_id,))
             best = max(best, sum(len(b.ids) for b in batches) / (time.perf_counter() - t0))
         conn.close()
@@ -250,7 +250,7 @@ class Bench:
             conn = conns[k]
             for i in range(k, len(batches), writers):
                 with conn.transaction():
-                    writer.write(conn, batches[i].ids, vecs[i], batches[i].xmins)
+                    writer.write(conn, batches[i].ids, vecs[i], batches[i].xmins, id_texts=batches[i].id_texts)
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(writers) as pool:

@@ -3,7 +3,7 @@
 -- psycopg.sql.Identifier by reembed.queries.
 
 -- name: target_table
--- The table, its primary key (must be a single column) and the pgvector extension.
+-- The table, its primary key's columns and their types (in the key's order), the pgvector extension.
 SELECT c.oid::bigint                                    AS table_oid,
        n.nspname                                        AS schema_name,
        c.relname                                        AS table_name,
@@ -12,14 +12,16 @@ SELECT c.oid::bigint                                    AS table_oid,
           CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
          WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_columns,
-       (SELECT format_type(a.atttypid, a.atttypmod)
+       (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord)
           FROM pg_index i
-          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-         WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_type,
-       (SELECT a.atttypid::bigint
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_types,
+       (SELECT array_agg(a.atttypid::bigint ORDER BY k.ord)
           FROM pg_index i
-          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-         WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_type_oid,
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_type_oids,
        (SELECT extversion FROM pg_extension WHERE extname = 'vector') AS vector_version
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -344,7 +346,8 @@ SELECT 'vector'::regtype::oid::int AS oid;
 SELECT set_config('maintenance_work_mem', %(memory)s, false),
        set_config('max_parallel_maintenance_workers', %(workers)s, false),
        set_config('lock_timeout', %(lock_timeout)s, false),
-       set_config('default_tablespace', %(tablespace)s, false);
+       set_config('default_tablespace', %(tablespace)s, false),
+       set_config('row_security', 'on', false);  -- event triggers fire on the build, as on the application's
 
 -- name: parallel_limits
 SELECT current_setting('max_parallel_workers')::int AS par,
@@ -824,7 +827,8 @@ SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, max(v.depth
 -- PostgreSQL prints it (the column by its name), its relation, comment and enabled state.
 SELECT 'rule' AS kind, r.oid::bigint AS oid, r.rulename AS name, n.nspname AS schema, c.relname AS relation,
        pg_get_ruledef(r.oid) AS definition, r.ev_enabled::text AS enabled,
-       obj_description(r.oid, 'pg_rewrite') AS comment, NULL::text AS owner, NULL::int AS stats_target
+       obj_description(r.oid, 'pg_rewrite') AS comment, NULL::text AS owner, NULL::int AS stats_target,
+       pg_get_userbyid(c.relowner) AS relation_owner
   FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE r.rulename <> '_RETURN'
    AND (r.ev_class = ANY(%(views)s::oid[])
@@ -835,7 +839,7 @@ SELECT 'rule' AS kind, r.oid::bigint AS oid, r.rulename AS name, n.nspname AS sc
                            OR (d.refobjid = ANY(%(views)s::oid[]) AND d.refobjid <> r.ev_class))))
 UNION ALL
 SELECT 'trigger', t.oid::bigint, t.tgname, n.nspname, c.relname, pg_get_triggerdef(t.oid), t.tgenabled::text,
-       obj_description(t.oid, 'pg_trigger'), NULL, NULL
+       obj_description(t.oid, 'pg_trigger'), NULL, NULL, pg_get_userbyid(c.relowner)
   FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE NOT t.tgisinternal AND t.tgname NOT LIKE 'reembed\_%%'
    AND (t.tgrelid = ANY(%(views)s::oid[])
@@ -852,7 +856,7 @@ SELECT 'policy', p.oid::bigint, p.polname, n.nspname, c.relname,
                        FROM unnest(p.polroles) AS r)
        || coalesce(' USING (' || pg_get_expr(p.polqual, p.polrelid) || ')', '')
        || coalesce(' WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')', ''),
-       NULL, obj_description(p.oid, 'pg_policy'), NULL, NULL
+       NULL, obj_description(p.oid, 'pg_policy'), NULL, NULL, pg_get_userbyid(c.relowner)
   FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE EXISTS (SELECT 1 FROM pg_depend d
                 WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid AND d.refclassid = 'pg_class'::regclass
@@ -860,7 +864,8 @@ SELECT 'policy', p.oid::bigint, p.polname, n.nspname, c.relname,
                        OR d.refobjid = ANY(%(views)s::oid[])))
 UNION ALL
 SELECT 'statistics', s.oid::bigint, s.stxname, n.nspname, c.relname, pg_get_statisticsobjdef(s.oid), NULL,
-       obj_description(s.oid, 'pg_statistic_ext'), pg_get_userbyid(s.stxowner), s.stxstattarget::int
+       obj_description(s.oid, 'pg_statistic_ext'), pg_get_userbyid(s.stxowner), s.stxstattarget::int,
+       pg_get_userbyid(s.stxowner)
   FROM pg_statistic_ext s JOIN pg_class c ON c.oid = s.stxrelid JOIN pg_namespace n ON n.oid = s.stxnamespace
  WHERE EXISTS (SELECT 1 FROM pg_depend d
                 WHERE d.classid = 'pg_statistic_ext'::regclass AND d.objid = s.oid
@@ -1106,3 +1111,34 @@ SELECT c.oid::bigint AS table_oid, n.nspname AS schema, c.relname AS table_name,
    AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%%'
    AND c.relname NOT LIKE 'reembed\_%%'
  ORDER BY 2, 3, 4;
+
+-- name: write_transaction_settings
+-- A transaction of reembed's that writes the user's table or its catalog: the application's triggers
+-- and event triggers fire on it, with row security as the application has it (reembed's sessions
+-- read with row_security off: a policy that would hide rows raises instead; target.check_row_security
+-- refuses such a table before any write).
+SELECT set_config('row_security', 'on', true);
+
+-- name: can_act_as
+-- May this session act as these roles (own their objects, give them objects)? Superuser, or a member.
+SELECT r.rolname AS role,
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) OR pg_has_role(current_user, r.oid, 'MEMBER')
+           AS may
+  FROM pg_roles r WHERE r.rolname = ANY(%(roles)s::text[]);
+
+-- name: settle_session
+-- reembed's session settings (reembed.db.SESSION_SETTINGS), set for the session.
+SELECT count(set_config(n, v, false)) FROM unnest(%(names)s::text[], %(values)s::text[]) AS s(n, v);
+
+-- name: fires_on_update
+-- What fires when reembed updates a row of the table: the application's row triggers on UPDATE
+-- (enabled, not reembed's own) and its rules ON UPDATE (an INSTEAD rule rewrites reembed's UPDATE).
+SELECT 'trigger' AS kind, t.tgname AS name, pg_get_triggerdef(t.oid) AS definition, false AS instead
+  FROM pg_trigger t
+ WHERE t.tgrelid = %(table_oid)s::oid AND NOT t.tgisinternal AND t.tgname NOT LIKE 'reembed\_%%'
+   AND t.tgenabled <> 'D' AND (t.tgtype & 1) = 1 AND (t.tgtype & 16) = 16  -- FOR EACH ROW, UPDATE
+UNION ALL
+SELECT 'rule', r.rulename, pg_get_ruledef(r.oid), r.is_instead
+  FROM pg_rewrite r
+ WHERE r.ev_class = %(table_oid)s::oid AND r.ev_type = '2' AND r.ev_enabled <> 'D'
+ ORDER BY 1, 2;

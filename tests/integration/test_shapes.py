@@ -326,3 +326,67 @@ def test_a_table_that_shares_the_registry_but_is_not_in_the_job_is_named_and_ref
     assert snapshot(dsn) == before
     report = run(job_settings(dsn, allow_shared_registry=True), embedder=HashEmbedder(48))
     assert report.state == "done", report
+
+
+# ------------------------------------------------------------------ composite primary keys
+
+COMPOSITE = """
+CREATE TABLE knowledge_nodes (tenant_id int, id bigint, content text, embedding vector(32),
+                              PRIMARY KEY (tenant_id, id));
+CREATE INDEX knowledge_hnsw ON knowledge_nodes USING hnsw (embedding vector_cosine_ops);
+"""
+
+
+def _composite_table(dsn: str, rows: int = 120) -> None:
+    from pgvector.psycopg import register_vector
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute(COMPOSITE)
+        conn.execute(REGISTRY_DDL)
+        conn.execute("INSERT INTO embedding_model (id, model_name, dimension, model_hash) VALUES (1, 'old', 32, 'h')")
+        with conn.cursor() as cur:  # three tenants, ids interleaved: key order is (tenant, id)
+            cur.executemany("INSERT INTO knowledge_nodes VALUES (%s, %s, %s, %s)",
+                            [(i % 3, i, f"text {i}", hash_vector(f"old {i}", 32)) for i in range(rows)])
+
+
+@pytest.mark.parametrize("strategy", ["in_place", "shadow"])
+def test_a_composite_primary_key_is_walked_in_ranges_captured_and_caught_up(dsn: str, strategy: str) -> None:
+    _composite_table(dsn)
+    shadow = strategy == "shadow"
+    before = catalog.snapshot(dsn, dims=(32, 48), any_column_order=shadow)
+    emb = HashEmbedder(48)
+    second = _held_at_call(emb, 2)
+    job = Background(lambda: run(job_settings(dsn, batch_size=10, pipeline=False, ranges=4, strategy=strategy,
+                                              gate_min_recall=0.0), embedder=emb))
+    assert second.reached.wait(60), job.error
+    done = fetch(dsn, "SELECT last_id FROM reembed_checkpoint_range WHERE last_id IS NOT NULL")
+    assert done and json.loads(done[0]["last_id"]), done  # the cursor: the key's columns, as text
+    with psycopg.connect(dsn, autocommit=True) as app:  # rows already written, and an insert
+        app.execute("UPDATE knowledge_nodes SET content = 'edited ' || id WHERE (tenant_id, id) IN "
+                    "(SELECT tenant_id, id FROM knowledge_nodes ORDER BY tenant_id, id LIMIT 5)")
+        app.execute("INSERT INTO knowledge_nodes (tenant_id, id, content, embedding) VALUES (7, 1, 'new tenant',"
+                    " array_fill(0.1::real, ARRAY[32])::vector)")
+    second.opened.set()
+    job.join(timeout=120)
+    assert job.error is None and job.result.state == "done", job.error
+    assert _stale(dsn, 48) == []
+    ranges = fetch(dsn, "SELECT lower_id, upper_id FROM reembed_checkpoint_range ORDER BY range_no")
+    assert len(ranges) == 4 and ranges[0]["lower_id"] is None and ranges[-1]["upper_id"] is None
+    bounds = [json.loads(r["upper_id"]) for r in ranges[:-1]]
+    assert bounds == sorted(bounds, key=lambda k: (int(k[0]), int(k[1]))), bounds  # in key order
+    ignore = ("embedding_previous", "knowledge_hnsw_previous") if shadow else ()
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(32, 48), ignore=ignore, any_column_order=shadow))
+
+
+def test_a_composite_key_table_is_verified_and_resumed_by_the_cli(dsn: str, model48: Any, workdir: Any) -> None:
+    from support.processes import cli_run_args, run_cli
+
+    _composite_table(dsn, rows=300)
+    first = run_cli(cli_run_args(dsn, model48, "--max-rate", "100", "--max-runtime", "4s", batch=16), cwd=workdir)
+    assert first.returncode in (0, 75), first.stderr[-2000:]
+    done = run_cli(cli_run_args(dsn, model48, "--workers", "2", "--ranges", "4", batch=16), cwd=workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    verified = run_cli(["verify", "--dsn", dsn, "--model", str(model48), "--all", "--json"], cwd=workdir)
+    assert verified.returncode == 0, verified.stdout[-2000:] + verified.stderr[-2000:]
+    assert json.loads(verified.stdout)["counts"]["agree"] == 300
