@@ -242,3 +242,11 @@ SELECT {id}::text AS id_text FROM {table}
  WHERE (%(after)s::text IS NULL OR {id} > CAST(%(after)s AS {id_type}))
    AND (%(upper)s::text IS NULL OR {id} <= CAST(%(upper)s AS {id_type}))
  ORDER BY {id} OFFSET %(offset)s LIMIT 1;
+
+-- name: eval_sample
+-- `reembed eval`'s rows, read once: drawn row by row with the operator's seed; of those, %(n)s in
+-- an order the seed also fixes (not the key's: the highest keys would be left out most often).
+SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
+  FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (%(seed)s)
+ WHERE {content} IS NOT NULL
+ ORDER BY md5({id}::text || %(seed)s::text) LIMIT %(n)s;
