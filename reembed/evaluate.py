@@ -155,8 +155,13 @@ def _metric(info: TableInfo) -> str:
 
 
 def _label(spec: ModelSpec) -> str:
-    path = Path(spec.model)
-    return spec.model_name or (path.name if path.name and os.sep in spec.model else spec.model)
+    return spec.model_name or _short(spec.model)
+
+
+def _short(name: str) -> str:
+    """A model directory by its last part; a model's name as it is."""
+    path = Path(name)
+    return path.name if path.name and os.sep in name else name
 
 
 def _candidates(options: EvalOptions, embedders: list[Embedder] | None) -> list[tuple[ModelSpec, Embedder | None]]:
@@ -347,9 +352,11 @@ def _versus(m: dict[str, Any]) -> str:
     v = m.get("versus")
     if v is None:
         return "(reference)" if not m["current"] or m["recall"] is not None else "-"
-    sign = "" if v["verdict"] == "no significant difference" else f"{v['verdict']}: "
-    return f"{sign}{v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" + \
-        (" (no significant difference)" if not sign else "")
+    return f"{v['difference']:+.3f} ±{(v['high'] - v['low']) / 2:.3f}: {v['verdict']}"
+
+
+def _plus_minus(i: dict[str, float] | None) -> str:
+    return "-" if i is None else f"{i['value']:.3f} ±{(i['high'] - i['low']) / 2:.3f}"
 
 
 def _memory(m: dict[str, Any]) -> str:
@@ -364,12 +371,12 @@ def said(d: dict[str, Any]) -> str:
     s = d["sample"]
     title = (f"eval: {d['table']}.{d['column']} ({d['rows_total']:,} rows): {s['rows']:,} rows sampled (seed "
              f"{s['seed']}), {s['queries']:,} queries made from them")
-    names = [("current: " + m["signature"]["model_name"]) if m["current"] else m["label"] for m in d["models"]]
+    names = [("current: " + _short(m["signature"]["model_name"])) if m["current"] else m["label"] for m in d["models"]]
     quality = table(
-        ["model", "dim", f"recall@{d['k']} [95% CI]", f"vs {d['reference']}", f"self-recall@{d['k']}",
-         f"overlap@{d['k']} with stored"],
+        ["model", "dim", f"recall@{d['k']} [95% CI]", f"vs {d['reference']} (paired)", f"self-recall@{d['k']}",
+         f"overlap@{d['k']} (stored)"],
         [[n, str(m["dimension"]), _interval(m["recall"]), _versus(m), f"{m['self_recall']['value']:.3f}",
-          _interval(m.get("overlap"))] for n, m in zip(names, d["models"], strict=True)],
+          _plus_minus(m.get("overlap"))] for n, m in zip(names, d["models"], strict=True)],
         right=[False, True])
     cost = table(
         ["model", "rows/s here", "peak memory", "bytes/vector", "column", "re-embed time", "WAL", "extra disk"],

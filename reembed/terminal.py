@@ -30,8 +30,8 @@ def sections(title: str, parts: Sequence[Section]) -> str:
             if label == PRE:
                 out.append("  " + text)
                 continue
-            first = f"  {label:<{_LABEL}}" if label else "  " + " " * _LABEL
-            out += textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=" " * (_LABEL + 2),
+            first = f"  {label:<{_LABEL}}" if label else "  "
+            out += textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=" " * (len(first)),
                                  break_on_hyphens=False) or [first.rstrip()]
     return "\n".join(out)
 
