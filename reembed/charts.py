@@ -45,7 +45,7 @@ def _svg(width: int, height: int, body: list[str], title: str) -> str:
 def intervals(rows: Sequence[tuple[str, float, float, float]], *, title: str, low: float = 0.0,
               high: float = 1.0, width: int = 680) -> str:
     """Per row (label, value, low, high): a dot at the value and a bar across its interval."""
-    plot = width - _LABEL_WIDTH - 30
+    plot = width - _LABEL_WIDTH - 70  # room for the value written after the interval
     height = 40 + 28 * len(rows)
 
     def x(v: float) -> float:

@@ -253,7 +253,7 @@ def _candidate(conn: psycopg.Connection[Any], info: TableInfo, registry: Signatu
     bad = ~np.isfinite(corpus).all(axis=1)
     zero = ~np.any(corpus, axis=1)
     corpus = np.where(bad[:, None], 0.0, corpus).astype(np.float32)
-    out = Measured(_label(spec) if loaded is None else sig.name, sig)
+    out = Measured(_label(spec) if loaded is None else _short(sig.name), sig)
     out.hits = found(nearest(corpus, np.nan_to_num(queries), k=K, metric=metric), [i for i, _ in sample.queries],
                      sample.texts)
     self_hits = found(nearest(corpus, corpus[sample.probes], k=K, metric=metric), sample.probes, sample.texts)

@@ -12,6 +12,7 @@ import datetime as dt
 import html
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +41,7 @@ dt{color:#4a5568;font-weight:600}dd{margin:0}
 figure{margin:10px 0 18px;background:#fff;border:1px solid #e2e8f0;padding:10px;display:inline-block}
 figcaption{color:#4a5568;font-size:13px;margin-top:4px;max-width:720px}
 details{margin-top:28px}pre{white-space:pre-wrap;font-size:12px;background:#fff;border:1px solid #e2e8f0;padding:10px}
-.note{color:#4a5568;font-size:14px}
+.note{color:#4a5568;font-size:14px}.ft{font-weight:600;font-size:14px;margin:0 0 4px}
 """
 
 
@@ -92,14 +93,21 @@ def _dl(items: Sequence[tuple[str, object]]) -> str:
 
 
 def _figure(svg: str, caption: str) -> str:
-    return f"<figure>{svg}<figcaption>{_e(caption)}</figcaption></figure>"
+    title = re.search(r"<title>(.*?)</title>", svg)
+    head = f'<div class="ft">{title.group(1)}</div>' if title else ""  # already escaped in the SVG
+    return f"<figure>{head}{svg}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
 # ------------------------------------------------------------------------------------ eval
 
 
 def _name(m: dict[str, Any]) -> str:
-    return f"current ({m['signature']['model_name']})" if m["current"] else str(m["label"])
+    return f"current ({Path(m['signature']['model_name']).name or m['signature']['model_name']})" if m["current"] \
+        else str(m["label"])
+
+
+def _p(value: float) -> str:
+    return "p < 0.001" if value < 0.001 else f"p = {value:.3g}"
 
 
 def _ci(i: dict[str, float] | None) -> str:
@@ -130,8 +138,8 @@ def eval_page(d: dict[str, Any]) -> str:
     for m in models:
         v = m.get("versus")
         rows.append([_name(m), m["dimension"], _ci(m["recall"]),
-                     f"{v['verdict']} ({v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], p = "
-                     f"{v['p_value']:.3g})" if v else "reference" if m["recall"] else "-",
+                     f"{v['verdict']} ({v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], "
+                     f"{_p(v['p_value'])})" if v else "reference" if m["recall"] else "-",
                      f"{m['self_recall']['value']:.3f}", _ci(m.get("overlap")) if not m["current"] else "1"])
     body.append(_table(["model", "dimension", f"recall@{k} [95 % CI]", f"against {d['reference']}",
                         f"self-recall@{k}", f"overlap@{k}"], rows, numeric=(1,)))

@@ -21,7 +21,7 @@ PRE = "\0"  # a line's label for text printed as it is (a table's row), never wr
 
 def sections(title: str, parts: Sequence[Section]) -> str:
     """A title line, then each section: its heading and its labelled lines, wrapped under the label."""
-    out = [title]
+    out = textwrap.wrap(title, WIDTH, subsequent_indent="  ", break_on_hyphens=False) or [""]
     for heading, lines in parts:
         if not lines:
             continue
@@ -78,7 +78,7 @@ def plan_text(d: dict[str, Any]) -> str:
     rate = d.get("encode_rows_per_sec_sample")
     costs = [("encoding", f"about {duration(d['estimated_walltime_secs'])}"
               + (f" at {rate:,.0f} rows/s, measured on this host on the table's own rows" if rate else ""))]
-    costs += [("WAL", f"WAL about {size(cost['wal_bytes'])} ({size(cost['wal_embed_bytes'])} for the rows, "
+    costs += [("WAL", f"about {size(cost['wal_bytes'])} ({size(cost['wal_embed_bytes'])} for the rows, "
                       f"{size(cost['wal_finalize_bytes'])} at finalize)"),
               ("disk", f"extra disk up to {size(cost['extra_disk_bytes'])}; "
                        + (f"{size(cost['bloat_bytes'])} of dead row versions left for VACUUM" if cost["bloat_bytes"]

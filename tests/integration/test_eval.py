@@ -10,17 +10,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from pgvector.psycopg import register_vector
 
 from reembed.cli import main
 from reembed.evaluate import evaluate
 from reembed.settings import EvalOptions, ModelSpec, Settings, Target
 from support.database import make_table, one, snapshot
-from support.models import distilled_minilm, embedder
+from support.models import distilled_minilm, embed_column, embedder, paragraphs
 from support.processes import cli_run_args, events, spawn
-from support.scripts import corpus
 
 pytestmark = pytest.mark.model
 
@@ -34,30 +31,10 @@ def distilled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return distilled_minilm(cache, dims=64)
 
 
-def paragraphs(n: int, seed: int) -> list[str]:
-    """`n` real texts of several sentences (docstrings of installed packages)."""
-    texts = [t for t in corpus.docstrings(limit=12 * n, seed=seed) if len(t) > 250 and t.count(". ") >= 2][:n]
-    assert len(texts) == n, f"only {len(texts)} paragraphs in the corpus"
-    return texts
-
-
 def embedded_table(dsn: str, texts: list[str], model: Path) -> Any:
-    """The design's table holding `model`'s vectors of `texts`, the registry naming it (by its path,
-    so eval finds the current model on its own), an HNSW index on the column."""
-    current = embedder(model)
-    dim = current.signature.dimension
-    make_table(dsn, rows=len(texts), old_dim=dim, content=lambda i: texts[i])
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        register_vector(conn)
-        rows = conn.execute("SELECT id, content FROM knowledge_nodes").fetchall()
-        vectors = current.encode([c for _, c in rows])
-        with conn.cursor() as cur:
-            cur.executemany("UPDATE knowledge_nodes SET embedding = %s WHERE id = %s",
-                            [(v, k) for (k, _), v in zip(rows, vectors, strict=True)])
-        conn.execute("UPDATE embedding_model SET model_name = %s, dimension = %s, model_hash = %s",
-                     (str(model), dim, current.signature.hash))
-        conn.execute("VACUUM ANALYZE knowledge_nodes")
-    return current
+    """The design's table (an HNSW index on the column) holding `model`'s vectors of `texts`."""
+    make_table(dsn, rows=len(texts), old_dim=embedder(model).signature.dimension, content=lambda i: texts[i])
+    return embed_column(dsn, model)
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -113,22 +90,22 @@ def test_eval_ranks_two_real_models_as_the_shadow_gate_does_on_the_same_rows_and
 
 
 def test_eval_interval_contains_the_whole_table_figure_in_most_repeated_samples(dsn: str, distilled: Path) -> None:
-    texts = paragraphs(1500, seed=5)
+    texts = paragraphs(1200, seed=5)
     model = embedded_table(dsn, texts, distilled)
     settings = Settings(target=Target(dsn=dsn))
 
     def measured(**kw: Any) -> dict[str, Any]:
         return evaluate(settings, EvalOptions(**kw), embedders=[model], current=model).as_dict()
 
-    every = _figures(measured(sample=1500, queries=1500, seed=0))["current"]["recall"]["value"]
+    every = _figures(measured(sample=1200, queries=1200, seed=0))["current"]["recall"]["value"]
     inside, seen = 0, []
     for seed in range(1, 11):
-        data = measured(sample=1500, queries=150, seed=seed)
-        for m in data["models"]:
-            seen.append((seed, m["label"], m["recall"]))
-            inside += m["recall"]["low"] <= every <= m["recall"]["high"]
+        data = measured(sample=1200, queries=150, seed=seed)
+        recall = next(m for m in data["models"] if not m["current"])["recall"]
+        seen.append((seed, recall["low"], recall["high"]))
+        inside += recall["low"] <= every <= recall["high"]
     print(f"\n[eval] the whole table's recall@10 {every:.3f}; 150-query intervals: {seen}")
-    assert inside >= 16, (every, seen)  # 20 intervals at 95 %: 16 or more hold it (P(fewer) < 0.2 %)
+    assert inside >= 8, (every, seen)  # 10 intervals at 95 %: 8 or more hold it (P(fewer) about 1 %)
 
 
 def test_eval_refuses_a_model_that_cannot_load_and_a_dimension_the_index_cannot_take_writing_nothing(
@@ -156,14 +133,15 @@ def test_eval_prints_one_table_a_person_reads_and_says_no_significant_difference
     assert code == 0, err[-3000:]
     print("\n" + out)
     lines = out.splitlines()
-    assert lines[0].startswith("eval: ") and "200 rows sampled (seed 0)" in lines[0]
+    title = " ".join(out.split("\n\n")[0].split())
+    assert title.startswith("eval: ") and "200 rows sampled (seed 0), 200 queries made from them" in title
     headings = [line for line in lines if line and not line.startswith(" ")][1:]
     assert headings == ["Quality on your rows (95 % intervals over the queries)",
                         "Cost on this host and for the whole table (200 rows)", "Notes", "What is recommended"]
     row = next(line for line in lines if line.strip().startswith(distilled.name))
     assert "+0.000 ±0.000: no significant difference" in row  # the same model: a tie, not a win
     assert "Recommended: no change: no candidate is significantly better than the current column" in out
-    assert max(len(line) for line in lines) <= 160
+    assert max(len(line) for line in lines) <= 160  # a 160-column terminal shows it unwrapped
 
 
 @pytest.mark.parametrize("flag", ["--sample", "--queries"])
