@@ -193,7 +193,9 @@ def plan_page(d: dict[str, Any]) -> str:
             _dl([("rows", f"{d['rows_to_update']:,} to re-embed in {d['embedder_batches']:,} batches"),
                  ("model", f"{target['model_name']} ({target['dimension']}-d), now "
                            + (f"{current['model_name']} ({current['dimension']}-d)" if current else "none")),
-                 ("column", "the typmod changes" if d["would_alter_typmod"] else "same dimension"),
+                 ("column", f"{d.get('column_type', 'vector')}({d.get('column_typmod') or ''}) becomes "
+                            f"{d.get('column_type', 'vector')}({target['dimension']}): the typmod changes"
+                  if d["would_alter_typmod"] else "same dimension: the type stays"),
                  ("strategy", d["strategy"])]
                 + [("on the column", x) for x in d.get("dependents_said") or ["nothing else depends on it"]]),
             "<h2>What it costs</h2>",
@@ -216,7 +218,8 @@ def plan_page(d: dict[str, Any]) -> str:
                                          for n in names], title="extra disk"),
                             "Disk needed on top of the table at the peak, per strategy."))
     body.append(_table(["strategy", "search unavailable", "writers held at most", "extra disk", "refused"],
-                       [[n, duration(strategies[n]["search_unavailable_secs"]),
+                       [[n, duration(strategies[n]["search_unavailable_secs"])
+                         if strategies[n]["search_unavailable_secs"] else "never",
                          f"{strategies[n]['writers_held_secs']:g} s", size(strategies[n]["extra_disk_bytes"]),
                          strategies[n]["refused"] or "no"]
                         for n in ("in_place", "shadow")]))
