@@ -119,7 +119,7 @@ def eval_page(d: dict[str, Any]) -> str:
     models = d["models"]
     candidates = [m for m in models if not m["current"]]
     rec = d["recommended"]
-    verdict = f"Recommended: {rec['model'] or 'no change'}. {rec['why']}"
+    verdict = f"Recommended: {rec['model'] or 'no change'}. {rec['why'][:1].upper()}{rec['why'][1:]}"
     body = [f'<div class="verdict{"" if rec["model"] else " warn"}">{_e(verdict)}</div>',
             "<h2>Quality on your rows</h2>",
             _figure(charts.intervals([(_name(m), *(m["recall"][x] for x in ("value", "low", "high")))

@@ -775,7 +775,8 @@ class Bench:
         rows, device = self.args.eval_rows, self.args.device
         content = corpus("docstrings", rows)
         current = self.model_dir("static")
-        specs = tuple(ModelSpec(model=str(self.model_dir(kind)), device=device) for kind in ("minilm", "static"))
+        specs = tuple(ModelSpec(model=str(self.model_dir(kind)), model_name=kind, device=device)
+                      for kind in ("minilm", "static"))
         with self.database() as dsn:
             self.fill(dsn, rows=rows, dim=384, content=content)
             stored = SentenceTransformerEmbedder(ModelSpec(model=str(current), device=device))
@@ -796,6 +797,13 @@ class Bench:
             secs = time.perf_counter() - started
         models = {m["label"]: m for m in data["models"] if not m["current"]}
         encode = sum(rows / m["rows_per_sec"] for m in models.values())
+        # the same texts through each model's plain encode (batches of --batch-size, one process), in this
+        # run: eval's rate as a ratio to it holds on a busier or quieter host
+        plain = {}
+        for spec in specs:
+            emb = SentenceTransformerEmbedder(spec)
+            plain[spec.model_name] = self.encode_only(emb, content[: min(rows, 1000)])
+            del emb
         out: dict[str, Any] = {"rows": rows, "queries": data["sample"]["queries"], "device": device,
                                "eval_secs": round(secs, 1), "encode_secs": round(encode, 1),
                                "other_secs": round(secs - encode, 1)}
@@ -803,7 +811,9 @@ class Bench:
             out[label] = {"rows_per_sec": m["rows_per_sec"],
                           "peak_memory_mb": round(m["peak_memory"]["bytes"] / 2**20, 1),
                           "peak_memory_kind": m["peak_memory"]["kind"], "load_secs": m["load_secs"],
-                          "recall": m["recall"]["value"], "encode_10k_secs": round(10_000 / m["rows_per_sec"], 1)}
+                          "recall": m["recall"]["value"], "encode_10k_secs": round(10_000 / m["rows_per_sec"], 1),
+                          "encode_only_rows_per_sec": round(plain[label], 1),
+                          "eval_over_encode_only": round(m["rows_per_sec"] / plain[label], 3)}
         # at 10,000 rows: the encoding scales with the rows; the rest (loading, queries, plan) is taken as is
         out["extrapolated_10k_secs"] = round(sum(v["encode_10k_secs"] for v in out.values() if isinstance(v, dict))
                                              + out["other_secs"], 1)
@@ -1060,7 +1070,8 @@ def render(results: dict[str, Any]) -> str:
                      f"loading, queries, the stored column and plan's cost); at 10,000 rows about "
                      f"{e['extrapolated_10k_secs']} s")
         for label, m in ((k, v) for k, v in e.items() if isinstance(v, dict)):
-            lines.append(f"  {label}: {m['rows_per_sec']} rows/s, peak {m['peak_memory_mb']} MB "
+            lines.append(f"  {label}: {m['rows_per_sec']} rows/s (encode-only {m['encode_only_rows_per_sec']}, "
+                         f"ratio {m['eval_over_encode_only']}), peak {m['peak_memory_mb']} MB "
                          f"({m['peak_memory_kind']}), load {m['load_secs']} s, recall@10 {m['recall']}; "
                          f"10,000 rows encoded in {m['encode_10k_secs']} s")
     if "peak_rss_mb" in results:

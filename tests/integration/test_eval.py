@@ -48,6 +48,7 @@ def _figures(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {("current" if m["current"] else m["label"]): m for m in data["models"]}
 
 
+@pytest.mark.slow
 def test_eval_ranks_two_real_models_as_the_shadow_gate_does_on_the_same_rows_and_writes_nothing(
     dsn: str, minilm_path: Path, distilled: Path, workdir: Path
 ) -> None:
