@@ -58,3 +58,37 @@ def test_found_counts_a_row_of_the_same_content_and_overlap_is_the_shared_share(
     top = np.array([[2, 3], [0, 1]])
     assert found(top, [1, 3], ["a", "b", "b", "c"]).tolist() == [True, False]
     assert overlap(np.array([[1, 2, 3, 4]]), np.array([[4, 3, 9, 8]])).tolist() == [0.5]
+
+
+def _model(label: str, recall: float, *, current: bool = False, verdict: str | None = None, dim: int = 384,
+           rate: float = 100.0) -> dict[str, object]:
+    m: dict[str, object] = {"label": label, "current": current, "recall": {"value": recall},
+                            "self_recall": {"value": 1.0}, "dimension": dim, "bytes_per_vector": 8 + 4 * dim,
+                            "rows_per_sec": rate}
+    if verdict is not None:
+        m["versus"] = {"verdict": verdict, "difference": 0.05, "low": 0.02, "high": 0.08, "p_value": 0.001}
+    return m
+
+
+def test_eval_recommends_a_significantly_better_candidate_and_else_no_change() -> None:
+    from reembed.evaluate import recommend
+
+    current = _model("current", 0.80, current=True)
+    tied = _model("c", 0.81, verdict="no significant difference")
+    better = recommend([current, _model("b", 0.85, verdict="better"), tied], "current")
+    assert better["model"] == "b" and better["why"].startswith("recall@10 +0.050")
+    tie = recommend([current, _model("c", 0.81, verdict="no significant difference", dim=64)], "current")
+    assert tie["model"] is None and "no candidate is significantly better" in tie["why"]
+    assert "c is as good" in tie["why"]
+    worse = recommend([current, _model("w", 0.60, verdict="worse")], "current")
+    assert worse["model"] is None and "every candidate is worse" in worse["why"]
+
+
+def test_eval_without_the_current_model_picks_the_cheapest_of_the_candidates_tied_with_the_best() -> None:
+    from reembed.evaluate import recommend
+
+    best = _model("big", 0.86, dim=768)
+    small = _model("small", 0.85, verdict="no significant difference", dim=256)
+    worse = _model("bad", 0.70, verdict="worse", dim=64)
+    picked = recommend([best, small, worse], "big")
+    assert picked["model"] == "small" and "as good as big" in picked["why"] and "--current-model" in picked["why"]
