@@ -49,7 +49,7 @@ from reembed.terminal import PRE, duration, sections, table
 
 log = structlog.get_logger()
 
-WARM = 256  # texts encoded once, untimed, before the timed pass (first passes over new shapes are slower)
+WARM = 64  # texts encoded once, untimed, before the timed pass (first passes over new shapes are slower)
 GATE_MIN_SELF_RECALL = RunOptions.gate_min_self_recall
 GATE_MIN_RECALL = RunOptions.gate_min_recall
 _METRIC = {"cosine": "cosine", "l2": "l2", "ip": "ip"}
