@@ -76,6 +76,11 @@ def _milestones_only(logger: object, method: str, event: structlog.typing.EventD
     return event
 
 
+def _without_empty(logger: object, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """On the console: fields with nothing to say (None, empty) left out of the line."""
+    return {k: v for k, v in event.items() if v is not None and v != [] and v != {} and v != ""}
+
+
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     use_console = sys.stderr.isatty() if fmt == "auto" else fmt == "console"
     renderer: structlog.typing.Processor = (
@@ -90,6 +95,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *([_without_empty] if use_console else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),

@@ -180,8 +180,9 @@ def test_run_on_a_terminal_shows_milestones_and_its_json_logs_keep_the_machine_d
     assert console.returncode == 0, console.stderr[-3000:]
     for milestone in ("job_started", "embedding_complete", "job_done"):
         assert milestone in console.stderr, console.stderr
-    for detail in ("fast_feed", "model_loaded", "tokenizers_sized", "range_complete"):
+    for detail in ("fast_feed", "model_loaded", "tokenizers_sized", "range_complete", "=None"):
         assert detail not in console.stderr, console.stderr
+    assert len(console.stderr.splitlines()) <= 12, console.stderr  # the milestones, not twenty lines of detail
     log = workdir / "json.log"
     assert spawn(cli_run_args(second_dsn, model48), cwd=workdir, log=log).wait(timeout=300) == 0
     assert events(log, "model_loaded") and events(log, "range_complete") and events(log, "job_done")
