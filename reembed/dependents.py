@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 
+from reembed import carry
 from reembed.errors import ConfigError, first_line
 from reembed.queries import query
 from reembed.target import TableInfo
@@ -68,10 +69,11 @@ class Dependent:
     original: str | None = None  # an index: its definition as found
     method: str | None = None  # an index: its access method
     why: str | None = None  # a refusal: why, and the way forward
+    attributes: dict[str, Any] | None = None  # an index: its comment, tablespace, statistics (reembed.carry)
 
     def as_json(self) -> dict[str, Any]:
-        out = {"kind": self.kind, "name": self.name, "action": self.action}
-        for key in ("definition", "original", "method", "why"):
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name, "action": self.action}
+        for key in ("definition", "original", "method", "why", "attributes"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -80,7 +82,8 @@ class Dependent:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Dependent:
         return cls(kind=data["kind"], name=data["name"], action=data["action"], definition=data.get("definition"),
-                   original=data.get("original"), method=data.get("method"), why=data.get("why"))
+                   original=data.get("original"), method=data.get("method"), why=data.get("why"),
+                   attributes=data.get("attributes"))
 
     @property
     def is_index(self) -> bool:
@@ -175,10 +178,14 @@ def take(conn: psycopg.Connection[Any], info: TableInfo, *, dimension: int, sour
                                   drop_first=drop_first)
         if dependent is not None:
             found.append(dependent)
+    if shadow:
+        found += _carried(conn, info)
+    found = [replace(d, attributes=carry.read_index(conn, info, d.name).as_json())
+             if d.is_index and d.action in (REBUILD, SHADOW) else d for d in found]
     present = {d.name for d in found if d.is_index}
     found = [
         Dependent("index", d.name, REBUILD, definition=_rewritten(d.original or d.definition or "", old, dimension),
-                  original=d.original, method=d.method)
+                  original=d.original, method=d.method, attributes=d.attributes)
         for d in carried if d.is_index and d.action == REBUILD and d.name not in present
     ] + found
     found += _publications(conn, info, type_change=type_change, allow=allow_published, shadow=shadow)
@@ -251,12 +258,9 @@ def _classify_shadow(row: dict[str, Any], *, dimension: int, old: int | None) ->
                                  f"in the swap; drop the constraint for the job, {_IN_PLACE}")
         return Dependent("index", index_name, SHADOW, definition=_rewritten(original, old, dimension),
                          original=original, method=method)
-    if kind in ("view", "trigger", "policy"):
-        return Dependent(kind, name, RECREATE, original=row["definition"])
+    if kind in _CARRIED_KINDS:
+        return None  # reembed.carry reads them all, and what sits on them (_carried)
     why = {
-        "materialized view": "holds a copy of the column's values: it would have to be refreshed inside the swap; "
-                             f"drop it for the job and create it again after, {_IN_PLACE}",
-        "rule": f"uses the column: reembed does not re-create rules at the swap; drop it for the job, {_IN_PLACE}",
         "generated column": "is computed from the column: it would go on reading the previous column after the "
                             f"swap; drop the expression for the job, {_IN_PLACE}",
         "function": "has a SQL-standard body that uses the column: it would go on reading the previous column "
@@ -265,11 +269,32 @@ def _classify_shadow(row: dict[str, Any], *, dimension: int, old: int | None) ->
                       f"on the new column after, {_IN_PLACE}",
         "default": "is the column's default: the shadow column would not carry it; drop it for the job and set it "
                    f"on the new column after, {_IN_PLACE}",
-        "statistics": "covers the column: the shadow column would not carry it; drop it for the job and create it "
-                      f"again after, {_IN_PLACE}",
     }.get(kind, f"depends on the column ({row['deptype']}): reembed does not know how to carry it to a shadow "
                 f"column; drop it for the job and create it again after, {_IN_PLACE}")
     return Dependent(kind, name, REFUSED, original=row["definition"], why=why)
+
+
+_CARRIED_KINDS = ("view", "materialized view", "trigger", "policy", "rule", "statistics")
+
+
+def _carried(conn: psycopg.Connection[Any], info: TableInfo) -> list[Dependent]:
+    """--strategy shadow: what the swap drops and creates again on the new column (views and views
+    on them, with their rules, triggers, grants, comments and defaults; rules, triggers, policies and
+    statistics naming the column), and what it could not (refused, by name)."""
+    carried = carry.read(conn, info, info.attnum)
+    out = []
+    for v in carried.views:
+        if v.relkind == "m":
+            out.append(Dependent("materialized view", v.label, REFUSED, why=(
+                "holds a copy of the column's values (or of a view's over it): it would have to be refreshed "
+                f"inside the swap; drop it for the job and create it again after, {_IN_PLACE}")))
+        else:
+            out.append(Dependent("view", v.label, RECREATE))
+    out += [Dependent(a.kind, a.label.removeprefix(f"{a.kind} "), RECREATE) for a in carried.attached]
+    out += [Dependent("object", b, REFUSED, why=(
+        "depends on a view the swap drops and creates again, and reembed cannot create it again; drop it for "
+        f"the job and create it again after, {_IN_PLACE}")) for b in carried.blockers]
+    return out
 
 
 def _index(row: dict[str, Any], *, type_change: bool, dimension: int, old: int | None,
@@ -289,9 +314,7 @@ def _index(row: dict[str, Any], *, type_change: bool, dimension: int, old: int |
 
 def _rewritten(definition: str, old: int | None, new: int) -> str:
     """The definition with its casts to the old dimension cast to the new one."""
-    if old is None:
-        return definition
-    return _CAST.sub(lambda m: f"::{m.group(1)}({new})" if int(m.group(2)) == old else m.group(0), definition)
+    return carry.recast(definition, old, new)
 
 
 def _publications(conn: psycopg.Connection[Any], info: TableInfo, *, type_change: bool,

@@ -22,8 +22,8 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from reembed import carry, db, dependents
 from reembed import checkpoint as ckpt
-from reembed import db, dependents
 from reembed.background import Background
 from reembed.context import FinalizeStep, RunContext
 from reembed.errors import InternalError
@@ -204,25 +204,37 @@ def index_step(ctx: RunContext, index: dependents.Dependent, *, only: bool) -> F
     m = int(found.group(1)) if found and index.method == "hnsw" else 16
     memory = build_memory(rows, ctx.signature.dimension, opts.index_memory, m=m)
 
+    attributes = carry.IndexAttributes.from_json(index.attributes)
+
     def setup(conn: psycopg.Connection[Any]) -> None:
         conn.add_notice_handler(_notice)
         workers = build_workers(conn)
+        # CONCURRENTLY takes SHARE UPDATE EXCLUSIVE, which holds no application statement up, and
+        # at its end waits for every older snapshot: it waits as long as it must (no lock_timeout)
         conn.execute(query("build_settings"), {"memory": f"{memory // 1024}kB", "workers": str(workers),
-                                               "lock_timeout": opts.ddl_lock_timeout})
+                                               "lock_timeout": "0" if opts.concurrent_index
+                                               else opts.ddl_lock_timeout,
+                                               "tablespace": attributes.tablespace or ""})
         log.info("index_build_started", index=name, method=index.method, rebuild=rebuild,
                  maintenance_work_mem_mb=memory // 1024**2, parallel_workers=workers,
                  concurrent=opts.concurrent_index)
 
     def build(conn: psycopg.Connection[Any]) -> None:
-        if rebuild:
-            existing = conn.execute(query("index_by_name"), {"table_oid": info.oid, "index": name}).fetchone()
-            if existing is not None and existing["valid"]:
-                log.info("index_already_built", index=name)
-                return
+        if not rebuild:
+            with _ProgressWatcher(ctx):
+                conn.execute(statement)
+            return
+        existing = conn.execute(query("index_by_name"), {"table_oid": info.oid, "index": name}).fetchone()
+        if existing is not None and existing["valid"]:
+            log.info("index_already_built", index=name)
+        else:
             if existing is not None:  # an invalid leftover of an interrupted CONCURRENTLY build
-                conn.execute(info.statement("drop_index_if_exists", index=ident))
-        with _ProgressWatcher(ctx):
-            conn.execute(statement)
+                drop = "drop_index_concurrently" if opts.concurrent_index else "drop_index_if_exists"
+                log.info("invalid_index_dropped", index=name, concurrently=opts.concurrent_index)
+                conn.execute(info.statement(drop, index=ident))
+            with _ProgressWatcher(ctx):
+                conn.execute(statement)
+        carry.apply_index(conn, info, name, attributes)  # its comment and statistics targets, as found
 
     return FinalizeStep(dependents.index_step_name(name, only=only), build, in_transaction=not opts.concurrent_index,
                         role="index", setup=setup, timed=True)

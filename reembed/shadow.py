@@ -17,8 +17,8 @@ stale; `reembed cleanup` drops the previous column and the recording.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +27,10 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from reembed import capture, dependents, failures, finalize, gate
+from reembed import capture, carry, cutover, dependents, failures, finalize, gate
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext
-from reembed.cutover import CUT_OVER_BACKOFF, CutOver
+from reembed.cutover import CutOver
 from reembed.errors import ConfigError, InternalError, ReembedError
 from reembed.queries import query
 from reembed.target import TableInfo
@@ -44,10 +44,14 @@ _NAME_BYTES = 63  # NAMEDATALEN - 1
 
 
 def name_with(base: str, suffix: str) -> str:
-    """`base` + `suffix`, `base` cut (on a character boundary) so that it fits PostgreSQL's 63 bytes."""
-    room = _NAME_BYTES - len(suffix.encode())
-    cut = base.encode()[:room].decode(errors="ignore")
-    return cut + suffix
+    """`base` + `suffix` within PostgreSQL's 63 bytes: when it does not fit, `base` is cut (on a
+    character boundary) and a short digest of the whole of it added, so that two long names that
+    differ only past the cut never give the same name."""
+    if len((base + suffix).encode()) <= _NAME_BYTES:
+        return base + suffix
+    tag = "_" + hashlib.sha256(base.encode()).hexdigest()[:8]
+    room = _NAME_BYTES - len((tag + suffix).encode())
+    return base.encode()[:room].decode(errors="ignore") + tag + suffix
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,20 @@ def check_table(conn: psycopg.Connection[Any], info: TableInfo) -> None:
                           "shadow job kept, or rename it; nothing was written")
 
 
+def check_names(conn: psycopg.Connection[Any], info: TableInfo, names: Names) -> None:
+    """Inside prepare, before its DDL: the shadow column's and the indexes' names at each stage are
+    free and distinct (a name PostgreSQL would have to cut to 63 bytes is made unique by a digest)."""
+    if conn.execute(query("column_info"), {"table_oid": info.oid, "column": names.shadow}).fetchone() is not None:
+        raise ConfigError(f"{info.qualified} already has a column {names.shadow}; rename it; nothing was written")
+    wanted = [n for i in names.indexes for n in (i.shadow, i.previous)]
+    taken = {r["name"] for r in conn.execute(query("relations_named"),
+                                             {"table_oid": info.oid, "names": wanted}).fetchall()}
+    clash = sorted(taken | {n for n in wanted if wanted.count(n) > 1})
+    if clash:
+        raise ConfigError(f"the shadow job would name indexes {', '.join(clash)}, which are taken in the table's "
+                          "schema; rename the relation or index that holds the name; nothing was written")
+
+
 class Shadow:
     name = "shadow"
 
@@ -131,6 +149,7 @@ class Shadow:
         check_table(conn, info)
         row = conn.execute(query("column_not_null"), {"table_oid": info.oid, "column": info.column}).fetchone()
         names = plan_names(info, job.id, dependents.recorded(job), not_null=bool(row and row["not_null"]))
+        check_names(conn, info, names)
         conn.execute(info.statement("add_shadow_column", shadow=names.shadow, dim=sql.Literal(ctx.signature.dimension)))
         conn.execute(query("record_shadow"), {"shadow": Jsonb(names.as_json()), "job_id": job.id})
         capture.install(ctx, conn, job, column=names.shadow)
@@ -142,12 +161,12 @@ class Shadow:
 
     def finalize_steps(self, ctx: RunContext) -> list[FinalizeStep]:
         names = self.names(ctx)
-        live = {d.name: d.original for d in dependents.recorded(ctx.active) if d.is_index and d.original}
+        recorded = {d.name: d for d in dependents.recorded(ctx.active) if d.is_index}
         old_uses = [gate.IndexUse.of(i.name, definition, ctx.info.column)
-                    for i in names.indexes if (definition := live.get(i.name)) is not None]
-        builds = [finalize.index_step(ctx, dependents.Dependent("index", i.shadow, dependents.REBUILD,
-                                                                 definition=i.definition, method=i.method),
-                                      only=False)
+                    for i in names.indexes if (definition := recorded[i.name].original) is not None]
+        builds = [finalize.index_step(ctx, dependents.Dependent(
+                      "index", i.shadow, dependents.REBUILD, definition=i.definition, method=i.method,
+                      attributes=recorded[i.name].attributes), only=False)  # its tablespace, comment, statistics
                   for i in names.indexes]
         return [
             FinalizeStep("catch_up", lambda conn: self._catch_up(ctx), in_transaction=False, record=False),
@@ -160,8 +179,8 @@ class Shadow:
             # the swap's own catch-up writes through the new indexes, with writers held off
             FinalizeStep("catch_up_before_swap", lambda conn: self._catch_up(ctx, until=_SMALL_BACKLOG),
                          in_transaction=False, record=False),
-            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
-                         lock_timeout=ctx.opts.cut_over_lock_timeout, max_backoff=CUT_OVER_BACKOFF),
+            # its transaction opens only for the hold, and records the step (reembed.cutover)
+            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx), in_transaction=False, record=False),
             FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
         ]
 
@@ -183,25 +202,32 @@ class Shadow:
                                "swapped; drop it and re-run to build it again")
         log.info("shadow_indexes_valid", indexes=wanted)
 
-    def _cut_over(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+    def _cut_over(self, ctx: RunContext) -> None:
         """The swap: the last catch-up (bounded, as in place) and the renames under one hold.
         The renames need ACCESS EXCLUSIVE, and it is asked for up front with the writers' locks
         (as a rewriting cut-over does): asked for later, while an application transaction that
         read the table waits for the registry row the swap holds, it would make a deadlock whose
         victim PostgreSQL may pick in the application. So readers wait for the whole hold: the
         last catch-up is a few rows (the step before it), the renames a few milliseconds."""
-        held = self._cut.run(ctx, conn, rewrite=True, swap=lambda c: self._swap(ctx, c), tail=_SWAP_TAIL)
-        conn.execute(query("record_readers_held"), {"secs": held, "job_id": ctx.active.id})
-        log.info("swap", readers_held_secs=round(held, 4), column=ctx.info.column,
+        def readers_held(conn: psycopg.Connection[Any], secs: float) -> None:
+            conn.execute(query("record_readers_held"), {"secs": secs, "job_id": ctx.active.id})
+
+        held = cutover.for_job(self._cut, ctx, rewrite=True, swap=lambda c: self._swap(ctx, c), tail=_SWAP_TAIL,
+                               record=readers_held)
+        log.info("swap", readers_held_secs=round(held.secs, 4), column=ctx.info.column,
                  previous=self.names(ctx).previous)
 
     def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
         info, names, job = ctx.info, self.names(ctx), ctx.active
-        objects = read_objects(conn, info, info.attnum)
+        carried = carry.read(conn, info, info.attnum)
+        carried.check(info, when="nothing was swapped (it was created while the job ran)")
+        column = carry.read_column(conn, info.oid, info.column)
+        indexes = {i.name: carry.read_index(conn, info, i.name) for i in names.indexes}
         capture.remove(conn, info, job.id)
-        drop_objects(conn, info, objects)
+        carry.drop(conn, carried)
         rename_column(conn, info, info.column, names.previous)
         rename_column(conn, info, names.shadow, info.column)
+        carry.apply_column(conn, info, info.column, column)
         if names.not_null:
             conn.execute(info.statement("drop_not_null", column=names.previous))
             log.warning("not_null_not_carried", column=info.column,
@@ -211,7 +237,10 @@ class Shadow:
         for i in names.indexes:
             rename_index(conn, info, i.name, i.previous)
             rename_index(conn, info, i.shadow, i.name)
-        create_objects(conn, info, objects)
+            carry.apply_index(conn, info, i.name, indexes[i.name])
+        carry.create(conn, carried, old=job.source_typmod, new=ctx.signature.dimension)
+        if carried.views or carried.attached:
+            log.info("recreated_on_new_column", objects=carried.labels())
         record_after_swap(conn, info, job.id)
         conn.execute(query("upsert_registry", registry=info.registry), ctx.signature.as_dict())
         conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
@@ -227,109 +256,6 @@ def discard(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job) -> No
         conn.execute(info.statement("drop_index_if_exists", index=info.index_ident(i.shadow)))
     conn.execute(info.statement("drop_column_if_exists", column=names.shadow))
     log.warning("shadow_column_dropped", old_job_id=job.id, column=names.shadow)
-
-
-# ------------------------------------------------- what the swap re-creates on the column
-
-
-@dataclass(frozen=True)
-class Recreated:
-    """A view, trigger or policy on the column, as read just before the swap."""
-
-    kind: str
-    schema: str | None
-    name: str
-    depth: int
-    relkind: str | None
-    definition: str
-    owner: str | None
-    options: list[str] | None
-    comment: str | None
-    grants: list[dict[str, Any]]
-    column_comments: list[dict[str, Any]]
-    enabled: str | None
-
-
-def read_objects(conn: psycopg.Connection[Any], info: TableInfo, attnum: int) -> list[Recreated]:
-    """The views (and views on them), triggers and policies that name column `attnum`; a
-    materialized view is refused (its rows hold the column's values)."""
-    rows = conn.execute(query("swap_dependents"), {"table_oid": info.oid, "attnum": attnum}).fetchall()
-    out = [Recreated(kind=r["kind"], schema=r["schema"], name=r["name"], depth=int(r["depth"]), relkind=r["relkind"],
-                     definition=r["definition"], owner=r["owner"], options=r["reloptions"], comment=r["comment"],
-                     grants=r["grants"] or [], column_comments=r["column_comments"] or [], enabled=r["enabled"])
-           for r in rows]
-    matviews = [f"{o.schema}.{o.name}" for o in out if o.relkind == "m"]
-    if matviews:
-        raise ConfigError(f"materialized view {', '.join(matviews)} now depends on {info.qualified}.{info.column} "
-                          "(created while the job ran): the swap cannot carry it; drop it, re-run to swap, and "
-                          "create it again after; nothing was swapped")
-    return out
-
-
-def drop_objects(conn: psycopg.Connection[Any], info: TableInfo, objects: list[Recreated]) -> None:
-    for o in sorted(objects, key=lambda o: -o.depth):
-        if o.kind == "view":
-            conn.execute(sql.SQL("DROP VIEW {}").format(sql.Identifier(o.schema or "", o.name)))
-        elif o.kind == "trigger":
-            conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(o.name), sql.Identifier(*info.ident)))
-        elif o.kind == "policy":
-            conn.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(o.name), sql.Identifier(*info.ident)))
-
-
-_TRIGGER_STATE = {"D": "DISABLE TRIGGER", "R": "ENABLE REPLICA TRIGGER", "A": "ENABLE ALWAYS TRIGGER"}
-
-
-def create_objects(conn: psycopg.Connection[Any], info: TableInfo, objects: list[Recreated]) -> None:
-    """Each object again, from the definition read before the renames (so that it names the
-    column by its name: the new column now), with its owner, grants, options and comments."""
-    table = sql.Identifier(*info.ident)
-    for o in sorted(objects, key=lambda o: o.depth):
-        if o.kind == "view":
-            view = sql.Identifier(o.schema or "", o.name)
-            options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(sql.SQL(opt) for opt in _options(o.options))) \
-                if o.options else sql.SQL("")
-            conn.execute(sql.SQL("CREATE VIEW {}{} AS ").format(view, options) + sql.SQL(o.definition.rstrip("; \n")))
-            if o.owner:
-                conn.execute(sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, sql.Identifier(o.owner)))
-            for g in o.grants:
-                conn.execute(sql.SQL("GRANT {} ON {} TO {}{}").format(
-                    sql.SQL(g["privilege"]), view, sql.SQL(g["grantee"]),
-                    sql.SQL(" WITH GRANT OPTION" if g["grantable"] else "")))
-            if o.comment is not None:
-                conn.execute(sql.SQL("COMMENT ON VIEW {} IS {}").format(view, sql.Literal(o.comment)))
-            for c in o.column_comments:
-                conn.execute(sql.SQL("COMMENT ON COLUMN {}.{} IS {}").format(
-                    view, sql.Identifier(c["column"]), sql.Literal(c["comment"])))
-        elif o.kind == "trigger":
-            conn.execute(sql.SQL(o.definition))
-            if o.enabled in _TRIGGER_STATE:
-                conn.execute(sql.SQL("ALTER TABLE {} {} {}").format(table, sql.SQL(_TRIGGER_STATE[o.enabled]),
-                                                                     sql.Identifier(o.name)))
-            if o.comment is not None:
-                conn.execute(sql.SQL("COMMENT ON TRIGGER {} ON {} IS {}").format(
-                    sql.Identifier(o.name), table, sql.Literal(o.comment)))
-        elif o.kind == "policy":
-            conn.execute(sql.SQL("CREATE POLICY {} ON {} ").format(sql.Identifier(o.name), table)
-                         + sql.SQL(o.definition))
-            if o.comment is not None:
-                conn.execute(sql.SQL("COMMENT ON POLICY {} ON {} IS {}").format(
-                    sql.Identifier(o.name), table, sql.Literal(o.comment)))
-    if objects:
-        log.info("recreated_on_new_column", objects=[f"{o.kind} {o.name}" for o in objects])
-
-
-_OPTION = re.compile(r"^([a-z_]+)=(.*)$")
-
-
-def _options(options: list[str]) -> list[str]:
-    """reloptions (key=value) as CREATE VIEW's WITH list takes them."""
-    out = []
-    for item in options:
-        match = _OPTION.match(item)
-        if match is None:
-            raise InternalError(f"cannot read the view option {item!r}")
-        out.append(f"{match.group(1)} = '{match.group(2).replace(chr(39), chr(39) * 2)}'")
-    return out
 
 
 def rename_column(conn: psycopg.Connection[Any], info: TableInfo, old: str, new: str) -> None:

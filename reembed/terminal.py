@@ -95,6 +95,9 @@ def plan_text(d: dict[str, Any]) -> str:
             f"; writers held at most {s['writers_held_secs']:g} s; extra disk up to {size(s['extra_disk_bytes'])}"
         if s.get("kept_until_cleanup_bytes"):
             text += f" ({size(s['kept_until_cleanup_bytes'])} kept until `reembed cleanup`)"
+        broken = s.get("prepared_statements_broken") or []
+        if broken:
+            text += f"; prepared statements that fail until prepared again: {' and '.join(broken)}"
         if name == "in_place" and d["would_alter_typmod"] and d.get("cut_over_rewrite_secs"):
             text += (f"; at the cut-over the table is rewritten (vector({target['dimension']})): writers and "
                      f"readers wait about {d['cut_over_rewrite_secs']} s")

@@ -113,20 +113,22 @@ VALUES (%(job_id)s, %(range_no)s, %(lower_id)s, %(upper_id)s, %(lower_id)s, %(es
 SELECT * FROM reembed_checkpoint_range WHERE job_id = %(job_id)s ORDER BY range_no;
 
 -- name: claim_range
--- The next range to work on: unclaimed first, else one whose claim is stale (the claimant's lock
--- backend no longer holds the table's lock: the process died; or its heartbeat is older than
--- %(stale_secs)s), locked so that two workers never take the same one (then marked with
--- mark_claimed in the same transaction). A stale claim is taken over from its cursor.
+-- The next range to work on: one already claimed by this worker first (a claim whose commit landed
+-- but whose acknowledgement was lost: a retried claim takes it again, never a second range), then
+-- an unclaimed one, else one whose claim is stale (the claimant's lock backend no longer holds the
+-- table's lock: the process died; or its heartbeat is older than %(stale_secs)s), locked so that
+-- two workers never take the same one (then marked with mark_claimed in the same transaction). A
+-- stale claim is taken over from its cursor.
 SELECT r.* FROM reembed_checkpoint_range r
  WHERE r.job_id = %(job_id)s AND NOT r.done
-   AND (r.claimed_by IS NULL
+   AND (r.claimed_by IS NULL OR r.claimed_by = %(worker)s
         OR r.heartbeat_at < now() - make_interval(secs => %(stale_secs)s)
         OR (r.claimed_pid IS NOT NULL AND NOT EXISTS (
               SELECT 1 FROM pg_locks l
                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = r.claimed_pid
                  AND l.classid = ((%(key)s::bigint >> 32) & 4294967295)::bigint::oid
                  AND l.objid   = (%(key)s::bigint & 4294967295)::bigint::oid)))
- ORDER BY (r.claimed_by IS NULL) DESC, r.range_no
+ ORDER BY r.claimed_by IS NOT DISTINCT FROM %(worker)s DESC, (r.claimed_by IS NULL) DESC, r.range_no
  LIMIT 1
    FOR UPDATE SKIP LOCKED;
 
@@ -137,6 +139,7 @@ UPDATE reembed_checkpoint_range
        rows_done = rows_done + %(rows)s,
        rows_skipped = rows_skipped + %(skipped)s,
        rows_per_sec = %(rate)s,
+       heartbeat_at = now(),  -- a commit on the claim is a sign of life too
        updated_at = now()
  WHERE job_id = %(job_id)s AND range_no = %(range_no)s
    AND last_id IS NOT DISTINCT FROM %(from_id)s
@@ -218,7 +221,7 @@ SELECT DISTINCT ON (d.classid, d.objid)
                 WHEN c.oid = %(table_oid)s::oid AND d.objsubid <> 0 THEN 'generated column'
                 ELSE 'relation' END
          WHEN 'pg_rewrite'::regclass THEN
-           CASE WHEN r.ev_class = %(table_oid)s::oid THEN 'rule'
+           CASE WHEN r.ev_class = %(table_oid)s::oid OR r.rulename <> '_RETURN' THEN 'rule'
                 WHEN rc.relkind = 'm' THEN 'materialized view'
                 ELSE 'view' END
          WHEN 'pg_trigger'::regclass THEN 'trigger'
@@ -338,15 +341,22 @@ SELECT 'vector'::regtype::oid::int AS oid;
 -- For the index build's session only.
 SELECT set_config('maintenance_work_mem', %(memory)s, false),
        set_config('max_parallel_maintenance_workers', %(workers)s, false),
-       set_config('lock_timeout', %(lock_timeout)s, false);
+       set_config('lock_timeout', %(lock_timeout)s, false),
+       set_config('default_tablespace', %(tablespace)s, false);
 
 -- name: parallel_limits
 SELECT current_setting('max_parallel_workers')::int AS par,
        current_setting('max_worker_processes')::int AS procs;
 
 -- name: index_build_progress
-SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total
-  FROM pg_stat_progress_create_index WHERE relid = %(table_oid)s::oid;
+-- An index build on the table now: its phase (a CONCURRENTLY build's last one, "waiting for old
+-- snapshots", waits for every transaction older than the build, as long as they last: which, and
+-- how many are left), how far it is, how long it has run.
+SELECT p.phase, p.index_relid::regclass::text AS index, p.blocks_done, p.blocks_total, p.tuples_done,
+       p.tuples_total, p.lockers_total, p.lockers_done, nullif(p.current_locker_pid, 0) AS waiting_for_pid,
+       extract(epoch FROM now() - a.query_start)::float8 AS running_secs
+  FROM pg_stat_progress_create_index p JOIN pg_stat_activity a ON a.pid = p.pid
+ WHERE p.relid = %(table_oid)s::oid;
 
 -- name: range_cursor
 -- A range's cursor as committed (after a lost connection: did our commit land?).
@@ -509,8 +519,21 @@ SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS lsn;
 -- name: replication_positions
 -- Each replica this role may see: how far it replayed (NULL: hidden from this role).
 SELECT application_name, pg_wal_lsn_diff(replay_lsn, '0/0')::bigint AS replay_lsn,
+       pg_wal_lsn_diff(flush_lsn, '0/0')::bigint AS flush_lsn,
        extract(epoch FROM replay_lag)::float8 AS replay_lag
   FROM pg_stat_replication;
+
+-- name: idle_replication_slots
+-- Replication slots whose consumer is not connected: they keep the WAL from their position on.
+SELECT slot_name, slot_type, wal_status, safe_wal_size,
+       pg_wal_lsn_diff(coalesce(confirmed_flush_lsn, restart_lsn), '0/0')::bigint AS position,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained_bytes
+  FROM pg_replication_slots
+ WHERE NOT active AND restart_lsn IS NOT NULL AND NOT temporary;
+
+-- name: apply_delay
+-- On a replica: its recovery_min_apply_delay, in seconds (a delayed standby replays late on purpose).
+SELECT extract(epoch FROM current_setting('recovery_min_apply_delay')::interval)::float8 AS secs;
 
 -- name: archive_state
 SELECT current_setting('archive_mode') AS mode, a.last_archived_wal,
@@ -610,7 +633,7 @@ SELECT count(DISTINCT row_id) AS n FROM reembed_after_swap WHERE job_id = %(job_
 -- name: after_swap_page
 -- The next page of keys written after the swap, each with the newest record of it read.
 SELECT row_id, max(seq) AS seq FROM reembed_after_swap
- WHERE job_id = %(job_id)s AND (%(after)s::text IS NULL OR row_id > %(after)s)
+ WHERE job_id = %(job_id)s AND (%(after)s::text IS NULL OR row_id > %(after)s) AND seq <= %(upto)s
  GROUP BY row_id ORDER BY row_id LIMIT %(n)s;
 
 -- name: after_swap_settled
@@ -743,6 +766,279 @@ SELECT claimed_by FROM reembed_checkpoint_range WHERE job_id = %(job_id)s AND ra
 
 -- name: worker_table_exists
 SELECT to_regclass('reembed_worker') IS NOT NULL AS present;
+
+-- ------------------------------------------------------------------ reembed.carry
+-- What a shadow swap (and rollback's swap back) drops and creates again, read from the catalogs
+-- just before: the views over the column (and views over those), with everything PostgreSQL keeps
+-- on them; rules, triggers, policies and statistics that name the column or sit on those views;
+-- and what depends on those views that cannot be created again (refused, by name).
+
+-- name: carry_views
+-- Each view over the column (depth 1) or over such a view, with its owner, options, grants (NULL
+-- grants as the owner's defaults), column grants, comments and column defaults.
+WITH RECURSIVE views AS (
+    SELECT DISTINCT r.ev_class AS oid, 1 AS depth
+      FROM pg_depend d JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+     WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = %(table_oid)s::oid
+       AND d.refobjsubid = %(attnum)s AND r.rulename = '_RETURN' AND r.ev_class <> %(table_oid)s::oid
+    UNION
+    SELECT DISTINCT r.ev_class, v.depth + 1
+      FROM views v
+      JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = v.oid
+      JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+     WHERE r.ev_class <> v.oid AND r.rulename = '_RETURN'
+)
+SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, max(v.depth) AS depth,
+       c.relkind::text AS relkind, pg_get_viewdef(c.oid) AS definition,
+       pg_get_userbyid(c.relowner) AS owner, c.reloptions AS options,
+       obj_description(c.oid, 'pg_class') AS comment,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'grantee', CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,
+                   'grantor', pg_get_userbyid(a.grantor), 'privilege', a.privilege_type,
+                   'grantable', a.is_grantable)), '[]'::jsonb)
+          FROM aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a) AS acl,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'column', at.attname,
+                   'grantee', CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,
+                   'grantor', pg_get_userbyid(a.grantor), 'privilege', a.privilege_type,
+                   'grantable', a.is_grantable)), '[]'::jsonb)
+          FROM pg_attribute at CROSS JOIN LATERAL aclexplode(at.attacl) a
+         WHERE at.attrelid = c.oid AND at.attnum > 0 AND at.attacl IS NOT NULL) AS column_acl,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('column', at.attname,
+                                                     'comment', col_description(c.oid, at.attnum))), '[]'::jsonb)
+          FROM pg_attribute at WHERE at.attrelid = c.oid AND at.attnum > 0
+           AND col_description(c.oid, at.attnum) IS NOT NULL) AS column_comments,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('column', at.attname,
+                                                     'default', pg_get_expr(ad.adbin, ad.adrelid))), '[]'::jsonb)
+          FROM pg_attrdef ad JOIN pg_attribute at ON at.attrelid = ad.adrelid AND at.attnum = ad.adnum
+         WHERE ad.adrelid = c.oid) AS defaults
+  FROM views v JOIN pg_class c ON c.oid = v.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+ GROUP BY c.oid, n.nspname, c.relname
+ ORDER BY max(v.depth), n.nspname, c.relname;
+
+-- name: carry_attached
+-- Rules (not a view's own), triggers, policies and statistics objects that name the column, or
+-- sit on one of the views (%(views)s), or name one of them: each with its definition as
+-- PostgreSQL prints it (the column by its name), its relation, comment and enabled state.
+SELECT 'rule' AS kind, r.oid::bigint AS oid, r.rulename AS name, n.nspname AS schema, c.relname AS relation,
+       pg_get_ruledef(r.oid) AS definition, r.ev_enabled::text AS enabled,
+       obj_description(r.oid, 'pg_rewrite') AS comment, NULL::text AS owner, NULL::int AS stats_target
+  FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE r.rulename <> '_RETURN'
+   AND (r.ev_class = ANY(%(views)s::oid[])
+        OR EXISTS (SELECT 1 FROM pg_depend d
+                    WHERE d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                      AND d.refclassid = 'pg_class'::regclass
+                      AND ((d.refobjid = %(table_oid)s::oid AND d.refobjsubid = %(attnum)s)
+                           OR (d.refobjid = ANY(%(views)s::oid[]) AND d.refobjid <> r.ev_class))))
+UNION ALL
+SELECT 'trigger', t.oid::bigint, t.tgname, n.nspname, c.relname, pg_get_triggerdef(t.oid), t.tgenabled::text,
+       obj_description(t.oid, 'pg_trigger'), NULL, NULL
+  FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE NOT t.tgisinternal AND t.tgname NOT LIKE 'reembed\_%%'
+   AND (t.tgrelid = ANY(%(views)s::oid[])
+        OR EXISTS (SELECT 1 FROM pg_depend d
+                    WHERE d.classid = 'pg_trigger'::regclass AND d.objid = t.oid
+                      AND d.refclassid = 'pg_class'::regclass AND d.refobjid = %(table_oid)s::oid
+                      AND d.refobjsubid = %(attnum)s))
+UNION ALL
+SELECT 'policy', p.oid::bigint, p.polname, n.nspname, c.relname,
+       'AS ' || CASE WHEN p.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END
+       || ' FOR ' || CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
+                                   WHEN 'd' THEN 'DELETE' ELSE 'ALL' END
+       || ' TO ' || (SELECT string_agg(CASE WHEN r = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(r)) END, ', ')
+                       FROM unnest(p.polroles) AS r)
+       || coalesce(' USING (' || pg_get_expr(p.polqual, p.polrelid) || ')', '')
+       || coalesce(' WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')', ''),
+       NULL, obj_description(p.oid, 'pg_policy'), NULL, NULL
+  FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE EXISTS (SELECT 1 FROM pg_depend d
+                WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid AND d.refclassid = 'pg_class'::regclass
+                  AND ((d.refobjid = %(table_oid)s::oid AND d.refobjsubid = %(attnum)s)
+                       OR d.refobjid = ANY(%(views)s::oid[])))
+UNION ALL
+SELECT 'statistics', s.oid::bigint, s.stxname, n.nspname, c.relname, pg_get_statisticsobjdef(s.oid), NULL,
+       obj_description(s.oid, 'pg_statistic_ext'), pg_get_userbyid(s.stxowner), s.stxstattarget::int
+  FROM pg_statistic_ext s JOIN pg_class c ON c.oid = s.stxrelid JOIN pg_namespace n ON n.oid = s.stxnamespace
+ WHERE EXISTS (SELECT 1 FROM pg_depend d
+                WHERE d.classid = 'pg_statistic_ext'::regclass AND d.objid = s.oid
+                  AND d.refclassid = 'pg_class'::regclass AND d.refobjid = %(table_oid)s::oid
+                  AND d.refobjsubid = %(attnum)s)
+ ORDER BY 1, 4, 5, 3;
+
+-- name: carry_blockers
+-- What depends on the views (%(views)s) or their row types that the swap cannot create again:
+-- described, with what it depends on. (Views, rules, triggers and policies are carried; a view's
+-- own row type, column defaults and its membership of nothing are its own.)
+SELECT DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid) AS what,
+       pg_describe_object(d.refclassid, d.refobjid, 0) AS depends_on
+  FROM pg_depend d
+ WHERE ((d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY(%(views)s::oid[]))
+        OR (d.refclassid = 'pg_type'::regclass AND d.refobjid IN (
+              SELECT t.oid FROM pg_type t JOIN pg_class c ON c.reltype = t.oid WHERE c.oid = ANY(%(views)s::oid[])
+              UNION
+              SELECT t.typarray FROM pg_type t JOIN pg_class c ON c.reltype = t.oid WHERE c.oid = ANY(%(views)s::oid[]))))
+   AND d.deptype IN ('n', 'a')
+   AND d.classid NOT IN ('pg_rewrite'::regclass, 'pg_trigger'::regclass, 'pg_policy'::regclass,
+                         'pg_attrdef'::regclass)
+   AND NOT (d.classid = 'pg_type'::regclass AND d.objid IN (
+              SELECT t.typarray FROM pg_type t JOIN pg_class c ON c.reltype = t.oid WHERE c.oid = ANY(%(views)s::oid[])))
+UNION
+SELECT 'security label on ' || pg_describe_object(l.classoid, l.objoid, l.objsubid), NULL
+  FROM pg_seclabel l
+ WHERE l.classoid = 'pg_class'::regclass
+   AND (l.objoid = ANY(%(views)s::oid[]) OR (l.objoid = %(table_oid)s::oid AND l.objsubid = %(attnum)s))
+UNION
+SELECT pg_describe_object('pg_class'::regclass, d.objid, 0) || ' (a member of '
+       || pg_describe_object(d.refclassid, d.refobjid, 0) || ')', NULL
+  FROM pg_depend d
+ WHERE d.classid = 'pg_class'::regclass AND d.objid = ANY(%(views)s::oid[]) AND d.deptype = 'e'
+ ORDER BY 1;
+
+-- name: column_attributes
+-- What PostgreSQL keeps about a column beyond its type and values: its comment, grants (with
+-- their grantors), statistics target, storage, compression and options.
+SELECT a.attnum, col_description(a.attrelid, a.attnum) AS comment, a.attstattarget::int AS stats_target,
+       a.attstorage::text AS storage, t.typstorage::text AS type_storage, a.attcompression::text AS compression,
+       a.attoptions AS options, a.attnotnull AS not_null,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'grantee', CASE WHEN x.grantee = 0 THEN NULL ELSE pg_get_userbyid(x.grantee) END,
+                   'grantor', pg_get_userbyid(x.grantor), 'privilege', x.privilege_type,
+                   'grantable', x.is_grantable)), '[]'::jsonb)
+          FROM aclexplode(a.attacl) x) AS acl
+  FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+ WHERE a.attrelid = %(relation)s::oid AND a.attname = %(column)s AND a.attnum > 0 AND NOT a.attisdropped;
+
+-- name: index_attributes
+-- An index's comment, tablespace and statistics targets (of its expression columns).
+SELECT obj_description(c.oid, 'pg_class') AS comment,
+       (SELECT spcname FROM pg_tablespace WHERE oid = c.reltablespace) AS tablespace,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('column', a.attnum, 'target', a.attstattarget::int)), '[]'::jsonb)
+          FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attstattarget IS NOT NULL
+           AND a.attstattarget >= 0) AS stats
+  FROM pg_class c
+ WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = %(table_oid)s::oid) AND c.relname = %(index)s;
+
+-- name: relation_oid
+SELECT to_regclass(%(name)s)::oid::bigint AS oid;
+
+-- name: carry_drop_view
+DROP VIEW {view};
+
+-- name: carry_create_view
+CREATE VIEW {view}{options} AS {definition};
+
+-- name: carry_view_owner
+ALTER VIEW {view} OWNER TO {owner};
+
+-- name: carry_revoke
+REVOKE ALL ON {relation} FROM {grantees} CASCADE;
+
+-- name: carry_grant
+GRANT {privileges} ON {relation} TO {grantee}{grant_option}{granted_by};
+
+-- name: carry_revoke_column
+REVOKE ALL ({column}) ON {relation} FROM {grantees} CASCADE;
+
+-- name: carry_grant_column
+GRANT {privileges} ({column}) ON {relation} TO {grantee}{grant_option}{granted_by};
+
+-- name: carry_view_comment
+COMMENT ON VIEW {view} IS {text};
+
+-- name: carry_column_comment
+COMMENT ON COLUMN {relation}.{column} IS {text};
+
+-- name: carry_index_comment
+COMMENT ON INDEX {index} IS {text};
+
+-- name: carry_index_statistics
+ALTER INDEX {index} ALTER COLUMN {number} SET STATISTICS {target};
+
+-- name: carry_view_default
+ALTER VIEW {view} ALTER COLUMN {column} SET DEFAULT {expression};
+
+-- name: carry_column_statistics
+ALTER TABLE {relation} ALTER COLUMN {column} SET STATISTICS {target};
+
+-- name: carry_column_storage
+ALTER TABLE {relation} ALTER COLUMN {column} SET STORAGE {storage};
+
+-- name: carry_column_compression
+ALTER TABLE {relation} ALTER COLUMN {column} SET COMPRESSION {method};
+
+-- name: carry_column_options
+ALTER TABLE {relation} ALTER COLUMN {column} SET ({options});
+
+-- name: carry_column_options_reset
+ALTER TABLE {relation} ALTER COLUMN {column} RESET (n_distinct, n_distinct_inherited);
+
+-- name: carry_drop_rule
+DROP RULE {object} ON {relation};
+
+-- name: carry_drop_trigger
+DROP TRIGGER {object} ON {relation};
+
+-- name: carry_drop_policy
+DROP POLICY {object} ON {relation};
+
+-- name: carry_drop_statistics
+DROP STATISTICS {object};
+
+-- name: carry_create_policy
+CREATE POLICY {object} ON {relation} {definition};
+
+-- name: carry_enable
+ALTER TABLE {relation} {state} {kind} {object};
+
+-- name: carry_comment
+COMMENT ON {kind} {object} ON {relation} IS {text};
+
+-- name: carry_statistics_comment
+COMMENT ON STATISTICS {object} IS {text};
+
+-- name: carry_statistics_owner
+ALTER STATISTICS {object} OWNER TO {owner};
+
+-- name: carry_statistics_target
+ALTER STATISTICS {object} SET STATISTICS {target};
+
+-- name: current_acl
+-- The grantees of a relation's grants, or of one of its columns', as they are now.
+SELECT DISTINCT CASE WHEN x.grantee = 0 THEN NULL ELSE pg_get_userbyid(x.grantee) END AS grantee
+  FROM pg_class c
+  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %(column)s::text
+  CROSS JOIN LATERAL aclexplode(CASE WHEN %(column)s::text IS NULL THEN c.relacl ELSE a.attacl END) x
+ WHERE c.oid = %(relation)s::oid;
+
+-- name: relation_owner
+SELECT pg_get_userbyid(relowner) AS owner FROM pg_class WHERE oid = %(relation)s::oid;
+
+-- name: row_security_applies
+-- Would row-level security filter what this role reads of the relation (its oid, or its name)?
+SELECT row_security_active(c.oid) AS active, c.relforcerowsecurity AS forced,
+       pg_has_role(c.relowner, 'USAGE') AS owns, pg_get_userbyid(c.relowner) AS owner, current_user AS me
+  FROM pg_class c
+ WHERE c.oid = coalesce(%(oid)s::oid, to_regclass(%(name)s::text)) AND c.relrowsecurity;
+
+-- name: after_swap_newest
+-- The newest record of a row written after the swap, now: a pass goes no further than it.
+SELECT max(seq) AS seq FROM reembed_after_swap WHERE job_id = %(job_id)s;
+
+-- name: split_landed
+-- A split retried after a lost acknowledgement: where the range's upper bound is now, and the
+-- range that starts there (NULL when the range was not cut).
+SELECT r.upper_id AS at, n.range_no AS new_range_no
+  FROM reembed_checkpoint_range r
+  LEFT JOIN reembed_checkpoint_range n ON n.job_id = r.job_id AND n.lower_id = r.upper_id
+ WHERE r.job_id = %(job_id)s AND r.range_no = %(range_no)s
+   AND r.upper_id IS DISTINCT FROM %(upper)s;
+
+-- name: relations_named
+-- Which of these names a relation (table, index, view, sequence) of the table's schema already has.
+SELECT c.relname AS name FROM pg_class c
+ WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = %(table_oid)s::oid)
+   AND c.relname = ANY(%(names)s::text[]);
 
 -- name: record_history
 -- A sample of the job's progress for its history (`status --report` plots it): the time, the rows

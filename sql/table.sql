@@ -64,6 +64,11 @@ DROP INDEX {index};
 -- name: drop_index_if_exists
 DROP INDEX IF EXISTS {index};
 
+-- name: drop_index_concurrently
+-- An invalid leftover of an interrupted CONCURRENTLY build: dropped without queueing an ACCESS
+-- EXCLUSIVE request that every query on the table would wait behind.
+DROP INDEX CONCURRENTLY IF EXISTS {index};
+
 -- name: relax_typmod
 -- vector(N) -> vector (halfvec alike): catalog only, no rewrite.
 ALTER TABLE {table} ALTER COLUMN {col} TYPE {vtype};
@@ -88,9 +93,13 @@ SELECT DISTINCT CAST(row_id AS {id_type}) AS k, row_id
  ORDER BY k LIMIT %(n)s;
 
 -- name: create_capture_function
--- Runs as its owner (reembed's role), whatever role the application writes as.
+-- Runs as its owner (reembed's role), whatever role the application writes as. The key's text
+-- form in one format whatever the application session's (a timestamp or float key reads back as
+-- itself in reembed's sessions, which fix the same settings: reembed.db.SESSION_SETTINGS).
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET extra_float_digits = 3
+AS $capture$
 BEGIN
     INSERT INTO {changes} (job_id, row_id) VALUES ({job_id}, NEW.{id}::text);
     RETURN NULL;
@@ -182,7 +191,9 @@ ALTER TABLE {table} ALTER COLUMN {col} DROP NOT NULL;
 -- After a shadow job's swap: the keys of rows the application inserts or whose content it
 -- changes (their previous vector is stale), for `reembed rollback`.
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $after_swap$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET extra_float_digits = 3
+AS $after_swap$
 BEGIN
     INSERT INTO {recorded} (job_id, row_id) VALUES ({job_id}, NEW.{id}::text);
     RETURN NULL;
@@ -209,7 +220,8 @@ UPDATE {table} AS t SET {col} = v.e
 RETURNING t.{id}::text AS id_text;
 
 -- name: null_previous
-UPDATE {table} SET {col} = NULL WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]));
+UPDATE {table} SET {col} = NULL WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]))
+RETURNING {id}::text AS id_text;
 
 -- name: gate_sample
 -- The quality gate's rows (reembed.gate): drawn row by row with the job's seed, in key order.

@@ -1,0 +1,410 @@
+"""What a swap carries to the new column: everything PostgreSQL keeps on it and on what depends on it.
+
+A shadow swap renames the live column away and gives the shadow column its name. What refers to
+the column by its identity (views, rules, triggers, policies, statistics objects) would go on
+reading the previous column, so each is dropped before the renames and created again after them
+from the definition PostgreSQL printed before (naming the column: the new one now). A view is
+created again with everything PostgreSQL keeps on it: its options, owner, grants (exactly: the
+grants default privileges would add are taken back), column grants, comments, column defaults,
+and the rules and INSTEAD OF triggers on it (which DROP VIEW takes with it). The column's own
+attributes (comment, grants, statistics target, storage, compression, options) and an index's
+(comment, expression statistics targets) are set on the new one. Rollback's swap back runs the
+same in the other direction.
+
+What cannot be created again (a materialized view, a function or a column of a view's row type,
+a security label, a view of an extension) is a refusal, found by `inventory` before any write,
+and again inside the swap (then nothing of the swap is committed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from reembed.errors import ConfigError, InternalError
+from reembed.queries import query
+from reembed.target import TableInfo
+
+_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN")
+_STORAGE = {"p": "PLAIN", "e": "EXTERNAL", "m": "MAIN", "x": "EXTENDED"}
+_COMPRESSION = {"": "DEFAULT", "p": "pglz", "l": "lz4"}
+_STATE = {"D": "DISABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}
+_OPTION = re.compile(r"^([a-z_]+)=(.*)$")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Privileges one grantor gave one grantee (None: PUBLIC) on a relation or a column."""
+
+    grantee: str | None
+    grantor: str
+    privileges: tuple[str, ...]
+    grantable: bool
+    column: str | None = None
+
+
+def grants(rows: list[dict[str, Any]]) -> tuple[Grant, ...]:
+    """aclexplode's rows (one per privilege), grouped as GRANT statements take them."""
+    def key(r: dict[str, Any]) -> tuple[str, str, str, bool]:
+        return (r.get("column") or "", r["grantee"] or "", r["grantor"], bool(r["grantable"]))
+
+    out = []
+    for (column, grantee, grantor, grantable), group in itertools.groupby(sorted(rows, key=key), key=key):
+        privileges = tuple(sorted({r["privilege"] for r in group}))
+        unknown = [p for p in privileges if p not in _PRIVILEGES]
+        if unknown:
+            raise InternalError(f"unknown privilege {unknown[0]!r} in a grant")
+        out.append(Grant(grantee or None, grantor, privileges, grantable, column or None))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class View:
+    """A view over the column (or over such a view), as read before the swap."""
+
+    oid: int
+    schema: str
+    name: str
+    depth: int
+    relkind: str
+    definition: str
+    owner: str
+    options: tuple[str, ...]
+    comment: str | None
+    acl: tuple[Grant, ...]
+    column_acl: tuple[Grant, ...]
+    column_comments: tuple[tuple[str, str], ...]
+    defaults: tuple[tuple[str, str], ...]
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def label(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def label_quoted(self) -> str:
+        return ".".join('"' + p.replace('"', '""') + '"' for p in (self.schema, self.name))
+
+
+@dataclass(frozen=True)
+class Attached:
+    """A rule, trigger, policy or statistics object that names the column or sits on a view."""
+
+    kind: str
+    name: str
+    schema: str
+    relation: str
+    definition: str
+    enabled: str | None
+    comment: str | None
+    owner: str | None = None
+    stats_target: int | None = None
+
+    @property
+    def relation_ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.relation)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name} on {self.schema}.{self.relation}" if self.kind != "statistics" \
+            else f"statistics {self.schema}.{self.name}"
+
+
+@dataclass(frozen=True)
+class Carried:
+    """Everything a swap drops before its renames and creates again after them."""
+
+    views: tuple[View, ...]
+    attached: tuple[Attached, ...]
+    blockers: tuple[str, ...]
+
+    def labels(self) -> list[str]:
+        return [f"view {v.label}" for v in self.views] + [a.label for a in self.attached]
+
+    def check(self, info: TableInfo, *, when: str) -> None:
+        """Refuse (exit 2) what cannot be created again."""
+        matviews = [v.label for v in self.views if v.relkind == "m"]
+        said = [f"materialized view {m} (its rows hold the column's values)" for m in matviews]
+        said += list(self.blockers)
+        if said:
+            raise ConfigError(f"the swap of {info.qualified}.{info.column} cannot carry {'; '.join(said)}: drop it "
+                              f"for the job and create it again after, or use --strategy in_place; {when}")
+
+
+def read(conn: psycopg.Connection[Any], info: TableInfo, attnum: int) -> Carried:
+    """What depends on column `attnum` of the table, as it is now (inside the swap: its transaction)."""
+    rows = conn.execute(query("carry_views"), {"table_oid": info.oid, "attnum": attnum}).fetchall()
+    views = tuple(View(
+        oid=int(r["oid"]), schema=r["schema"], name=r["name"], depth=int(r["depth"]), relkind=r["relkind"],
+        definition=r["definition"], owner=r["owner"], options=tuple(r["options"] or ()), comment=r["comment"],
+        acl=grants(r["acl"]), column_acl=grants(r["column_acl"]),
+        column_comments=tuple((c["column"], c["comment"]) for c in r["column_comments"]),
+        defaults=tuple((d["column"], d["default"]) for d in r["defaults"])) for r in rows)
+    oids = [v.oid for v in views]
+    params = {"table_oid": info.oid, "attnum": attnum, "views": oids}
+    attached = tuple(Attached(kind=r["kind"], name=r["name"], schema=r["schema"], relation=r["relation"],
+                              definition=r["definition"], enabled=r["enabled"], comment=r["comment"],
+                              owner=r["owner"], stats_target=r["stats_target"])
+                     for r in conn.execute(query("carry_attached"), params).fetchall())
+    blockers = tuple(f"{r['what']}" + (f" (on {r['depends_on']})" if r["depends_on"] else "")
+                     for r in conn.execute(query("carry_blockers"), params).fetchall())
+    return Carried(views, attached, blockers)
+
+
+def drop(conn: psycopg.Connection[Any], carried: Carried) -> None:
+    """Before the renames: what names the column by its identity (deepest views first; a view's
+    rules and triggers go with it)."""
+    for a in carried.attached:
+        if a.kind == "statistics":
+            conn.execute(query("carry_drop_statistics", object=sql.Identifier(a.schema, a.name)))
+        elif not _on_view(a, carried):
+            conn.execute(query(f"carry_drop_{a.kind}", object=sql.Identifier(a.name), relation=a.relation_ident))
+    for v in sorted(carried.views, key=lambda v: -v.depth):
+        conn.execute(query("carry_drop_view", view=v.ident))
+
+
+_CAST = re.compile(r"::(vector|halfvec|bit|sparsevec)\((\d+)\)")
+
+
+def recast(text: str, old: int | None, new: int) -> str:
+    """`text` with its casts to the old dimension (`::halfvec(64)`, `::bit(64)`) made to the new one."""
+    if old is None or old == new:
+        return text
+    return _CAST.sub(lambda m: f"::{m.group(1)}({new})" if int(m.group(2)) == old else m.group(0), text)
+
+
+def create(conn: psycopg.Connection[Any], carried: Carried, *, old: int | None, new: int) -> None:
+    """After the renames: each view again (shallowest first) with all it had, then the rules,
+    triggers, policies and statistics objects, from the definitions read before (their casts to
+    the `old` dimension made to the `new` one, as an index's are)."""
+    for v in sorted(carried.views, key=lambda v: v.depth):
+        _create_view(conn, replace(v, definition=recast(v.definition, old, new)))
+    for a in carried.attached:
+        _create_attached(conn, replace(a, definition=recast(a.definition, old, new)))
+
+
+def _on_view(a: Attached, carried: Carried) -> bool:
+    return a.kind in ("rule", "trigger") and any(v.schema == a.schema and v.name == a.relation
+                                                 for v in carried.views)
+
+
+def _create_view(conn: psycopg.Connection[Any], v: View) -> None:
+    options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(sql.SQL(o) for o in _options(v.options))) \
+        if v.options else sql.SQL("")
+    conn.execute(query("carry_create_view", view=v.ident, options=options,
+                       definition=sql.SQL(v.definition.strip().rstrip(";"))))
+    conn.execute(query("carry_view_owner", view=v.ident, owner=sql.Identifier(v.owner)))
+    oid = relation_oid(conn, v.label_quoted)
+    set_acl(conn, oid, v.ident, None, v.acl)
+    for column, grant_group in itertools.groupby(sorted(v.column_acl, key=lambda g: g.column or ""),
+                                                 key=lambda g: g.column or ""):
+        for g in grant_group:
+            _grant(conn, v.ident, g, column=column)
+    if v.comment is not None:
+        conn.execute(query("carry_view_comment", view=v.ident, text=sql.Literal(v.comment)))
+    for column, text in v.column_comments:
+        conn.execute(query("carry_column_comment", relation=v.ident, column=sql.Identifier(column),
+                           text=sql.Literal(text)))
+    for column, expression in v.defaults:
+        conn.execute(query("carry_view_default", view=v.ident, column=sql.Identifier(column),
+                           expression=sql.SQL(expression)))
+
+
+def _create_attached(conn: psycopg.Connection[Any], a: Attached) -> None:
+    relation = a.relation_ident
+    if a.kind == "policy":
+        conn.execute(query("carry_create_policy", object=sql.Identifier(a.name), relation=relation,
+                           definition=sql.SQL(a.definition)))
+    else:  # a rule, trigger or statistics object: PostgreSQL's own CREATE statement
+        conn.execute(sql.SQL(a.definition.strip().rstrip(";")))
+    if a.kind == "statistics":
+        name = sql.Identifier(a.schema, a.name)
+        if a.owner:
+            conn.execute(query("carry_statistics_owner", object=name, owner=sql.Identifier(a.owner)))
+        if a.stats_target is not None and a.stats_target >= 0:
+            conn.execute(query("carry_statistics_target", object=name, target=sql.Literal(a.stats_target)))
+        if a.comment is not None:
+            conn.execute(query("carry_statistics_comment", object=name, text=sql.Literal(a.comment)))
+        return
+    if a.enabled in _STATE:
+        conn.execute(query("carry_enable", relation=relation, state=sql.SQL(_STATE[a.enabled]),
+                           kind=sql.SQL(a.kind.upper()), object=sql.Identifier(a.name)))
+    if a.comment is not None:
+        conn.execute(query("carry_comment", kind=sql.SQL(a.kind.upper()), object=sql.Identifier(a.name),
+                           relation=relation, text=sql.Literal(a.comment)))
+
+
+def _options(options: tuple[str, ...]) -> list[str]:
+    """reloptions (key=value) as CREATE VIEW's WITH list takes them."""
+    out = []
+    for item in options:
+        match = _OPTION.match(item)
+        if match is None:
+            raise InternalError(f"cannot read the option {item!r}")
+        out.append(f"{match.group(1)} = '{match.group(2).replace(chr(39), chr(39) * 2)}'")
+    return out
+
+
+# ------------------------------------------------------------------ grants
+
+
+def _role(name: str | None) -> sql.Composable:
+    return sql.SQL("PUBLIC") if name is None else sql.Identifier(name)
+
+
+def _grant(conn: psycopg.Connection[Any], relation: sql.Composable, g: Grant, *, column: str | None = None,
+           owner: str | None = None) -> None:
+    """One GRANT; recorded as given by its grantor (a superuser's GRANT counts as the owner's)."""
+    privileges = sql.SQL(", ").join(sql.SQL(p) for p in g.privileges)
+    option = sql.SQL(" WITH GRANT OPTION" if g.grantable else "")
+    by = sql.SQL("") if owner is None or g.grantor == owner else sql.SQL(" GRANTED BY {}").format(
+        sql.Identifier(g.grantor))
+    if column is None:
+        conn.execute(query("carry_grant", privileges=privileges, relation=relation, grantee=_role(g.grantee),
+                           grant_option=option, granted_by=by))
+    else:
+        conn.execute(query("carry_grant_column", privileges=privileges, column=sql.Identifier(column),
+                           relation=relation, grantee=_role(g.grantee), grant_option=option, granted_by=by))
+
+
+def set_acl(conn: psycopg.Connection[Any], relation_oid: int, relation: sql.Composable, column: str | None,
+            wanted: tuple[Grant, ...]) -> None:
+    """Make the grants on a relation (or one of its columns) exactly `wanted`: every grant there now
+    taken back (those default privileges gave a view just created, too), then `wanted` given."""
+    now = [r["grantee"] for r in conn.execute(query("current_acl"),
+                                              {"relation": relation_oid, "column": column}).fetchall()]
+    if now:
+        grantees = sql.SQL(", ").join(_role(g) for g in now)
+        if column is None:
+            conn.execute(query("carry_revoke", relation=relation, grantees=grantees))
+        else:
+            conn.execute(query("carry_revoke_column", column=sql.Identifier(column), relation=relation,
+                               grantees=grantees))
+    owner = _owner(conn, relation_oid)
+    for g in wanted:
+        _grant(conn, relation, g, column=column, owner=owner)
+
+
+def relation_oid(conn: psycopg.Connection[Any], name: str) -> int:
+    row = conn.execute(query("relation_oid"), {"name": name}).fetchone()
+    if row is None or row["oid"] is None:
+        raise InternalError(f"relation {name} is gone")
+    return int(row["oid"])
+
+
+def _owner(conn: psycopg.Connection[Any], relation_oid: int) -> str:
+    row = conn.execute(query("relation_owner"), {"relation": relation_oid}).fetchone()
+    if row is None:
+        raise InternalError(f"relation {relation_oid} is gone")
+    return str(row["owner"])
+
+
+# ------------------------------------------------------------------ the column and its indexes
+
+
+@dataclass(frozen=True)
+class ColumnAttributes:
+    """What PostgreSQL keeps about a column beyond its type and values."""
+
+    comment: str | None
+    acl: tuple[Grant, ...]
+    stats_target: int | None
+    storage: str
+    type_storage: str
+    compression: str
+    options: tuple[str, ...]
+    not_null: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {"comment": self.comment, "stats_target": self.stats_target, "storage": self.storage,
+                "type_storage": self.type_storage, "compression": self.compression, "options": list(self.options),
+                "not_null": self.not_null,
+                "acl": [{"grantee": g.grantee, "grantor": g.grantor, "privileges": list(g.privileges),
+                         "grantable": g.grantable} for g in self.acl]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ColumnAttributes:
+        return cls(comment=data["comment"], stats_target=data["stats_target"], storage=data["storage"],
+                   type_storage=data["type_storage"], compression=data["compression"],
+                   options=tuple(data["options"]), not_null=bool(data["not_null"]),
+                   acl=tuple(Grant(g["grantee"], g["grantor"], tuple(g["privileges"]), g["grantable"])
+                             for g in data["acl"]))
+
+
+def read_column(conn: psycopg.Connection[Any], relation_oid: int, column: str) -> ColumnAttributes:
+    row = conn.execute(query("column_attributes"), {"relation": relation_oid, "column": column}).fetchone()
+    if row is None:
+        raise InternalError(f"column {column} of relation {relation_oid} is gone")
+    return ColumnAttributes(comment=row["comment"], acl=grants(row["acl"]), stats_target=row["stats_target"],
+                            storage=row["storage"], type_storage=row["type_storage"],
+                            compression=row["compression"] or "", options=tuple(row["options"] or ()),
+                            not_null=bool(row["not_null"]))
+
+
+def apply_column(conn: psycopg.Connection[Any], info: TableInfo, column: str, attrs: ColumnAttributes, *,
+                 acl: bool = True) -> None:
+    """Column `column` of the table given `attrs` (its NOT NULL is the caller's: it may scan)."""
+    table, col = sql.Identifier(*info.ident), sql.Identifier(column)
+    conn.execute(query("carry_column_comment", relation=table, column=col,
+                       text=sql.Literal(attrs.comment)))
+    target = attrs.stats_target if attrs.stats_target is not None else -1
+    conn.execute(query("carry_column_statistics", relation=table, column=col, target=sql.Literal(target)))
+    conn.execute(query("carry_column_storage", relation=table, column=col,
+                       storage=sql.SQL(_STORAGE[attrs.storage])))
+    conn.execute(query("carry_column_compression", relation=table, column=col,
+                       method=sql.SQL(_COMPRESSION.get(attrs.compression, "DEFAULT"))))
+    if attrs.options:
+        conn.execute(query("carry_column_options", relation=table, column=col,
+                           options=sql.SQL(", ").join(sql.SQL(o) for o in _options(attrs.options))))
+    else:
+        conn.execute(query("carry_column_options_reset", relation=table, column=col))
+    if acl:
+        set_acl(conn, info.oid, table, column, attrs.acl)
+
+
+def through_type_change(conn: psycopg.Connection[Any], info: TableInfo, statement: sql.SQL | sql.Composed) -> None:
+    """`statement` (ALTER COLUMN ... TYPE: it sets the column's storage and compression back to its
+    type's), then the column's attributes as they were before it."""
+    attrs = read_column(conn, info.oid, info.column)
+    conn.execute(statement)
+    apply_column(conn, info, info.column, attrs, acl=False)
+
+
+@dataclass(frozen=True)
+class IndexAttributes:
+    comment: str | None
+    tablespace: str | None
+    stats: tuple[tuple[int, int], ...]  # (column number, statistics target) of expression columns
+
+    def as_json(self) -> dict[str, Any]:
+        return {"comment": self.comment, "tablespace": self.tablespace, "stats": [list(s) for s in self.stats]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> IndexAttributes:
+        data = data or {}
+        return cls(comment=data.get("comment"), tablespace=data.get("tablespace"),
+                   stats=tuple((int(a), int(b)) for a, b in data.get("stats", [])))
+
+
+def read_index(conn: psycopg.Connection[Any], info: TableInfo, name: str) -> IndexAttributes:
+    row = conn.execute(query("index_attributes"), {"table_oid": info.oid, "index": name}).fetchone()
+    if row is None:
+        return IndexAttributes(None, None, ())
+    return IndexAttributes(comment=row["comment"], tablespace=row["tablespace"],
+                           stats=tuple((int(s["column"]), int(s["target"])) for s in row["stats"]))
+
+
+def apply_index(conn: psycopg.Connection[Any], info: TableInfo, name: str, attrs: IndexAttributes) -> None:
+    index = sql.Identifier(*info.index_ident(name))
+    conn.execute(query("carry_index_comment", index=index, text=sql.Literal(attrs.comment)))
+    for number, target in attrs.stats:
+        conn.execute(query("carry_index_statistics", index=index, number=sql.Literal(number),
+                           target=sql.Literal(target)))
