@@ -9,7 +9,8 @@ The library is what the CLI calls:
     report = run(settings)              # resumes an active job; a no-op when the registry already matches
     print(report.state, report.rows_updated)
 
-`plan(settings)` is the dry run, `status(settings)` the job's progress; after a shadow job's swap
+`plan(settings)` is the dry run, `status(settings)` the job's progress, `evaluate(settings, EvalOptions(models=...))`
+`reembed eval`'s comparison of candidate models on the table's own rows; after a shadow job's swap
 (`RunOptions(strategy="shadow")`), `rollback(settings, RollbackOptions())` and `cleanup(settings)`. Every failure an
 operator can act on is a `ReembedError`, whose `exit_code` is the CLI's.
 """
@@ -30,10 +31,11 @@ if TYPE_CHECKING:  # what the names are; at run time each module loads on first 
         LockHeld,
         ReembedError,
     )
+    from reembed.evaluate import Comparison, evaluate
     from reembed.job import plan, run
     from reembed.report import Report
     from reembed.rollback import cleanup, rollback
-    from reembed.settings import ModelSpec, RollbackOptions, RunOptions, Settings, Target
+    from reembed.settings import EvalOptions, ModelSpec, RollbackOptions, RunOptions, Settings, Target
     from reembed.signals import StopSignal
     from reembed.status import Status, status
 
@@ -44,7 +46,7 @@ _WHERE = {
     "LockHeld": "errors", "ReembedError": "errors", "plan": "job", "run": "job", "Report": "report",
     "ModelSpec": "settings", "RunOptions": "settings", "Settings": "settings", "Target": "settings",
     "StopSignal": "signals", "Status": "status", "status": "status", "rollback": "rollback", "cleanup": "rollback",
-    "RollbackOptions": "settings",
+    "RollbackOptions": "settings", "evaluate": "evaluate", "Comparison": "evaluate", "EvalOptions": "settings",
 }
 
 
@@ -56,8 +58,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CheckpointConflict",
+    "Comparison",
     "ConfigError",
     "DatabaseError",
+    "EvalOptions",
     "Interrupted",
     "LockHeld",
     "ModelSpec",
@@ -71,6 +75,7 @@ __all__ = [
     "Target",
     "__version__",
     "cleanup",
+    "evaluate",
     "plan",
     "rollback",
     "run",

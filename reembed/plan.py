@@ -6,6 +6,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import psycopg
 import structlog
 
@@ -13,7 +14,7 @@ from reembed import checkpoint as ckpt
 from reembed import dependents
 from reembed.checkpoint import Job
 from reembed.cost import estimate as estimate_cost
-from reembed.cost import size, vector_bytes
+from reembed.cost import vector_bytes
 from reembed.dependents import Inventory
 from reembed.encoding import Embedder, feed_for
 from reembed.errors import ConfigError
@@ -24,6 +25,7 @@ from reembed.settings import RunOptions, Settings
 from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.target import TableInfo
+from reembed.terminal import plan_text
 from reembed.worker import WINDOW_SECS
 
 log = structlog.get_logger()
@@ -167,23 +169,6 @@ _BROKEN_RETYPED = ("those that return the column (its dimension changes)",)
 _BROKEN_IN_PLACE = ("those that return the column, or SELECT * (its type changes at prepare and at the cut-over)",)
 
 
-def said_strategies(s: dict[str, Any]) -> str:
-    parts = []
-    for name in ("in_place", "shadow"):
-        d = s[name]
-        if d["refused"]:
-            parts.append(f"{name}: refused")
-            continue
-        down = d["search_unavailable_secs"]
-        unavailable = f"for about {down:g} s" if down else "never"
-        broken = d.get("prepared_statements_broken") or []
-        parts.append(f"{name}: extra disk up to {size(d['extra_disk_bytes'])}, search unavailable {unavailable}, "
-                     f"writers held at most {d['writers_held_secs']:g} s"
-                     + (f", prepared statements that fail until prepared again: {' and '.join(broken)}"
-                        if broken else ""))
-    return "strategies: " + "; ".join(parts) + f"; recommended: {s['recommended'] or 'none'} ({s['why']})"
-
-
 def sample_texts(conn: psycopg.Connection[Any], info: TableInfo, n: int, rows_total: int) -> list[str]:
     """About `n` texts of the table, pages drawn from all of it."""
     percent = min(100.0, 120.0 * n / max(rows_total, 1))
@@ -193,22 +178,31 @@ def sample_texts(conn: psycopg.Connection[Any], info: TableInfo, n: int, rows_to
 
 def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, opts: RunOptions,
                 rows_total: int) -> float | None:
-    """Rows/s of the table's own rows through the pipeline a run uses, timed the way the run
-    encodes them: its feed (tokenizer processes, token-budget batches), one untimed pass over the
-    whole sample first (first passes over new shapes are slower: the run is past them soon), then
-    the sample cut into windows as the run cuts them (about WINDOW_SECS of the pace the first pass
-    measured, at most the feed's window). The stages overlap in a run, so the slower sets the
-    pace: tokenizer processes beside the device; a tokenizer thread of this process shares its GIL."""
+    """Rows/s of the table's own rows through the pipeline a run uses (`encode_timed`)."""
     texts = sample_texts(conn, info, max(2 * opts.batch_size, 512), rows_total)
     if not texts:
         return None
+    return encode_timed(embedder, texts, opts)[1]
+
+
+def encode_timed(embedder: Embedder, texts: list[str], opts: RunOptions, *,
+                 warm: int | None = None) -> tuple[np.ndarray, float]:
+    """`texts`' vectors (in their order) and rows/s through the pipeline a run uses, timed the way
+    the run encodes them: its feed (tokenizer processes, token-budget batches), one untimed pass
+    first over the first `warm` texts (all of them by default: first passes over new shapes are
+    slower, the run is past them soon), then the texts cut into windows as the run cuts them
+    (about WINDOW_SECS of the pace the first pass measured, at most the feed's window). The stages
+    overlap in a run, so the slower sets the pace: tokenizer processes beside the device; a
+    tokenizer thread of this process shares its GIL."""
     feed = feed_for(embedder, opts)
     never = StopSignal()
     size = opts.batch_size
+    first = texts if warm is None else texts[:max(1, warm)]
+    encoded: list[np.ndarray] = []
     try:
-        warm = time.perf_counter()
-        feed.encode([feed.submit(texts[i: i + size]) for i in range(0, len(texts), size)], never)
-        pace = len(texts) / max(time.perf_counter() - warm, 1e-6)
+        started = time.perf_counter()
+        feed.encode([feed.submit(first[i: i + size]) for i in range(0, len(first), size)], never)
+        pace = len(first) / max(time.perf_counter() - started, 1e-6)
         started = time.perf_counter()
         pending = [feed.submit(texts[i: i + size]) for i in range(0, len(texts), size)]
         for p in pending:
@@ -217,13 +211,14 @@ def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedd
         limit = max(1, min(feed.window_rows, int(pace * WINDOW_SECS)))  # as worker.window_limit
         per_window = -(-limit // size)  # the run closes a window with the transaction that reaches it
         for start in range(0, len(pending), per_window):
-            feed.encode(pending[start: start + per_window], never)
-        encoded = time.perf_counter()
+            encoded += feed.encode(pending[start: start + per_window], never) or []
+        finished = time.perf_counter()
     finally:
         feed.close()
-    tokenize_secs, forward_secs = tokenized - started, encoded - tokenized
+    tokenize_secs, forward_secs = tokenized - started, finished - tokenized
     secs = max(tokenize_secs, forward_secs) if feed.overlapped else tokenize_secs + forward_secs
-    return len(texts) / max(secs, 1e-6)
+    vectors = np.concatenate(encoded) if encoded else np.empty((0, embedder.signature.dimension), np.float32)
+    return vectors, len(texts) / max(secs, 1e-6)
 
 
 def plan_report(
@@ -234,7 +229,10 @@ def plan_report(
     embedder: Embedder,
     settings: Settings,
     started: float,
+    *,
+    rate: float | None = None,
 ) -> Report:
+    """`rate`: rows/s measured already on the table's rows (reembed eval); else sampled here."""
     opts, sig = settings.options, embedder.signature
     rows = estimate_rows(conn, info)
     resume = job is not None and job.matches(sig)
@@ -242,7 +240,7 @@ def plan_report(
     to_update = max(rows - done, 0)
     on_column = (dependents.recorded(job) if resume and job is not None
                  else list(inventory(conn, info, registry, job, sig.dimension, opts).dependents))
-    rate = sample_rate(conn, info, embedder, opts, rows)
+    rate = rate if rate is not None else sample_rate(conn, info, embedder, opts, rows)
     batches = -(-to_update // opts.batch_size)
     estimate = round(to_update / rate, 1) if rate else None
     alter = (job.source_typmod if resume and job is not None else info.typmod) != sig.dimension
@@ -259,6 +257,9 @@ def plan_report(
         "strategy": opts.strategy,
         "strategies": strategies,
         "table": info.qualified,
+        "column": info.column,
+        "column_type": info.column_type,
+        "column_typmod": job.source_typmod if resume and job is not None else info.typmod,
         "rows_to_update": to_update,
         "embedder_batches": batches,
         "estimated_walltime_secs": estimate,
@@ -268,6 +269,7 @@ def plan_report(
         "would_alter_typmod": bool(alter),
         "index": info.index.name if info.index else (job.index_name if job else None),
         "dependents": [d.as_json() for d in on_column],
+        "dependents_said": [dependents.summary([d]) for d in on_column],
         "resumes_job": job.id if resume and job else None,
         "cut_over_rewrite_secs": round(rewrite_secs(conn, info, rows), 1) if alter else 0.0,
         "cost": cost.as_dict(),
@@ -275,22 +277,6 @@ def plan_report(
                  "null_content": info.null_content},
         "not_null": info.not_null,
     }
-    message = (
-        f"plan: {to_update} rows of {info.qualified} to re-embed in {batches} batches with {sig.name} "
-        f"({sig.dimension}-d), about {estimate if estimate is not None else '?'} s of encoding; "
-        f"typmod change: {'yes' if alter else 'no'}; current model: {registry.name if registry else 'none'}"
-        + (f"; resumes job {job.id}" if resume and job else "")
-        + (f"; the text: {info.content_sql} (capture compares {', '.join(info.content_reads)})"
-           if info.content_sql else "")
-        + ("; a NULL text is encoded as the empty text" if info.null_content == "empty" else "")
-        + (f"; {info.column} is NOT NULL: kept (in place, PostgreSQL keeps it through the type change; shadow, "
-           "the new column refuses NULL from the swap on, then one scan validates it with the application "
-           "writing, no lock held)" if info.not_null else "")
-        + "; on the column: " + dependents.summary(on_column)
-        + f"; cost: {cost.said()}"
-        + (f"; at the cut-over the table is rewritten (vector({sig.dimension})): writers and readers wait "
-           f"about {details['cut_over_rewrite_secs']} s" if alter and opts.strategy == "in_place" else "")
-        + "; " + said_strategies(strategies)
-    )
+    message = plan_text(details)
     return Report(state="planned", model_name=sig.name, dimension=sig.dimension, model_hash=sig.hash,
                   duration_secs=time.monotonic() - started, message=message, details=details)

@@ -186,6 +186,30 @@ class VerifyOptions:
 
 
 @dataclass(frozen=True)
+class EvalOptions:
+    """What `reembed eval` compares, on which rows."""
+
+    models: tuple[ModelSpec, ...] = ()  # the candidates
+    current: ModelSpec | None = None  # the registry's model (its hash is checked): the stored column's queries
+    sample: int = 10_000  # rows read once and encoded by each model: the search's rows
+    queries: int = 1000  # of them, rows made into queries (one of their sentences)
+    seed: int = 0  # the same seed, the same rows and queries
+    strategy: str = "in_place"  # the job whose cost `plan` states for each candidate
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalOptions:
+        def spec(model: str, prefix: str, max_seq_length: int | None) -> ModelSpec:
+            return ModelSpec(model=model, device=args.device, precision=args.precision, prefix=prefix,
+                             max_seq_length=max_seq_length)
+
+        current = spec(args.current_model, args.current_prefix or "", args.current_max_seq_length) \
+            if args.current_model else None
+        return cls(models=tuple(spec(m, args.prefix or "", args.max_seq_length) for m in args.models),
+                   current=current, sample=args.sample, queries=args.queries, seed=args.seed,
+                   strategy=args.strategy)
+
+
+@dataclass(frozen=True)
 class RollbackOptions:
     """What `reembed rollback` does with the rows written since the swap."""
 

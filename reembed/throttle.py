@@ -44,6 +44,7 @@ from typing import Any
 import psycopg
 import structlog
 
+from reembed import checkpoint as ckpt
 from reembed import db
 from reembed.background import Background
 from reembed.errors import ConfigError, InternalError, first_line
@@ -446,6 +447,7 @@ def _beat(conn: psycopg.Connection[Any], job_id: int) -> Any:
 
 def _record_throttle(conn: psycopg.Connection[Any], job_id: int, reason: str | None, secs: float) -> None:
     conn.execute(query("record_throttle"), {"job_id": job_id, "reason": reason, "secs": secs})
+    ckpt.record_history(conn, job_id, now=True)  # the hold's start or end, in the job's history
 
 
 def _safe(dsn: str) -> str:

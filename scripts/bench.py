@@ -44,7 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost", "shadow", "workers")
+SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost", "shadow", "workers", "eval")
 WORDS = (
     "database index vector search model embedding query table row column cosine graph python compiler "
     "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
@@ -768,6 +768,62 @@ class Bench:
             self.checkpoint(f"cost {old_dim}->{new_dim}")
         self.results["cost"] = out
 
+    def section_eval(self) -> None:
+        """`reembed eval` on --eval-rows real texts (docstrings of held-out packages): the stored column
+        holds a static model's vectors (the registry names it: its queries are measured too), the
+        candidates are the real MiniLM and a static model. The whole comparison's wall time, each
+        candidate's encode rate and peak memory, and the time a 10,000-row sample takes at those rates."""
+        from reembed.embedder import SentenceTransformerEmbedder
+        from reembed.evaluate import evaluate
+        from reembed.settings import EvalOptions, ModelSpec, Settings, Target
+
+        rows, device = self.args.eval_rows, self.args.device
+        content = corpus("docstrings", rows)
+        current = self.model_dir("static")
+        specs = tuple(ModelSpec(model=str(self.model_dir(kind)), model_name=kind, device=device)
+                      for kind in ("minilm", "static"))
+        with self.database() as dsn:
+            self.fill(dsn, rows=rows, dim=384, content=content)
+            stored = SentenceTransformerEmbedder(ModelSpec(model=str(current), device=device))
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                register_vector(conn)
+                found = conn.execute("SELECT id, content FROM knowledge_nodes").fetchall()
+                vectors = stored.encode([c for _, c in found])
+                with conn.cursor() as cur:
+                    cur.executemany("UPDATE knowledge_nodes SET embedding = %s WHERE id = %s",
+                                    [(v, k) for (k, _), v in zip(found, vectors, strict=True)])
+                conn.execute("UPDATE embedding_model SET model_name = %s, dimension = 384, model_hash = %s",
+                             (str(current), stored.signature.hash))
+                conn.execute("VACUUM ANALYZE knowledge_nodes")
+            del stored
+            started = time.perf_counter()
+            data = evaluate(Settings(target=Target(dsn=dsn)),
+                            EvalOptions(models=specs, sample=rows, queries=min(rows, 1000))).as_dict()
+            secs = time.perf_counter() - started
+        models = {m["label"]: m for m in data["models"] if not m["current"]}
+        encode = sum(rows / m["rows_per_sec"] for m in models.values())
+        # the same texts through each model's plain encode (batches of --batch-size, one process), in this
+        # run: eval's rate as a ratio to it holds on a busier or quieter host
+        plain = {}
+        for spec in specs:
+            emb = SentenceTransformerEmbedder(spec)
+            plain[spec.model_name] = self.encode_only(emb, content[: min(rows, 1000)])
+            del emb
+        out: dict[str, Any] = {"rows": rows, "queries": data["sample"]["queries"], "device": device,
+                               "eval_secs": round(secs, 1), "encode_secs": round(encode, 1),
+                               "other_secs": round(secs - encode, 1)}
+        for label, m in models.items():
+            out[label] = {"rows_per_sec": m["rows_per_sec"],
+                          "peak_memory_mb": round(m["peak_memory"]["bytes"] / 2**20, 1),
+                          "peak_memory_kind": m["peak_memory"]["kind"], "load_secs": m["load_secs"],
+                          "recall": m["recall"]["value"], "encode_10k_secs": round(10_000 / m["rows_per_sec"], 1),
+                          "encode_only_rows_per_sec": round(plain[label], 1),
+                          "eval_over_encode_only": round(m["rows_per_sec"] / plain[label], 3)}
+        # at 10,000 rows: the encoding scales with the rows; the rest (loading, queries, plan) is taken as is
+        out["extrapolated_10k_secs"] = round(sum(v["encode_10k_secs"] for v in out.values() if isinstance(v, dict))
+                                             + out["other_secs"], 1)
+        self.results["eval"] = out
+
     def section_workers(self) -> None:
         """One job on 1, 2 and 4 worker processes (scripts/simworker.py), each on a SIMULATED device
         of a fixed rate (--sim-rate rows/s: a sleep per row, as a device's time): the job's rate (rows
@@ -1014,6 +1070,17 @@ def render(results: dict[str, Any]) -> str:
                          f"{v['speedup_summed']}x "
                          f"(ideal {v['ideal']} rows/s = min(N x device, write ceiling)); write ceiling with "
                          f"{n} writer connection(s), no device time: {v['write_ceiling']['rows_per_sec']} rows/s")
+    if "eval" in results:
+        e = results["eval"]
+        lines.append(f"\neval ({e['rows']} rows of docstrings sampled, {e['queries']} queries, device {e['device']}): "
+                     f"{e['eval_secs']} s in all ({e['encode_secs']} s encoding the candidates, {e['other_secs']} s "
+                     f"loading, queries, the stored column and plan's cost); at 10,000 rows about "
+                     f"{e['extrapolated_10k_secs']} s")
+        for label, m in ((k, v) for k, v in e.items() if isinstance(v, dict)):
+            lines.append(f"  {label}: {m['rows_per_sec']} rows/s (encode-only {m['encode_only_rows_per_sec']}, "
+                         f"ratio {m['eval_over_encode_only']}), peak {m['peak_memory_mb']} MB "
+                         f"({m['peak_memory_kind']}), load {m['load_secs']} s, recall@10 {m['recall']}; "
+                         f"10,000 rows encoded in {m['encode_10k_secs']} s")
     if "peak_rss_mb" in results:
         r = results["peak_rss_mb"]
         rows = [k for k in r if k != "growth_mb"]
@@ -1034,6 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost-rows", type=int, default=20_000, help="rows for the cost section's WAL measurement")
     p.add_argument("--shadow-rows", type=int, default=20_000, help="rows for the shadow section's search-through-a-job")
     p.add_argument("--worker-rows", type=int, default=20_000, help="rows for the workers section")
+    p.add_argument("--eval-rows", type=int, default=2_000, help="rows sampled by the eval section (every row)")
     p.add_argument("--worker-counts", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--sim-rate", type=float, default=1000.0, help="the simulated device's rows/s per worker")
     p.add_argument("--batch-size", type=int, default=256)

@@ -1142,3 +1142,21 @@ SELECT 'rule', r.rulename, pg_get_ruledef(r.oid), r.is_instead
   FROM pg_rewrite r
  WHERE r.ev_class = %(table_oid)s::oid AND r.ev_type = '2' AND r.ev_enabled <> 'D'
  ORDER BY 1, 2;
+
+-- name: record_history
+-- A sample of the job's progress for its history (`status --report` plots it): the time, the rows
+-- done, the state, the last finalize step, whether a throttle holds the job. %(every)s NULL: at
+-- most one per 9 s or per 1/500 of the job's age, whichever is longer (a long job keeps about a
+-- thousand); 0: now (a change of state, a finalize step, a hold).
+UPDATE reembed_checkpoint c
+   SET history = c.history || jsonb_build_array(jsonb_build_object(
+           't', round(extract(epoch FROM clock_timestamp())::numeric, 3),
+           'rows', (SELECT coalesce(sum(r.rows_done + r.rows_skipped), 0) FROM reembed_checkpoint_range r
+                     WHERE r.job_id = c.job_id),
+           'state', c.state,
+           'step', c.finalize_steps[cardinality(c.finalize_steps)],
+           'held', c.throttle_reason IS NOT NULL))
+ WHERE c.job_id = %(job_id)s
+   AND (jsonb_array_length(c.history) = 0
+        OR extract(epoch FROM clock_timestamp()) - (c.history -> -1 ->> 't')::float8
+           >= coalesce(%(every)s::float8, greatest(9.0, extract(epoch FROM now() - c.started_at) / 500)));

@@ -152,3 +152,9 @@ CREATE TABLE IF NOT EXISTS reembed_worker (
 ALTER TABLE reembed_checkpoint
     ADD COLUMN IF NOT EXISTS content_expr text,
     ADD COLUMN IF NOT EXISTS null_content text NOT NULL DEFAULT 'null';
+
+-- Added with reports (reembed.htmlreport): the job's history, samples of (time, rows done, state,
+-- last finalize step, held by a throttle) taken at each heartbeat (thinned: about a thousand for a
+-- long job) and at each change of state, finalize step and throttle hold; `status --report` plots it.
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS history jsonb NOT NULL DEFAULT '[]';

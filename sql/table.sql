@@ -283,3 +283,11 @@ RETURNING 1;
 
 -- name: probe_shadow_column
 ALTER TABLE {table} ADD COLUMN {col} {vtype}({dim});
+
+-- name: eval_sample
+-- `reembed eval`'s rows, read once: drawn row by row with the operator's seed; of those, %(n)s in
+-- an order the seed also fixes (not the key's: the highest keys would be left out most often).
+SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS e
+  FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (%(seed)s)
+ WHERE {content} IS NOT NULL
+ ORDER BY md5({id_text} || %(seed)s::text) LIMIT %(n)s;

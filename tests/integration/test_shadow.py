@@ -435,7 +435,7 @@ def test_plan_compares_both_strategies_and_recommends_one_writing_nothing(dsn: s
     assert s["shadow"]["search_unavailable_secs"] == 0 and s["in_place"]["search_unavailable_secs"] > 0
     assert s["shadow"]["kept_until_cleanup_bytes"] >= 200 * (8 + 4 * 48)
     assert s["shadow"]["extra_disk_bytes"] > s["in_place"]["extra_disk_bytes"]
-    assert "recommended: shadow" in report.message
+    assert "Recommended: --strategy shadow (search is served from the column" in report.message
     assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL") and "embedding_reembed1" not in columns(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP VIEW recent_nodes")
