@@ -277,7 +277,10 @@ def test_an_application_writing_faster_than_the_job_encodes_never_holds_writers_
         app = _Outpacing(dsn, keys, until=not_converging)  # until the job says it cannot keep up
         app.start()
         try:
-            report = run(job_settings(dsn, batch_size=16, max_writers_held=bound), embedder=SlowHashEmbedder(64))
+            # a device of 20 rows/s: the application (a thread here, ~200 edits/s on an idle machine)
+            # outpaces it even on a loaded one
+            report = run(job_settings(dsn, batch_size=16, max_writers_held=bound),
+                         embedder=SlowHashEmbedder(64, rows_per_sec=20))
         finally:
             app.stop.set()
             app.join(10)
