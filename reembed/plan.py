@@ -276,6 +276,7 @@ def plan_report(
         "text": {"content": info.content_sql or info.content_column, "reads": list(info.content_reads),
                  "null_content": info.null_content},
         "not_null": info.not_null,
+        "key": list(info.pk.columns),
     }
     message = plan_text(details)
     return Report(state="planned", model_name=sig.name, dimension=sig.dimension, model_hash=sig.hash,

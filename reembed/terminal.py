@@ -72,6 +72,9 @@ def plan_text(d: dict[str, Any]) -> str:
     kind, was = d.get("column_type", "vector"), d.get("column_typmod")
     happen.append(("column", f"{kind}({was if was else ''}) becomes {kind}({target['dimension']}): the typmod "
                    "changes" if d["would_alter_typmod"] else f"stays {kind}({target['dimension']})"))
+    key = d.get("key") or []
+    if len(key) > 1:
+        happen.append(("key", f"({', '.join(key)}): walked in key order by row comparison, on its index"))
     text = d.get("text") or {}
     if text.get("reads") and text.get("content") not in text["reads"]:  # --content: an expression
         happen.append(("text", f"{text['content']} (capture compares {', '.join(text['reads'])})"))
