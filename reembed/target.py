@@ -4,7 +4,7 @@ Every problem found here is a ConfigError, raised before anything is written."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -63,6 +63,7 @@ class TableInfo:
     registry: tuple[str, ...]
     attnum: int = 0  # the column's number (pg_attribute.attnum)
     column_type: str = "vector"  # the column's pgvector type: vector or halfvec
+    partitioned: bool = False  # a partitioned table (relkind 'p'): its rows are in its partitions (reembed.partitions)
 
     def statement(self, name: str, *, column: str | None = None, **extra: Fill) -> sql.Composed | sql.SQL:
         """The statement `name` of sql/table.sql on this table; `column`: the column written
@@ -81,6 +82,12 @@ class TableInfo:
     def index_ident(self, name: str) -> tuple[str, str]:
         """An index of this table, schema-qualified."""
         return (self.ident[0], name)
+
+    def on(self, oid: int, ident: tuple[str, str], attnum: int, *, partitioned: bool = False) -> TableInfo:
+        """This description for another relation with the same columns (a partition of this table):
+        its statements run there. Never a job's key: `qualified` names the partition."""
+        return replace(self, oid=oid, ident=ident, qualified=regclass_text(ident), attnum=attnum, index=None,
+                       partitioned=partitioned)
 
 
 def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
@@ -142,6 +149,7 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
         registry=registry,
         attnum=int(column["attnum"]),
         column_type=column["typname"],
+        partitioned=row["relkind"] == "p",
     )
 
 

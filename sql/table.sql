@@ -84,6 +84,17 @@ CREATE INDEX {concurrently} {index_name} ON {table} USING hnsw ({col} {opclass})
 -- name: reindex
 REINDEX INDEX {concurrently} {index};
 
+-- name: create_index_on
+-- One index of a partitioned index's tree, from its own definition (what follows USING, as
+-- pg_get_indexdef prints it; the dimension as the job builds it): on one partition ({only} empty;
+-- CONCURRENTLY when asked), or ON ONLY a partitioned table (catalog only; it becomes valid once
+-- every partition has its index attached below it).
+CREATE INDEX {concurrently} {index} ON {only} {table} USING {body};
+
+-- name: attach_index
+-- A partition's index below its parent's (catalog only; holds no application statement up).
+ALTER INDEX {parent} ATTACH PARTITION {index};
+
 -- name: pending_keys
 -- The next page of captured keys, deduplicated, in key order.
 SELECT DISTINCT CAST(row_id AS {id_type}) AS k, row_id
