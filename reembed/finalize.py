@@ -182,13 +182,12 @@ def index_steps(ctx: RunContext) -> list[FinalizeStep]:
             log.warning("no_index_to_rebuild", detail="no index read the column when the job started")
 
         return [FinalizeStep("build_index", nothing)]
-    steps: list[FinalizeStep] = []
-    for d in indexes:
-        if d.partitioned:
-            steps += _tree_steps(ctx, d, only=len(indexes) == 1)
-        else:
-            steps.append(index_step(ctx, d, only=len(indexes) == 1))
-    return steps
+    return [step for d in indexes for step in steps_for(ctx, d, only=len(indexes) == 1)]
+
+
+def steps_for(ctx: RunContext, index: dependents.Dependent, *, only: bool) -> list[FinalizeStep]:
+    """The steps that build (or REINDEX) one index: one, or one per partition and two more."""
+    return _tree_steps(ctx, index, only=only) if index.partitioned else [index_step(ctx, index, only=only)]
 
 
 _M = re.compile(r"\bm\s*=\s*'?(\d+)")

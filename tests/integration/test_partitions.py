@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 from reembed.job import run
-from reembed.settings import Settings, Target
+from reembed.rollback import cleanup, rollback
+from reembed.settings import RollbackOptions, Settings, Target
 from support import catalog
 from support.database import one
 from support.fakes import HashEmbedder, job_settings
-from support.partitioned import TABLE, index_tree, make_partitioned_table, vectors_by_dimension
+from support.partitioned import FIRST, TABLE, index_tree, make_partitioned_table, vectors_by_dimension
 
 
 def settings(dsn: str, **opts: Any) -> Settings:
@@ -67,3 +68,48 @@ def test_without_concurrent_builds_each_partitions_index_is_built_in_a_transacti
     assert report.state == "done", report
     catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 32)))
     assert all(valid for _, _, valid in index_tree(dsn))
+
+
+# ------------------------------------------------------------------ shadow, rollback, cleanup
+
+
+def previous_names(tree: list[tuple[str, str, bool]]) -> tuple[str, ...]:
+    """What the oracle leaves out after a swap: the previous column and every previous index (the
+    parent's and each partition's), by the names the swap gives them."""
+    from reembed.shadow import PREVIOUS, name_with
+
+    return ("embedding_previous", *(name_with(index.split(".")[-1], PREVIOUS) for _, index, _ in tree))
+
+
+@pytest.mark.parametrize("by", ["range", "list"])
+def test_a_shadow_swap_gives_every_partitions_index_its_name_and_keeps_the_previous_ones(dsn: str, by: str) -> None:
+    make_partitioned_table(dsn, by=by, local_index=True)
+    tree = index_tree(dsn)
+    ignore = (*previous_names(tree), f"{FIRST[by]}_l2_previous")
+    before = catalog.snapshot(dsn, dims=(64, 48), any_column_order=True)
+    report = run(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48), ignore=ignore, any_column_order=True))
+    assert index_tree(dsn) == tree  # the new vectors' indexes, under the live names
+    assert vectors_by_dimension(dsn)[48] == content_rows(dsn)
+    previous = index_tree(dsn, "app.items_embedding_hnsw_previous")
+    assert len(previous) == len(tree) and all(valid for _, _, valid in previous)
+
+
+def test_a_rollback_after_a_shadow_swap_puts_every_partition_back_as_it_was(dsn: str) -> None:
+    make_partitioned_table(dsn, by="range", local_index=True)
+    before = catalog.snapshot(dsn)
+    assert run(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48)).state == "done"
+    report = rollback(Settings(target=Target(dsn=dsn, table=TABLE)), RollbackOptions(leave_stale_null=True))
+    assert report.state == "rolled_back", report
+    catalog.assert_unchanged(before, catalog.snapshot(dsn))
+    assert vectors_by_dimension(dsn)[64] == content_rows(dsn)
+
+
+def test_a_cleanup_after_a_shadow_swap_drops_the_previous_column_on_every_partition(dsn: str) -> None:
+    make_partitioned_table(dsn, by="hash")
+    before = catalog.snapshot(dsn, dims=(64, 48), any_column_order=True)
+    assert run(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48)).state == "done"
+    assert cleanup(Settings(target=Target(dsn=dsn, table=TABLE))).state == "cleaned"
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48), any_column_order=True))
+    assert one(dsn, "SELECT count(*) FROM pg_attribute WHERE attname = 'embedding_previous'") == 0
