@@ -79,6 +79,7 @@ class Job:
     gate: dict[str, Any] | None = None  # the quality gate's figures
     swapped_at: dt.datetime | None = None
     previous_state: str | None = None  # after a shadow swap: kept | rolled_back | cleaned
+    partitions: list[dict[str, Any]] | None = None  # a partitioned table's partitions (reembed.partitions); None: none
 
     @property
     def id(self) -> int:

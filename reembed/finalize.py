@@ -23,7 +23,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import carry, db, dependents, partitions
+from reembed import carry, db, dependents, partitions, repartition
 from reembed import checkpoint as ckpt
 from reembed.background import Background
 from reembed.context import FinalizeStep, RunContext
@@ -49,6 +49,8 @@ def run(ctx: RunContext) -> Outcome:
     job = _reload(ctx)
     if _postponed(ctx, outcome):
         return outcome
+    repartition.reconcile(ctx)  # partitions attached or detached meanwhile, before the steps are named
+    job = _reload(ctx)
     log.info("finalize_started", steps_done=job.steps)
     for step in ctx.strategy.finalize_steps(ctx):
         if step.name in job.steps:

@@ -27,7 +27,7 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from reembed import capture, carry, cutover, dependents, failures, finalize, gate, partitions
+from reembed import capture, carry, cutover, dependents, failures, finalize, gate, partitions, repartition
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext
 from reembed.cutover import CutOver
@@ -267,6 +267,7 @@ class Shadow:
 
     def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
         info, names, job = ctx.info, self.names(ctx), ctx.active
+        repartition.check_unchanged(conn, ctx)  # no partition attached or detached since finalize began
         carried = carry.read(conn, info, info.attnum)
         carried.check(info, when="nothing was swapped (it was created while the job ran)")
         columns = carry.read_columns(conn, info, info.column)  # on each partition too

@@ -21,7 +21,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import capture, carry, cutover, dependents, failures, finalize
+from reembed import capture, carry, cutover, dependents, failures, finalize, repartition
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext, Strategy
 from reembed.cutover import CutOver
@@ -85,6 +85,7 @@ class InPlace:
         cutover.for_job(self._cut, ctx, rewrite=rewrite, swap=lambda c: self._swap(ctx, c, rewrite=rewrite))
 
     def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool) -> None:
+        repartition.check_unchanged(conn, ctx)  # no partition attached or detached since finalize began
         if rewrite:
             # The capture trigger names the column, which blocks a type change: it goes first
             # (that needs ACCESS EXCLUSIVE, which the rewrite takes anyway).

@@ -703,6 +703,12 @@ SELECT * FROM reembed_checkpoint
  WHERE table_name = %(table)s AND column_name = %(column)s AND previous_state = 'kept'
  ORDER BY job_id DESC LIMIT 1;
 
+-- name: record_partitions
+-- A partitioned table's partitions, and the inventory that names their indexes (reembed.repartition).
+UPDATE reembed_checkpoint SET partitions = %(partitions)s, dependents = coalesce(%(dependents)s, dependents),
+       updated_at = now()
+ WHERE job_id = %(job_id)s;
+
 -- name: record_shadow
 UPDATE reembed_checkpoint SET shadow = %(shadow)s, updated_at = now() WHERE job_id = %(job_id)s;
 

@@ -103,6 +103,11 @@ SELECT DISTINCT CAST(row_id AS {id_type}) AS k, row_id
    AND (%(after)s::text IS NULL OR CAST(row_id AS {id_type}) > CAST(%(after)s AS {id_type}))
  ORDER BY k LIMIT %(n)s;
 
+-- name: capture_every_key
+-- A partition attached while the job ran: its rows, never seen by the capture triggers, are
+-- captured for the catch-up (in reembed's session format of the key, as the trigger writes it).
+INSERT INTO {changes} (job_id, row_id) SELECT %(job_id)s, {id}::text FROM {table};
+
 -- name: create_capture_function
 -- Runs as its owner (reembed's role), whatever role the application writes as. The key's text
 -- form in one format whatever the application session's (a timestamp or float key reads back as

@@ -9,15 +9,20 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import psycopg
 import pytest
+import structlog
+from pgvector.psycopg import register_vector
 
+from reembed.errors import ReembedError
 from reembed.job import run
 from reembed.rollback import cleanup, rollback
 from reembed.settings import RollbackOptions, Settings, Target
 from support import catalog
 from support.database import one
-from support.fakes import HashEmbedder, job_settings
+from support.fakes import Gate, HashEmbedder, hash_vector, job_settings
 from support.partitioned import FIRST, TABLE, index_tree, make_partitioned_table, vectors_by_dimension
+from support.processes import Background
 
 
 def settings(dsn: str, **opts: Any) -> Settings:
@@ -113,3 +118,81 @@ def test_a_cleanup_after_a_shadow_swap_drops_the_previous_column_on_every_partit
     assert cleanup(Settings(target=Target(dsn=dsn, table=TABLE))).state == "cleaned"
     catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48), any_column_order=True))
     assert one(dsn, "SELECT count(*) FROM pg_attribute WHERE attname = 'embedding_previous'") == 0
+
+
+# ------------------------------------------------------------------ partitions attached or detached during a job
+
+
+def test_partitions_attached_and_detached_during_an_in_place_job_are_taken_in(dsn: str) -> None:
+    """One attached with rows behind the job's cursor (never walked: captured when finalize finds it),
+    one created through the table (its rows captured by the cloned triggers), one detached: the job
+    finishes, the attached ones' rows and indexes are the job's, the detached one is left alone."""
+    make_partitioned_table(dsn, by="range")
+    emb = HashEmbedder(48)
+    gate = Gate(emb)  # prepare is done, the first page read: the cursor is past the start of the key space
+    before = catalog.snapshot(dsn, dims=(64, 48))
+    with structlog.testing.capture_logs() as logs:
+        job = Background(lambda: run(settings(dsn, batch_size=32), embedder=emb))
+        assert gate.reached.wait(60), job.error
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            register_vector(conn)
+            conn.execute("CREATE TABLE app.items_neg (LIKE app.items INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+            conn.execute("INSERT INTO app.items_neg (id, content, embedding) SELECT -k, 'attached ' || k, %s"
+                         " FROM generate_series(1, 20) k", (hash_vector("old", 64),))
+            conn.execute("ALTER TABLE app.items ATTACH PARTITION app.items_neg FOR VALUES FROM (MINVALUE) TO (0)")
+            conn.execute("CREATE TABLE app.items_new PARTITION OF app.items FOR VALUES FROM (10000) TO (11000)")
+            conn.execute("INSERT INTO app.items (id, content, embedding) SELECT 10000 + k, 'created ' || k, %s"
+                         " FROM generate_series(1, 20) k", (hash_vector("old", 64),))
+            conn.execute("ALTER TABLE app.items DETACH PARTITION app.items_2")
+        gate.open()
+        job.join(timeout=300)
+    assert job.error is None and job.result.state == "done", job.error
+    events = {e["event"]: e for e in logs}
+    assert events["partitions_attached"]["partitions"] == ["app.items_neg", "app.items_new"], events
+    assert events["partitions_detached"]["partitions"] == ["app.items_2"], events
+    assert vectors_by_dimension(dsn) == {48: content_rows(dsn), None: int(one(
+        dsn, "SELECT count(*) FROM app.items WHERE content IS NULL"))}
+    tree = {table: (index, valid) for table, index, valid in index_tree(dsn)}
+    assert tree["app.items_neg"] == ("app.items_neg_embedding_idx", True), tree
+    assert tree["app.items_new"][1] and "app.items_2" not in tree, tree
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48)),
+                             allowed=[r"items_neg", r"items_new", r"\bitems_2\b", r"items_2_"])
+
+
+class AttachingEmbedder(HashEmbedder):
+    """Attaches a partition to the table the first time it encodes `marker` (the catch-up's row): after
+    finalize took the partitions in, before the cut-over."""
+
+    def __init__(self, dsn: str, dim: int, marker: str) -> None:
+        super().__init__(dim)
+        self.dsn, self.marker, self.attached = dsn, marker, False
+
+    def forward(self, texts: list[str]) -> Any:
+        if not self.attached and any(self.marker in t for t in texts):
+            self.attached = True
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute("SET lock_timeout = '30s'")
+                conn.execute("CREATE TABLE app.items_late PARTITION OF app.items FOR VALUES FROM (20000) TO (21000)")
+        return super().forward(texts)
+
+
+def test_a_partition_attached_before_the_cut_over_fails_it_whole_and_a_rerun_takes_it_in(dsn: str) -> None:
+    make_partitioned_table(dsn, by="range")
+    before = catalog.snapshot(dsn, dims=(64, 48))
+    emb = AttachingEmbedder(dsn, 48, marker="written late")
+    gate = Gate(emb)
+    job = Background(lambda: run(settings(dsn, batch_size=32), embedder=emb))
+    assert gate.reached.wait(60), job.error
+    with psycopg.connect(dsn, autocommit=True) as conn:  # behind the cursor: only the catch-up encodes it
+        conn.execute("INSERT INTO app.items (id, content) VALUES (0, 'written late')")
+    gate.open()
+    job.join(timeout=300)
+    assert isinstance(job.error, ReembedError) and "changed while the job finalized" in str(job.error), job.error
+    assert "attached: app.items_late" in str(job.error)
+    assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"  # nothing of the cut-over
+    assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                    " WHERE attrelid = 'app.items'::regclass AND attname = 'embedding'") == "vector"
+    report = run(settings(dsn, batch_size=32), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    assert dict((t, v) for t, _, v in index_tree(dsn))["app.items_late"] is True
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48)), allowed=[r"items_late"])
