@@ -7,6 +7,7 @@ The catalog oracle (pg_dump --schema-only before and after) holds for every job 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,7 +23,7 @@ from support import catalog
 from support.database import one
 from support.fakes import Gate, HashEmbedder, hash_vector, job_settings
 from support.partitioned import FIRST, TABLE, index_tree, make_partitioned_table, vectors_by_dimension
-from support.processes import Background
+from support.processes import Background, cli_run_args, events, spawn, wait_exit, wait_for
 
 
 def settings(dsn: str, **opts: Any) -> Settings:
@@ -196,3 +197,81 @@ def test_a_partition_attached_before_the_cut_over_fails_it_whole_and_a_rerun_tak
     assert report.state == "done", report
     assert dict((t, v) for t, _, v in index_tree(dsn))["app.items_late"] is True
     catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48)), allowed=[r"items_late"])
+
+
+def test_a_partition_created_during_a_shadow_job_gets_its_twin_and_is_swapped_with_the_others(dsn: str) -> None:
+    make_partitioned_table(dsn, by="range")
+    tree = index_tree(dsn)
+    emb = HashEmbedder(48)
+    gate = Gate(emb)
+    before = catalog.snapshot(dsn, dims=(64, 48), any_column_order=True)
+    job = Background(lambda: run(settings(dsn, strategy="shadow", batch_size=32), embedder=emb))
+    assert gate.reached.wait(60), job.error
+    with psycopg.connect(dsn, autocommit=True) as conn:  # as pg_partman makes next month's: through the table
+        register_vector(conn)
+        conn.execute("CREATE TABLE app.items_new PARTITION OF app.items FOR VALUES FROM (10000) TO (11000)")
+        conn.execute("INSERT INTO app.items (id, content, embedding) SELECT 10000 + k, 'created ' || k, %s"
+                     " FROM generate_series(1, 20) k", (hash_vector("old", 64),))
+    gate.open()
+    job.join(timeout=300)
+    assert job.error is None and job.result.state == "done", job.error
+    after = {table: index for table, index, _ in index_tree(dsn)}
+    assert after["app.items_new"] == "app.items_new_embedding_idx", after  # the name PostgreSQL gave it, kept
+    previous = {table: index for table, index, _ in index_tree(dsn, "app.items_embedding_hnsw_previous")}
+    assert previous["app.items_new"] == "app.items_new_embedding_idx_previous", previous
+    assert one(dsn, "SELECT count(*) FROM app.items_new WHERE vector_dims(embedding) = 48") == 20
+    ignore = (*previous_names(tree), "items_new_embedding_idx_previous")
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48), ignore=ignore, any_column_order=True),
+                             allowed=[r"items_new"])
+
+
+# ------------------------------------------------------------------ a crash in the middle of the partitions' builds
+
+
+def build_phase(dsn: str, partition: str) -> str | None:
+    """The phase of an index build on `partition` now (pg_stat_progress_create_index), if one runs."""
+    return one(dsn, "SELECT phase FROM pg_stat_progress_create_index WHERE relid = %s::regclass", (partition,))
+
+
+def test_sigkill_during_the_partitions_index_builds_then_a_rerun_finishes_them(dsn: str, model48: Path,
+                                                                                workdir: Path) -> None:
+    """The CLI killed while a partition's index is half built (CONCURRENTLY: an invalid index left behind,
+    waiting for an application's open transaction on that partition), after an earlier partition's was
+    built and attached: the re-run builds nothing twice, drops the leftover and finishes."""
+    make_partitioned_table(dsn, by="range")
+    tree = index_tree(dsn)
+    before = catalog.snapshot(dsn, dims=(64, 48), any_column_order=True)
+    args = cli_run_args(dsn, model48, "--table", TABLE, "--strategy", "shadow", "--gate-min-recall", "0")
+    proc = spawn(args, cwd=workdir, log=workdir / "first.log")
+    wait_for(lambda: one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NOT NULL") and one(
+        dsn, "SELECT shadow IS NOT NULL FROM reembed_checkpoint"), timeout=180, what="prepare")
+    app = psycopg.connect(dsn)  # an application's write to items_2 (not through the table), left open
+    try:
+        app.execute("INSERT INTO app.items_2 (id, content) VALUES (2999, 'open write')")
+        wait_for(lambda: build_phase(dsn, "app.items_2") or proc.poll() is not None, timeout=240,
+                 what="the build on items_2 waiting for the open write")
+        assert proc.poll() is None, (workdir / "first.log").read_text()[-3000:]
+        steps = one(dsn, "SELECT finalize_steps FROM reembed_checkpoint")
+        assert "build_index items_embedding_hnsw_reembed1 on app.items_0" in steps, steps
+        proc.kill()
+        assert wait_exit(proc) == -9
+        # its sessions end too, as when the server notices the client gone (else the orphaned build
+        # finishes by itself once the write commits, and the re-run finds it valid: also handled)
+        ours = "FROM pg_stat_activity WHERE application_name LIKE 'reembed%%'"
+        one(dsn, f"SELECT count(pg_terminate_backend(pid)) {ours}")
+        wait_for(lambda: one(dsn, f"SELECT count(*) = 0 {ours}"), timeout=60, what="the killed run's sessions to end")
+    finally:
+        app.rollback()
+        app.close()
+    leftover = one(dsn, "SELECT NOT indisvalid FROM pg_index"
+                        " WHERE indexrelid = 'app.items_2_embedding_idx_reembed1'::regclass")
+    assert leftover is True  # what CONCURRENTLY leaves behind
+    log = workdir / "second.log"
+    rerun = spawn(args, cwd=workdir, log=log)
+    assert wait_exit(rerun, timeout=300) == 0, log.read_text()[-3000:]
+    built = [e["index"] for e in events(log, "index_build_started")]
+    assert "items_0_search_reembed1" not in built and "items_2_embedding_idx_reembed1" in built, built
+    assert [e["index"] for e in events(log, "invalid_index_dropped")] == ["items_2_embedding_idx_reembed1"]
+    assert index_tree(dsn) == tree
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48), ignore=previous_names(tree),
+                                                      any_column_order=True))
