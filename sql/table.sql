@@ -126,12 +126,17 @@ $capture$;
 -- Inserted rows, and rows whose content or embedding anyone but the job changed, by value: not
 -- `UPDATE OF` a column list, which misses content changed by a BEFORE trigger, a rule or a
 -- generated column while the UPDATE names another column (the WHEN is evaluated before the event
--- is queued: an update that changes neither costs a comparison, measured by the bench).
+-- is queued: an update that changes neither costs a comparison, measured by the bench). A row
+-- whose key changed is captured too: under its new key it may be behind the job's cursor. On a
+-- partitioned table the triggers are cloned onto every partition (and onto one attached later);
+-- a change of key that moves a row to another partition is a DELETE and an INSERT there, which
+-- the insert trigger captures.
 CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
 CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {table}
     FOR EACH ROW
-    WHEN ((OLD.{content} IS DISTINCT FROM NEW.{content} OR OLD.{col} IS DISTINCT FROM NEW.{col})
+    WHEN ((OLD.{content} IS DISTINCT FROM NEW.{content} OR OLD.{col} IS DISTINCT FROM NEW.{col}
+           OR OLD.{id} IS DISTINCT FROM NEW.{id})
           AND current_setting('reembed.writer', true) IS DISTINCT FROM 'on')
     EXECUTE FUNCTION {function}();
 

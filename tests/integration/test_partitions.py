@@ -6,10 +6,15 @@ The catalog oracle (pg_dump --schema-only before and after) holds for every job 
 
 from __future__ import annotations
 
+import json
+import random
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 import structlog
@@ -20,8 +25,8 @@ from reembed.job import run
 from reembed.rollback import cleanup, rollback
 from reembed.settings import RollbackOptions, Settings, Target
 from support import catalog
-from support.database import one
-from support.fakes import Gate, HashEmbedder, hash_vector, job_settings
+from support.database import fetch, one
+from support.fakes import Gate, HashEmbedder, SlowHashEmbedder, hash_vector, job_settings
 from support.partitioned import FIRST, TABLE, index_tree, make_partitioned_table, vectors_by_dimension
 from support.processes import Background, cli_run_args, events, spawn, wait_exit, wait_for
 
@@ -275,3 +280,91 @@ def test_sigkill_during_the_partitions_index_builds_then_a_rerun_finishes_them(d
     assert index_tree(dsn) == tree
     catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48), ignore=previous_names(tree),
                                                       any_column_order=True))
+
+
+# ------------------------------------------------------------------ an application writing throughout
+
+
+class Writer(threading.Thread):
+    """An application writing through the table until stopped, by the runbook's protocol (the registry
+    row FOR SHARE, the vector of the model it names): inserts across partitions, content edits, rows
+    moved to another partition by a change of key (a DELETE and an INSERT to PostgreSQL), deletes."""
+
+    def __init__(self, dsn: str, keys: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.keys = dsn, list(keys)
+        self.stopped = threading.Event()
+        self.done: dict[str, int] = {"insert": 0, "edit": 0, "move": 0, "delete": 0}
+        self.error: BaseException | None = None
+        self.next_key = 5000
+        self.start()
+
+    def vector(self, model: str, text: str) -> Any:
+        return hash_vector(f"old:{text}", 64) if model == "old-model" else hash_vector(text, 48)
+
+    def run(self) -> None:
+        rng = random.Random(7)
+        try:
+            with psycopg.connect(self.dsn) as conn:
+                register_vector(conn)
+                while not self.stopped.is_set():
+                    with conn.transaction():
+                        model = conn.execute("SELECT model_name FROM embedding_model WHERE id = 1 FOR SHARE"
+                                             ).fetchone()[0]
+                        self.one(conn, rng, model)
+                    time.sleep(0.01)
+        except BaseException as exc:  # noqa: BLE001 - examined by the test
+            self.error = exc
+
+    def one(self, conn: psycopg.Connection[Any], rng: random.Random, model: str) -> None:
+        what = rng.choice(["insert", "edit", "move", "move", "delete"])
+        key = rng.choice(self.keys)
+        if what == "insert":
+            self.next_key += rng.randint(1, 40)
+            text = f"inserted {self.next_key}"
+            conn.execute("INSERT INTO app.items (id, content, embedding) VALUES (%s, %s, %s)",
+                         (self.next_key, text, self.vector(model, text)))
+            self.keys.append(self.next_key)
+        elif what == "edit":
+            text = f"edited {key} {rng.random()}"
+            conn.execute("UPDATE app.items SET content = %s, embedding = %s WHERE id = %s",
+                         (text, self.vector(model, text), key))
+        elif what == "move":  # to a key of another partition (items_0 <-> items_2, or to the default one)
+            self.next_key += rng.randint(1, 40)
+            to = rng.choice([rng.randint(2000, 2999), self.next_key])
+            if to in self.keys:
+                return
+            conn.execute("UPDATE app.items SET id = %s WHERE id = %s", (to, key))
+            self.keys[self.keys.index(key)] = to
+        else:
+            conn.execute("DELETE FROM app.items WHERE id = %s", (key,))
+            self.keys.remove(key)
+        self.done[what] += 1
+
+    def stop(self) -> dict[str, int]:
+        self.stopped.set()
+        self.join(timeout=60)
+        assert self.error is None, self.error
+        return self.done
+
+
+@pytest.mark.parametrize("strategy", ["in_place", "shadow"])
+def test_an_application_writing_across_partitions_throughout_leaves_no_row_stale(dsn: str, strategy: str) -> None:
+    keys = make_partitioned_table(dsn, by="range", rows=400)
+    tree = index_tree(dsn)
+    ignore = previous_names(tree) if strategy == "shadow" else ()
+    before = catalog.snapshot(dsn, dims=(64, 48), any_column_order=True)
+    app = Writer(dsn, keys)
+    try:
+        report = run(settings(dsn, strategy=strategy, batch_size=16),
+                     embedder=SlowHashEmbedder(48, rows_per_sec=150))
+        wait_for(lambda: sum(app.done.values()) > 20, timeout=60, what="writes after the job")
+    finally:
+        done = app.stop()
+    assert report.state == "done", report
+    assert done["move"] > 5 and done["edit"] > 5, done
+    rows = fetch(dsn, "SELECT id, content, embedding::text AS e FROM app.items")
+    stale = [r["id"] for r in rows if r["content"] is not None and (
+        r["e"] is None or not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], 48), atol=1e-5))]
+    assert stale == [], (len(stale), stale[:10], done)
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48), ignore=ignore, any_column_order=True))
