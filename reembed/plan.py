@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from reembed import checkpoint as ckpt
-from reembed import dependents
+from reembed import dependents, partitions
 from reembed.checkpoint import Job
 from reembed.cost import estimate as estimate_cost
 from reembed.cost import size, vector_bytes
@@ -136,6 +136,53 @@ def said_strategies(s: dict[str, Any]) -> str:
     return "strategies: " + "; ".join(parts) + f"; recommended: {s['recommended'] or 'none'} ({s['why']})"
 
 
+def partitioned(conn: psycopg.Connection[Any], info: TableInfo, found: list[dependents.Dependent],
+                opts: RunOptions, *, type_change: bool) -> tuple[dict[str, Any], str]:
+    """A partitioned table's part of the plan: its partitions, the index builds one partition at a
+    time, and what the table is while the job runs."""
+    parts = partitions.tree(conn, info)
+    if not parts:
+        return {}, ""
+    rows = {p.label: p.rows for p in parts}
+    builds: list[dict[str, Any]] = []
+    for d in found:
+        if d.is_index and d.partitioned and d.action in (dependents.REBUILD, dependents.REINDEX, dependents.SHADOW):
+            children = [c for c in d.child_indexes if c.leaf]
+            builds.append({"index": d.name, "action": d.action,
+                           "steps": len(children) + (1 if d.action == dependents.REINDEX else 2),
+                           "partition_indexes": [{"partition": ".".join(c.table), "index": c.name,
+                                                  "rows": rows.get(".".join(c.table))} for c in children]})
+    how = "CONCURRENTLY" if opts.concurrent_index else "each in a transaction of its own"
+    said_builds = "; ".join(
+        f"{b['index']}: {'REINDEXed' if b['action'] == dependents.REINDEX else 'built'} on each of "
+        f"{len(b['partition_indexes'])} partitions ({how}" + (")" if b["action"] == dependents.REINDEX else
+                                                              ", attached below the parent index ON ONLY the table)")
+        for b in builds)
+    dropped = [b["index"] for b in builds if b["action"] == dependents.REBUILD]
+    if opts.strategy == "shadow":
+        mid = ("a shadow column on every partition (catalog only); the live column and its indexes keep serving; at "
+               "finalize each partition's twin index is built and attached below a twin parent index, invalid until "
+               "the last one is, and the swap renames every partition's index")
+    elif dropped or type_change:
+        mid = ((f"indexes {', '.join(dropped)} dropped on every partition" if dropped else "")
+               + (" and " if dropped and type_change else "")
+               + (f"every partition's {info.column} without its dimension" if type_change else "")
+               + ": search over the table, or any one partition, is unavailable until the last partition's index "
+                 "is built again")
+    else:
+        mid = "the indexes stay (each partition's is REINDEXed at the end, one at a time)"
+    mid += ("; a partition attached meanwhile is taken in (its rows re-embedded by the catch-up, its index built "
+            "with the others); one detached leaves the job as it is then")
+    leaves = [p for p in parts if p.leaf]
+    text = (f"; partitioned: {len(leaves)} partitions ({partitions.said(leaves)})"
+            + (f"; index builds one partition at a time: {said_builds}" if builds else "")
+            + f"; mid-job: {mid}")
+    details = {"partitions": [{"name": p.label, "bound": p.bound, "partitioned": not p.leaf, "level": p.level,
+                               "rows": p.rows, "bytes": p.bytes} for p in parts],
+               "partition_index_builds": builds, "mid_job": mid}
+    return details, text
+
+
 def sample_texts(conn: psycopg.Connection[Any], info: TableInfo, n: int, rows_total: int) -> list[str]:
     """About `n` texts of the table, pages drawn from all of it."""
     percent = min(100.0, 120.0 * n / max(rows_total, 1))
@@ -224,12 +271,15 @@ def plan_report(
         "cut_over_rewrite_secs": round(rewrite_secs(conn, info, rows), 1) if alter else 0.0,
         "cost": cost.as_dict(),
     }
+    split, said_split = partitioned(conn, info, on_column, opts, type_change=bool(alter))
+    details.update(split)
     message = (
         f"plan: {to_update} rows of {info.qualified} to re-embed in {batches} batches with {sig.name} "
         f"({sig.dimension}-d), about {estimate if estimate is not None else '?'} s of encoding; "
         f"typmod change: {'yes' if alter else 'no'}; current model: {registry.name if registry else 'none'}"
         + (f"; resumes job {job.id}" if resume and job else "")
         + "; on the column: " + dependents.summary(on_column)
+        + said_split
         + f"; cost: {cost.said()}"
         + (f"; at the cut-over the table is rewritten (vector({sig.dimension})): writers and readers wait "
            f"about {details['cut_over_rewrite_secs']} s" if alter and opts.strategy == "in_place" else "")

@@ -202,7 +202,11 @@ SELECT a.pid, a.application_name, a.client_addr::text AS client_addr,
    AND l.objsubid = 1;
 
 -- name: row_estimate
-SELECT CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimate
+-- A partitioned table's: the sum of its partitions' (NULL while one was never analysed).
+SELECT CASE WHEN c.relkind = 'p' THEN (
+                SELECT CASE WHEN bool_or(l.reltuples < 0) THEN NULL ELSE sum(l.reltuples)::bigint END
+                  FROM pg_partition_tree(c.oid) t JOIN pg_class l ON l.oid = t.relid WHERE t.isleaf)
+            WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimate
   FROM pg_class c WHERE c.oid = %(table_oid)s::oid;
 
 -- name: failed_rows_count
@@ -592,7 +596,10 @@ SELECT pg_notify('reembed_model_changed', %(payload)s);
 UPDATE reembed_checkpoint SET writers_held_secs = %(secs)s, updated_at = now() WHERE job_id = %(job_id)s;
 
 -- name: table_size
-SELECT pg_table_size(%(table_oid)s::oid) AS bytes;
+-- With its partitions' (a partitioned table holds no rows itself).
+SELECT sum(pg_table_size(c.oid))::bigint AS bytes
+  FROM pg_class c
+ WHERE c.oid = %(table_oid)s::oid OR c.oid IN (SELECT relid FROM pg_partition_tree(%(table_oid)s::oid));
 
 -- name: accepted_failed_rows
 -- Rows a finished job left NULL with --accept-failed (verify does not count them as wrong).
@@ -671,15 +678,18 @@ UPDATE reembed_checkpoint
  WHERE job_id = %(job_id)s;
 
 -- name: cost_facts
--- What `plan`'s cost estimate reads: the table's size on disk, its TOAST, the server's WAL settings.
-SELECT c.relpages::bigint AS heap_pages, pg_relation_size(c.oid) AS heap_bytes,
-       coalesce(pg_relation_size(c.reltoastrelid), 0) AS toast_bytes,
+-- What `plan`'s cost estimate reads: the table's size on disk (with its partitions': a partitioned
+-- table holds no rows itself), its TOAST, the server's WAL settings.
+SELECT sum(c.relpages)::bigint AS heap_pages, sum(pg_relation_size(c.oid))::bigint AS heap_bytes,
+       sum(coalesce(pg_relation_size(c.reltoastrelid), 0))::bigint AS toast_bytes,
        current_setting('full_page_writes') = 'on' AS full_page_writes,
        current_setting('wal_compression') <> 'off' AS wal_compression,
        (SELECT setting::float8 FROM pg_settings WHERE name = 'checkpoint_timeout') AS checkpoint_timeout_secs,
        (SELECT setting::float8 * 1024 * 1024 FROM pg_settings WHERE name = 'max_wal_size') AS max_wal_bytes,
        current_setting('checkpoint_completion_target')::float8 AS completion_target
-  FROM pg_class c WHERE c.oid = %(table_oid)s::oid;
+  FROM pg_class c
+ WHERE c.oid = %(table_oid)s::oid OR c.oid IN (SELECT relid FROM pg_partition_tree(%(table_oid)s::oid))
+HAVING count(*) > 0;
 
 -- name: cost_columns
 -- Each column's average stored width (a TOASTed value counts as its pointer) and, for the key,
@@ -692,7 +702,11 @@ SELECT a.attname, a.attnum, a.attlen, s.avg_width, s.correlation, s.null_frac, s
  ORDER BY a.attnum;
 
 -- name: cost_indexes
-SELECT i.indexrelid::regclass::text AS name, c.relname AS index_name, pg_relation_size(i.indexrelid) AS bytes,
+-- Each index's size (a partitioned index's: its partitions' indexes).
+SELECT i.indexrelid::regclass::text AS name, c.relname AS index_name,
+       (pg_relation_size(i.indexrelid) + coalesce((SELECT sum(pg_relation_size(t.relid))
+                                                     FROM pg_partition_tree(i.indexrelid) t
+                                                    WHERE t.level > 0), 0))::bigint AS bytes,
        am.amname AS method
   FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
  WHERE i.indrelid = %(table_oid)s::oid;

@@ -20,8 +20,8 @@ import pytest
 import structlog
 from pgvector.psycopg import register_vector
 
-from reembed.errors import ReembedError
-from reembed.job import run
+from reembed.errors import ConfigError, ReembedError
+from reembed.job import plan, run
 from reembed.rollback import cleanup, rollback
 from reembed.settings import RollbackOptions, Settings, Target
 from support import catalog
@@ -368,3 +368,50 @@ def test_an_application_writing_across_partitions_throughout_leaves_no_row_stale
         r["e"] is None or not np.allclose(np.array(json.loads(r["e"])), hash_vector(r["content"], 48), atol=1e-5))]
     assert stale == [], (len(stale), stale[:10], done)
     catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48), ignore=ignore, any_column_order=True))
+
+
+# ------------------------------------------------------------------ plan, and what is on one partition
+
+
+def test_plan_names_the_partitions_the_builds_one_partition_at_a_time_and_the_table_mid_job(dsn: str) -> None:
+    make_partitioned_table(dsn, by="range", local_index=True)
+    before = catalog.snapshot(dsn)
+    report = plan(settings(dsn), embedder=HashEmbedder(48))
+    details = report.details
+    assert [p["name"] for p in details["partitions"]] == [
+        "app.items_0", "app.items_1", "app.items_2", "app.items_rest", "app.items_1a", "app.items_1b"]
+    build = {b["index"]: b for b in details["partition_index_builds"]}["items_embedding_hnsw"]
+    assert [p["index"] for p in build["partition_indexes"]] == [
+        "items_0_search", "items_2_embedding_idx", "items_rest_embedding_idx", "items_1a_embedding_idx",
+        "items_1b_embedding_idx"]
+    assert build["steps"] == 7 and sum(p["rows"] for p in build["partition_indexes"]) == 240
+    said = {d["name"]: d for d in details["dependents"]}
+    assert said["items_0_l2"]["action"] == "rebuild" and said["items_0_l2"]["relation"] == ["app", "items_0"]
+    assert "search over the table, or any one partition, is unavailable" in details["mid_job"]
+    message = report.message
+    assert "partitioned: 5 partitions (app.items_0 (FOR VALUES FROM ('0') TO ('1000'))" in message, message
+    assert "items_embedding_hnsw: built on each of 5 partitions (CONCURRENTLY, attached below" in message, message
+    assert details["cost"]["wal_bytes"] > 240 * 48 * 4 and details["rows_to_update"] == 240
+    shadow = plan(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48)).details
+    assert "a shadow column on every partition" in shadow["mid_job"]
+    catalog.assert_unchanged(before, catalog.snapshot(dsn))  # a plan writes nothing
+
+
+def test_what_is_on_one_partition_only_is_judged_before_any_write(dsn: str) -> None:
+    make_partitioned_table(dsn, by="range")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE VIEW app.first_items AS SELECT id, embedding FROM app.items_0")
+        conn.execute("CREATE FUNCTION app.noop() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END $$")
+        conn.execute("CREATE TRIGGER items_2_audit AFTER UPDATE OF embedding ON app.items_2"
+                     " FOR EACH ROW EXECUTE FUNCTION app.noop()")
+    before = catalog.snapshot(dsn)
+    for strategy in ("in_place", "shadow"):
+        with pytest.raises(ConfigError) as refused:
+            run(settings(dsn, strategy=strategy), embedder=HashEmbedder(48))
+        message = str(refused.value)
+        assert "(on partition app.items_0)" in message and "(on partition app.items_2)" in message, message
+        assert "items_2_audit on table app.items_2" in message and "nothing was written" in message, message
+    catalog.assert_unchanged(before, catalog.snapshot(dsn))
+    assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL")
+    # the same dimension changes no type: in place leaves them untouched
+    assert run(settings(dsn, drop_hnsw_first=False), embedder=HashEmbedder(64)).state == "done"
