@@ -24,9 +24,10 @@ from reembed.errors import ConfigError, ReembedError
 from reembed.job import plan, run
 from reembed.rollback import cleanup, rollback
 from reembed.settings import RollbackOptions, Settings, Target
+from reembed.signals import StopSignal
 from support import catalog
 from support.database import fetch, one
-from support.fakes import Gate, HashEmbedder, SlowHashEmbedder, hash_vector, job_settings
+from support.fakes import Gate, HashEmbedder, SlowHashEmbedder, hash_vector, job_settings, stopping_after
 from support.partitioned import FIRST, TABLE, index_tree, make_partitioned_table, vectors_by_dimension
 from support.processes import Background, cli_run_args, events, spawn, wait_exit, wait_for
 
@@ -415,3 +416,44 @@ def test_what_is_on_one_partition_only_is_judged_before_any_write(dsn: str) -> N
     assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL")
     # the same dimension changes no type: in place leaves them untouched
     assert run(settings(dsn, drop_hnsw_first=False), embedder=HashEmbedder(64)).state == "done"
+
+
+# ------------------------------------------------------------------ stopped, resumed, abandoned
+
+
+def test_a_partition_attached_while_a_job_was_stopped_is_taken_in_when_it_resumes(dsn: str) -> None:
+    make_partitioned_table(dsn, by="range")
+    before = catalog.snapshot(dsn, dims=(64, 48))
+    stop = StopSignal()
+    first = stopping_after(HashEmbedder(48), stop, calls=2)
+    assert run(settings(dsn, batch_size=32, pipeline=False, ranges=3), embedder=first, stop=stop).exit_code == 130
+    with psycopg.connect(dsn, autocommit=True) as conn:  # rows behind every cursor: only its capture finds them
+        register_vector(conn)
+        conn.execute("CREATE TABLE app.items_neg (LIKE app.items INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+        conn.execute("INSERT INTO app.items_neg (id, content, embedding) SELECT -k, 'attached ' || k, %s"
+                     " FROM generate_series(1, 10) k", (hash_vector("old", 64),))
+        conn.execute("ALTER TABLE app.items ATTACH PARTITION app.items_neg FOR VALUES FROM (MINVALUE) TO (0)")
+    with structlog.testing.capture_logs() as logs:
+        report = run(settings(dsn, batch_size=32, ranges=3), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    events = [e["event"] for e in logs]
+    assert events.index("partitions_attached") < events.index("finalize_started"), events  # found at resume
+    assert one(dsn, "SELECT count(*) FROM app.items_neg WHERE vector_dims(embedding) = 48") == 10
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48)), allowed=[r"items_neg"])
+
+
+@pytest.mark.parametrize("strategy", ["in_place", "shadow"])
+def test_abandoning_a_job_on_a_partitioned_table_and_starting_another_leaves_every_name_as_it_was(
+        dsn: str, strategy: str) -> None:
+    make_partitioned_table(dsn, by="range", local_index=True)
+    tree = index_tree(dsn)
+    before = catalog.snapshot(dsn, dims=(64, 32), any_column_order=True)
+    stop = StopSignal()
+    first = stopping_after(HashEmbedder(48), stop, calls=2)
+    stopped = run(settings(dsn, strategy=strategy, batch_size=32, pipeline=False), embedder=first, stop=stop)
+    assert stopped.exit_code == 130
+    report = run(settings(dsn, strategy=strategy, abandon_active=True), embedder=HashEmbedder(32))
+    assert report.state == "done", report
+    assert index_tree(dsn) == tree
+    ignore = (*previous_names(tree), "items_0_l2_previous") if strategy == "shadow" else ()
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 32), ignore=ignore, any_column_order=True))
