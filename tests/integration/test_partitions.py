@@ -25,6 +25,7 @@ from reembed.job import plan, run
 from reembed.rollback import cleanup, rollback
 from reembed.settings import RollbackOptions, Settings, Target
 from reembed.signals import StopSignal
+from reembed.status import status
 from support import catalog
 from support.database import fetch, one
 from support.fakes import Gate, HashEmbedder, SlowHashEmbedder, hash_vector, job_settings, stopping_after
@@ -197,6 +198,8 @@ def test_a_partition_attached_before_the_cut_over_fails_it_whole_and_a_rerun_tak
     assert isinstance(job.error, ReembedError) and "changed while the job finalized" in str(job.error), job.error
     assert "attached: app.items_late" in str(job.error)
     assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"  # nothing of the cut-over
+    said = status(Settings(target=Target(dsn=dsn, table=TABLE))).as_dict()["table_state"]
+    assert "items_embedding_hnsw built again on 0 of its 5 partitions" in said, said
     assert one(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
                     " WHERE attrelid = 'app.items'::regclass AND attname = 'embedding'") == "vector"
     report = run(settings(dsn, batch_size=32), embedder=HashEmbedder(48))
