@@ -286,6 +286,47 @@ def test_sigkill_during_the_partitions_index_builds_then_a_rerun_finishes_them(d
                                                       any_column_order=True))
 
 
+def test_sigkill_during_an_in_place_jobs_partition_builds_then_a_rerun_finishes_them(dsn: str, model48: Path,
+                                                                                       workdir: Path) -> None:
+    """In place, after the cut-over: the parent index made ON ONLY the table, the first partition's
+    index half built (CONCURRENTLY, waiting for a report's older snapshot) when the CLI is killed."""
+    make_partitioned_table(dsn, by="hash")
+    tree = index_tree(dsn)
+    before = catalog.snapshot(dsn, dims=(64, 48))
+    holder = psycopg.connect(dsn)  # an application's transaction on the registry: the cut-over waits for it
+    report_view = psycopg.connect(dsn)
+    try:
+        holder.execute("SELECT 1 FROM embedding_model WHERE id = 1 FOR SHARE")
+        proc = spawn(cli_run_args(dsn, model48, "--table", TABLE), cwd=workdir, log=workdir / "first.log")
+        wait_for(lambda: one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NOT NULL") and one(
+            dsn, "SELECT state = 'finalizing' FROM reembed_checkpoint") or proc.poll() is not None, timeout=240,
+            what="finalize")
+        report_view.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")  # a snapshot older than every build
+        report_view.execute("SELECT count(*) FROM embedding_model").fetchone()
+        holder.rollback()
+        wait_for(lambda: build_phase(dsn, "app.items_0") == "waiting for old snapshots" or proc.poll() is not None,
+                 timeout=240, what="the first partition's build waiting for the older snapshot")
+        assert proc.poll() is None, (workdir / "first.log").read_text()[-3000:]
+        steps = one(dsn, "SELECT finalize_steps FROM reembed_checkpoint")
+        assert "cut_over" in steps and "build_index items_embedding_hnsw on only" in steps, steps
+        proc.kill()
+        assert wait_exit(proc) == -9
+        ours = "FROM pg_stat_activity WHERE application_name LIKE 'reembed%%'"
+        one(dsn, f"SELECT count(pg_terminate_backend(pid)) {ours}")
+        wait_for(lambda: one(dsn, f"SELECT count(*) = 0 {ours}"), timeout=60, what="the killed run's sessions to end")
+    finally:
+        holder.close()
+        report_view.close()
+    said = status(Settings(target=Target(dsn=dsn, table=TABLE))).as_dict()["table_state"]
+    assert "items_embedding_hnsw built again on 0 of its 4 partitions" in said, said
+    log = workdir / "second.log"
+    assert wait_exit(spawn(cli_run_args(dsn, model48, "--table", TABLE), cwd=workdir, log=log), timeout=300) == 0, \
+        log.read_text()[-3000:]
+    assert [e["index"] for e in events(log, "invalid_index_dropped")] == ["items_0_search"]
+    assert index_tree(dsn) == tree
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48)))
+
+
 # ------------------------------------------------------------------ an application writing throughout
 
 
