@@ -1,5 +1,6 @@
 """Partitioned tables, as large pgvector tables are kept: `app.items` partitioned by its key (range with a
-partition partitioned again by hash and a default partition; hash; or list with a default), an HNSW
+partition partitioned again by hash and a default partition; hash; or list with a default partition in
+another schema, `archive`), an HNSW
 index on the parent (a partitioned index: one index per partition, one of them renamed and commented),
 a partition's own column comment, statistics target, storage and grant, a table trigger (cloned onto
 every partition), a check constraint and a default inherited by every partition, and the registry.
@@ -52,7 +53,8 @@ _HASH = "".join(f"CREATE TABLE app.items_{r} PARTITION OF app.items FOR VALUES W
 
 _LIST = """
 CREATE TABLE app.items_chosen PARTITION OF app.items FOR VALUES IN (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233);
-CREATE TABLE app.items_rest PARTITION OF app.items DEFAULT;
+CREATE SCHEMA IF NOT EXISTS archive;
+CREATE TABLE archive.items_rest PARTITION OF app.items DEFAULT;
 """
 
 _AFTER = """
