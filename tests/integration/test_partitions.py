@@ -460,6 +460,7 @@ def test_what_is_on_one_partition_only_is_judged_before_any_write(dsn: str) -> N
     assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL")
     # the same dimension changes no type: in place leaves them untouched
     assert run(settings(dsn, drop_hnsw_first=False), embedder=HashEmbedder(64)).state == "done"
+    catalog.assert_unchanged(before, catalog.snapshot(dsn))
 
 
 # ------------------------------------------------------------------ stopped, resumed, abandoned
