@@ -243,9 +243,7 @@ def _relation(ctx: RunContext, conn: psycopg.Connection[Any], table: tuple[str, 
     if table is None:
         return ctx.info
     info = partitions.relation_named(conn, ctx.info, table)
-    below = info is not None and conn.execute(query("below_table"), {"table_oid": ctx.info.oid,
-                                                                     "oid": info.oid}).fetchone()
-    if info is None or not below or not below["below"]:
+    if info is None or not partitions.below(conn, ctx.info, info.oid):
         log.warning("partition_gone", partition=".".join(table),
                     detail="dropped or detached while the job ran: its index is not built")
         return None

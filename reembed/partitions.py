@@ -99,6 +99,12 @@ def relation_named(conn: psycopg.Connection[Any], info: TableInfo, ident: tuple[
     return info.on(int(row["oid"]), ident, int(row["attnum"] or 0), partitioned=row["kind"] == "p")
 
 
+def below(conn: psycopg.Connection[Any], info: TableInfo, oid: int) -> bool:
+    """Is relation `oid` the table, or (still) a partition below it?"""
+    row = conn.execute(query("below_table"), {"table_oid": info.oid, "oid": oid}).fetchone()
+    return bool(row and row["below"])
+
+
 def changes(recorded: list[Partition], now: list[Partition]) -> tuple[list[Partition], list[Partition]]:
     """(partitions added, partitions gone) since `recorded`, by identity (a partition detached and
     another attached under its name is both)."""
@@ -107,8 +113,14 @@ def changes(recorded: list[Partition], now: list[Partition]) -> tuple[list[Parti
     return [p for p in now if p.oid not in before], [p for p in recorded if p.oid not in after]
 
 
+_SAID_AT_MOST = 8
+
+
 def said(parts: list[Partition]) -> str:
-    return ", ".join(f"{p.label} ({p.bound})" for p in parts)
+    """The partitions and their bounds, for a line (the first few of many, and how many more)."""
+    shown = ", ".join(f"{p.label} ({p.bound})" for p in parts[:_SAID_AT_MOST])
+    more = len(parts) - _SAID_AT_MOST
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 # ------------------------------------------------------------------ the indexes below a partitioned index

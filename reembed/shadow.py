@@ -242,6 +242,9 @@ class Shadow:
         valid = set()
         for i in names.indexes:  # a partitioned index is valid once every partition's is attached below it
             where = on_relation(conn, ctx.info, i.relation)
+            if where is None:  # a partition's own index, the partition detached: not the table's any more
+                valid.add(i.shadow)
+                continue
             rows = conn.execute(query("indexes_valid"), {"table_oid": where.oid, "names": [i.shadow]}).fetchall()
             valid |= {r["name"] for r in rows if r["valid"]}
         bad = [n for n in wanted if n not in valid]
@@ -315,14 +318,15 @@ def rename_index(conn: psycopg.Connection[Any], info: TableInfo, old: str, new: 
     conn.execute(info.statement("rename_index", old=info.index_ident(old), new=new))
 
 
-def on_relation(conn: psycopg.Connection[Any], info: TableInfo, relation: tuple[str, str] | None) -> TableInfo:
-    """The table, or its partition `relation` (a ReembedError when it is gone: nothing is swapped)."""
+def on_relation(conn: psycopg.Connection[Any], info: TableInfo,
+                relation: tuple[str, str] | None) -> TableInfo | None:
+    """The table, or its partition `relation` while it is one (None: dropped or detached since; a
+    swap checks first that none was, rollback's swap back leaves such a table alone)."""
     if relation is None:
         return info
     found = partitions.relation_named(conn, info, relation)
-    if found is None:
-        raise ReembedError(f"partition {'.'.join(relation)} of {info.qualified} is gone; re-run: the job takes the "
-                           "partitions as they are now")
+    if found is None or not partitions.below(conn, info, found.oid):
+        return None
     return found
 
 
@@ -332,9 +336,12 @@ def index_names(conn: psycopg.Connection[Any], info: TableInfo,
     index, and each partition's index of a partitioned one."""
     out = []
     for i in indexes:
-        out.append((on_relation(conn, info, i.relation), i.name, i.shadow, i.previous))
-        for c in i.children or ():
-            out.append((on_relation(conn, info, c.live.table), c.live.name, c.twin.name, c.previous))
+        named = [(i.relation, i.name, i.shadow, i.previous)]
+        named += [(c.live.table, c.live.name, c.twin.name, c.previous) for c in i.children or ()]
+        for relation, live, twin, previous in named:
+            where = on_relation(conn, info, relation)
+            if where is not None:
+                out.append((where, live, twin, previous))
     return out
 
 

@@ -502,3 +502,23 @@ def test_abandoning_a_job_on_a_partitioned_table_and_starting_another_leaves_eve
     assert index_tree(dsn) == tree
     ignore = (*previous_names(tree), "items_0_l2_previous") if strategy == "shadow" else ()
     catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 32), ignore=ignore, any_column_order=True))
+
+
+def test_a_rollback_after_partitions_were_created_and_dropped_since_the_swap_swaps_back_the_rest(dsn: str) -> None:
+    make_partitioned_table(dsn, by="range")
+    tree = index_tree(dsn)
+    before = catalog.snapshot(dsn)
+    assert run(settings(dsn, strategy="shadow"), embedder=HashEmbedder(48)).state == "done"
+    with psycopg.connect(dsn, autocommit=True) as conn:  # next month's made, an old one dropped, after the swap
+        register_vector(conn)
+        conn.execute("CREATE TABLE app.items_new PARTITION OF app.items FOR VALUES FROM (10000) TO (11000)")
+        conn.execute("INSERT INTO app.items (id, content, embedding) VALUES (10001, 'after the swap', %s)",
+                     (hash_vector("after the swap", 48),))
+        conn.execute("DROP TABLE app.items_2")
+    report = rollback(Settings(target=Target(dsn=dsn, table=TABLE)), RollbackOptions(leave_stale_null=True))
+    assert report.state == "rolled_back" and report.details["left_null"] == 1, report
+    after = {table: (index, valid) for table, index, valid in index_tree(dsn)}
+    assert {t: v for t, v in after.items() if t != "app.items_new"} == {
+        table: (index, valid) for table, index, valid in tree if table != "app.items_2"}
+    assert after["app.items_new"][1] is True  # the index PostgreSQL gave it below the previous one, valid
+    catalog.assert_unchanged(before, catalog.snapshot(dsn), allowed=[r"items_new", r"\bitems_2\b", r"items_2_"])
