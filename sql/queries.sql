@@ -260,7 +260,7 @@ SELECT DISTINCT ON (d.classid, d.objid)
        -- on a partition: the parent's own object, there by inheritance (judged with the parent's)
        CASE WHEN c.relkind IN ('i', 'I') THEN c.relispartition   -- attached below the parent's index
             WHEN t.oid IS NOT NULL THEN t.tgparentid <> 0         -- the partition's clone of its parent's trigger
-            WHEN con.oid IS NOT NULL THEN NOT con.conislocal      -- a constraint inherited
+            WHEN con.oid IS NOT NULL THEN con.coninhcount > 0     -- a constraint inherited (merged, if local too)
             WHEN ad.oid IS NOT NULL THEN EXISTS (                 -- the parent's default or expression, copied
                  SELECT 1 FROM pg_inherits h
                    JOIN pg_attribute ca ON ca.attrelid = ad.adrelid AND ca.attnum = ad.adnum

@@ -522,3 +522,27 @@ def test_a_rollback_after_partitions_were_created_and_dropped_since_the_swap_swa
         table: (index, valid) for table, index, valid in tree if table != "app.items_2"}
     assert after["app.items_new"][1] is True  # the index PostgreSQL gave it below the previous one, valid
     catalog.assert_unchanged(before, catalog.snapshot(dsn), allowed=[r"items_new", r"\bitems_2\b", r"items_2_"])
+
+
+def test_a_partition_attached_with_its_own_view_on_the_column_is_refused_and_the_job_finishes_once_it_is_gone(
+        dsn: str) -> None:
+    make_partitioned_table(dsn, by="range")
+    before = catalog.snapshot(dsn, dims=(64, 48))
+    emb = HashEmbedder(48)
+    gate = Gate(emb)
+    job = Background(lambda: run(settings(dsn, batch_size=32), embedder=emb))
+    assert gate.reached.wait(60), job.error
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE app.items_neg (LIKE app.items INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+        conn.execute("CREATE VIEW app.neg_view AS SELECT id, embedding FROM app.items_neg")
+        conn.execute("ALTER TABLE app.items ATTACH PARTITION app.items_neg FOR VALUES FROM (MINVALUE) TO (0)")
+    gate.open()
+    job.join(timeout=300)
+    assert isinstance(job.error, ConfigError), job.error
+    message = str(job.error)
+    assert "have objects of their own on embedding" in message and "app.neg_view" in message, message
+    assert "the job is intact" in message
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP VIEW app.neg_view")
+    assert run(settings(dsn, batch_size=32), embedder=HashEmbedder(48)).state == "done"
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48)), allowed=[r"items_neg"])
