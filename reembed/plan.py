@@ -164,7 +164,8 @@ def partitioned(conn: psycopg.Connection[Any], info: TableInfo, found: list[depe
                "finalize each partition's twin index is built and attached below a twin parent index, invalid until "
                "the last one is, and the swap renames every partition's index")
     elif dropped or type_change:
-        mid = ((f"indexes {', '.join(dropped)} dropped on every partition" if dropped else "")
+        mid = ((f"{'index' if len(dropped) == 1 else 'indexes'} {', '.join(dropped)} dropped on every partition"
+                if dropped else "")
                + (" and " if dropped and type_change else "")
                + (f"every partition's {info.column} without its dimension" if type_change else "")
                + ": search over the table, or any one partition, is unavailable until the last partition's index "
