@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +27,7 @@ from psycopg import sql
 
 from reembed import checkpoint as ckpt
 from reembed import db, failures
-from reembed.batches import Batch, Writer
+from reembed.batches import DEFAULT_WRITE_PATH, Batch, Writer
 from reembed.commits import Written, commit_batch, fail_null_vectors
 from reembed.context import RunContext
 from reembed.errors import ReembedError
@@ -220,11 +221,14 @@ class Source(Protocol):
 
 
 class JobSource:
-    """The job's captured keys, caught up into the column its strategy writes."""
+    """The job's captured keys, caught up into the column its strategy writes. `path`: how the
+    last catch-up writes under the hold (a job over several tables holds them all on one table's
+    connection, whose staging table is that table's: the others' rows go by unnest)."""
 
-    def __init__(self, ctx: RunContext, *, rewrite: bool) -> None:
+    def __init__(self, ctx: RunContext, *, rewrite: bool, path: str = DEFAULT_WRITE_PATH) -> None:
         self.ctx = ctx
         self.rewrite = rewrite
+        self.path = path
 
     def backlog(self, conn: psycopg.Connection[Any], ahead: Encoded) -> Backlog:
         return backlog(self.ctx, conn, ahead)
@@ -240,7 +244,7 @@ class JobSource:
             held.release()
 
     def final(self, conn: psycopg.Connection[Any], ahead: Encoded, work: Backlog) -> int:
-        return final_catch_up(self.ctx, conn, ahead, work)
+        return final_catch_up(self.ctx, conn, ahead, work, path=self.path)
 
     def hold(self, conn: psycopg.Connection[Any]) -> float:
         return hold_writers(self.ctx, conn, rewrite=self.rewrite)
@@ -284,10 +288,11 @@ def write_ahead(ctx: RunContext, work: Backlog, ahead: Encoded, *, on: db.Kept) 
     return rows
 
 
-def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded, work: Backlog) -> int:
+def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded, work: Backlog, *,
+                   path: str = DEFAULT_WRITE_PATH) -> int:
     """Inside the cut-over's transaction, writers held off: every key still captured (`work`,
     read under the lock)."""
-    writer = Writer(ctx.info, column=ctx.strategy.column(ctx))
+    writer = Writer(ctx.info, column=ctx.strategy.column(ctx), path=path)
     rows = 0
     for page, batch in work.batches:
         _encode(ctx, batch, ahead)
@@ -351,10 +356,25 @@ def hold_writers(ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: boo
     an application transaction that waits on it, the cut-over gives up first and retries (the
     application is never the deadlock's victim). Returns when the hold began (monotonic): from
     the first request, since writers queue behind a waiting request too."""
-    registry = query("lock_registry_row", registry=ctx.info.registry)
-    table = ctx.info.statement("lock_for_rewrite" if rewrite else "lock_for_cut_over")
+    return hold_tables(conn, ctx.info.registry, [(ctx.info, rewrite)])
+
+
+def hold_tables(conn: psycopg.Connection[Any], registry: tuple[str, ...],
+                tables: Sequence[tuple[TableInfo, bool]]) -> float:
+    """hold_writers for several tables (a job over several tables under one registry): the registry
+    row, then each table's lock in the order given (a table named twice, once: the stronger lock),
+    all in one round trip. While it waits for a later table's lock it holds the earlier ones: each
+    wait is bounded by the same lock_timeout, and the hold is counted from the first request."""
+    strongest: dict[int, tuple[TableInfo, bool]] = {}
+    for info, rewrite in tables:
+        if info.oid in strongest:
+            rewrite = rewrite or strongest[info.oid][1]
+        strongest[info.oid] = (strongest.get(info.oid, (info, rewrite))[0], rewrite)
+    parts: list[sql.Composable] = [query("lock_registry_row", registry=registry)]
+    parts += [info.statement("lock_for_rewrite" if rewrite else "lock_for_cut_over")
+              for info, rewrite in strongest.values()]
     began = time.monotonic()
-    conn.execute(sql.Composed([registry, sql.SQL("; "), table]))  # one round trip: the smallest window
+    conn.execute(sql.SQL("; ").join(parts))  # one round trip: the smallest window
     return began
 
 

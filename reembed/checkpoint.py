@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -83,6 +85,8 @@ class Job:
     null_content: str = "null"  # --null-content
     history: list[dict[str, Any]] | None = None  # samples of its progress (record_history), for reports
     partitions: list[dict[str, Any]] | None = None  # a partitioned table's partitions (reembed.partitions); None: none
+    group_id: int | None = None  # a job over several tables: the group's id (its first job's); None: one table
+    job_group: dict[str, Any] | None = None  # that group (Group.as_json), the same on each of its rows
 
     @property
     def id(self) -> int:
@@ -107,6 +111,96 @@ class Job:
     @property
     def steps(self) -> list[str]:
         return list(self.finalize_steps or [])
+
+    @property
+    def group(self) -> Group | None:
+        return Group.from_json(self.job_group) if self.job_group is not None else None
+
+
+_SIMPLE = re.compile(r'^"([a-z_][a-z0-9_$]*)"$')
+
+
+def plain(qualified: str) -> str:
+    """`"public"."documents"` as a person writes it (public.documents), when no part needs its quotes."""
+    parts = qualified.split(".")
+    simple = [_SIMPLE.match(p) for p in parts]
+    if len(parts) == 2 and all(simple):
+        return ".".join(m.group(1) for m in simple if m)
+    return qualified
+
+
+@dataclass(frozen=True)
+class Member:
+    """One target of a job over several tables, as the group records it: what to pass to resume it."""
+
+    table: str  # schema-qualified, as reembed_checkpoint.table_name
+    column: str
+    content_column: str = "content"
+    content: str | None = None  # --content EXPR
+    null_content: str = "null"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.table, self.column)
+
+    @property
+    def label(self) -> str:
+        return f"{plain(self.table)}.{self.column}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"table": self.table, "column": self.column, "content_column": self.content_column,
+                "content": self.content, "null_content": self.null_content}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Member:
+        return cls(table=data["table"], column=data["column"], content_column=data.get("content_column", "content"),
+                   content=data.get("content"), null_content=data.get("null_content", "null"))
+
+
+@dataclass(frozen=True)
+class Group:
+    """A job over several tables under one registry: the signature the registry gets at its one
+    cut-over (or swap), and its targets, in the order the cut-over takes their locks."""
+
+    id: int
+    signature: Signature
+    members: tuple[Member, ...]
+
+    @property
+    def keys(self) -> list[tuple[str, str]]:
+        return [m.key for m in self.members]
+
+    def said(self) -> str:
+        return ", ".join(m.label for m in self.members)
+
+    def options(self) -> str:
+        """The command line's target options that name exactly this group's tables (each option given
+        once when every table has the same, else once per --table, in order; defaults left out)."""
+        out = [f"--table {shlex.quote(plain(m.table))}" for m in self.members]
+        for flag, values, default in (("--column", [m.column for m in self.members], "embedding"),
+                                      ("--content-column", [m.content_column for m in self.members], "content"),
+                                      ("--content", [m.content or "" for m in self.members], ""),
+                                      ("--null-content", [m.null_content for m in self.members], "null")):
+            if all(v == default for v in values):
+                continue
+            out += [f"{flag} {shlex.quote(v)}" for v in (values[:1] if len(set(values)) == 1 else values)]
+        return " ".join(out)
+
+    def refusal(self, label: str) -> str:
+        """Why a run that does not name exactly this group's tables is refused, and what to pass."""
+        return (f"{label} is one of the {len(self.members)} tables of job group {self.id} ({self.said()}), which "
+                f"cut over together: run with exactly these tables ({self.options()}, or a --targets file naming "
+                "them) to resume it, or pass --abandon-active with all of them (and any more) to start over; "
+                "nothing was written")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "signature": self.signature.as_dict(), "targets": [m.as_json() for m in self.members]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Group:
+        sig = data["signature"]
+        return cls(id=int(data["id"]), signature=Signature(sig["model_name"], int(sig["dimension"]), sig["model_hash"]),
+                   members=tuple(Member.from_json(t) for t in data["targets"]))
 
 
 @dataclass
@@ -190,6 +284,28 @@ def kept_previous(conn: psycopg.Connection[Any], table: str, column: str) -> Job
     if not row or not row["present"]:  # no reembed tables, or of a version before the shadow strategy
         return None
     return _one(conn, Job, "kept_previous", {"table": table, "column": column})
+
+
+def active_group(conn: psycopg.Connection[Any], table: str, column: str) -> Job | None:
+    """A job of an active group (one of its jobs still embedding or finalizing) that names (table,
+    column) among its targets, whether that target's own job exists yet, is active or done."""
+    row = conn.execute(query("group_columns_exist")).fetchone()
+    if not row or not row["present"]:  # no reembed tables, or of a version before groups
+        return None
+    return _one(conn, Job, "active_group_naming", {"table": table, "column": column})
+
+
+def group_jobs(conn: psycopg.Connection[Any], group_id: int) -> list[Job]:
+    """Every job of the group, in the order they were made (any state)."""
+    return _all(conn, Job, "group_jobs", {"group_id": group_id})
+
+
+def set_group(conn: psycopg.Connection[Any], job: Job, group: Group) -> None:
+    """Inside the job's prepare: the group it is one of."""
+    moved = conn.execute(query("set_job_group"), {"group_id": group.id, "group": Jsonb(group.as_json()),
+                                                  "job_id": job.id}).rowcount
+    if moved != 1:
+        raise InternalError(f"set_job_group moved {moved} rows for job {job.id}")
 
 
 def find(conn: psycopg.Connection[Any], job_id: int) -> Job | None:

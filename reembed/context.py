@@ -47,6 +47,16 @@ class FinalizeStep:
     max_backoff: float | None = None  # the longest wait between two tries (None: the default, 5 s)
 
 
+@dataclass(frozen=True)
+class Hold:
+    """What a strategy's cut-over holds: readers too, not only writers (`rewrite`: the column's type
+    changes, or columns are renamed), and the time its swap takes after the last catch-up (`tail`,
+    within --max-writers-held)."""
+
+    rewrite: bool
+    tail: float = 0.0
+
+
 class Strategy(Protocol):
     """How a job makes room for the new vectors, where batches write them, how it finishes."""
 
@@ -67,6 +77,20 @@ class Strategy(Protocol):
 
     def finalize_steps(self, ctx: RunContext) -> list[FinalizeStep]:
         """What finalize does, in order; each step recorded when done."""
+        ...
+
+    def hold(self, ctx: RunContext) -> Hold:
+        """What the cut-over will hold (read from the catalog now, no writes)."""
+        ...
+
+    def swap(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool) -> None:
+        """The table's part of the cut-over, under its hold, after the last catch-up (capture off, the
+        type tightened or the columns swapped). The registry and its NOTIFY are the caller's: a job over
+        several tables flips them once for all (reembed.cutover.flip_registry)."""
+        ...
+
+    def swapped(self, ctx: RunContext, conn: psycopg.Connection[Any], secs: float) -> None:
+        """In the cut-over's transaction, after the swap: what the strategy records of it."""
         ...
 
 

@@ -13,9 +13,10 @@ Otherwise the last catch-up, the swap and its record commit together.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
@@ -23,11 +24,13 @@ import structlog
 
 from reembed import capture
 from reembed import checkpoint as ckpt
-from reembed.context import RunContext
-from reembed.errors import Interrupted
+from reembed.batches import DEFAULT_WRITE_PATH
+from reembed.context import Hold, RunContext
+from reembed.errors import InternalError, Interrupted
 from reembed.progress import Pace
 from reembed.queries import query
 from reembed.signals import StopSignal
+from reembed.signature import Signature
 
 log = structlog.get_logger()
 
@@ -173,6 +176,116 @@ def for_job(cut: CutOver, ctx: RunContext, *, rewrite: bool, swap: Callable[[psy
                                                          lock_timeout=ctx.opts.cut_over_lock_timeout,
                                                          patient=True, max_backoff=CUT_OVER_BACKOFF),
         swap=swap, record=recorded)
+
+
+def flip_registry(conn: psycopg.Connection[Any], registry: tuple[str, ...], signature: Signature) -> None:
+    """The registry row names `signature`, and the news (in the cut-over's transaction, last)."""
+    conn.execute(query("upsert_registry", registry=registry), signature.as_dict())
+    conn.execute(query("notify_model_changed"), {"payload": json.dumps(signature.as_dict())})
+
+
+def for_group(cut: CutOver, ctxs: Sequence[RunContext], holds: Sequence[Hold], *,
+              swap: Callable[[psycopg.Connection[Any]], None],
+              record: Callable[[psycopg.Connection[Any], float], None]) -> Held:
+    """A job over several tables (reembed.group): ONE cut-over for all of them, when each is ready.
+    Every table's captured keys are caught up as one backlog (the bound is the whole hold's); the
+    hold takes the registry row, then every table's lock in the group's order, in one round trip,
+    each request waiting at most --cut-over-lock-timeout; `swap(conn)` swaps every table and flips
+    the registry once. It runs on the first table's coordinator connection, fenced by every table's
+    lease, and records the step on every job in the same transaction (a retry after a lost
+    acknowledgement finds it recorded: `Landed`)."""
+    first = ctxs[0]
+    first.lease.read(capture.check_lock_timeout, first.opts.cut_over_lock_timeout, on=first.control,
+                     what="cut_over_settings")
+    tables = [(ctx.info, hold.rewrite) for ctx, hold in zip(ctxs, holds, strict=True)]
+    # on the first table's connection the others' rows are written by unnest (its staging table is the first's)
+    source = Several([capture.JobSource(ctx, rewrite=hold.rewrite, path=DEFAULT_WRITE_PATH if i == 0 else "unnest")
+                      for i, (ctx, hold) in enumerate(zip(ctxs, holds, strict=True))],
+                     hold=lambda conn: capture.hold_tables(conn, first.info.registry, tables))
+
+    def recorded(conn: psycopg.Connection[Any], secs: float) -> None:
+        for ctx in ctxs:
+            conn.execute(query("record_writers_held"), {"secs": secs, "job_id": ctx.active.id})
+        record(conn, secs)
+        for ctx in ctxs:
+            ckpt.record_step(conn, ctx.active, "cut_over")
+        for ctx in ctxs[1:]:  # the first table's lease fences the transaction itself (Lease.write)
+            ctx.lease.fence(conn)
+
+    def unless_landed(conn: psycopg.Connection[Any], attempt: int,
+                      body: Callable[[psycopg.Connection[Any]], tuple[float, int, float]]) -> tuple[float, int, float]:
+        if attempt > 1:  # a retry after a lost connection: did the first try's commit land?
+            now = ckpt.reload(conn, first.active)
+            if "cut_over" in now.steps:
+                raise Landed(now.writers_held_secs or 0.0)
+        return body(conn)
+
+    return cut.run(
+        source, bound=Bound(first.opts.max_writers_held, sum(h.tail for h in holds)), stop=first.stop,
+        read=lambda body: first.lease.read(body, on=first.control, what="cut_over_backlog"),
+        transaction=lambda body: first.lease.write_attempt(unless_landed, body, on=first.control, what="cut_over",
+                                                           lock_timeout=first.opts.cut_over_lock_timeout,
+                                                           patient=True, max_backoff=CUT_OVER_BACKOFF),
+        swap=swap, record=recorded)
+
+
+@dataclass
+class _Parts(capture.Backlog):
+    """Several sources' backlogs, as one (their sums) for the bound."""
+
+    parts: list[capture.Backlog] = field(default_factory=list)
+
+
+class Several:
+    """Several sources caught up under one hold (a job over several tables, a rollback of one): a
+    `capture.Source` whose backlog is theirs summed, so that the bound is the whole hold's. The
+    rows each encodes ahead are kept apart by its place (two tables may share a key and an xmin)."""
+
+    def __init__(self, parts: Sequence[capture.Source], *, hold: Callable[[psycopg.Connection[Any]], float]) -> None:
+        self.parts = list(parts)
+        self._hold = hold
+
+    def backlog(self, conn: psycopg.Connection[Any], ahead: capture.Encoded) -> capture.Backlog:
+        found = [p.backlog(conn, _mine(ahead, i)) for i, p in enumerate(self.parts)]
+        return _Parts(sum(b.keys for b in found), sum(b.unencoded for b in found), [], found)
+
+    def encode_ahead(self, work: capture.Backlog, known: capture.Encoded) -> tuple[capture.Encoded, int]:
+        out: capture.Encoded = {}
+        encoded = 0
+        for i, (p, part) in enumerate(zip(self.parts, _split(work), strict=True)):
+            done, n = p.encode_ahead(part, _mine(known, i))
+            out.update(_tagged(done, i))
+            encoded += n
+        return out, encoded
+
+    def write_ahead(self, work: capture.Backlog, ahead: capture.Encoded) -> int:
+        return sum(p.write_ahead(part, _mine(ahead, i))
+                   for i, (p, part) in enumerate(zip(self.parts, _split(work), strict=True)))
+
+    def final(self, conn: psycopg.Connection[Any], ahead: capture.Encoded, work: capture.Backlog) -> int:
+        return sum(p.final(conn, _mine(ahead, i), part)
+                   for i, (p, part) in enumerate(zip(self.parts, _split(work), strict=True)))
+
+    def hold(self, conn: psycopg.Connection[Any]) -> float:
+        return self._hold(conn)
+
+
+_TAG = "\x1f"  # between a part's place and a key's text form (never in a key's text: a control character)
+
+
+def _tagged(encoded: capture.Encoded, place: int) -> capture.Encoded:
+    return {(f"{place}{_TAG}{key}", xmin): vec for (key, xmin), vec in encoded.items()}
+
+
+def _mine(encoded: capture.Encoded, place: int) -> capture.Encoded:
+    prefix = f"{place}{_TAG}"
+    return {(key[len(prefix):], xmin): vec for (key, xmin), vec in encoded.items() if key.startswith(prefix)}
+
+
+def _split(work: capture.Backlog) -> list[capture.Backlog]:
+    if not isinstance(work, _Parts):
+        raise InternalError("a backlog of several sources was expected")
+    return work.parts
 
 
 class Landed(Exception):

@@ -42,9 +42,12 @@ class Outcome:
     finished: bool
     index_secs: float = 0.0
     message: str = ""
+    reached: bool = False  # stopped before the step `until` names, as asked
 
 
-def run(ctx: RunContext) -> Outcome:
+def run(ctx: RunContext, *, until: str | None = None) -> Outcome:
+    """The strategy's steps not recorded yet; `until`: stop before the step of that name unless it
+    is recorded (a job over several tables: each table up to the cut-over, which is the group's)."""
     outcome = Outcome(finished=False)
     job = _reload(ctx)
     if _postponed(ctx, outcome):
@@ -55,6 +58,9 @@ def run(ctx: RunContext) -> Outcome:
     for step in ctx.strategy.finalize_steps(ctx):
         if step.name in job.steps:
             continue
+        if step.name == until:
+            outcome.reached = True
+            return outcome
         if ctx.stop.requested:
             outcome.message = f"stopped before finalize step {step.name}; re-run to finish"
             return outcome

@@ -95,14 +95,15 @@ def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal | None,
             info = inspect_target(conn, settings.target)
             registry = Signature.from_registry(read_registry(conn, info))
             job = ckpt.active_job(conn, info)
-        if job is None and registry is not None and _registry_matches(registry, name, model_hash):
+            check_not_grouped(conn, info, job)
+        if job is None and registry is not None and registry_matches(registry, name, model_hash):
             return _noop(registry, spec.dimension, started, info)
-        _check_target(job, name, model_hash, info, settings)
+        check_target(job, name, model_hash, info, settings)
         with db.translated():
-            _check_previous(conn, info, job, settings)
-        old_loader = _old_model(opts, job, registry)
+            check_previous(conn, info, job, settings)
+        old_loader = old_model(opts, job, registry)
         if opts.dry_run:
-            embedder = embedder or _load(spec, opts, model_hash)
+            embedder = embedder or load(spec, opts, model_hash)
             return plan_report(conn, info, registry, job, embedder, settings, started)
         throttle_options(opts, conninfo)  # the operator's query and replicas answer, before any write
 
@@ -114,7 +115,7 @@ def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal | None,
             # joiner that held the lock shared while it loaded (seconds) and died there would be the
             # holder the last worker out gives way to, and nobody would finalize the job.
             held.release()
-            embedder = _load(spec, opts, model_hash)
+            embedder = load(spec, opts, model_hash)
             held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
                               break_stale_lock=False, stale_after=opts.stale_after, join=True,
                               join_wait=opts.join_wait)
@@ -131,7 +132,7 @@ def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal | None,
                              max_outage=opts.max_outage, max_retries=opts.max_retries)
         keeper.start()
         try:
-            embedder = embedder or _load(spec, opts, model_hash)
+            embedder = embedder or load(spec, opts, model_hash)
             if spec.dimension is not None and spec.dimension != embedder.signature.dimension:
                 raise ConfigError(
                     f"model produces {embedder.signature.dimension} dimensions but --dimension is {spec.dimension}"
@@ -165,7 +166,7 @@ def plan(settings: Settings, *, embedder: Embedder | None = None) -> Report:
     return run(replace(settings, options=replace(settings.options, dry_run=True)), embedder=embedder)
 
 
-def _registry_matches(registry: Signature | None, name: str, model_hash: str) -> bool:
+def registry_matches(registry: Signature | None, name: str, model_hash: str) -> bool:
     return registry is not None and registry.name == name and registry.hash == model_hash
 
 
@@ -185,11 +186,20 @@ def _noop(registry: Signature, dimension: int | None, started: float, info: Tabl
     )
 
 
-def _load(spec: ModelSpec, opts: RunOptions, model_hash: str) -> Embedder:
+def load(spec: ModelSpec, opts: RunOptions, model_hash: str) -> Embedder:
     return SentenceTransformerEmbedder(spec, encode_batch_size=opts.encode_batch_size, model_hash=model_hash)
 
 
-def _check_previous(conn: psycopg.Connection[Any], info: TableInfo, job: Job | None, settings: Settings) -> None:
+def check_not_grouped(conn: psycopg.Connection[Any], info: TableInfo, job: Job | None) -> None:
+    """A table of a job over several tables (reembed.group) is resumed, or abandoned, with all of them:
+    they cut over together, and a run over one of them alone would flip the registry for the others."""
+    grouped = job if job is not None and job.group_id is not None else ckpt.active_group(conn, info.qualified,
+                                                                                       info.column)
+    if grouped is not None and grouped.group is not None:
+        raise ConfigError(grouped.group.refusal(f"{ckpt.plain(info.qualified)}.{info.column}"))
+
+
+def check_previous(conn: psycopg.Connection[Any], info: TableInfo, job: Job | None, settings: Settings) -> None:
     """A new job waits until a shadow job's kept previous column is cleaned up or rolled back
     (a second swap would have nowhere to put it, and rollback would lose its meaning); a
     shadow job needs the name it renames the column to."""
@@ -206,7 +216,7 @@ def _check_previous(conn: psycopg.Connection[Any], info: TableInfo, job: Job | N
         shadow.check_table(conn, info)
 
 
-def _old_model(opts: RunOptions, job: Job | None, registry: Signature | None) -> Callable[[], Embedder] | None:
+def old_model(opts: RunOptions, job: Job | None, registry: Signature | None) -> Callable[[], Embedder] | None:
     """--old-model, checked against the model the column holds now (before any write), and
     loaded only when the quality gate asks for it."""
     if opts.old_model is None:
@@ -219,10 +229,10 @@ def _old_model(opts: RunOptions, job: Job | None, registry: Signature | None) ->
         raise ConfigError(f"--old-model {spec.model} hashes to {model_hash}, but the column holds {said}: the "
                           "gate would compare the new vectors with the wrong model; give the model (with its "
                           "--old-prefix and --old-max-seq-length) the registry names")
-    return functools.cache(lambda: _load(spec, opts, model_hash))
+    return functools.cache(lambda: load(spec, opts, model_hash))
 
 
-def _check_target(job: Job | None, name: str, model_hash: str, info: TableInfo, settings: Settings) -> None:
+def check_target(job: Job | None, name: str, model_hash: str, info: TableInfo, settings: Settings) -> None:
     """A different target while a job is active is refused, unless told to abandon it.
     (The hash covers the model's files, so name + hash settle the dimension too; and the text it
     reads, checked here again for a model whose hash is its own: a library caller's embedder.)"""
@@ -250,10 +260,11 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
     info, sig = ctx.info, ctx.signature
     with db.translated():
         job = ckpt.active_job(conn, info)  # again, now that we hold the lock
+        check_not_grouped(conn, info, job)
         registry = Signature.from_registry(read_registry(conn, info))
-    if job is None and registry is not None and _registry_matches(registry, sig.name, sig.hash):
+    if job is None and registry is not None and registry_matches(registry, sig.name, sig.hash):
         return _noop(registry, None, ctx.started, info)
-    _check_target(job, sig.name, sig.hash, info, ctx.settings)
+    check_target(job, sig.name, sig.hash, info, ctx.settings)
     if ctx.lease.shared:  # other runs' workers hold the lock: join their job, or nothing
         if job is not None and job.matches(sig) and job.state == "embedding":
             return _join(ctx, job)
@@ -261,7 +272,7 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
             raise LockHeld(f"{info.qualified} is being re-embedded by another run; wait for it, or stop it first")
         with db.translated():
             job = ckpt.active_job(conn, info)
-        _check_target(job, sig.name, sig.hash, info, ctx.settings)
+        check_target(job, sig.name, sig.hash, info, ctx.settings)
 
     resumed_from: str | None = None
     if job is not None and job.matches(sig) and job.strategy != ctx.opts.strategy:
@@ -272,7 +283,7 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
             ckpt.ensure_schema(conn)  # a job of an older version gains the newer columns and tables
         # the job row as it is now, and the strategy the job was started with
         job = ctx.state.advance(ckpt.reload(conn, job), strategy=for_name(job.strategy))
-        _recheck(ctx, conn, job)
+        recheck(ctx, conn, job)
         progress = ckpt.progress(conn, job)
         resumed_from = progress["last_id"]
         log.info("job_resumed", job_id=job.id, state=job.state, last_id=resumed_from,
@@ -287,7 +298,7 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
         with db.translated():
             ckpt.ensure_schema(conn)  # the first write of a new job: after the banner
         ctx.state.advance(prepare(ctx, conn, registry, job, rows_total=rows_total, found=found))
-    return _begin(ctx, resumed_from)
+    return begin(ctx, resumed_from)
 
 
 def _join(ctx: RunContext, job: Job) -> Report:
@@ -296,21 +307,23 @@ def _join(ctx: RunContext, job: Job) -> Report:
     ctx.state.advance(job, strategy=for_name(job.strategy))
     log.info("job_joined", job_id=job.id, workers=len(ctx.lease.read(ckpt.workers, job, on=ctx.control,
                                                                       what="read_workers")))
-    return _begin(ctx, None)
+    return begin(ctx, None)
 
 
-def _begin(ctx: RunContext, resumed_from: str | None) -> Report:
+def begin(ctx: RunContext, resumed_from: str | None, *, until: str | None = None) -> Report:
+    """The job from where it stands to done; `until`: to the finalize step of that name (a job over
+    several tables: each table up to the one cut-over of them all), its report's state `ready`."""
     structlog.contextvars.bind_contextvars(job_id=ctx.active.id)
     ctx.lease.job_id = ctx.active.id
     ctx.throttle.begin(ctx.active.id, recorded_hold=ctx.active.throttle_reason)
     ctx.stop.deadline(ctx.deadline)
     try:
-        return _drive(ctx, resumed_from)
+        return _drive(ctx, resumed_from, until)
     finally:
         structlog.contextvars.unbind_contextvars("job_id")
 
 
-def _recheck(ctx: RunContext, conn: psycopg.Connection[Any], job: Job) -> None:
+def recheck(ctx: RunContext, conn: psycopg.Connection[Any], job: Job) -> None:
     """A resumed job whose column still changes type: refuse what was added on the column since
     the job started (a view, a policy, ...), before any more work, saying what state the table is in.
     A partitioned table's partitions attached or detached meanwhile are taken in (reembed.repartition)."""
@@ -351,9 +364,10 @@ def _confirm(ctx: RunContext, conn: psycopg.Connection[Any], rows: int, seconds:
 
 
 def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature | None, old: Job | None, *,
-            rows_total: int, found: Inventory) -> Job:
+            rows_total: int, found: Inventory, group: ckpt.Group | None = None) -> Job:
     """One fenced transaction: (abandon the old job,) record the new one and its inventory, make
-    room (strategy). The inventory is read again inside it: what it records is what it drops."""
+    room (strategy). The inventory is read again inside it: what it records is what it drops.
+    `group`: the job over several tables it is one of (id 0: a new group, whose id is this job's)."""
     info, sig = ctx.info, ctx.signature
     index_name = info.index.name if info.index else None
     index_def = info.index.as_json() if info.index else None
@@ -380,6 +394,8 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
         job = ckpt.create_job(c, info, target=sig, source=source, index=index_def, index_name=index_name,
                               source_typmod=source_typmod, rows_total=rows_total, holder=db.holder_name(),
                               dependents=now.as_json(), strategy=ctx.strategy.name, bounds=bounds)
+        if group is not None:
+            ckpt.set_group(c, job, group if group.id else replace(group, id=job.id))
         repartition.record(c, info, job)
         ctx.strategy.prepare(ctx, c, job, resumed_from=old)
         return ckpt.reload(c, job)
@@ -392,7 +408,7 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
     return job
 
 
-def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
+def _drive(ctx: RunContext, resumed_from: str | None, until: str | None = None) -> Report:
     sig, job = ctx.signature, ctx.active
     worker = Worker(ctx)
     report = Report(state="done", job_id=job.id, model_name=sig.name, dimension=sig.dimension,
@@ -401,7 +417,8 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
         if job.state == "embedding":
             if not ctx.lease.shared:  # the lock is ours alone: claims left by earlier runs are dead
                 ctx.lease.write(ckpt.release_claims, job, on=ctx.control, what="release_claims")
-                ctx.lease.share()  # from here on, other runs may join as workers
+                if job.group_id is None:  # a job over several tables runs on one worker (reembed.group)
+                    ctx.lease.share()  # from here on, other runs may join as workers
             _embed(ctx, worker, report)
             if not ctx.stop.requested and not ctx.lease.coordinate():
                 return _worker_done(ctx, worker, report)
@@ -414,7 +431,12 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
         if ctx.stop.requested:
             return _stopped(ctx, report)
         note = failures.settle(ctx)
-        outcome = finalize.run(ctx)
+        outcome = finalize.run(ctx, until=until)
+        if outcome.reached:  # ready for the cut-over of a job over several tables
+            report.state = "ready"
+            _with_workers(report)
+            report.message = note
+            return report
         report.index_rebuild_secs = outcome.index_secs
         report.details["writers_held_secs"] = ctx.active.writers_held_secs
         report.details["catch_up_rows"] = ctx.active.catchup_rows

@@ -18,7 +18,6 @@ stale; `reembed cleanup` drops the previous column and the recording.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +28,7 @@ from psycopg.types.json import Jsonb
 
 from reembed import capture, carry, cutover, dependents, failures, finalize, gate, partitions, repartition
 from reembed import checkpoint as ckpt
-from reembed.context import FinalizeStep, RunContext
+from reembed.context import FinalizeStep, Hold, RunContext
 from reembed.cutover import CutOver
 from reembed.errors import ConfigError, InternalError, ReembedError
 from reembed.partitions import ChildIndex
@@ -271,15 +270,24 @@ class Shadow:
         read the table waits for the registry row the swap holds, it would make a deadlock whose
         victim PostgreSQL may pick in the application. So readers wait for the whole hold: the
         last catch-up is a few rows (the step before it), the renames a few milliseconds."""
-        def readers_held(conn: psycopg.Connection[Any], secs: float) -> None:
-            conn.execute(query("record_readers_held"), {"secs": secs, "job_id": ctx.active.id})
+        hold = self.hold(ctx)
 
-        held = cutover.for_job(self._cut, ctx, rewrite=True, swap=lambda c: self._swap(ctx, c), tail=_SWAP_TAIL,
-                               record=readers_held)
-        log.info("swap", readers_held_secs=round(held.secs, 4), column=ctx.info.column,
+        def swap(conn: psycopg.Connection[Any]) -> None:
+            self.swap(ctx, conn, rewrite=hold.rewrite)
+            cutover.flip_registry(conn, ctx.info.registry, ctx.signature)
+
+        cutover.for_job(self._cut, ctx, rewrite=hold.rewrite, swap=swap, tail=hold.tail,
+                        record=lambda conn, secs: self.swapped(ctx, conn, secs))
+
+    def hold(self, ctx: RunContext) -> Hold:
+        return Hold(rewrite=True, tail=_SWAP_TAIL)
+
+    def swapped(self, ctx: RunContext, conn: psycopg.Connection[Any], secs: float) -> None:
+        conn.execute(query("record_readers_held"), {"secs": secs, "job_id": ctx.active.id})
+        log.info("swap", readers_held_secs=round(secs, 4), table=ctx.info.qualified, column=ctx.info.column,
                  previous=self.names(ctx).previous)
 
-    def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+    def swap(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool = True) -> None:
         info, names, job = ctx.info, self.names(ctx), ctx.active
         repartition.check_unchanged(conn, ctx)  # no partition attached or detached since finalize began
         carried = carry.read(conn, info, info.attnum)
@@ -302,8 +310,6 @@ class Shadow:
         if carried.views or carried.attached:
             log.info("recreated_on_new_column", objects=carried.labels())
         record_after_swap(conn, info, job.id)
-        conn.execute(query("upsert_registry", registry=info.registry), ctx.signature.as_dict())
-        conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
         conn.execute(query("record_swap"), {"job_id": job.id})
 
 

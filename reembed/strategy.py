@@ -14,7 +14,6 @@ by default, so it never blocks the application's writes) and marks the job done.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import psycopg
@@ -23,7 +22,7 @@ from psycopg import sql
 
 from reembed import capture, carry, cutover, dependents, failures, finalize, repartition
 from reembed import checkpoint as ckpt
-from reembed.context import FinalizeStep, RunContext, Strategy
+from reembed.context import FinalizeStep, Hold, RunContext, Strategy
 from reembed.cutover import CutOver
 from reembed.errors import ConfigError
 from reembed.queries import query
@@ -81,10 +80,19 @@ class InPlace:
         capture off, the news. One transaction: the application never sees the registry and the
         column disagree. The hold is bounded (reembed.cutover); a dimension change's table
         rewrite comes on top (plan and the banner say how long)."""
-        rewrite = ctx.lease.read(self._typmod_changes, ctx, on=ctx.control, what="cut_over_type")
-        cutover.for_job(self._cut, ctx, rewrite=rewrite, swap=lambda c: self._swap(ctx, c, rewrite=rewrite))
+        hold = self.hold(ctx)
 
-    def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool) -> None:
+        def swap(conn: psycopg.Connection[Any]) -> None:
+            self.swap(ctx, conn, rewrite=hold.rewrite)
+            cutover.flip_registry(conn, ctx.info.registry, ctx.signature)
+
+        cutover.for_job(self._cut, ctx, rewrite=hold.rewrite, swap=swap, tail=hold.tail,
+                        record=lambda conn, secs: self.swapped(ctx, conn, secs))
+
+    def hold(self, ctx: RunContext) -> Hold:
+        return Hold(rewrite=ctx.lease.read(self._typmod_changes, ctx, on=ctx.control, what="cut_over_type"))
+
+    def swap(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool) -> None:
         repartition.check_unchanged(conn, ctx)  # no partition attached or detached since finalize began
         if rewrite:
             # The capture trigger names the column, which blocks a type change: it goes first
@@ -93,8 +101,9 @@ class InPlace:
             self._tighten(ctx, conn)
         else:
             capture.stop_capturing(ctx, conn)  # dropped by the next step: readers need not wait here
-        conn.execute(query("upsert_registry", registry=ctx.info.registry), ctx.signature.as_dict())
-        conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
+
+    def swapped(self, ctx: RunContext, conn: psycopg.Connection[Any], secs: float) -> None:
+        return None
 
     def _typmod_changes(self, conn: psycopg.Connection[Any], ctx: RunContext) -> bool:
         info = ctx.info

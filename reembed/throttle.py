@@ -359,7 +359,7 @@ class Throttle(Background):
         self.job_id = job_id
         if recorded_hold is not None:
             self._record(None)
-        if self.enabled:
+        if self.enabled and self._thread.ident is None:  # begun again (a job over several tables): still running
             self.start()
 
     def _record(self, reason: str | None, *, secs: float = 0.0) -> None:

@@ -1275,3 +1275,24 @@ UPDATE reembed_checkpoint c
    AND (jsonb_array_length(c.history) = 0
         OR extract(epoch FROM clock_timestamp()) - (c.history -> -1 ->> 't')::float8
            >= coalesce(%(every)s::float8, greatest(9.0, extract(epoch FROM now() - c.started_at) / 500)));
+
+-- name: group_columns_exist
+SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('reembed_checkpoint')
+                  AND attname = 'job_group' AND NOT attisdropped) AS present;
+
+-- name: set_job_group
+-- A job over several tables: the group it is one of (recorded in its prepare's transaction).
+UPDATE reembed_checkpoint SET group_id = %(group_id)s, job_group = %(group)s, updated_at = now()
+ WHERE job_id = %(job_id)s;
+
+-- name: group_jobs
+SELECT * FROM reembed_checkpoint WHERE group_id = %(group_id)s ORDER BY job_id;
+
+-- name: active_group_naming
+-- A job of an active group (one of its jobs embedding or finalizing) that names (table, column).
+SELECT * FROM reembed_checkpoint
+ WHERE group_id IS NOT NULL AND state IN ('embedding', 'finalizing')
+   AND job_group->'targets' @> jsonb_build_array(jsonb_build_object('table', %(table)s::text,
+                                                                     'column', %(column)s::text))
+ ORDER BY job_id DESC
+ LIMIT 1;

@@ -164,3 +164,13 @@ ALTER TABLE reembed_checkpoint
 -- long job) and at each change of state, finalize step and throttle hold; `status --report` plots it.
 ALTER TABLE reembed_checkpoint
     ADD COLUMN IF NOT EXISTS history jsonb NOT NULL DEFAULT '[]';
+
+-- Added with jobs over several tables (issue 28): tables under one registry re-embedded by one job,
+-- each with its own row here (its cursors, capture, failed rows, finalize steps) and all cut over
+-- in one transaction that flips the registry once. group_id is the group's first job's id (NULL: a
+-- job over one table); job_group records the group on each of its rows: its id, the signature the
+-- registry gets, and its targets in the order their locks are taken ({table, column, ...} each).
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS group_id  bigint,
+    ADD COLUMN IF NOT EXISTS job_group jsonb;
+CREATE INDEX IF NOT EXISTS reembed_checkpoint_group ON reembed_checkpoint (group_id) WHERE group_id IS NOT NULL;
