@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # what the names are; at run time each module loads on first 
         ReembedError,
     )
     from reembed.evaluate import Comparison, evaluate
-    from reembed.job import plan, run
+    from reembed.group import plan, run
     from reembed.report import Report
     from reembed.rollback import cleanup, rollback
     from reembed.settings import EvalOptions, ModelSpec, RollbackOptions, RunOptions, Settings, Target
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # what the names are; at run time each module loads on first 
 # (not psycopg, the pool and the whole job: a measured 0.2 s more per process start).
 _WHERE = {
     "CheckpointConflict": "errors", "ConfigError": "errors", "DatabaseError": "errors", "Interrupted": "errors",
-    "LockHeld": "errors", "ReembedError": "errors", "plan": "job", "run": "job", "Report": "report",
+    "LockHeld": "errors", "ReembedError": "errors", "plan": "group", "run": "group", "Report": "report",
     "ModelSpec": "settings", "RunOptions": "settings", "Settings": "settings", "Target": "settings",
     "StopSignal": "signals", "Status": "status", "status": "status", "rollback": "rollback", "cleanup": "rollback",
     "RollbackOptions": "settings", "evaluate": "evaluate", "Comparison": "evaluate", "EvalOptions": "settings",

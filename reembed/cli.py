@@ -11,9 +11,9 @@ from dataclasses import replace
 from typing import Any
 
 from reembed import __version__, htmlreport
-from reembed.errors import ReembedError, Stopped
+from reembed.errors import ConfigError, ReembedError, Stopped
 from reembed.evaluate import evaluate
-from reembed.job import plan, run
+from reembed.group import plan, run
 from reembed.logs import configure_logging
 from reembed.rollback import cleanup, rollback
 from reembed.settings import EvalOptions, RollbackOptions, Settings, VerifyOptions
@@ -22,21 +22,31 @@ from reembed.verify import verify
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("target")
+    g = p.add_argument_group("target (several tables under one registry: --table once per table, or --targets)")
     g.add_argument("--dsn", "--postgres-url", dest="dsn", default=None,
                    help="libpq connection string or URL (default: $REEMBED_DSN, else libpq's PG* variables)")
-    g.add_argument("--table", default="knowledge_nodes", help="table to re-embed (schema.table allowed)")
-    g.add_argument("--column", default="embedding", help="the vector column")
-    g.add_argument("--content-column", default="content", help="the text column to encode")
-    g.add_argument("--content", default=None, metavar="EXPR",
+    g.add_argument("--table", action="append", default=None,
+                   help="table to re-embed (schema.table allowed; default knowledge_nodes). Repeat it for a job over "
+                        "several tables under one registry: each table is embedded in turn, then one cut-over (or "
+                        "one swap) flips the registry for all; --column, --content-column, --content, --null-content "
+                        "and --index are then given once (for every table) or once per --table, in the same order")
+    g.add_argument("--targets", default=None, metavar="FILE",
+                   help="the tables as a TOML file instead of --table: one [[target]] per table with table, and "
+                        "optionally column, content-column or content, null-content, index")
+    g.add_argument("--column", action="append", default=None, help="the vector column (embedding)")
+    g.add_argument("--content-column", action="append", default=None, help="the text column to encode (content)")
+    g.add_argument("--content", action="append", default=None, metavar="EXPR",
                    help="the text to encode as a SQL expression over the row, instead of --content-column, e.g. "
                         "\"title || E'\\n' || body\" or \"doc->>'text'\" (its columns unqualified; in the model's "
-                        "hash: the registry records what was embedded)")
-    g.add_argument("--null-content", choices=("null", "empty"), default="null",
+                        "hash: the registry records what was embedded); with several tables, '' for a table that "
+                        "reads its --content-column")
+    g.add_argument("--null-content", action="append", choices=("null", "empty"), default=None,
                    help="a row whose text is NULL: null leaves its vector NULL (refused for a NOT NULL column that "
                         "has such rows); empty encodes the empty text (in the model's hash) (null)")
-    g.add_argument("--index", default=None, help="the HNSW index to rebuild (default: the one on --column)")
-    g.add_argument("--registry", default="embedding_model", help="the one-row model registry table")
+    g.add_argument("--index", action="append", default=None,
+                   help="the HNSW index to rebuild (default: the one on --column)")
+    g.add_argument("--registry", default="embedding_model",
+                   help="the one-row model registry table (one for the whole job)")
 
 
 def _add_output(p: argparse.ArgumentParser) -> None:
@@ -334,6 +344,9 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
+    if args.report and len(settings.all_targets) > 1:
+        raise ConfigError("--report pages one table's job: give one --table (status without --report shows each "
+                          "table of a job over several)")
     if args.report:
         result = job_status(settings)
         htmlreport.write(args.report, htmlreport.job_page(result.data))

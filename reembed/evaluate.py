@@ -97,6 +97,9 @@ def evaluate(settings: Settings, options: EvalOptions, *, embedders: list[Embedd
     of options.models; their load is then not measured); `current`: the registry's model, loaded."""
     if not options.models and not embedders:
         raise ConfigError("eval needs at least one candidate: give --model (a local model directory), repeatable")
+    if len(settings.all_targets) > 1:
+        raise ConfigError(f"eval compares models on one table's rows, not {len(settings.all_targets)}: give one "
+                          "--table (and run eval on each table of a job over several)")
     if options.sample < 2 * K:
         raise ConfigError(f"--sample must be at least {2 * K} rows, got {options.sample}")
     if options.queries < 1:

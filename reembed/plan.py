@@ -73,12 +73,13 @@ def check_shared_registry(conn: psycopg.Connection[Any], info: TableInfo, regist
     another one (or may be left as they are)."""
     if registry is None:
         return
-    mine = {info.column, f"{info.column}_previous"}
     rows = conn.execute(query("vector_columns_of_dimension"),
                         {"dim": registry.dimension, "table_oid": info.oid}).fetchall()
+    jobs = {(info.oid, info.column), *opts.group_columns}  # a job over several tables: each is the job's own
     others = [f"{r['schema']}.{r['table_name']}.{r['column_name']}" for r in rows
-              if not (r["table_oid"] == info.oid and (r["column_name"] in mine
-                                                       or r["column_name"].startswith(f"{info.column}_reembed")))]
+              if not any(r["table_oid"] == oid and (r["column_name"] in (column, f"{column}_previous")
+                                                    or r["column_name"].startswith(f"{column}_reembed"))
+                         for oid, column in jobs)]
     if not others:
         return
     if opts.allow_shared_registry:

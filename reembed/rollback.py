@@ -24,9 +24,9 @@ and safe to kill: every transaction leaves the table as a re-run expects it.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar, TypeVarTuple
 
 import numpy as np
@@ -37,7 +37,7 @@ from psycopg import sql
 from reembed import capture, carry, db, lease, shadow
 from reembed import checkpoint as ckpt
 from reembed.batches import Batch
-from reembed.cutover import Bound, CutOver
+from reembed.cutover import Bound, CutOver, Several, flip_registry
 from reembed.embedder import SentenceTransformerEmbedder, fingerprint
 from reembed.encoding import Embedder
 from reembed.errors import ConfigError, Interrupted, ReembedError
@@ -46,6 +46,7 @@ from reembed.queries import query
 from reembed.report import Report
 from reembed.settings import RollbackOptions, Settings
 from reembed.signals import StopSignal
+from reembed.signature import Signature
 from reembed.target import TableInfo, inspect_target
 
 log = structlog.get_logger()
@@ -57,104 +58,164 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """A target and the shadow job whose previous column is kept on it."""
+
+    info: TableInfo
+    job: ckpt.Job
+    names: shadow.Names
+
+    @property
+    def label(self) -> str:
+        return f"{self.info.qualified}.{self.info.column}"
+
+
 @contextlib.contextmanager
-def _kept_job(settings: Settings, what: str) -> Iterator[tuple[psycopg.Connection[Any], TableInfo, ckpt.Job]]:
-    """The control connection, the target, and the shadow job whose previous column is kept
-    (a ConfigError, exit 2, when there is none: nothing to `what`)."""
+def _kept_jobs(settings: Settings, what: str) -> Iterator[tuple[psycopg.Connection[Any], list[_Kept]]]:
+    """The control connection, and each target with the shadow job whose previous column is kept on it
+    (a ConfigError, exit 2, when there is none: nothing to `what`). A job over several tables swapped
+    them together: they are rolled back (or cleaned up) together, every one named, in its order."""
     conn = db.connect(settings.target.conninfo(), role="control", vectors=False, autocommit=True)
     try:
         with db.translated():
-            info = inspect_target(conn, settings.target)
-            carry.finish_not_null(conn, info)  # what a rollback killed after its swap back left to finish
-            yield conn, info, _kept(conn, info, what)
+            kept = []
+            for target in settings.all_targets:
+                info = inspect_target(conn, target)
+                carry.finish_not_null(conn, info)  # what a rollback killed after its swap back left to finish
+                job = _kept(conn, info, what)
+                kept.append(_Kept(info, job, shadow.Names.of(job)))
+            yield conn, _together(kept, what)
     finally:
         conn.close()
+
+
+def _together(kept: list[_Kept], what: str) -> list[_Kept]:
+    """The jobs of exactly one swap: one job over one table, or every table of one job over several
+    (in the group's order: its swap back takes their locks in that order)."""
+    groups = {k.job.group_id for k in kept}
+    group = next((k.job.group for k in kept if k.job.group is not None), None)
+    if group is None:
+        if len(kept) > 1:
+            raise ConfigError(f"{', '.join(k.label for k in kept)} were swapped by jobs of their own (jobs "
+                              f"{', '.join(str(k.job.id) for k in kept)}): {what} each on its own (one --table); "
+                              "nothing was written")
+        return kept
+    keys = {(k.info.qualified, k.info.column) for k in kept}
+    if len(groups) > 1 or keys != set(group.keys):
+        raise ConfigError(f"job group {group.id} swapped {group.said()} together: {what} them together, with "
+                          f"exactly these tables ({group.options()}); nothing was written")
+    order = {key: i for i, key in enumerate(group.keys)}
+    return sorted(kept, key=lambda k: order[(k.info.qualified, k.info.column)])
 
 
 def rollback(settings: Settings, opts: RollbackOptions) -> Report:
     started = time.monotonic()
     conninfo = settings.target.conninfo()
-    with _kept_job(settings, "roll back") as (conn, info, job):
-        names = shadow.Names.of(job)
-        stale = _stale(conn, job)
-        source = job.source
+    with _kept_jobs(settings, "roll back") as (conn, kept):
+        source = kept[0].job.source
         if source is None:
-            raise ConfigError(f"job {job.id} recorded no model before it (the registry was empty): there is nothing "
-                              "to swap back to; `reembed cleanup` keeps the new vectors")
-        embedder = _old_model(settings, job, source.hash)
-        if embedder is None and stale and names.not_null:
-            raise ConfigError(
-                f"{stale} rows were written after the swap and {info.column} was NOT NULL: their previous vectors "
-                f"cannot be left NULL; give the old model (--model, {source.name}) to re-embed them; nothing was "
-                "written")
-        if embedder is None and stale and not opts.leave_stale_null:
-            raise ConfigError(
-                f"{stale} rows were written after the swap: their previous vectors are stale; give the old model "
-                f"(--model, {source.name}) to re-embed them, or pass --leave-stale-null to swap back with those "
-                "rows' embedding NULL; nothing was written")
-        _check_added_since(conn, info, names)
-        held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
-                          break_stale_lock=False, stale_after=90.0)
-        stop = StopSignal()
-        stop.install()
-        try:
+            raise ConfigError(f"job {kept[0].job.id} recorded no model before it (the registry was empty): there is "
+                              "nothing to swap back to; `reembed cleanup` keeps the new vectors")
+        if any(k.job.source != source for k in kept):
+            raise ReembedError(f"the jobs of group {kept[0].job.group_id} recorded different models before them: "
+                               f"{', '.join(f'{k.label}: {k.job.source_model_name}' for k in kept)}; nothing was "
+                               "swapped back")
+        embedder = _old_model(settings, kept[0].job, source.hash)
+        stale = {k.job.id: _stale(conn, k.job) for k in kept}
+        for k in kept:
+            _check_stale(k, stale[k.job.id], source, embedder is not None, opts)
+            _check_added_since(conn, k.info, k.names)
+        with contextlib.ExitStack() as stack:
+            for oid, k in sorted({k.info.oid: k for k in kept}.items()):  # each table's lock, in their oids' order
+                held = lease.take(conn, conninfo, oid, table=k.info.qualified, column=k.info.column,
+                                  break_stale_lock=False, stale_after=90.0)
+                stack.callback(held.release)
+            stop = StopSignal()
+            stop.install()
+            stack.callback(stop.close)
+            stack.callback(stop.restore)
             work = db.connect(conninfo, role="rollback", vectors=True, autocommit=True)
+            stack.callback(work.close)
             writer = db.connect(conninfo, role="rollback-write", vectors=True, autocommit=True)
-            try:
-                for c in (work, writer):  # a page joins the table by key: never a hash of the whole table
-                    c.execute(query("writer_session"))
-                stale_rows = AfterSwap(info, job, names, embedder, batch_size=opts.batch_size, writer=writer)
-                cut = CutOver()
-                if embedder is not None:
-                    _passes(work, stale_rows, stop, writes=cut.writes)
-                done = cut.run(
-                    stale_rows, bound=Bound(opts.max_writers_held, _SWAP_TAIL), stop=stop,
-                    read=lambda body: body(work),
-                    transaction=lambda body: _retrying(work, "swap_back", _with_lock_timeout,
-                                                       opts.cut_over_lock_timeout, body),
-                    swap=lambda c: _swap_back(c, info, job, names),
-                    record=lambda c, secs: None)
-                carry.finish_not_null(work, info)  # the previous column's NOT NULL, validated with no hold
-            finally:
-                work.close()
-                writer.close()
-        finally:
-            stop.restore()
-            stop.close()
-            held.release()
+            stack.callback(writer.close)
+            for c in (work, writer):  # a page joins the table by key: never a hash of the whole table
+                c.execute(query("writer_session"))
+            stale_rows = [AfterSwap(k.info, k.job, k.names, embedder, batch_size=opts.batch_size, writer=writer)
+                          for k in kept]
+            cut = CutOver()
+            if embedder is not None:
+                for rows in stale_rows:
+                    _passes(work, rows, stop, writes=cut.writes)
+            tables = [(k.info, True) for k in kept]
+            source_of: capture.Source = stale_rows[0] if len(kept) == 1 else Several(
+                stale_rows, hold=lambda c: capture.hold_tables(c, kept[0].info.registry, tables))
+            done = cut.run(
+                source_of, bound=Bound(opts.max_writers_held, _SWAP_TAIL * len(kept)), stop=stop,
+                read=lambda body: body(work),
+                transaction=lambda body: _retrying(work, "swap_back", _with_lock_timeout,
+                                                   opts.cut_over_lock_timeout, body),
+                swap=lambda c: _swap_back_all(c, kept, source),
+                record=lambda c, secs: None)
+            for k in kept:
+                carry.finish_not_null(work, k.info)  # the previous column's NOT NULL, validated with no hold
     secs = time.monotonic() - started
-    re_embedded, nulled = stale_rows.re_embedded, stale_rows.nulled
-    message = (f"rolled back {info.qualified}.{info.column} to {source.name} ({source.dimension}-d): "
+    re_embedded, nulled = sum(r.re_embedded for r in stale_rows), sum(r.nulled for r in stale_rows)
+    message = (f"rolled back {', '.join(k.label for k in kept)} to {source.name} ({source.dimension}-d): "
                f"{re_embedded} stale rows re-embedded with it"
                + (f", {nulled} left NULL (--leave-stale-null)" if nulled else "")
                + f"; writers held off {done.secs:.3f} s")
-    log.info("rolled_back", job_id=job.id, re_embedded=re_embedded, left_null=nulled,
-             writers_held_secs=round(done.secs, 3), caught_up_under_the_hold=done.rows)
-    return Report(state="rolled_back", job_id=job.id, rows_updated=re_embedded,
+    log.info("rolled_back", job_id=kept[0].job.id, group_id=kept[0].job.group_id, re_embedded=re_embedded,
+             left_null=nulled, writers_held_secs=round(done.secs, 3), caught_up_under_the_hold=done.rows)
+    details: dict[str, Any] = {"stale_rows": sum(stale.values()), "left_null": nulled,
+                               "writers_held_secs": round(done.secs, 4), "tries": done.tries}
+    if len(kept) > 1:
+        details["group_id"] = kept[0].job.group_id
+        details["tables"] = [{"table": k.info.qualified, "column": k.info.column, "job_id": k.job.id,
+                              "stale_rows": stale[k.job.id], "re_embedded": r.re_embedded, "left_null": r.nulled}
+                             for k, r in zip(kept, stale_rows, strict=True)]
+    return Report(state="rolled_back", job_id=kept[0].job.group_id or kept[0].job.id, rows_updated=re_embedded,
                   duration_secs=secs, model_name=source.name, dimension=source.dimension, model_hash=source.hash,
-                  message=message,
-                  details={"stale_rows": stale, "left_null": nulled, "writers_held_secs": round(done.secs, 4),
-                           "tries": done.tries})
+                  message=message, details=details)
+
+
+def _check_stale(k: _Kept, stale: int, source: Signature, model: bool, opts: RollbackOptions) -> None:
+    if not model and stale and k.names.not_null:
+        raise ConfigError(
+            f"{stale} rows were written after the swap and {k.info.column} was NOT NULL: their previous vectors "
+            f"cannot be left NULL; give the old model (--model, {source.name}) to re-embed them; nothing was "
+            "written")
+    if not model and stale and not opts.leave_stale_null:
+        raise ConfigError(
+            f"{stale} rows were written after the swap: their previous vectors are stale; give the old model "
+            f"(--model, {source.name}) to re-embed them, or pass --leave-stale-null to swap back with those "
+            "rows' embedding NULL; nothing was written")
 
 
 def cleanup(settings: Settings) -> Report:
     started = time.monotonic()
-    with _kept_job(settings, "clean up") as (conn, info, job):
-        names = shadow.Names.of(job)
-        held = lease.take(conn, settings.target.conninfo(), info.oid, table=info.qualified, column=info.column,
-                          break_stale_lock=False, stale_after=90.0)
-        try:
-            _retrying(conn, "cleanup", _drop_previous, info, job, names)
-        finally:
-            held.release()
-    message = (f"dropped {info.qualified}.{names.previous}"
-               + (f" and index {', '.join(i.previous for i in names.indexes)}" if names.indexes else "")
-               + " and the record of rows written since the swap; the heap space the column took is reused as rows "
-                 "are updated (VACUUM FULL or pg_repack gives it back to the system)")
-    log.info("cleaned_up", job_id=job.id, column=names.previous)
-    return Report(state="cleaned", job_id=job.id, duration_secs=time.monotonic() - started,
+    with _kept_jobs(settings, "clean up") as (conn, kept):
+        with contextlib.ExitStack() as stack:
+            for oid, k in sorted({k.info.oid: k for k in kept}.items()):
+                held = lease.take(conn, settings.target.conninfo(), oid, table=k.info.qualified,
+                                  column=k.info.column, break_stale_lock=False, stale_after=90.0)
+                stack.callback(held.release)
+            _retrying(conn, "cleanup", _drop_all_previous, kept)  # one transaction: all of them, or none
+    dropped = [f"{k.info.qualified}.{k.names.previous}" + (
+        f" and index {', '.join(i.previous for i in k.names.indexes)}" if k.names.indexes else "") for k in kept]
+    message = (f"dropped {'; '.join(dropped)} and the record of rows written since the swap; the heap space the "
+               "column took is reused as rows are updated (VACUUM FULL or pg_repack gives it back to the system)")
+    for k in kept:
+        log.info("cleaned_up", job_id=k.job.id, column=k.names.previous, table=k.info.qualified)
+    job = kept[0].job
+    return Report(state="cleaned", job_id=job.group_id or job.id, duration_secs=time.monotonic() - started,
                   model_name=job.target_model_name, dimension=job.target_dimension, model_hash=job.target_hash,
                   message=message)
+
+
+def _drop_all_previous(conn: psycopg.Connection[Any], kept: list[_Kept]) -> None:
+    for k in kept:
+        _drop_previous(conn, k.info, k.job, k.names)
 
 
 def _kept(conn: psycopg.Connection[Any], info: TableInfo, what: str) -> ckpt.Job:
@@ -187,15 +248,18 @@ def _stale(conn: psycopg.Connection[Any], job: ckpt.Job) -> int:
 
 
 def _old_model(settings: Settings, job: ckpt.Job, want_hash: str) -> Embedder | None:
+    """The model the previous column holds, checked by its hash: the one the registry recorded, which
+    covers the text the table was read by (`--content`), or not (a job over several tables whose texts
+    differ records the model's own)."""
     if settings.model is None:
         return None
     spec = settings.model.for_target(settings.target)
     _, model_hash = fingerprint(spec)
-    if model_hash != want_hash:
+    if model_hash != want_hash and fingerprint(replace(spec, content=None, null_content="null"))[1] != want_hash:
         raise ConfigError(f"--model {spec.model} hashes to {model_hash}, but job {job.id} replaced a column embedded "
                           f"with {job.source_model_name} ({want_hash}); give that model (with its --prefix and "
                           "--max-seq-length); nothing was written")
-    return SentenceTransformerEmbedder(spec, model_hash=model_hash)
+    return SentenceTransformerEmbedder(spec, model_hash=want_hash)
 
 
 class AfterSwap:
@@ -353,12 +417,14 @@ def _swap_back(c: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, names
         carry.apply_index(c, where, name, indexes[(where.ident[0], name)])
     carry.create(c, carried, old=job.target_dimension, new=job.source_typmod or job.target_dimension,
                  column=info.column)
-    source = job.source
-    if source is None:
-        raise ReembedError(f"job {job.id} recorded no model before it")
-    c.execute(query("upsert_registry", registry=info.registry), source.as_dict())
-    c.execute(query("notify_model_changed"), {"payload": json.dumps(source.as_dict())})
     c.execute(query("set_previous_state"), {"state": "rolled_back", "job_id": job.id})
+
+
+def _swap_back_all(c: psycopg.Connection[Any], kept: list[_Kept], source: Signature) -> None:
+    """Every table swapped back, in order, then the registry names the old model again, once."""
+    for k in kept:
+        _swap_back(c, k.info, k.job, k.names)
+    flip_registry(c, kept[0].info.registry, source)
 
 
 def _with_lock_timeout(conn: psycopg.Connection[Any], lock_timeout: str,

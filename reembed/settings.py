@@ -9,7 +9,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from reembed.errors import ConfigError
 
@@ -108,6 +108,9 @@ class RunOptions:
     drop_hnsw_first: bool = True  # the column's ANN indexes dropped before the writes, built again at the end
     allow_published: bool = False  # a type change on a table logical replication publishes (subscribers relaxed)
     allow_shared_registry: bool = False  # other vector columns of the registry's dimension may stay as they are
+    # set by a job over several tables for each of its targets: the others' (table oid, column), which the
+    # shared-registry check counts as the job's own
+    group_columns: tuple[tuple[int, str], ...] = ()
     concurrent_index: bool = True  # the HNSW build never blocks the application's writes
     confirm_seconds: float = 5.0  # the warning banner's pause; 0 with --no-confirm
     dry_run: bool = False
@@ -228,22 +231,29 @@ class RollbackOptions:
 
 @dataclass(frozen=True)
 class Settings:
-    target: Target
+    target: Target  # the table (a job over several: the first; its dsn and registry are the job's)
     model: ModelSpec | None = None
     options: RunOptions = field(default_factory=RunOptions)
+    targets: tuple[Target, ...] = ()  # a job over several tables under one registry: every one, in order
+
+    @property
+    def all_targets(self) -> tuple[Target, ...]:
+        return self.targets or (self.target,)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
-        target = _from_namespace(Target, args)
+        found = targets_from_args(args)
+        target, several = found[0], (found if len(found) > 1 else ())
         if not hasattr(args, "model"):
-            return cls(target=target)
+            return cls(target=target, targets=several)
         if args.model is None:  # rollback without the old model
-            return cls(target=target)
-        model = _from_namespace(ModelSpec, args, prefix=args.prefix or "")
+            return cls(target=target, targets=several)
+        # the text each target reads goes into its model's hash there (ModelSpec.for_target)
+        model = _from_namespace(ModelSpec, args, prefix=args.prefix or "", content=None, null_content="null")
         if getattr(args, "devices", None):  # this process is the first worker: the first device
             model = replace(model, device=_devices(args.devices)[0])
         if not hasattr(args, "dry_run"):  # verify, rollback: a model and no job
-            return cls(target=target, model=model)
+            return cls(target=target, model=model, targets=several)
         _check_args(args)
         options = _from_namespace(
             RunOptions,
@@ -270,7 +280,108 @@ class Settings:
                                 prefix=args.old_prefix or "", max_seq_length=args.old_max_seq_length,
                                 model_name=args.old_model_name) if args.old_model else None,
         )
-        return cls(target=target, model=model, options=options)
+        return cls(target=target, model=model, options=options, targets=several)
+
+
+# --table and what goes with each table: given once (for every table) or once per --table, in order
+PER_TARGET = ("column", "content_column", "content", "null_content", "index")
+_FILE_KEYS = {"table": "table", "column": "column", "content-column": "content_column", "content": "content",
+              "null-content": "null_content", "index": "index"}
+
+
+def targets_from_args(args: argparse.Namespace) -> tuple[Target, ...]:
+    """The job's targets: from --targets FILE, or from --table (repeatable) with the per-table options
+    paired with it: each given once (for every table) or exactly once per --table, in the same order
+    (`--content ''` at a place: that table reads its --content-column). Errors name the option."""
+    dsn, registry = getattr(args, "dsn", None), getattr(args, "registry", Target.registry)
+    path = getattr(args, "targets", None)
+    given = {name: getattr(args, name, None) or [] for name in PER_TARGET}
+    tables = getattr(args, "table", None) or []
+    if path is not None:
+        if tables or any(given.values()):
+            flags = ["--table"] * bool(tables) + [f"--{n.replace('_', '-')}" for n, v in given.items() if v]
+            raise ConfigError(f"--targets {path} names the tables: give {', '.join(dict.fromkeys(flags))} in the file "
+                              "instead (one [[target]] per table), not on the command line as well")
+        found = read_targets_file(path, dsn=dsn, registry=registry)
+    else:
+        tables = tables or [Target.table]
+        for name, values in given.items():
+            if len(values) not in (0, 1, len(tables)):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} is given {len(values)} times for {len(tables)} --table: give it once (for "
+                                  f"every table) or once per --table, in the same order")
+
+        def pick(name: str, i: int) -> Any:
+            values = given[name]
+            return values[0] if len(values) == 1 else values[i] if values else None
+
+        found = tuple(_target(dsn=dsn, registry=registry, table=t, column=pick("column", i),
+                              content_column=pick("content_column", i), content=pick("content", i),
+                              null_content=pick("null_content", i), index=pick("index", i))
+                      for i, t in enumerate(tables))
+    _check_distinct(found)
+    return found
+
+
+def _target(*, dsn: str | None, registry: str, table: str, column: str | None, content_column: str | None,
+            content: str | None, null_content: str | None, index: str | None) -> Target:
+    return Target(dsn=dsn, registry=registry, table=table, column=column or Target.column,
+                  content_column=content_column or Target.content_column, content=content or None,
+                  null_content=null_content or Target.null_content, index=index or None)
+
+
+def read_targets_file(path: str, *, dsn: str | None = None, registry: str = Target.registry) -> tuple[Target, ...]:
+    """--targets FILE: TOML, one [[target]] table per table: `table` (required), `column`,
+    `content-column` or `content` (a SQL expression), `null-content` ("null" or "empty"), `index`.
+    Every problem is one ConfigError naming the file (and the entry)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--targets {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"--targets {path}: cannot read it ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--targets {path} is not valid TOML: {exc}") from None
+    extra = sorted(set(data) - {"target"})
+    if extra:
+        raise ConfigError(f"--targets {path}: unknown key {', '.join(extra)}: the file holds [[target]] entries only "
+                          "(--dsn and --registry are the job's, on the command line)")
+    entries = data.get("target")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"--targets {path} names no table: write one [[target]] entry per table, each with "
+                          "table = \"schema.table\"")
+    out = []
+    for n, entry in enumerate(entries, start=1):
+        where = f"--targets {path}, [[target]] number {n}"
+        unknown = sorted(set(entry) - set(_FILE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {', '.join(unknown)}; the keys are {', '.join(_FILE_KEYS)}")
+        bad = [k for k, v in entry.items() if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ConfigError(f"{where}: {', '.join(bad)} must be a non-empty string")
+        if "table" not in entry:
+            raise ConfigError(f"{where} has no table: give table = \"schema.table\"")
+        if "content" in entry and "content-column" in entry:
+            raise ConfigError(f"{where} gives both content and content-column: the text is one or the other")
+        if entry.get("null-content", "null") not in ("null", "empty"):
+            raise ConfigError(f"{where}: null-content must be \"null\" or \"empty\", not {entry['null-content']!r}")
+        values = {_FILE_KEYS[k]: v for k, v in entry.items()}
+        out.append(_target(dsn=dsn, registry=registry, table=values.pop("table"), column=values.get("column"),
+                           content_column=values.get("content_column"), content=values.get("content"),
+                           null_content=values.get("null_content"), index=values.get("index")))
+    return tuple(out)
+
+
+def _check_distinct(targets: tuple[Target, ...]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for t in targets:
+        key = (t.table, t.column)
+        if key in seen:
+            raise ConfigError(f"{t.table}.{t.column} is named twice: each table's column is one target of the job")
+        seen.add(key)
 
 
 def _from_namespace(cls: type[T], args: argparse.Namespace, **overrides: object) -> T:

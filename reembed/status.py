@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reembed import checkpoint as ckpt
@@ -21,14 +21,33 @@ class Status:
 
     def as_dict(self) -> dict[str, Any]:
         """What --json prints: everything but the job's history (`status --report` plots that)."""
-        return {k: v for k, v in self.data.items() if k != "history"}
+        out = {k: v for k, v in self.data.items() if k != "history"}
+        if "tables" in out:  # a job over several tables: each table's status
+            out["tables"] = [{k: v for k, v in t.items() if k != "history"} for t in out["tables"]]
+        return out
 
     def text(self) -> str:
         d = self.data
+        if "tables" in d:
+            g = d["group"]
+            head = (f"job over {len(d['tables'])} tables under one registry"
+                    + (f": group {g['id']}, {g['state']}" if g.get("id") is not None else ": no job group yet")
+                    + (f"; one {g['one']}" + (f" done, writers held off {g['writers_held_secs']:.3f} s"
+                                               if g.get("cut_over_done") and g.get("writers_held_secs") is not None
+                                               else " done" if g.get("cut_over_done") else
+                                               " when every table is ready") if g.get("id") is not None else ""))
+            return "\n\n".join([head, *(Status(t).text() for t in d["tables"])])
         if d.get("state") is None:
+            if d.get("group"):
+                return (f"{d['table']}.{d['column']}: no job yet; it is one of job group {d['group']['id']} (with "
+                        f"{', '.join(d['group']['others'])}), whose next run prepares it; registry: "
+                        f"{_sig(d.get('registry'))}")
             return f"{d['table']}: no re-embed job has run on this table; registry: {_sig(d.get('registry'))}"
         lines = [
             f"table      {d['table']}.{d['column']}",
+            *([f"group      job group {d['group']['id']} with {', '.join(d['group']['others'])}: one "
+               f"{d['group']['one']} for all (`reembed status {d['group']['options']}` shows each)"]
+              if d.get("group") else []),
             f"job        {d['job_id']}  state {d['state']}"
             + (f"  (finalize steps done: {', '.join(d['finalize_steps']) or 'none'})"
                if d["state"] == "finalizing" else ""),
@@ -150,7 +169,27 @@ def status(settings: Settings, *, stale_after: float = RunOptions.stale_after) -
     target = settings.target
     with db.connect(target.conninfo(), role="status", vectors=False, autocommit=True) as conn:
         with db.translated():
+            if len(settings.all_targets) > 1:
+                return _several(conn, settings, stale_after)
             return status_on(conn, settings, stale_after)
+
+
+def _several(conn: Any, settings: Settings, stale_after: float) -> Status:
+    """Each table's status, and the job group they are in (a job over several tables)."""
+    tables = [status_on(conn, replace(settings, target=t, targets=()), stale_after).data
+              for t in settings.all_targets]
+    ids = {t["group"]["id"] for t in tables if t.get("group")}
+    group: dict[str, Any] = {"id": ids.pop() if len(ids) == 1 else None}
+    if group["id"] is not None:
+        states = [t.get("state") for t in tables]
+        group["state"] = ("embedding" if "embedding" in states else "finalizing" if "finalizing" in states
+                          else states[0] or "none")
+        group["one"] = tables[0]["group"]["one"]
+        group["cut_over_done"] = all("cut_over" in (t.get("finalize_steps") or []) or t.get("state") == "done"
+                                     for t in tables)
+        group["writers_held_secs"] = tables[0].get("writers_held_secs")
+        group["tables"] = [f"{t['table']}.{t['column']}" for t in tables]
+    return Status({"group": group, "tables": tables})
 
 
 def status_on(conn: Any, settings: Settings, stale_after: float) -> Status:
@@ -168,6 +207,12 @@ def status_on(conn: Any, settings: Settings, stale_after: float) -> Status:
         registry = conn.execute(query("read_registry", registry=reg)).fetchone()
     data["registry"] = dict(registry) if registry else None
     job = ckpt.latest_job(conn, table, target.column)
+    named = ckpt.active_group(conn, table, target.column) if job is None or job.group_id is None else job
+    group = named.group if named is not None else None
+    if named is not None and group is not None:  # one of a job over several tables (reembed.group)
+        data["group"] = {"id": group.id, "one": "swap" if named.strategy == "shadow" else "cut-over",
+                         "others": [m.label for m in group.members if m.key != (table, target.column)],
+                         "options": group.options()}
     if job is None:
         data["state"] = None
         return Status(data)

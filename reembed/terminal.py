@@ -124,3 +124,29 @@ def plan_text(d: dict[str, Any]) -> str:
                     else f"Recommended: none ({strategies['why']})")]
     return sections(title, [("What will happen", happen), ("What it costs", costs), ("What it risks", risks),
                             ("What is recommended", recommended)])
+
+
+def group_plan_text(d: dict[str, Any], tables: Sequence[str]) -> str:
+    """`reembed plan` over several tables: each table's plan (its own sections), then the job's one
+    cut-over or swap."""
+    g = d["group"]
+    target, current = g["registry_to"], g.get("registry_from")
+    title = (f"plan: one job over {len(g['tables'])} tables under one registry, with {target['model_name']} "
+             f"({target['dimension']}-d); current model: "
+             + (f"{current['model_name']} ({current['dimension']}-d)" if current else "none (no registry row)"))
+    one = g["one"]
+    happen = [("tables", f"{', '.join(g['tables'])}: embedded one after the other, each with its own checkpoint, "
+                         "capture and finalize steps"
+               + (f" (resumes job group {g['resumes_group']})" if g.get("resumes_group") else "")),
+              (one, f"one {one} for all of them once every table is done: each table's last catch-up and its "
+                    f"{'swap' if one == 'swap' else 'cut-over'}, and the registry flipped once, in one transaction; "
+                    "the locks taken in this order, the registry row first"),
+              ("rows", f"{g['rows_to_update']:,} to re-embed in all")]
+    held = (f"writers held at most {g['writers_held_secs']:g} s in all (--max-writers-held bounds the whole hold, "
+            "every table together)")
+    if g["readers_held_secs"]:
+        held += f"; readers of the tables held up to {g['readers_held_secs']:g} s"
+    costs = [("encoding", f"about {duration(g['estimated_walltime_secs'])} in all")]
+    risks = [(one, held)]
+    head = sections(title, [("What will happen", happen), ("What it costs", costs), ("What it risks", risks)])
+    return "\n\n".join([head, *tables])

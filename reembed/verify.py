@@ -15,7 +15,7 @@ behind, 1 otherwise; a job still running is said, and its rewritten rows are wro
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,7 @@ WRONG = ("disagree", "null_vector", "vector_without_content", "wrong_dimension",
 class Verdict:
     data: dict[str, Any] = field(default_factory=dict)
     exit_code: int = EXIT_OK
+    embedder: Embedder | None = field(default=None, repr=False)  # the model it loaded (the next table's too)
 
     def as_dict(self) -> dict[str, Any]:
         return self.data
@@ -84,8 +85,30 @@ class Verdict:
         return "\n".join(lines)
 
 
+class Verdicts(Verdict):
+    """`reembed verify` over several tables (a job over several tables under one registry): each
+    table's verdict; exit 1 when any is wrong."""
+
+    def text(self) -> str:
+        return "\n\n".join(Verdict(d).text() for d in self.data["tables"])
+
+
 def verify(settings: Settings, options: VerifyOptions, *, embedder: Embedder | None = None) -> Verdict:
-    """Library entry point of `reembed verify`."""
+    """Library entry point of `reembed verify`: each target against the registry's model (one model
+    loaded once)."""
+    if len(settings.all_targets) == 1:
+        return _verify(replace(settings, target=settings.all_targets[0], targets=()), options, embedder)
+    verdicts = []
+    for target in settings.all_targets:
+        verdict = _verify(replace(settings, target=target, targets=()), options, embedder)
+        embedder = verdict.embedder
+        verdicts.append(verdict)
+    return Verdicts({"tables": [v.data for v in verdicts],
+                     "ok": all(v.exit_code == EXIT_OK for v in verdicts)},
+                    exit_code=max(v.exit_code for v in verdicts))
+
+
+def _verify(settings: Settings, options: VerifyOptions, embedder: Embedder | None) -> Verdict:
     if settings.model is None:
         raise ConfigError("verify needs the registry's model: give --model (a local model directory)")
     if options.sample < 1 and not options.every_row:
@@ -107,12 +130,14 @@ def verify(settings: Settings, options: VerifyOptions, *, embedder: Embedder | N
             if embedder is None:
                 spec = settings.model.for_target(settings.target)
                 name, model_hash = fingerprint(spec)
-                if model_hash != registry.hash:
+                # a job over several tables whose texts differ records the model's own hash (the text left out)
+                if model_hash != registry.hash and \
+                        fingerprint(replace(spec, content=None, null_content="null"))[1] != registry.hash:
                     raise ConfigError(
                         f"--model {settings.model.model} (hash {model_hash[:19]}…) is not the registry's model "
                         f"{registry.name} (hash {registry.hash[:19]}…); give the registry's model, with the "
                         "--prefix and --max-seq-length it was run with")
-                embedder = SentenceTransformerEmbedder(spec, model_hash=model_hash)
+                embedder = SentenceTransformerEmbedder(spec, model_hash=registry.hash)
             elif embedder.signature.hash != registry.hash:
                 raise ConfigError(f"the embedder given is {embedder.signature.name}, not the registry's "
                                   f"{registry.name}; nothing to verify against")
@@ -123,7 +148,7 @@ def verify(settings: Settings, options: VerifyOptions, *, embedder: Embedder | N
     data["duration_secs"] = round(time.monotonic() - started, 3)
     bad = any(data["counts"][k] for k in WRONG) or bool(data["left_behind"]) \
         or data.get("column_dimension") not in (None, registry.dimension)
-    verdict = Verdict(data, exit_code=EXIT_FAILED if bad else EXIT_OK)
+    verdict = Verdict(data, exit_code=EXIT_FAILED if bad else EXIT_OK, embedder=embedder)
     log.info("verified", rows_checked=data["rows_checked"], wrong=sum(data["counts"][k] for k in WRONG),
              ok=not bad, duration_secs=data["duration_secs"])
     return verdict
