@@ -362,9 +362,10 @@ def hold_writers(ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: boo
 def hold_tables(conn: psycopg.Connection[Any], registry: tuple[str, ...],
                 tables: Sequence[tuple[TableInfo, bool]]) -> float:
     """hold_writers for several tables (a job over several tables under one registry): the registry
-    row, then each table's lock in the order given (a table named twice, once: the stronger lock),
-    all in one round trip. While it waits for a later table's lock it holds the earlier ones: each
-    wait is bounded by the same lock_timeout, and the hold is counted from the first request."""
+    row, then each table's lock in the order of the tables' oids, a fixed order whatever order they
+    were named in (a table named twice, once: the stronger lock), all in one round trip. While it
+    waits for a later table's lock it holds the earlier ones: each wait is bounded by the same
+    lock_timeout, and the hold is counted from the first request."""
     strongest: dict[int, tuple[TableInfo, bool]] = {}
     for info, rewrite in tables:
         if info.oid in strongest:
@@ -372,7 +373,7 @@ def hold_tables(conn: psycopg.Connection[Any], registry: tuple[str, ...],
         strongest[info.oid] = (strongest.get(info.oid, (info, rewrite))[0], rewrite)
     parts: list[sql.Composable] = [query("lock_registry_row", registry=registry)]
     parts += [info.statement("lock_for_rewrite" if rewrite else "lock_for_cut_over")
-              for info, rewrite in strongest.values()]
+              for _, (info, rewrite) in sorted(strongest.items())]
     began = time.monotonic()
     conn.execute(sql.SQL("; ").join(parts))  # one round trip: the smallest window
     return began

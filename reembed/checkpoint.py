@@ -160,7 +160,7 @@ class Member:
 @dataclass(frozen=True)
 class Group:
     """A job over several tables under one registry: the signature the registry gets at its one
-    cut-over (or swap), and its targets, in the order the cut-over takes their locks."""
+    cut-over (or swap), and its targets, in the order they are embedded."""
 
     id: int
     signature: Signature

@@ -189,7 +189,7 @@ def for_group(cut: CutOver, ctxs: Sequence[RunContext], holds: Sequence[Hold], *
               record: Callable[[psycopg.Connection[Any], float], None]) -> Held:
     """A job over several tables (reembed.group): ONE cut-over for all of them, when each is ready.
     Every table's captured keys are caught up as one backlog (the bound is the whole hold's); the
-    hold takes the registry row, then every table's lock in the group's order, in one round trip,
+    hold takes the registry row, then every table's lock in the order of their oids, in one round trip,
     each request waiting at most --cut-over-lock-timeout; `swap(conn)` swaps every table and flips
     the registry once. It runs on the first table's coordinator connection, fenced by every table's
     lease, and records the step on every job in the same transaction (a retry after a lost

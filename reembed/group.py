@@ -5,7 +5,7 @@ registry never names a model some of them are not in.
 Each table keeps its own job row in reembed_checkpoint and everything reembed.job does for one table
 (its ranges and cursors, its capture, failed rows, inventory, index work, finalize steps); the rows
 are linked as a group (`group_id`, and the group on each row: the signature the registry gets and
-the tables, in the order of the cut-over's locks). What differs is the end: each table is embedded
+the tables, in the order they are embedded). What differs is the end: each table is embedded
 in turn and finalized up to its cut-over (the catch-up; under shadow its indexes built and its
 quality gate passed), and only when every table is there does ONE cut-over (in place) or ONE swap
 (shadow) catch them all up under one bounded hold and flip the registry once
@@ -266,7 +266,7 @@ def _find(conn: psycopg.Connection[Any], members: list[_Member]) -> _Found:
     if out.group is not None:
         by_key = {(j.table_name, j.column_name): j for j in ckpt.group_jobs(conn, out.group.id)}
         order = {k: i for i, k in enumerate(out.group.keys)}
-        members.sort(key=lambda m: order[m.key])  # the group's order: its cut-over's locks
+        members.sort(key=lambda m: order[m.key])  # the group's order: the order they are embedded in
         for m in members:
             m.job = by_key.get(m.key)
             if m.job is not None and m.old is not None and m.old.id == m.job.id:
