@@ -593,7 +593,7 @@ def _plan(conn: psycopg.Connection[Any], members: list[_Member], registry: Signa
     opts = settings.options
     shadow = opts.strategy == "shadow"
     rewrites = [float(r.details.get("cut_over_rewrite_secs") or 0.0) for r in reports]
-    secs = [r.details.get("estimated_walltime_secs") for r in reports]
+    secs: list[float | None] = [r.details.get("estimated_walltime_secs") for r in reports]
     group = {
         "tables": [m.label for m in members],
         "resumes_group": found.group.id if found.group is not None else None,
@@ -603,7 +603,7 @@ def _plan(conn: psycopg.Connection[Any], members: list[_Member], registry: Signa
         "registry_to": signature.as_dict(),
         "writers_held_secs": round(opts.max_writers_held + (0.0 if shadow else sum(rewrites)), 3),
         "readers_held_secs": round(opts.max_writers_held if shadow else sum(rewrites), 3),
-        "estimated_walltime_secs": round(sum(s for s in secs if s), 1) if all(secs) else None,
+        "estimated_walltime_secs": round(sum(s for s in secs if s is not None), 1) if None not in secs else None,
         "rows_to_update": sum(int(r.details["rows_to_update"]) for r in reports),
     }
     details: dict[str, Any] = {"group": group, "tables": [r.details for r in reports], "strategy": opts.strategy}

@@ -140,7 +140,7 @@ def group_plan_text(d: dict[str, Any], tables: Sequence[str]) -> str:
                + (f" (resumes job group {g['resumes_group']})" if g.get("resumes_group") else "")),
               (one, f"one {one} for all of them once every table is done: each table's last catch-up and its "
                     f"{'swap' if one == 'swap' else 'cut-over'}, and the registry flipped once, in one transaction; "
-                    "the locks taken in this order, the registry row first"),
+                    "the registry row locked first, then the tables in the order of their oids"),
               ("rows", f"{g['rows_to_update']:,} to re-embed in all")]
     held = (f"writers held at most {g['writers_held_secs']:g} s in all (--max-writers-held bounds the whole hold, "
             "every table together)")

@@ -322,6 +322,12 @@ def test_plan_and_status_show_each_table_of_the_job(
     assert planned["group"]["tables"] == ["public.knowledge_nodes.embedding", "public.chunks.embedding"]
     assert planned["group"]["one"] == "cut-over" and planned["group"]["rows_to_update"] == 210
     assert [t["rows_to_update"] for t in planned["tables"]] == [120, 90]
+    code, out, err = run_main(capsys, "plan", "--dsn", dsn, "--model", str(model48), "--table", "knowledge_nodes",
+                              "--table", "chunks")
+    assert code == 0, err
+    assert out.startswith(f"plan: one job over 2 tables under one registry, with {model48} (48-d)")
+    assert "public.knowledge_nodes.embedding, public.chunks.embedding: embedded one after the other" in out
+    assert planned["group"]["estimated_walltime_secs"] is not None and "encoding    about ? in all" not in out
     assert written(dsn) == before
 
     stopped_group(dsn)
@@ -332,6 +338,11 @@ def test_plan_and_status_show_each_table_of_the_job(
     assert shown["group"]["id"] == 1 and shown["group"]["state"] == "embedding"
     assert [(t["table"], t["column"], t["state"]) for t in shown["tables"]] == [
         ('"public"."knowledge_nodes"', "embedding", "embedding"), ('"public"."chunks"', "embedding", "embedding")]
+    code, out, err = run_main(capsys, "status", "--dsn", dsn, "--table", "knowledge_nodes", "--table", "chunks")
+    assert code == 0, err
+    assert out.startswith("job over 2 tables under one registry: group 1, embedding; one cut-over when every table "
+                          "is ready\n")
+    assert out.count("group      job group 1 with") == 2
     # one table's status names the group it is in
     code, out, err = run_main(capsys, "status", "--dsn", dsn, "--table", "chunks", "--json")
     assert code == 0 and json.loads(out)["group"]["others"] == ["public.knowledge_nodes.embedding"]
