@@ -92,7 +92,7 @@ def _kept_jobs(settings: Settings, what: str) -> Iterator[tuple[psycopg.Connecti
 
 def _together(kept: list[_Kept], what: str) -> list[_Kept]:
     """The jobs of exactly one swap: one job over one table, or every table of one job over several
-    (in the group's order: its swap back takes their locks in that order)."""
+    (in the group's order; the swap back locks them in the order of their oids)."""
     groups = {k.job.group_id for k in kept}
     group = next((k.job.group for k in kept if k.job.group is not None), None)
     if group is None:
@@ -103,8 +103,8 @@ def _together(kept: list[_Kept], what: str) -> list[_Kept]:
         return kept
     keys = {(k.info.qualified, k.info.column) for k in kept}
     if len(groups) > 1 or keys != set(group.keys):
-        raise ConfigError(f"job group {group.id} swapped {group.said()} together: {what} them together, with "
-                          f"exactly these tables ({group.options()}); nothing was written")
+        raise ConfigError(f"job group {group.id} swapped {group.said()} together: give exactly these tables "
+                          f"({group.options()}) to {what}; nothing was written")
     order = {key: i for i, key in enumerate(group.keys)}
     return sorted(kept, key=lambda k: order[(k.info.qualified, k.info.column)])
 

@@ -16,8 +16,9 @@ import psycopg
 import pytest
 
 from reembed.cli import main
+from reembed.errors import ConfigError
 from reembed.group import run
-from reembed.rollback import rollback
+from reembed.rollback import cleanup, rollback
 from reembed.settings import RollbackOptions, Settings, Target, VerifyOptions
 from reembed.signals import StopSignal
 from reembed.verify import verify
@@ -217,7 +218,7 @@ def test_a_shadow_job_over_two_tables_swaps_both_at_once_and_rolls_both_back(dsn
     catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(64, 48), ignore=previous, any_column_order=True))
 
     # one table alone is not rolled back: they were swapped together
-    with pytest.raises(Exception, match="swapped public.knowledge_nodes.embedding, public.chunks.embedding "
+    with pytest.raises(ConfigError, match="swapped public.knowledge_nodes.embedding, public.chunks.embedding "
                                         "together"):
         rollback(replace(group_settings(dsn, "chunks"), model=None), RollbackOptions())
     assert len(flips(dsn)) == 1
@@ -231,6 +232,40 @@ def test_a_shadow_job_over_two_tables_swaps_both_at_once_and_rolls_both_back(dsn
         assert fetch(dsn, f"SELECT id, embedding::text AS e FROM {table} ORDER BY id") == rows_before[table]
     assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
     catalog.assert_unchanged(exact_before, catalog.snapshot(dsn))
+
+
+def test_cleanup_after_a_shadow_group_drops_every_tables_previous_column_together(dsn: str) -> None:
+    two_tables(dsn)
+    assert run(group_settings(dsn, strategy="shadow"), embedder=HashEmbedder(48)).state == "done"
+    with pytest.raises(ConfigError, match=r"give exactly these tables \(--table public.knowledge_nodes --table "
+                                          r"public.chunks\) to clean up"):
+        cleanup(group_settings(dsn, "knowledge_nodes"))
+    assert [column_type(dsn, t, "embedding_previous") for t in TABLES] == ["vector(64)", "vector(64)"]
+
+    assert cleanup(group_settings(dsn)).state == "cleaned"
+
+    assert one(dsn, "SELECT count(*) FROM pg_attribute WHERE attname = 'embedding_previous' AND NOT attisdropped"
+                    " AND attrelid IN ('knowledge_nodes'::regclass, 'chunks'::regclass)") == 0
+    # and a new job over both may start
+    assert run(group_settings(dsn), embedder=HashEmbedder(32)).state == "done"
+    assert [f["model_name"] for f in flips(dsn)] == ["test-hash-48", "test-hash-32"]
+
+
+def test_abandon_active_with_every_table_drops_the_group_and_starts_one_with_the_new_model(dsn: str) -> None:
+    two_tables(dsn)
+    stopped_group(dsn)
+    with pytest.raises(ConfigError, match="is re-embedding with test-hash-48"):
+        run(group_settings(dsn), embedder=HashEmbedder(32))
+
+    report = run(group_settings(dsn, abandon_active=True), embedder=HashEmbedder(32))
+
+    assert report.state == "done", report
+    assert [(j["state"], j["group_id"]) for j in jobs(dsn)] == [("abandoned", 1), ("abandoned", 1), ("done", 3),
+                                                               ("done", 3)]
+    assert flips(dsn) == [{"model_name": "test-hash-32", "dimension": 32, "stale_nodes": 0, "stale_chunks": 0}]
+    for table in TABLES:
+        assert column_type(dsn, table) == "vector(32)"
+        assert one(dsn, "SELECT count(*) FROM pg_indexes WHERE indexname = %s", (f"idx_{table}_embedding_hnsw",)) == 1
 
 
 # ------------------------------------------------------------------ refusals: exit 2, nothing written
@@ -255,7 +290,7 @@ def test_a_run_naming_some_of_a_groups_tables_is_refused_and_writes_nothing(
                                         "group 1") and err.count("\n") == 1
     assert written(dsn) == before
     # and a library caller's run over one of them
-    with pytest.raises(Exception, match="is one of the 2 tables of job group 1"):
+    with pytest.raises(ConfigError, match="is one of the 2 tables of job group 1"):
         run(group_settings(dsn, "knowledge_nodes"), embedder=HashEmbedder(48))
     assert written(dsn) == before
     # naming exactly the group's tables resumes it
