@@ -22,8 +22,8 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import checkpoint as ckpt
 from reembed import carry, db, dependents
+from reembed import checkpoint as ckpt
 from reembed.background import Background
 from reembed.context import FinalizeStep, RunContext
 from reembed.errors import InternalError

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from reembed import capture, db, dependents, failures, finalize, lease, ranges, shadow
+from reembed import capture, db, dependents, failures, finalize, fitting, lease, ranges, shadow
 from reembed import checkpoint as ckpt
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
@@ -100,6 +100,7 @@ def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal | None,
         _check_target(job, name, model_hash, info, settings)
         with db.translated():
             _check_previous(conn, info, job, settings)
+            fitting.check_job(conn, info, job, name=name, model_hash=model_hash, opts=opts)
         old_loader = _old_model(opts, job, registry)
         if opts.dry_run:
             embedder = embedder or _load(spec, opts, model_hash)
@@ -380,7 +381,8 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
             if not ctx.lease.shared:  # the lock is ours alone: claims left by earlier runs are dead
                 ctx.lease.write(ckpt.release_claims, job, on=ctx.control, what="release_claims")
                 ctx.lease.share()  # from here on, other runs may join as workers
-            _embed(ctx, worker, report)
+            with fitting.while_embedding(ctx):  # --bridge: fitted once enough rows are committed
+                _embed(ctx, worker, report)
             if not ctx.stop.requested and not ctx.lease.coordinate():
                 return _worker_done(ctx, worker, report)
             ctx.state.advance(ctx.lease.read(ckpt.reload, ctx.active, on=ctx.control, what="reload_job"))
@@ -391,6 +393,7 @@ def _drive(ctx: RunContext, resumed_from: str | None) -> Report:
         _embedded(ctx, worker, report)
         if ctx.stop.requested:
             return _stopped(ctx, report)
+        fitting.ensure(ctx)  # --bridge on a table smaller than its sample: fitted now, before the swap
         note = failures.settle(ctx)
         outcome = finalize.run(ctx)
         report.index_rebuild_secs = outcome.index_secs

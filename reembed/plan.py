@@ -8,8 +8,8 @@ from typing import Any
 
 import psycopg
 
+from reembed import bridge, dependents, fitting
 from reembed import checkpoint as ckpt
-from reembed import dependents
 from reembed.checkpoint import Job
 from reembed.cost import estimate as estimate_cost
 from reembed.cost import size, vector_bytes
@@ -163,6 +163,25 @@ def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedd
     return len(texts) / max(secs, 1e-6)
 
 
+PREVIEW_SAMPLE = 2_000  # rows `plan --bridge` encodes for a preview of the bridge
+
+
+def _bridge_preview(conn: psycopg.Connection[Any], info: TableInfo, registry: Signature | None, embedder: Embedder,
+                    opts: RunOptions, rows: int, bridges: list[bridge.Bridge]) -> dict[str, Any] | None:
+    """With --bridge, when the job would fit one: a bridge fitted on a sample the new model encodes
+    here and measured as the job's will be (installed nowhere)."""
+    sig = embedder.signature
+    if not opts.bridge or registry is None or registry.hash == sig.hash or any(b.target_hash == sig.hash
+                                                                                for b in bridges):
+        return None
+    try:
+        sample = fitting.sample_table(conn, info, embedder, n=min(opts.bridge_sample, PREVIEW_SAMPLE),
+                                      rows_total=rows)
+        return fitting.fit(sample, min_recall=opts.bridge_min_recall, embedder=embedder).figures
+    except ConfigError as exc:  # too few rows to fit: said, not a refusal of the plan
+        return {"error": str(exc)}
+
+
 def plan_report(
     conn: psycopg.Connection[Any],
     info: TableInfo,
@@ -192,8 +211,12 @@ def plan_report(
     strategies = compare(conn, info, registry, job if not resume else None, sig.dimension, opts, rows=rows,
                          encode_secs=estimate, cost=cost, type_change=bool(alter),
                          shadowed={d.name for d in found if d.is_index})
+    bridges = bridge.current(conn, info.qualified, info.column)
+    preview = _bridge_preview(conn, info, registry, embedder, opts, rows, bridges)
     details = {
         "strategy": opts.strategy,
+        "bridges": [{"function": b.called, "state": b.state, "figures": b.figures} for b in bridges],
+        "bridge_preview": preview,
         "strategies": strategies,
         "table": info.qualified,
         "rows_to_update": to_update,
@@ -219,6 +242,11 @@ def plan_report(
         + (f"; at the cut-over the table is rewritten (vector({sig.dimension})): writers and readers wait "
            f"about {details['cut_over_rewrite_secs']} s" if alter and opts.strategy == "in_place" else "")
         + "; " + said_strategies(strategies)
+        + "".join(f"; bridge {bridge.said(b)}" for b in bridges)
+        + (f"; bridge preview ({preview['pairs']:,} rows encoded here, nothing installed; the job fits it on "
+           f"--bridge-sample rows): {fitting.said(preview)}" + (f"; REFUSED: {preview['refused']}"
+                                                                if preview.get("refused") else "")
+           if preview and "kind" in preview else f"; bridge preview: {preview['error']}" if preview else "")
     )
     return Report(state="planned", model_name=sig.name, dimension=sig.dimension, model_hash=sig.hash,
                   duration_secs=time.monotonic() - started, message=message, details=details)

@@ -30,8 +30,8 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from reembed import bridge, carry, db, lease, shadow
 from reembed import checkpoint as ckpt
-from reembed import carry, db, lease, shadow
 from reembed.embedder import SentenceTransformerEmbedder, fingerprint
 from reembed.encoding import Embedder
 from reembed.errors import ConfigError, ReembedError
@@ -233,6 +233,7 @@ def _swap_back(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, na
         if source is None:
             raise ReembedError(f"job {job.id} recorded no model before it")
         c.execute(query("upsert_registry", registry=info.registry), source.as_dict())
+        bridge.at_swap_back(c, info, job)  # the bridge maps into the old model's space again
         c.execute(query("notify_model_changed"), {"payload": json.dumps(source.as_dict())})
         c.execute(query("set_previous_state"), {"state": "rolled_back", "job_id": job.id})
         out.update(rest=rest, nulled=nulled, held=time.monotonic() - began)
@@ -262,4 +263,5 @@ def _drop_previous(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job
     conn.execute(query("set_lock_timeout"), {"value": "200ms"})
     shadow.stop_recording(conn, info, job.id)
     conn.execute(info.statement("drop_column_if_exists", column=names.previous))  # its indexes go with it
+    bridge.at_cleanup(conn, info, job)  # kept as the identity: applications keep calling it
     conn.execute(query("set_previous_state"), {"state": "cleaned", "job_id": job.id})

@@ -18,7 +18,6 @@ stale; `reembed cleanup` drops the previous column and the recording.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from reembed import capture, carry, dependents, failures, finalize, gate
+from reembed import bridge, capture, carry, dependents, failures, finalize, gate
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext
 from reembed.cutover import CUT_OVER_BACKOFF, CutOver
@@ -220,6 +219,7 @@ class Shadow:
         if carried.views or carried.attached:
             log.info("recreated_on_new_column", objects=carried.labels())
         record_after_swap(conn, info, job.id)
+        bridge.at_swap(conn, info, job)  # the bridge is the identity from this transaction on
         conn.execute(query("upsert_registry", registry=info.registry), ctx.signature.as_dict())
         conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
         conn.execute(query("record_swap"), {"job_id": job.id})

