@@ -10,8 +10,9 @@ The library is what the CLI calls:
     print(report.state, report.rows_updated)
 
 `plan(settings)` is the dry run, `status(settings)` the job's progress; after a shadow job's swap
-(`RunOptions(strategy="shadow")`), `rollback(settings, RollbackOptions())` and `cleanup(settings)`. Every failure an
-operator can act on is a `ReembedError`, whose `exit_code` is the CLI's.
+(`RunOptions(strategy="shadow")`), `rollback(settings, RollbackOptions())` and `cleanup(settings)`;
+`fit_bridge(settings, BridgeOptions())` fits and installs a bridge without a job (`RunOptions(bridge=True)`: the
+job's own). Every failure an operator can act on is a `ReembedError`, whose `exit_code` is the CLI's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the names are; at run time each module loads on first use (below)
+    from reembed.bridging import bridge_command as fit_bridge
     from reembed.errors import (
         CheckpointConflict,
         ConfigError,
@@ -33,7 +35,7 @@ if TYPE_CHECKING:  # what the names are; at run time each module loads on first 
     from reembed.job import plan, run
     from reembed.report import Report
     from reembed.rollback import cleanup, rollback
-    from reembed.settings import ModelSpec, RollbackOptions, RunOptions, Settings, Target
+    from reembed.settings import BridgeOptions, ModelSpec, RollbackOptions, RunOptions, Settings, Target
     from reembed.signals import StopSignal
     from reembed.status import Status, status
 
@@ -44,17 +46,21 @@ _WHERE = {
     "LockHeld": "errors", "ReembedError": "errors", "plan": "job", "run": "job", "Report": "report",
     "ModelSpec": "settings", "RunOptions": "settings", "Settings": "settings", "Target": "settings",
     "StopSignal": "signals", "Status": "status", "status": "status", "rollback": "rollback", "cleanup": "rollback",
-    "RollbackOptions": "settings",
+    "RollbackOptions": "settings", "BridgeOptions": "settings", "fit_bridge": "bridging",
 }
+
+
+_NAMED = {"fit_bridge": "bridge_command"}  # the module's own name for it
 
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
-        return getattr(importlib.import_module(f"reembed.{_WHERE[name]}"), name)
+        return getattr(importlib.import_module(f"reembed.{_WHERE[name]}"), _NAMED.get(name, name))
     raise AttributeError(f"module 'reembed' has no attribute {name!r}")
 
 
 __all__ = [
+    "BridgeOptions",
     "CheckpointConflict",
     "ConfigError",
     "DatabaseError",
@@ -71,6 +77,7 @@ __all__ = [
     "Target",
     "__version__",
     "cleanup",
+    "fit_bridge",
     "plan",
     "rollback",
     "run",

@@ -20,6 +20,7 @@ import structlog
 from reembed import bridge, db, fitting
 from reembed import checkpoint as ckpt
 from reembed.embedder import SentenceTransformerEmbedder, fingerprint
+from reembed.encoding import Embedder
 from reembed.errors import ConfigError, LockHeld
 from reembed.plan import estimate_rows
 from reembed.report import Report
@@ -30,7 +31,8 @@ from reembed.target import TableInfo, inspect_target
 log = structlog.get_logger()
 
 
-def bridge_command(settings: Settings, opts: BridgeOptions) -> Report:
+def bridge_command(settings: Settings, opts: BridgeOptions, *, embedder: Embedder | None = None) -> Report:
+    """Library entry point (`embedder`: the new model already loaded, as `run` takes it)."""
     started = time.monotonic()
     conn = db.connect(settings.target.conninfo(), role="bridge", vectors=True, autocommit=True)
     try:
@@ -38,7 +40,7 @@ def bridge_command(settings: Settings, opts: BridgeOptions) -> Report:
             info = inspect_target(conn, settings.target)
             if opts.drop:
                 return _drop(conn, info, opts, started)
-            return _fit(conn, info, settings, opts, started)
+            return _fit(conn, info, settings, opts, started, embedder)
     finally:
         conn.close()
 
@@ -56,16 +58,17 @@ def _drop(conn: psycopg.Connection[Any], info: TableInfo, opts: BridgeOptions, s
 
 
 def _fit(conn: psycopg.Connection[Any], info: TableInfo, settings: Settings, opts: BridgeOptions,
-         started: float) -> Report:
+         started: float, embedder: Embedder | None) -> Report:
     spec = settings.model
     if spec is None:
         raise ConfigError("bridge needs the new model: give --model (a local model directory), or --drop")
-    name, model_hash = fingerprint(spec)
+    name, model_hash = (embedder.signature.name, embedder.signature.hash) if embedder is not None \
+        else fingerprint(spec)
     source = fitting.source_of(conn, info)
     target = Signature(name, spec.dimension or 0, model_hash)
     function = bridge.function_of(info, opts.function)
     _check(conn, info, source, target, function)
-    embedder = SentenceTransformerEmbedder(spec, model_hash=model_hash)
+    embedder = embedder or SentenceTransformerEmbedder(spec, model_hash=model_hash)
     target = embedder.signature
     if spec.dimension is not None and spec.dimension != target.dimension:
         raise ConfigError(f"model produces {target.dimension} dimensions but --dimension is {spec.dimension}")
