@@ -206,7 +206,7 @@ def at_swap(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job) -> No
                                "the application would search one model's vectors with another's; nothing was "
                                "swapped; `reembed bridge --drop` it once no application calls it, and run again")
         if bridge.state == "mapping":
-            _define_identity(conn, bridge, f"the identity since the swap of job {job.id}")
+            define_identity(conn, bridge, f"the identity since the swap of job {job.id}")
             _set_state(conn, bridge, "identity")
             log.info("bridge_identity", function=bridge.called, job_id=job.id)
 
@@ -308,7 +308,8 @@ def _define_map(conn: psycopg.Connection[Any], bridge: Bridge) -> None:
     _comment(conn, bridge, f"maps {bridge.target_model_name} into {bridge.source_model_name}")
 
 
-def _define_identity(conn: psycopg.Connection[Any], bridge: Bridge, why: str) -> None:
+def define_identity(conn: psycopg.Connection[Any], bridge: Bridge, why: str) -> None:
+    """The function as the identity (`why`: its comment), inside the caller's transaction."""
     conn.execute(query("create_identity_function", function=bridge.function, vschema=_vschema(conn)))
     _comment(conn, bridge, why)
 
