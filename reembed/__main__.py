@@ -1,4 +1,14 @@
 if __name__ == "__main__":  # a spawned tokenizer process imports this module too (as __mp_main__):
+    import signal
+    import sys
+
+    def _stopped_before_start(signum: int, frame: object) -> None:
+        # A stop before the run installs its own handlers (loading the library takes seconds): nothing
+        # is written yet, so it is a stop like any other, with its exit code (143, 130), not a kill.
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stopped_before_start)
+    signal.signal(signal.SIGINT, _stopped_before_start)
     from reembed.cli import main  # only the command itself loads the CLI, and with it the library
 
     raise SystemExit(main())

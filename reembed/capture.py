@@ -17,7 +17,7 @@ import functools
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import psycopg
@@ -178,11 +178,12 @@ WRITE_ROWS_PER_SEC = 15_000.0
 @dataclass
 class Backlog:
     """The captured rows, read now: how many, and how many of them must be encoded again (not
-    encoded ahead at their current version)."""
+    encoded ahead at their current version); each page of keys (as the source settles them) with
+    its rows."""
 
     keys: int
     unencoded: int
-    batches: list[tuple[list[str], Batch]]
+    batches: list[tuple[list[Any], Batch]]
 
     def predicted_secs(self, pace: float | None, write_rate: float | None = None) -> float:
         """The cut-over's work on it under the lock: the encoding at `pace` rows/s, the writes at
@@ -190,6 +191,59 @@ class Backlog:
         shadow column has, makes them far slower than the constant)."""
         encode = self.unencoded / pace if pace else (0.0 if not self.unencoded else float("inf"))
         return encode + self.keys / min(write_rate or WRITE_ROWS_PER_SEC, WRITE_ROWS_PER_SEC)
+
+
+class Source(Protocol):
+    """What a bounded cut-over (reembed.cutover) catches up and how: the job's captured keys into
+    the column it writes (JobSource), or the keys written after a shadow swap into the previous
+    column, for rollback's swap back (reembed.rollback)."""
+
+    def backlog(self, conn: psycopg.Connection[Any], ahead: Encoded) -> Backlog:
+        """Every key to catch up now, its row as it is now (no transaction of its own)."""
+        ...
+
+    def encode_ahead(self, work: Backlog, known: Encoded) -> tuple[Encoded, int]:
+        """The backlog encoded, no lock held; those `known` at their version not again."""
+        ...
+
+    def write_ahead(self, work: Backlog, ahead: Encoded) -> int:
+        """The backlog written and settled, no lock held, a page per transaction of its own."""
+        ...
+
+    def final(self, conn: psycopg.Connection[Any], ahead: Encoded, work: Backlog) -> int:
+        """Inside the hold: every key still to catch up (`work`, read under the lock)."""
+        ...
+
+    def hold(self, conn: psycopg.Connection[Any]) -> float:
+        """Every lock of the hold, asked for up front; when the hold began (monotonic)."""
+        ...
+
+
+class JobSource:
+    """The job's captured keys, caught up into the column its strategy writes."""
+
+    def __init__(self, ctx: RunContext, *, rewrite: bool) -> None:
+        self.ctx = ctx
+        self.rewrite = rewrite
+
+    def backlog(self, conn: psycopg.Connection[Any], ahead: Encoded) -> Backlog:
+        return backlog(self.ctx, conn, ahead)
+
+    def encode_ahead(self, work: Backlog, known: Encoded) -> tuple[Encoded, int]:
+        return encode_ahead(self.ctx, work, known)
+
+    def write_ahead(self, work: Backlog, ahead: Encoded) -> int:
+        held = self.ctx.connections.hold("cut-over-write")
+        try:
+            return write_ahead(self.ctx, work, ahead, on=held)
+        finally:
+            held.release()
+
+    def final(self, conn: psycopg.Connection[Any], ahead: Encoded, work: Backlog) -> int:
+        return final_catch_up(self.ctx, conn, ahead, work)
+
+    def hold(self, conn: psycopg.Connection[Any]) -> float:
+        return hold_writers(self.ctx, conn, rewrite=self.rewrite)
 
 
 def backlog(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> Backlog:

@@ -370,7 +370,7 @@ def apply_column(conn: psycopg.Connection[Any], info: TableInfo, column: str, at
         set_acl(conn, info.oid, table, column, attrs.acl)
 
 
-def through_type_change(conn: psycopg.Connection[Any], info: TableInfo, statement: sql.Composable) -> None:
+def through_type_change(conn: psycopg.Connection[Any], info: TableInfo, statement: sql.SQL | sql.Composed) -> None:
     """`statement` (ALTER COLUMN ... TYPE: it sets the column's storage and compression back to its
     type's), then the column's attributes as they were before it."""
     attrs = read_column(conn, info.oid, info.column)

@@ -256,11 +256,12 @@ def claim(conn: psycopg.Connection[Any], job: Job, worker: str, *, pid: int, key
           stale_secs: float) -> Range | None:
     """The next range to work on — unclaimed, or a stale claim taken over from its cursor —
     claimed for `worker`, whose lock connection is backend `pid` (inside the caller's transaction)."""
-    rng = _one(conn, Range, "claim_range", {"job_id": job.id, "key": key, "stale_secs": stale_secs})
+    rng = _one(conn, Range, "claim_range", {"job_id": job.id, "key": key, "stale_secs": stale_secs,
+                                            "worker": worker})
     if rng is None:
         return None
     conn.execute(query("mark_claimed"), {"job_id": job.id, "range_no": rng.range_no, "worker": worker, "pid": pid})
-    rng.taken_from = rng.claimed_by
+    rng.taken_from = rng.claimed_by if rng.claimed_by != worker else None
     rng.claimed_by, rng.claimed_pid, rng.split_wanted = worker, pid, False
     return rng
 
@@ -297,6 +298,16 @@ def split(conn: psycopg.Connection[Any], rng: Range, *, at: str, keep: int, give
     if row is None:
         raise InternalError("insert_split returned no row")
     return int(row["range_no"])
+
+
+def split_landed(conn: psycopg.Connection[Any], rng: Range) -> tuple[str, int] | None:
+    """On a split's retry: had the first attempt's commit landed (the range cut at its new upper
+    bound, a new range from there)? (where it was cut, the new range's number), or None."""
+    row = conn.execute(query("split_landed"), {"job_id": rng.job_id, "range_no": rng.range_no,
+                                               "upper": rng.upper_id}).fetchone()
+    if row is None or row["new_range_no"] is None:
+        return None
+    return str(row["at"]), int(row["new_range_no"])
 
 
 def decline_split(conn: psycopg.Connection[Any], rng: Range, *, left: int) -> None:
@@ -357,11 +368,11 @@ def advance(
     )
     row = cur.fetchone()
     if row is None:
-        _why_not_moved(conn, rng)
+        why_not_moved(conn, rng)
     return bool(row and row["split_wanted"])
 
 
-def _why_not_moved(conn: psycopg.Connection[Any], rng: Range) -> None:
+def why_not_moved(conn: psycopg.Connection[Any], rng: Range) -> None:
     """The cursor did not move: another worker took the claim over (ClaimLost), or it is not where
     we left it (CheckpointConflict)."""
     row = conn.execute(query("range_claimant"), {"job_id": rng.job_id, "range_no": rng.range_no}).fetchone()
@@ -376,7 +387,7 @@ def finish_range(conn: psycopg.Connection[Any], rng: Range) -> None:
         {"job_id": rng.job_id, "range_no": rng.range_no, "last_id": rng.last_id, "worker": rng.claimed_by},
     ).rowcount
     if moved != 1:
-        _why_not_moved(conn, rng)
+        why_not_moved(conn, rng)
 
 
 def set_state(conn: psycopg.Connection[Any], job: Job, *, to: str, from_state: str) -> None:

@@ -127,11 +127,18 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     w.add_argument("--ranges", type=int, default=None,
                    help="key ranges a new job's key space is cut into (default: one per 16 batches, at most 256); "
                         "a worker that runs dry splits the largest remaining range")
-    w.add_argument("--no-join", dest="join", action="store_false",
-                   help="exit 3 when another run's workers are on the job, instead of joining them")
+    joining = w.add_mutually_exclusive_group()
+    joining.add_argument("--join", dest="join", action="store_true", default=None,
+                         help="join the active job as one more worker when other runs' workers are on it (without "
+                              "--join, --join-wait or --workers, a second run exits 3 naming the holder: a cron "
+                              "overlap puts no more processes on a busy host)")
+    joining.add_argument("--no-join", dest="join", action="store_false",
+                         help="exit 3 whenever another run holds the table's lock (the default without --join-wait "
+                              "or --workers)")
     w.add_argument("--join-wait", default="0s",
-                   help="while another run holds the lock exclusively (preparing or finalizing the job), try again "
-                        "every second for this long before exit 3: for workers a scheduler starts together (0s)")
+                   help="join as --join does, and while another run holds the lock exclusively (preparing or "
+                        "finalizing the job) try again every second for this long before exit 3: for workers a "
+                        "scheduler starts together (0s)")
     w.add_argument("--stale-after", default="90s",
                    help="a claim (or a lock holder) whose heartbeat is older than this is stale: its range is taken "
                         "over from its cursor (a dead worker's claim at once) (90s)")
@@ -178,6 +185,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     t.add_argument("--replica-dsn", dest="replica_dsns", action="append", default=None, metavar="DSN",
                    help="a replica pg_stat_replication does not show (cascaded, or hidden from this role): its lag "
                         "is read from a heartbeat row the job writes on the primary (repeatable)")
+    t.add_argument("--exclude-replica", dest="exclude_replicas", action="append", default=None, metavar="NAME",
+                   help="leave a replica (its application_name in pg_stat_replication) or a replication slot out "
+                        "of the lag check: a delayed standby, a slot of a replica gone for good (repeatable)")
     t.add_argument("--max-wal-rate", default=None, help="hold while the primary writes more WAL than this, e.g. 64MB/s")
     t.add_argument("--max-archive-backlog", type=int, default=None,
                    help="hold while more WAL segments than this wait for the archiver")
@@ -229,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = verify.add_argument_group("model")
     g.add_argument("--model", required=True,
                    help="the registry's model: a local sentence-transformers directory (its hash is checked)")
+    g.add_argument("--model-name", default=None,
+                   help="the name the run recorded in the registry (checked against it, as `run` was given it)")
     _add_encoding(g, prefix="the --prefix the table was embedded with",
                   length="the --max-seq-length it was embedded with")
     v = verify.add_argument_group("verify")
@@ -254,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=256, help="stale rows per transaction (256)")
     b.add_argument("--cut-over-lock-timeout", default="200ms",
                    help="how long the swap back waits for each lock before it yields and tries again (200ms)")
+    b.add_argument("--max-writers-held", default="1s",
+                   help="the longest the swap back holds the application's writers (and readers) off; the rest of "
+                        "the stale rows is encoded ahead until it fits (1s)")
     _add_target(back)
     _add_output(back)
     back.set_defaults(command=_rollback)

@@ -27,9 +27,31 @@ from reembed.queries import query
 
 log = structlog.get_logger()
 
-# Server-side keepalives: a holder that lost power is dropped within ~2 minutes,
-# which releases its advisory lock (60 s idle + 6 probes x 10 s).
-_KEEPALIVE_OPTIONS = "-c tcp_keepalives_idle=60 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=6"
+# Every session of reembed's, whatever the server's, the database's or the role's defaults:
+# - server-side keepalives: a holder that lost power is dropped within ~2 minutes, which releases
+#   its advisory lock (60 s idle + 6 probes x 10 s);
+# - READ COMMITTED: under a default of repeatable read, the cut-over's snapshot would predate its
+#   locks, and a write committed while it waited would be missed (the row left stale);
+# - row_security off: a policy that hid rows from the job makes PostgreSQL raise instead of
+#   filtering (the pre-flight refuses such a table first, target.check_row_security);
+# - idle_in_transaction_session_timeout: a stopped (SIGSTOP) process cannot hold the application's
+#   rows forever (no transaction of reembed's waits on anything but the database that long);
+# - one text form of keys: DateStyle, TimeZone, IntervalStyle and extra_float_digits fixed, as the
+#   capture trigger's function fixes them, so that a timestamp or float key reads back as itself.
+SESSION_SETTINGS = {
+    "tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "6",
+    "default_transaction_isolation": "read committed", "row_security": "off",
+    "idle_in_transaction_session_timeout": "60s",
+    "DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres", "extra_float_digits": "3",
+}
+
+
+def _options(settings: dict[str, str]) -> str:
+    """libpq's `options`: `-c name=value` each, spaces and backslashes escaped."""
+    return " ".join("-c {}={}".format(k, v.replace("\\", "\\\\").replace(" ", "\\ ")) for k, v in settings.items())
+
+
+_SESSION_OPTIONS = _options(SESSION_SETTINGS)
 _GETCONN_TIMEOUT = 10.0
 
 RETRYABLE = (
@@ -64,7 +86,7 @@ def _connect_kwargs(role: str) -> dict[str, Any]:
     return {
         "row_factory": dict_row,
         "application_name": app_name(role),
-        "options": _KEEPALIVE_OPTIONS,
+        "options": _SESSION_OPTIONS,
         "keepalives": 1,
         "keepalives_idle": 30,
         "keepalives_interval": 10,

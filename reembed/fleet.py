@@ -29,7 +29,8 @@ log = structlog.get_logger()
 
 # Options the first process keeps to itself: (flag, takes a value)
 _OWN = {"--workers": True, "--devices": True, "--device": True, "--json": False, "--metrics-file": True,
-        "--tokenizer-workers": True, "--max-runtime": True, "--until": True, "--no-confirm": False}
+        "--tokenizer-workers": True, "--max-runtime": True, "--until": True, "--no-confirm": False,
+        "--join": False, "--no-join": False}
 
 
 def child_command_line(argv: Sequence[str], *, device: str | None, tokenizers: int | None,
@@ -46,7 +47,7 @@ def child_command_line(argv: Sequence[str], *, device: str | None, tokenizers: i
             skip = _OWN[flag] and not has_value
             continue
         kept.append(arg)
-    extra = ["--no-confirm", "--workers", "1"]
+    extra = ["--no-confirm", "--workers", "1", "--join"]  # the children are this job's workers: they join
     if device is not None:
         extra += ["--device", device]
     if tokenizers is not None:
@@ -88,10 +89,15 @@ class Fleet:
                     proc.send_signal(signum)
 
     def wait(self) -> list[int]:
-        """Every worker's exit code, once all have ended (a second stop signal reaches them too)."""
+        """Every worker's exit code, once all have ended (a second stop signal reaches them too). A
+        worker that SIGINT or SIGTERM reached before it could install a handler was stopped before it
+        started (nothing written): its code is the stop's, 130 or 143."""
         codes = []
         for proc in self.procs:
             code = proc.wait()
+            if code in (-signal.SIGINT, -signal.SIGTERM):
+                log.info("worker_stopped_before_start", pid=proc.pid, signal=signal.Signals(-code).name)
+                code = 128 - code
             if code < 0:
                 log.warning("worker_killed", pid=proc.pid, signal=signal.Signals(-code).name,
                             detail="its claim went stale and was taken over from its cursor")

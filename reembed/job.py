@@ -110,6 +110,15 @@ def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal | None,
         held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
                           break_stale_lock=opts.break_stale_lock, stale_after=opts.stale_after, join=opts.join,
                           join_wait=opts.join_wait)
+        if held.shared and embedder is None:
+            # Joining other workers: the model is loaded holding nothing, then the lock taken again. A
+            # joiner that held the lock shared while it loaded (seconds) and died there would be the
+            # holder the last worker out gives way to, and nobody would finalize the job.
+            held.release()
+            embedder = _load(spec, opts, model_hash)
+            held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
+                              break_stale_lock=False, stale_after=opts.stale_after, join=True,
+                              join_wait=opts.join_wait)
         try:
             # Writer connections: as many as the device wants (a CUDA host: 4); known before the
             # model loads, so that the lease's keeper and the work share one set of connections.

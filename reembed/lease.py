@@ -48,6 +48,7 @@ Ts = TypeVarTuple("Ts")
 
 CHECK_EVERY = 2.0
 HEARTBEAT_EVERY = 10.0
+BEAT_LOCK_TIMEOUT = "2s"
 _LOCK_NAMESPACE = 0x7265656D  # 'reem'
 
 
@@ -191,7 +192,8 @@ class Lease(Background):
         self.lost: LockHeld | None = None
         self._since_beat = HEARTBEAT_EVERY
         self._mutex = threading.Lock()
-        self._beats: list[Callable[[psycopg.Connection[Any], int], None]] = []  # (lock conn, its backend pid)
+        self._beats: list[Callable[[psycopg.Connection[Any], int], None]] = []  # (a conn, the lock's backend pid)
+        self._heartbeat: db.Held | None = None  # the beats' connection (never the lock's)
         self.released = False  # let go by coordinate(): nothing more may be written
 
     @property
@@ -205,7 +207,8 @@ class Lease(Background):
         return int(self.lock.conn.info.backend_pid)
 
     def on_beat(self, beat: Callable[[psycopg.Connection[Any], int], None]) -> None:
-        """Also run `beat(lock connection, its backend pid)` at every heartbeat (a worker's claims)."""
+        """Also run `beat(connection, the lock's backend pid)` at every heartbeat (a worker's claims),
+        in the heartbeat's transaction."""
         with self._mutex:
             self._beats.append(beat)
 
@@ -355,6 +358,9 @@ class Lease(Background):
                                      on_lost=self.connections.server_lost)
 
     def _tick(self, *, beat: bool = True) -> None:
+        # Under the mutex only statements that never wait on another session's lock (pg_locks, a try
+        # of the advisory lock): a writer's fence waits for this mutex while it holds the rows of its
+        # transaction, so nothing here may wait for those rows.
         with self._mutex:
             if self.released:
                 return
@@ -364,18 +370,35 @@ class Lease(Background):
                 self.lock.conn, self.lock.key = fresh.conn, fresh.key
                 log.warning("lock_reacquired", table=self.table)
                 self._since_beat = HEARTBEAT_EVERY
-            if beat:
-                self._beat()
+            pid = self.backend_pid
+        if beat:
+            self._beat(pid)
 
-    def _beat(self) -> None:
+    def _beat(self, pid: int) -> None:
+        """The heartbeat on the job row, the worker's claims and its row: on a connection of its own,
+        outside the mutex, each statement waiting at most BEAT_LOCK_TIMEOUT for a row another
+        transaction holds (a writer committing that range: itself a sign of life); such a beat is
+        skipped, the next comes at the next tick."""
         self._since_beat += CHECK_EVERY
-        if self.job_id is not None and self._since_beat >= HEARTBEAT_EVERY:
-            ckpt.heartbeat(self.lock.conn, self.job_id, db.holder_name())
-            for beat in self._beats:
-                beat(self.lock.conn, self.backend_pid)
-            self._since_beat = 0.0
+        if self.job_id is None or self._since_beat < HEARTBEAT_EVERY:
+            return
+        if self._heartbeat is None:
+            self._heartbeat = self.connections.hold("heartbeat")
+        conn = self._heartbeat.conn
+        try:
+            with conn.transaction():
+                conn.execute(query("set_lock_timeout"), {"value": BEAT_LOCK_TIMEOUT})
+                ckpt.heartbeat(conn, self.job_id, db.holder_name())
+                for beat in list(self._beats):
+                    beat(conn, pid)
+        except psycopg.errors.LockNotAvailable:
+            log.debug("heartbeat_skipped", detail="a row it beats is held by a transaction; next time")
+            return
+        self._since_beat = 0.0
 
     def release(self) -> None:
         self.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.release()
         self.lock.release()
 

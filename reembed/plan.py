@@ -88,13 +88,16 @@ def compare(conn: psycopg.Connection[Any], info: TableInfo, registry: Signature 
             out[name] = {"extra_disk_bytes": int(cost.extra_disk_bytes),
                          "search_unavailable_secs": round((encode_secs or 0.0) + finalize + rewrite, 1),
                          "writers_held_secs": round(opts.max_writers_held + rewrite, 3),
-                         "readers_held_secs": round(rewrite, 3), "refused": refused}
+                         "readers_held_secs": round(rewrite, 3), "refused": refused,
+                         "prepared_statements_broken": list(_BROKEN_IN_PLACE if type_change else ())}
         else:
             out[name] = {"extra_disk_bytes": int(cost.extra_disk_bytes + column_bytes + index_bytes),
                          "kept_until_cleanup_bytes": int(column_bytes + index_bytes),
                          "search_unavailable_secs": 0.0, "writers_held_secs": round(opts.max_writers_held, 3),
                          "readers_held_secs": round(opts.max_writers_held, 3),  # the swap holds both, at most
-                         "refused": refused}
+                         "refused": refused,
+                         "prepared_statements_broken": list(_BROKEN_SHADOW + (_BROKEN_RETYPED if type_change
+                                                                              else ()))}
     served = bool(ann) or registry is not None
     if out["shadow"]["refused"] is None and served:
         out["recommended"], why = "shadow", "search is served from the column: shadow keeps it serving"
@@ -107,6 +110,15 @@ def compare(conn: psycopg.Connection[Any], info: TableInfo, registry: Signature 
     return out
 
 
+# What a driver's prepared statements (psycopg prepares after 5 executions; JDBC, pgx alike) do across
+# each strategy: PostgreSQL refuses, at every execution until it is prepared again, one whose result's
+# columns changed ("cached plan must not change result type"; DEALLOCATE ALL recovers: see the
+# runbook). Shown by tests/integration/test_prepared.py.
+_BROKEN_SHADOW = ("SELECT * (the shadow column is added at prepare; the swap renames columns)",)
+_BROKEN_RETYPED = ("those that return the column (its dimension changes)",)
+_BROKEN_IN_PLACE = ("those that return the column, or SELECT * (its type changes at prepare and at the cut-over)",)
+
+
 def said_strategies(s: dict[str, Any]) -> str:
     parts = []
     for name in ("in_place", "shadow"):
@@ -116,8 +128,11 @@ def said_strategies(s: dict[str, Any]) -> str:
             continue
         down = d["search_unavailable_secs"]
         unavailable = f"for about {down:g} s" if down else "never"
+        broken = d.get("prepared_statements_broken") or []
         parts.append(f"{name}: extra disk up to {size(d['extra_disk_bytes'])}, search unavailable {unavailable}, "
-                     f"writers held at most {d['writers_held_secs']:g} s")
+                     f"writers held at most {d['writers_held_secs']:g} s"
+                     + (f", prepared statements that fail until prepared again: {' and '.join(broken)}"
+                        if broken else ""))
     return "strategies: " + "; ".join(parts) + f"; recommended: {s['recommended'] or 'none'} ({s['why']})"
 
 

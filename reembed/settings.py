@@ -122,6 +122,7 @@ class RunOptions:
     max_replica_lag: float | None = 5.0  # seconds a replica may replay behind before the job holds
     critical_replica_lag: float | None = None  # seconds past which the job stops (exit 75)
     replica_dsns: tuple[str, ...] = ()  # replicas pg_stat_replication cannot show: a heartbeat row read there
+    exclude_replicas: tuple[str, ...] = ()  # application_names or slot names the lag check leaves out
     max_wal_rate: float | None = None  # bytes of WAL per second
     max_archive_backlog: int | None = None  # WAL segments waiting for the archiver
     critical_archive_backlog: int | None = None
@@ -152,7 +153,7 @@ class RunOptions:
     workers: int = 1  # worker processes this run starts on this host (itself included)
     devices: tuple[str, ...] = ()  # one per worker, round robin (--devices cuda:0,cuda:1)
     ranges: int | None = None  # key ranges cut at prepare; None: one per 16 batches, at most 256
-    join: bool = True  # an active job's workers hold the table's lock shared: join them (False: exit 3)
+    join: bool = False  # an active job's workers hold the table's lock shared: join them (False: exit 3)
     join_wait: float = 0.0  # seconds to wait while another run holds the lock exclusively (prepare, finalize)
     metrics_file: str | None = None  # Prometheus text format, rewritten at every progress event and at exit
     command_line: tuple[str, ...] = ()  # the CLI's argv: what --workers N starts again for each worker
@@ -213,7 +214,8 @@ class RollbackOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RollbackOptions:
         return cls(leave_stale_null=args.leave_stale_null, batch_size=args.batch_size,
-                   cut_over_lock_timeout=_millis(args.cut_over_lock_timeout))
+                   cut_over_lock_timeout=_millis(args.cut_over_lock_timeout),
+                   max_writers_held=parse_duration(args.max_writers_held))
 
 
 @dataclass(frozen=True)
@@ -249,9 +251,11 @@ class Settings:
             max_replica_lag=_optional_duration(args.max_replica_lag),
             critical_replica_lag=_optional_duration(args.critical_replica_lag),
             replica_dsns=tuple(args.replica_dsns or ()),
+            exclude_replicas=tuple(args.exclude_replicas or ()),
             max_wal_rate=float(parse_size(args.max_wal_rate.removesuffix("/s"))) if args.max_wal_rate else None,
             stale_after=parse_duration(args.stale_after),
             join_wait=parse_duration(args.join_wait),
+            join=_joins(args),
             devices=_devices(args.devices),
             workers=args.workers or (len(_devices(args.devices)) or 1),
             old_model=ModelSpec(model=args.old_model, device=args.device, precision=args.precision,
@@ -266,6 +270,16 @@ def _from_namespace(cls: type[T], args: argparse.Namespace, **overrides: object)
     values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+def _joins(args: argparse.Namespace) -> bool:
+    """--join, or --join-wait, or --workers N (its processes are one job's workers): join an active
+    job's workers; --no-join, or none of these: exit 3 while another run holds the lock."""
+    if args.join is not None:
+        if not args.join and parse_duration(args.join_wait) > 0:
+            raise ConfigError("--no-join and --join-wait exclude each other: --join-wait joins")
+        return bool(args.join)
+    return parse_duration(args.join_wait) > 0 or (args.workers or len(_devices(args.devices)) or 1) > 1
 
 
 def _devices(text: str | None) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ stale; `reembed cleanup` drops the previous column and the recording.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +27,10 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from reembed import bridge, capture, carry, dependents, failures, finalize, gate
+from reembed import bridge, capture, carry, cutover, dependents, failures, finalize, gate
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext
-from reembed.cutover import CUT_OVER_BACKOFF, CutOver
+from reembed.cutover import CutOver
 from reembed.errors import ConfigError, InternalError, ReembedError
 from reembed.queries import query
 from reembed.target import TableInfo
@@ -43,10 +44,14 @@ _NAME_BYTES = 63  # NAMEDATALEN - 1
 
 
 def name_with(base: str, suffix: str) -> str:
-    """`base` + `suffix`, `base` cut (on a character boundary) so that it fits PostgreSQL's 63 bytes."""
-    room = _NAME_BYTES - len(suffix.encode())
-    cut = base.encode()[:room].decode(errors="ignore")
-    return cut + suffix
+    """`base` + `suffix` within PostgreSQL's 63 bytes: when it does not fit, `base` is cut (on a
+    character boundary) and a short digest of the whole of it added, so that two long names that
+    differ only past the cut never give the same name."""
+    if len((base + suffix).encode()) <= _NAME_BYTES:
+        return base + suffix
+    tag = "_" + hashlib.sha256(base.encode()).hexdigest()[:8]
+    room = _NAME_BYTES - len((tag + suffix).encode())
+    return base.encode()[:room].decode(errors="ignore") + tag + suffix
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,20 @@ def check_table(conn: psycopg.Connection[Any], info: TableInfo) -> None:
                           "shadow job kept, or rename it; nothing was written")
 
 
+def check_names(conn: psycopg.Connection[Any], info: TableInfo, names: Names) -> None:
+    """Inside prepare, before its DDL: the shadow column's and the indexes' names at each stage are
+    free and distinct (a name PostgreSQL would have to cut to 63 bytes is made unique by a digest)."""
+    if conn.execute(query("column_info"), {"table_oid": info.oid, "column": names.shadow}).fetchone() is not None:
+        raise ConfigError(f"{info.qualified} already has a column {names.shadow}; rename it; nothing was written")
+    wanted = [n for i in names.indexes for n in (i.shadow, i.previous)]
+    taken = {r["name"] for r in conn.execute(query("relations_named"),
+                                             {"table_oid": info.oid, "names": wanted}).fetchall()}
+    clash = sorted(taken | {n for n in wanted if wanted.count(n) > 1})
+    if clash:
+        raise ConfigError(f"the shadow job would name indexes {', '.join(clash)}, which are taken in the table's "
+                          "schema; rename the relation or index that holds the name; nothing was written")
+
+
 class Shadow:
     name = "shadow"
 
@@ -130,6 +149,7 @@ class Shadow:
         check_table(conn, info)
         row = conn.execute(query("column_not_null"), {"table_oid": info.oid, "column": info.column}).fetchone()
         names = plan_names(info, job.id, dependents.recorded(job), not_null=bool(row and row["not_null"]))
+        check_names(conn, info, names)
         conn.execute(info.statement("add_shadow_column", shadow=names.shadow, dim=sql.Literal(ctx.signature.dimension)))
         conn.execute(query("record_shadow"), {"shadow": Jsonb(names.as_json()), "job_id": job.id})
         capture.install(ctx, conn, job, column=names.shadow)
@@ -159,8 +179,8 @@ class Shadow:
             # the swap's own catch-up writes through the new indexes, with writers held off
             FinalizeStep("catch_up_before_swap", lambda conn: self._catch_up(ctx, until=_SMALL_BACKLOG),
                          in_transaction=False, record=False),
-            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
-                         lock_timeout=ctx.opts.cut_over_lock_timeout, max_backoff=CUT_OVER_BACKOFF),
+            # its transaction opens only for the hold, and records the step (reembed.cutover)
+            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx), in_transaction=False, record=False),
             FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
         ]
 
@@ -182,16 +202,19 @@ class Shadow:
                                "swapped; drop it and re-run to build it again")
         log.info("shadow_indexes_valid", indexes=wanted)
 
-    def _cut_over(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+    def _cut_over(self, ctx: RunContext) -> None:
         """The swap: the last catch-up (bounded, as in place) and the renames under one hold.
         The renames need ACCESS EXCLUSIVE, and it is asked for up front with the writers' locks
         (as a rewriting cut-over does): asked for later, while an application transaction that
         read the table waits for the registry row the swap holds, it would make a deadlock whose
         victim PostgreSQL may pick in the application. So readers wait for the whole hold: the
         last catch-up is a few rows (the step before it), the renames a few milliseconds."""
-        held = self._cut.run(ctx, conn, rewrite=True, swap=lambda c: self._swap(ctx, c), tail=_SWAP_TAIL)
-        conn.execute(query("record_readers_held"), {"secs": held, "job_id": ctx.active.id})
-        log.info("swap", readers_held_secs=round(held, 4), column=ctx.info.column,
+        def readers_held(conn: psycopg.Connection[Any], secs: float) -> None:
+            conn.execute(query("record_readers_held"), {"secs": secs, "job_id": ctx.active.id})
+
+        held = cutover.for_job(self._cut, ctx, rewrite=True, swap=lambda c: self._swap(ctx, c), tail=_SWAP_TAIL,
+                               record=readers_held)
+        log.info("swap", readers_held_secs=round(held.secs, 4), column=ctx.info.column,
                  previous=self.names(ctx).previous)
 
     def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:

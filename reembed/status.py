@@ -76,6 +76,12 @@ class Status:
                          f"({throttle['secs_before']:.1f} s held before)")
         elif throttle and throttle.get("secs_before"):
             lines.append(f"throttle   not held; {throttle['secs_before']:.1f} s held in all")
+        build = d.get("index_build")
+        if build:
+            waiting = (f"; waiting for {build['lockers_total'] - build['lockers_done']} older transactions "
+                       f"(now backend {build['waiting_for_pid']})" if build.get("waiting_for_pid") else "")
+            lines.append(f"index      building {build['index']}: {build['phase']}{waiting}; running "
+                         f"{_age(build.get('running_secs'))}")
         if d.get("writers_held_secs") is not None:
             lines.append(f"cut-over   writers held off {d['writers_held_secs']:.3f} s")
         if d.get("gate"):
@@ -216,7 +222,10 @@ def status_on(conn: Any, settings: Settings, stale_after: float) -> Status:
         previous = {"state": job.previous_state, "column": (job.shadow or {}).get("previous"),
                     "stale_rows": int(stale["n"]) if stale and job.previous_state == "kept" else 0,
                     "swapped_at": job.swapped_at}
+    build = conn.execute(query("index_build_progress"), {"table_oid": int(row["oid"])}).fetchone() \
+        if job.state == "finalizing" else None
     data.update(
+        index_build=dict(build) if build else None,
         strategy=job.strategy,
         phase=phase(job),
         shadow_column=(job.shadow or {}).get("shadow"),

@@ -21,10 +21,10 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import capture, carry, dependents, failures, finalize
+from reembed import capture, carry, cutover, dependents, failures, finalize
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext, Strategy
-from reembed.cutover import CUT_OVER_BACKOFF, CutOver
+from reembed.cutover import CutOver
 from reembed.errors import ConfigError
 from reembed.queries import query
 from reembed.shadow import Shadow
@@ -62,8 +62,8 @@ class InPlace:
     def finalize_steps(self, ctx: RunContext) -> list[FinalizeStep]:
         return [
             FinalizeStep("catch_up", lambda conn: self._catch_up(ctx), in_transaction=False, record=False),
-            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx, conn),
-                         lock_timeout=ctx.opts.cut_over_lock_timeout, max_backoff=CUT_OVER_BACKOFF),
+            # its transaction opens only for the hold, and records the step (reembed.cutover)
+            FinalizeStep("cut_over", lambda conn: self._cut_over(ctx), in_transaction=False, record=False),
             FinalizeStep("drop_capture", lambda conn: capture.drop(ctx, conn)),
             *finalize.index_steps(ctx),
             FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
@@ -73,14 +73,14 @@ class InPlace:
         capture.catch_up(ctx, writes=self._cut.writes)
         failures.settle(ctx)  # rows the application wrote that the model cannot take
 
-    def _cut_over(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+    def _cut_over(self, ctx: RunContext) -> None:
         """Writers held off, readers not (unless the dimension changes: the table is rewritten,
         readers wait too): the last catch-up, the typmod (the integrity gate), the registry,
         capture off, the news. One transaction: the application never sees the registry and the
         column disagree. The hold is bounded (reembed.cutover); a dimension change's table
         rewrite comes on top (plan and the banner say how long)."""
-        rewrite = self._typmod_changes(ctx, conn)
-        self._cut.run(ctx, conn, rewrite=rewrite, swap=lambda c: self._swap(ctx, c, rewrite=rewrite))
+        rewrite = ctx.lease.read(self._typmod_changes, ctx, on=ctx.control, what="cut_over_type")
+        cutover.for_job(self._cut, ctx, rewrite=rewrite, swap=lambda c: self._swap(ctx, c, rewrite=rewrite))
 
     def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool) -> None:
         if rewrite:
@@ -93,7 +93,7 @@ class InPlace:
         conn.execute(query("upsert_registry", registry=ctx.info.registry), ctx.signature.as_dict())
         conn.execute(query("notify_model_changed"), {"payload": json.dumps(ctx.signature.as_dict())})
 
-    def _typmod_changes(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> bool:
+    def _typmod_changes(self, conn: psycopg.Connection[Any], ctx: RunContext) -> bool:
         info = ctx.info
         current = conn.execute(query("column_info"), {"table_oid": info.oid, "column": info.column}).fetchone()
         return current is None or current["typmod"] != ctx.signature.dimension

@@ -124,6 +124,8 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
             f"registry table {target.registry} does not exist; create it (see README, 'The tables') "
             "or name it with --registry"
         )
+    check_row_security(conn, [(table, int(row["table_oid"])), (target.registry, None)],
+                       registry=regclass_text(registry))
     index = _index(conn, row["table_oid"], target, table)
     typmod = column["typmod"] if column["typmod"] and column["typmod"] > 0 else None
     return TableInfo(
@@ -141,6 +143,24 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
         attnum=int(column["attnum"]),
         column_type=column["typname"],
     )
+
+
+def check_row_security(conn: psycopg.Connection[Any], relations: list[tuple[str, int | None]], *,
+                       registry: str) -> None:
+    """Refuse (exit 2, before any write) a table whose row-level security policies apply to this
+    role: the job would see, and re-embed, only the rows they let it (reembed's sessions run with
+    row_security off, so PostgreSQL would raise instead, at the first statement they touch)."""
+    for name, oid in relations:
+        params = {"oid": oid, "name": registry if oid is None else None}
+        row = conn.execute(query("row_security_applies"), params).fetchone()
+        if row is None or not row["active"]:
+            continue
+        why = ("FORCE ROW LEVEL SECURITY applies its policies to its owner too" if row["forced"] and row["owns"]
+               else f"it has row-level security and {row['me']} neither owns it nor has BYPASSRLS")
+        raise ConfigError(
+            f"{name}: {why}, so the job would see only the rows its policies allow; run reembed as a role with "
+            f"BYPASSRLS (ALTER ROLE {row['me']} BYPASSRLS), or as the table's owner "
+            f"({row['owner']}) with FORCE ROW LEVEL SECURITY off; nothing was written")
 
 
 def _column(conn: psycopg.Connection[Any], oid: int, name: str) -> dict[str, Any] | None:

@@ -13,9 +13,13 @@ The checks (each off unless its limit is given, except the replica lag):
 - replica lag: every replica in `pg_stat_replication`, measured from WAL positions this monitor
   sampled itself (the time since the oldest WAL it saw written that the replica has not
   replayed: unlike `replay_lag`, it grows while replay is paused or stuck) and `replay_lag`,
-  whichever is larger; and every `--replica-dsn` (a replica `pg_stat_replication` cannot show:
-  a cascaded one, one this role may not see) through a heartbeat row of our own that the monitor
-  writes on the primary and reads there (gh-ost's way);
+  whichever is larger; every replication slot whose consumer is not connected (a replica that
+  went away keeps its slot, and the primary's WAL piles up for it), by how long its position has
+  not moved; and every `--replica-dsn` (a replica `pg_stat_replication` cannot show: a cascaded
+  one, one this role may not see) through a heartbeat row of our own that the monitor writes on
+  the primary and reads there (gh-ost's way), less that replica's own recovery_min_apply_delay.
+  `--exclude-replica NAME` (an application_name or a slot name) leaves one out: a delayed standby
+  seen only in pg_stat_replication, a slot of a replica gone for good;
 - WAL written per second (`--max-wal-rate`), from the same samples;
 - segments waiting for the archiver (`--max-archive-backlog`, when archive_mode is on);
 - an autovacuum on the table: one to prevent wraparound by default (it must not be starved),
@@ -98,6 +102,7 @@ class Throttle(Background):
         self._clear.set()
         self._conn: psycopg.Connection[Any] | None = None
         self._replicas: dict[str, psycopg.Connection[Any] | None] = dict.fromkeys(opts.replica_dsns)
+        self._delays: dict[str, float] = {}  # each --replica-dsn's recovery_min_apply_delay, seconds
         self._samples: deque[tuple[float, int]] = deque()  # (monotonic, WAL write position)
         self._first_beat: Any = None
         self._since: float | None = None
@@ -164,10 +169,13 @@ class Throttle(Background):
         conn = self._connection()
         o, out = self.opts, []
         lag_checked = o.max_replica_lag is not None or o.critical_replica_lag is not None
-        if lag_checked and self.held_now and not self._replicas:
+        streaming = conn.execute(query("replication_positions")).fetchall() if lag_checked else []
+        streaming = [r for r in streaming if r["application_name"] not in o.exclude_replicas]
+        if streaming and self.held_now and not self._replicas:
             # Held, the job writes no WAL, and a standby reports how far it replayed only when it
             # receives some (or every wal_receiver_status_interval, 10 s): a heartbeat row keeps
             # its reports current, so the hold ends when the replica has caught up, not seconds later.
+            # (Only where a standby streams: nothing is written for nobody.)
             self._write_beat()
         now = time.monotonic()
         if lag_checked or o.max_wal_rate is not None:  # the WAL positions both are measured from
@@ -175,7 +183,8 @@ class Throttle(Background):
             while len(self._samples) > 2 and now - self._samples[0][0] > _SAMPLES_KEPT:
                 self._samples.popleft()
         if lag_checked:
-            lag = max([self._stream_lag(conn, now), self._heartbeat_lag(conn)], default=0.0)
+            lag = max([self._stream_lag(streaming, now), self._slot_lag(conn, now), self._heartbeat_lag(conn)],
+                      default=0.0)
             out += self._over("replica_lag", lag, o.max_replica_lag, o.critical_replica_lag)
         if o.max_wal_rate is not None:
             out += self._over("wal_rate", self._wal_rate(now), o.max_wal_rate, None)
@@ -207,17 +216,56 @@ class Throttle(Background):
             return [Reading(check, value, limit)]
         return []
 
-    def _stream_lag(self, conn: psycopg.Connection[Any], now: float) -> float:
+    @property
+    def _lag_limit(self) -> float:
+        """The smallest replica-lag limit given (a lag past it is said, once, with the way out)."""
+        limits = [v for v in (self.opts.max_replica_lag, self.opts.critical_replica_lag) if v is not None]
+        return min(limits, default=float("inf"))
+
+    def _behind(self, position: int, now: float) -> float:
+        """Seconds since the WAL at `position` stopped being the newest (from our samples; at least
+        as old as the oldest sample when it was already behind it)."""
+        behind = next((t for t, lsn in self._samples if lsn > position), None)
+        return now - behind if behind is not None else 0.0
+
+    def _stream_lag(self, streaming: list[dict[str, Any]], now: float) -> float:
         lag = 0.0
-        for r in conn.execute(query("replication_positions")).fetchall():
+        for r in streaming:
             if r["replay_lsn"] is None:
                 self._once("replicas_hidden", "replica_lag_unseen", replica=r["application_name"],
                            detail="pg_stat_replication hides this replica's positions from this role: grant it "
                                   "pg_monitor, or give the replica with --replica-dsn")
                 continue
-            replayed = int(r["replay_lsn"])
-            behind = next((t for t, lsn in self._samples if lsn > replayed), None)
-            lag = max(lag, now - behind if behind is not None else 0.0, float(r["replay_lag"] or 0.0))
+            mine = max(self._behind(int(r["replay_lsn"]), now), float(r["replay_lag"] or 0.0))
+            if mine > self._lag_limit and \
+                    r["flush_lsn"] is not None and self._behind(int(r["flush_lsn"]), now) < 1.0:
+                self._once(f"delayed {r['application_name']}", "replica_replays_late", replica=r["application_name"],
+                           replay_lag_secs=round(mine, 1),
+                           detail="it receives the WAL at once but replays it late: if it is a delayed standby "
+                                  "(recovery_min_apply_delay), the job would wait for it forever; pass "
+                                  f"--exclude-replica {r['application_name']}")
+            lag = max(lag, mine)
+        return lag
+
+    def _slot_lag(self, conn: psycopg.Connection[Any], now: float) -> float:
+        """A replication slot whose consumer is not connected (a replica that went away, a subscriber
+        that stopped) drops out of pg_stat_replication but keeps the primary's WAL: its lag is how
+        long its position has not moved with the WAL."""
+        lag = 0.0
+        for r in conn.execute(query("idle_replication_slots")).fetchall():
+            if r["slot_name"] in self.opts.exclude_replicas:
+                continue
+            mine = self._behind(int(r["position"]), now)
+            if mine > self._lag_limit:
+                self._once(f"slot {r['slot_name']}", "replication_slot_idle", slot=r["slot_name"],
+                           slot_type=r["slot_type"], wal_status=r["wal_status"],
+                           retained_wal_mb=round(int(r["retained_bytes"] or 0) / 1024**2, 1),
+                           safe_wal_size_mb=None if r["safe_wal_size"] is None
+                           else round(int(r["safe_wal_size"]) / 1024**2, 1),
+                           detail="its consumer is not connected and the slot keeps the primary's WAL: the job "
+                                  "holds until it reconnects; if it is gone for good, drop the slot "
+                                  f"(pg_drop_replication_slot), or pass --exclude-replica {r['slot_name']}")
+            lag = max(lag, mine)
         return lag
 
     def _heartbeat_lag(self, conn: psycopg.Connection[Any]) -> float:
@@ -243,7 +291,11 @@ class Throttle(Background):
                 continue
             seen = row["beat_at"] if row else None
             self._first_beat = self._first_beat or beat
-            lag = max(lag, (beat - (seen if seen is not None else self._first_beat)).total_seconds())
+            delay = self._delays.get(dsn)
+            if delay is None:  # a delayed standby replays late on purpose: its delay is not lag
+                found = replica.execute(query("apply_delay")).fetchone()
+                delay = self._delays[dsn] = float(found["secs"]) if found and found["secs"] else 0.0
+            lag = max(lag, (beat - (seen if seen is not None else self._first_beat)).total_seconds() - delay)
         return lag
 
     def _write_beat(self) -> Any:

@@ -100,6 +100,10 @@ def verify(settings: Settings, options: VerifyOptions, *, embedder: Embedder | N
             if registry is None:
                 raise ConfigError(f"the registry {'.'.join(info.registry)} has no row: nothing says which model "
                                   "the vectors are from; nothing to verify against")
+            given = settings.model.model_name
+            if given is not None and given != registry.name:
+                raise ConfigError(f"--model-name {given} is not the registry's model name {registry.name}; give "
+                                  "the name the run recorded (or leave --model-name out: the hash is what is checked)")
             if embedder is None:
                 name, model_hash = fingerprint(settings.model)
                 if model_hash != registry.hash:

@@ -45,7 +45,7 @@ from reembed.batches import Batch, Reader, Writer
 from reembed.commits import Turns, Writers, Written, commit_batch
 from reembed.context import RunContext
 from reembed.encoding import Feed, feed_for, is_device_fault
-from reembed.errors import CheckpointConflict, ClaimLost, ReembedError, first_line
+from reembed.errors import ClaimLost, ReembedError, first_line
 from reembed.progress import Pace, Progress
 from reembed.stages import Chain, Step
 
@@ -251,14 +251,16 @@ class _RangeRun:
         self.split_wanted.clear()
         rng, info, min_rows = self.rng, self.ctx.info, 2 * self.ctx.opts.batch_size
 
-        def body(conn: psycopg.Connection[Any]) -> tuple[str, int, int] | None:
+        def body(conn: psycopg.Connection[Any], attempt: int) -> tuple[str, int, int | None] | None:
+            if attempt > 1 and (landed := ckpt.split_landed(conn, rng)) is not None:
+                return landed[0], landed[1], None  # the first attempt's commit landed: it is done
             at, left = ranges.split_point(conn, info, after=after, upper=rng.upper_id, min_rows=min_rows)
             if at is None:
                 ckpt.decline_split(conn, rng, left=left)
                 return None
             return at, ckpt.split(conn, rng, at=at, keep=left // 2, give=left - left // 2), left
 
-        cut = self.ctx.lease.write(body, on=self.reader_conn, what="split_range")
+        cut = self.ctx.lease.write_attempt(body, on=self.reader_conn, what="split_range")
         if cut is None:
             return
         at, new, left = cut
@@ -371,6 +373,6 @@ class _RangeRun:
         last = ckpt.committed_cursor(conn, self.rng)
         if last == batch.last_id:
             return True
-        if last != self.rng.last_id:
-            raise CheckpointConflict(self.rng.job_id, self.rng.last_id)
+        if last != self.rng.last_id:  # moved by someone else: a takeover during the outage, or a conflict
+            ckpt.why_not_moved(conn, self.rng)
         return False

@@ -113,20 +113,22 @@ VALUES (%(job_id)s, %(range_no)s, %(lower_id)s, %(upper_id)s, %(lower_id)s, %(es
 SELECT * FROM reembed_checkpoint_range WHERE job_id = %(job_id)s ORDER BY range_no;
 
 -- name: claim_range
--- The next range to work on: unclaimed first, else one whose claim is stale (the claimant's lock
--- backend no longer holds the table's lock: the process died; or its heartbeat is older than
--- %(stale_secs)s), locked so that two workers never take the same one (then marked with
--- mark_claimed in the same transaction). A stale claim is taken over from its cursor.
+-- The next range to work on: one already claimed by this worker first (a claim whose commit landed
+-- but whose acknowledgement was lost: a retried claim takes it again, never a second range), then
+-- an unclaimed one, else one whose claim is stale (the claimant's lock backend no longer holds the
+-- table's lock: the process died; or its heartbeat is older than %(stale_secs)s), locked so that
+-- two workers never take the same one (then marked with mark_claimed in the same transaction). A
+-- stale claim is taken over from its cursor.
 SELECT r.* FROM reembed_checkpoint_range r
  WHERE r.job_id = %(job_id)s AND NOT r.done
-   AND (r.claimed_by IS NULL
+   AND (r.claimed_by IS NULL OR r.claimed_by = %(worker)s
         OR r.heartbeat_at < now() - make_interval(secs => %(stale_secs)s)
         OR (r.claimed_pid IS NOT NULL AND NOT EXISTS (
               SELECT 1 FROM pg_locks l
                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = r.claimed_pid
                  AND l.classid = ((%(key)s::bigint >> 32) & 4294967295)::bigint::oid
                  AND l.objid   = (%(key)s::bigint & 4294967295)::bigint::oid)))
- ORDER BY (r.claimed_by IS NULL) DESC, r.range_no
+ ORDER BY r.claimed_by IS NOT DISTINCT FROM %(worker)s DESC, (r.claimed_by IS NULL) DESC, r.range_no
  LIMIT 1
    FOR UPDATE SKIP LOCKED;
 
@@ -137,6 +139,7 @@ UPDATE reembed_checkpoint_range
        rows_done = rows_done + %(rows)s,
        rows_skipped = rows_skipped + %(skipped)s,
        rows_per_sec = %(rate)s,
+       heartbeat_at = now(),  -- a commit on the claim is a sign of life too
        updated_at = now()
  WHERE job_id = %(job_id)s AND range_no = %(range_no)s
    AND last_id IS NOT DISTINCT FROM %(from_id)s
@@ -346,8 +349,14 @@ SELECT current_setting('max_parallel_workers')::int AS par,
        current_setting('max_worker_processes')::int AS procs;
 
 -- name: index_build_progress
-SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total
-  FROM pg_stat_progress_create_index WHERE relid = %(table_oid)s::oid;
+-- An index build on the table now: its phase (a CONCURRENTLY build's last one, "waiting for old
+-- snapshots", waits for every transaction older than the build, as long as they last: which, and
+-- how many are left), how far it is, how long it has run.
+SELECT p.phase, p.index_relid::regclass::text AS index, p.blocks_done, p.blocks_total, p.tuples_done,
+       p.tuples_total, p.lockers_total, p.lockers_done, nullif(p.current_locker_pid, 0) AS waiting_for_pid,
+       extract(epoch FROM now() - a.query_start)::float8 AS running_secs
+  FROM pg_stat_progress_create_index p JOIN pg_stat_activity a ON a.pid = p.pid
+ WHERE p.relid = %(table_oid)s::oid;
 
 -- name: range_cursor
 -- A range's cursor as committed (after a lost connection: did our commit land?).
@@ -510,8 +519,21 @@ SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS lsn;
 -- name: replication_positions
 -- Each replica this role may see: how far it replayed (NULL: hidden from this role).
 SELECT application_name, pg_wal_lsn_diff(replay_lsn, '0/0')::bigint AS replay_lsn,
+       pg_wal_lsn_diff(flush_lsn, '0/0')::bigint AS flush_lsn,
        extract(epoch FROM replay_lag)::float8 AS replay_lag
   FROM pg_stat_replication;
+
+-- name: idle_replication_slots
+-- Replication slots whose consumer is not connected: they keep the WAL from their position on.
+SELECT slot_name, slot_type, wal_status, safe_wal_size,
+       pg_wal_lsn_diff(coalesce(confirmed_flush_lsn, restart_lsn), '0/0')::bigint AS position,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained_bytes
+  FROM pg_replication_slots
+ WHERE NOT active AND restart_lsn IS NOT NULL AND NOT temporary;
+
+-- name: apply_delay
+-- On a replica: its recovery_min_apply_delay, in seconds (a delayed standby replays late on purpose).
+SELECT extract(epoch FROM current_setting('recovery_min_apply_delay')::interval)::float8 AS secs;
 
 -- name: archive_state
 SELECT current_setting('archive_mode') AS mode, a.last_archived_wal,
@@ -611,7 +633,7 @@ SELECT count(DISTINCT row_id) AS n FROM reembed_after_swap WHERE job_id = %(job_
 -- name: after_swap_page
 -- The next page of keys written after the swap, each with the newest record of it read.
 SELECT row_id, max(seq) AS seq FROM reembed_after_swap
- WHERE job_id = %(job_id)s AND (%(after)s::text IS NULL OR row_id > %(after)s)
+ WHERE job_id = %(job_id)s AND (%(after)s::text IS NULL OR row_id > %(after)s) AND seq <= %(upto)s
  GROUP BY row_id ORDER BY row_id LIMIT %(n)s;
 
 -- name: after_swap_settled
@@ -1091,3 +1113,29 @@ SELECT DISTINCT CASE WHEN x.grantee = 0 THEN NULL ELSE pg_get_userbyid(x.grantee
 
 -- name: relation_owner
 SELECT pg_get_userbyid(relowner) AS owner FROM pg_class WHERE oid = %(relation)s::oid;
+
+-- name: row_security_applies
+-- Would row-level security filter what this role reads of the relation (its oid, or its name)?
+SELECT row_security_active(c.oid) AS active, c.relforcerowsecurity AS forced,
+       pg_has_role(c.relowner, 'USAGE') AS owns, pg_get_userbyid(c.relowner) AS owner, current_user AS me
+  FROM pg_class c
+ WHERE c.oid = coalesce(%(oid)s::oid, to_regclass(%(name)s::text)) AND c.relrowsecurity;
+
+-- name: after_swap_newest
+-- The newest record of a row written after the swap, now: a pass goes no further than it.
+SELECT max(seq) AS seq FROM reembed_after_swap WHERE job_id = %(job_id)s;
+
+-- name: split_landed
+-- A split retried after a lost acknowledgement: where the range's upper bound is now, and the
+-- range that starts there (NULL when the range was not cut).
+SELECT r.upper_id AS at, n.range_no AS new_range_no
+  FROM reembed_checkpoint_range r
+  LEFT JOIN reembed_checkpoint_range n ON n.job_id = r.job_id AND n.lower_id = r.upper_id
+ WHERE r.job_id = %(job_id)s AND r.range_no = %(range_no)s
+   AND r.upper_id IS DISTINCT FROM %(upper)s;
+
+-- name: relations_named
+-- Which of these names a relation (table, index, view, sequence) of the table's schema already has.
+SELECT c.relname AS name FROM pg_class c
+ WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = %(table_oid)s::oid)
+   AND c.relname = ANY(%(names)s::text[]);

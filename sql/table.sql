@@ -93,9 +93,13 @@ SELECT DISTINCT CAST(row_id AS {id_type}) AS k, row_id
  ORDER BY k LIMIT %(n)s;
 
 -- name: create_capture_function
--- Runs as its owner (reembed's role), whatever role the application writes as.
+-- Runs as its owner (reembed's role), whatever role the application writes as. The key's text
+-- form in one format whatever the application session's (a timestamp or float key reads back as
+-- itself in reembed's sessions, which fix the same settings: reembed.db.SESSION_SETTINGS).
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET extra_float_digits = 3
+AS $capture$
 BEGIN
     INSERT INTO {changes} (job_id, row_id) VALUES ({job_id}, NEW.{id}::text);
     RETURN NULL;
@@ -103,10 +107,13 @@ END
 $capture$;
 
 -- name: create_capture_triggers
--- Inserted rows, and rows whose content or embedding anyone but the job changed.
+-- Inserted rows, and rows whose content or embedding anyone but the job changed, by value: not
+-- `UPDATE OF` a column list, which misses content changed by a BEFORE trigger, a rule or a
+-- generated column while the UPDATE names another column (the WHEN is evaluated before the event
+-- is queued: an update that changes neither costs a comparison, measured by the bench).
 CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
-CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE OF {content}, {col} ON {table}
+CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {table}
     FOR EACH ROW
     WHEN ((OLD.{content} IS DISTINCT FROM NEW.{content} OR OLD.{col} IS DISTINCT FROM NEW.{col})
           AND current_setting('reembed.writer', true) IS DISTINCT FROM 'on')
@@ -187,7 +194,9 @@ ALTER TABLE {table} ALTER COLUMN {col} DROP NOT NULL;
 -- After a shadow job's swap: the keys of rows the application inserts or whose content it
 -- changes (their previous vector is stale), for `reembed rollback`.
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $after_swap$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET extra_float_digits = 3
+AS $after_swap$
 BEGIN
     INSERT INTO {recorded} (job_id, row_id) VALUES ({job_id}, NEW.{id}::text);
     RETURN NULL;
@@ -197,7 +206,7 @@ $after_swap$;
 -- name: create_after_swap_triggers
 CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
-CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE OF {content} ON {table}
+CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {table}
     FOR EACH ROW WHEN (OLD.{content} IS DISTINCT FROM NEW.{content})
     EXECUTE FUNCTION {function}();
 
@@ -214,7 +223,8 @@ UPDATE {table} AS t SET {col} = v.e
 RETURNING t.{id}::text AS id_text;
 
 -- name: null_previous
-UPDATE {table} SET {col} = NULL WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]));
+UPDATE {table} SET {col} = NULL WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]))
+RETURNING {id}::text AS id_text;
 
 -- name: gate_sample
 -- The quality gate's rows (reembed.gate): drawn row by row with the job's seed, in key order.

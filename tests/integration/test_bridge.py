@@ -92,7 +92,8 @@ def queries(n: int, seed: int = 3) -> list[tuple[int, str]]:
     return made[:n]
 
 
-def found(dsn: str, asked: list[tuple[int, str]], model: Any, *, bridged: bool, function: str = "reembed_query") -> float:
+def found(dsn: str, asked: list[tuple[int, str]], model: Any, *, bridged: bool,
+          function: str = "reembed_query") -> float:
     """Success@10 through the column's index: how often a query's row is among its ten nearest."""
     vectors = np.asarray(model.encode([q for _, q in asked]), dtype=np.float32)
     target = f"(SELECT {function}(%s))" if bridged else "%s"
@@ -128,7 +129,8 @@ def definition(dsn: str, function: str = "reembed_query") -> str:
 
 def bridge_entries(dsn: str, function: str) -> list[catalog.Entry]:
     """The dump's entries of the bridge's function (its definition, its comment)."""
-    return [e for e in catalog.entries(catalog.dump(dsn)) if e.name.startswith((f"{function}(", f"FUNCTION {function}("))]
+    return [e for e in catalog.entries(catalog.dump(dsn))
+            if e.name.startswith((f"{function}(", f"FUNCTION {function}("))]
 
 
 def assert_same_dump(before: str, after: str) -> None:
@@ -170,7 +172,6 @@ def test_reembed_bridge_installs_a_function_that_finds_the_rows_with_new_model_q
     assert figures["old_dimension"] == 64 and figures["new_dimension"] == 384 and not figures["normalize"]
     assert figures["held_out"] == 140 and figures["train"] == 560
     bridged = found(dsn, asked, minilm, bridged=True)
-    new_own = figures["queries_found_new"]
     print(f"\n[bridge MiniLM -> distilled-64] success@10 on {len(asked)} queries through the index: old model "
           f"{old_own:.3f}, bridged {bridged:.3f} ({bridged / old_own:.0%}); held-out: {json.dumps(figures)}")
     assert bridged >= 0.75 * old_own, (bridged, old_own)

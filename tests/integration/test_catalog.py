@@ -162,3 +162,19 @@ def test_the_oracle_sees_a_rule_that_a_swap_would_lose(dsn: str) -> None:
         conn.execute("DROP RULE live_documents_soft_delete ON app.live_documents")
     with pytest.raises(AssertionError, match="GONE .*live_documents_soft_delete"):
         catalog.assert_unchanged(before, catalog.snapshot(dsn))
+
+
+def test_long_index_names_that_differ_only_past_63_bytes_go_through_a_shadow_job(dsn: str) -> None:
+    from reembed.shadow import PREVIOUS, name_with
+    from support.database import make_table
+
+    make_table(dsn, rows=60, old_dim=32, with_index=False)
+    long = "idx_knowledge_nodes_embedding_" + "x" * 30  # 60 bytes: a suffix must cut into it
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE INDEX {long}_cos ON knowledge_nodes USING hnsw (embedding vector_cosine_ops)")
+        conn.execute(f"CREATE INDEX {long}_ip ON knowledge_nodes USING hnsw (embedding vector_ip_ops)")
+    ignore = ("embedding_previous", name_with(f"{long}_cos", PREVIOUS), name_with(f"{long}_ip", PREVIOUS))
+    before = catalog.snapshot(dsn, dims=(32, 48), any_column_order=True)
+    report = run(replace(job_settings(dsn, strategy="shadow", gate_min_recall=0.0)), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(32, 48), ignore=ignore, any_column_order=True))

@@ -232,7 +232,8 @@ def test_a_sigkill_while_the_cut_over_catches_up_again_then_a_rerun_finishes_rig
     script = Path(__file__).resolve().parent.parent / "support" / "slow_job.py"
     try:
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, str(script), dsn], env=cli_env(), stdout=out,
+            # a device of 20 rows/s: the application outpaces it even on a loaded machine
+            proc = subprocess.Popen([sys.executable, str(script), dsn, "20"], env=cli_env(), stdout=out,
                                     stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: len(events(log, "cut_over_catching_up")) >= 3 or proc.poll() is not None,

@@ -141,8 +141,9 @@ def test_signal_stops_after_a_consistent_checkpoint_and_a_rerun_finishes(
     assert one(dsn, "SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 384") == ROWS
 
 
-def test_a_second_run_with_no_join_exits_3_within_seconds_and_writes_nothing_while_status_shows_the_first(
-    dsn: str, minilm_path: Path, workdir: Path
+@pytest.mark.parametrize("flags", [(), ("--no-join",)], ids=["cron-overlap", "no-join"])
+def test_a_second_run_not_asked_to_join_exits_3_within_seconds_and_writes_nothing_while_status_shows_the_first(
+    dsn: str, minilm_path: Path, workdir: Path, flags: tuple[str, ...]
 ) -> None:
     make_table(dsn, rows=ROWS)
     ids = keys(dsn)
@@ -156,8 +157,8 @@ def test_a_second_run_with_no_join_exits_3_within_seconds_and_writes_nothing_whi
         jobs_before = fetch(dsn, "SELECT job_id, target_model_name, started_at FROM reembed_checkpoint")
 
         started = time.monotonic()
-        # (without --no-join it would join the first as a worker: test_workers.py)
-        second = run_cli([*run_args(dsn, minilm_path), "--no-join"], cwd=workdir, timeout=60)
+        # a cron overlap: the same command line again (with --join it joins as a worker: test_workers.py)
+        second = run_cli([*run_args(dsn, minilm_path), *flags], cwd=workdir, timeout=60)
         elapsed = time.monotonic() - started
         assert second.returncode == 3, second.stderr[-2000:]
         assert elapsed < 15

@@ -4,6 +4,7 @@ gate before it and an exact rollback after it."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+import structlog
 from pgvector.psycopg import register_vector
 
 from reembed.embedder import SentenceTransformerEmbedder
@@ -24,10 +26,10 @@ from reembed.signals import StopSignal
 from reembed.status import status
 from support.application import App, Reader
 from support.database import Application, fetch, job_rows_done, make_table, one
-from support.fakes import HashEmbedder, hash_vector, stopping_after
+from support.fakes import WORDS, HashEmbedder, hash_vector, stopping_after
 from support.fakes import job_settings as settings
 from support.models import assert_rows_hold_the_models_vectors
-from support.processes import BATCH, ROWS, cli_args, cli_run_args, events, run_cli, spawn, wait_for
+from support.processes import BATCH, ROWS, Background, cli_args, cli_run_args, events, run_cli, spawn, wait_for
 from support.scripts import corpus, fastmodel
 
 VIEW = "CREATE VIEW recent_nodes AS SELECT id, content, embedding FROM knowledge_nodes WHERE touched = 7"
@@ -525,3 +527,84 @@ def test_abandoning_a_shadow_job_drops_its_shadow_column_and_the_new_job_starts_
     assert "embedding_reembed1" not in cols and cols["embedding"] == "vector(24)", cols
     assert not [r for r in fetch(dsn, "SELECT indexname FROM pg_indexes WHERE indexname LIKE '%%reembed1'")]
     assert one(dsn, "SELECT state FROM reembed_checkpoint WHERE job_id = 1") == "abandoned"
+
+
+class _Inserting(threading.Thread):
+    """An application inserting rows with increasing keys, `rate` rows a second in transactions of
+    20 (its embedding NULL: the rows are for a rollback to re-embed), each transaction's time kept."""
+
+    def __init__(self, dsn: str, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.rate = dsn, rate
+        self.stop = threading.Event()
+        self.inserted = 0
+        self.longest = 0.0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        rng = np.random.default_rng(5)
+        key = 10_000_000
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self.stop.is_set():
+                started = time.monotonic()
+                rows = [(key + i, f"inserted {key + i}: " + " ".join(rng.choice(WORDS, size=6))) for i in range(20)]
+                try:
+                    with conn.transaction(), conn.cursor() as cur:
+                        cur.executemany("INSERT INTO knowledge_nodes (id, content, source) VALUES (%s, %s, 'app')",
+                                        rows)
+                except psycopg.Error as exc:
+                    self.errors.append(str(exc)[:200])
+                    continue
+                key += 20
+                self.inserted += 20
+                took = time.monotonic() - started
+                self.longest = max(self.longest, took)
+                self.stop.wait(max(0.0, 20 / self.rate - took))
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_a_rollback_under_inserts_outpacing_the_old_model_ends_and_holds_writers_within_the_bound(
+    dsn: str, minilm_path: Path, minilm: Any
+) -> None:
+    """Inserts with increasing keys at ~600 rows/s, faster than all-MiniLM-L6-v2 encodes here: the
+    rollback's passes end (each at the newest record it saw), its swap back waits outside any lock
+    until the backlog fits, and once the application slows it swaps back holding writers under 1 s;
+    every row written before the swap back holds the old model's vector."""
+    make_table(dsn, rows=150, id_type="bigint", old_dim=384)
+    spec = ModelSpec(model=str(minilm_path), device="cpu")
+    assert run(Settings(target=Target(dsn=dsn), model=spec, options=RunOptions(confirm_seconds=0)),
+               embedder=minilm).state == "done"
+    assert run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(32)).state == "done"
+    app = _Inserting(dsn, rate=600)
+    app.start()
+    with structlog.testing.capture_logs() as logs:
+        back = Background(lambda: rollback(Settings(target=Target(dsn=dsn), model=spec),
+                                           RollbackOptions(batch_size=64)))
+        try:
+            wait_for(lambda: sum(e["event"] == "cut_over_catching_up" for e in list(logs)) >= 2 or not back.is_alive(),
+                     timeout=300, what="the swap back catching up outside its locks")
+            assert back.is_alive(), back.error  # the application outpaces the old model: not over yet
+            assert app.inserted >= 600, app.inserted
+            app.rate = 20.0  # the application slows down: the swap back catches up and happens
+            back.join(timeout=300)
+        finally:
+            app.stop.set()
+            app.join(30)
+    assert back.error is None, back.error
+    report = back.result
+    assert report.state == "rolled_back", report
+    assert report.details["writers_held_secs"] <= 1.0, report.details
+    assert app.errors == [] and app.longest < 2.0, (app.errors[:3], app.longest)
+    assert columns(dsn)["embedding"] == "vector(384)"
+    print(f"\n[rollback under inserts] {app.inserted} rows inserted, writers held "
+          f"{report.details['writers_held_secs']:.3f} s after {report.details['tries']} tries, "
+          f"the application's longest insert {app.longest:.3f} s")
+    # the table's own rows, and a sample of the application's (all of them: minutes of encoding here)
+    assert_rows_hold_the_models_vectors(dsn, minilm_path, where="embedding IS NOT NULL AND (id < 10000000 OR"
+                                                               " id % 40 = 0)")
+    # after the swap back the application's inserts are no longer recorded (its rows keep the NULL it
+    # wrote); every one before it was caught up: the NULLs are a suffix of its keys
+    written = one(dsn, "SELECT max(id) FROM knowledge_nodes WHERE source = 'app' AND embedding IS NOT NULL")
+    unwritten = one(dsn, "SELECT min(id) FROM knowledge_nodes WHERE source = 'app' AND embedding IS NULL")
+    assert written is not None and (unwritten is None or written < unwritten), (written, unwritten)

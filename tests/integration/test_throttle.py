@@ -190,3 +190,70 @@ def test_max_rate_holds_the_commit_rate_within_ten_percent(dsn: str, model48: Pa
     secs = (_at(commits[-1]) - _at(commits[0])).total_seconds()
     rate = sum(c["rows"] for c in commits[1:]) / secs  # the rows committed after the first commit, over the time
     assert 540 <= rate <= 660, f"{rate:.0f} rows/s under --max-rate 600"
+
+
+# ------------------------------------------------------------------ replicas that lie (issue 27)
+
+
+def _slow_job(dsn: str, **opts: Any) -> Any:
+    from reembed.job import run
+    from support.fakes import SlowHashEmbedder, job_settings
+
+    return run(job_settings(dsn, batch_size=20, pipeline=False, **opts),
+               embedder=SlowHashEmbedder(32, rows_per_sec=100))
+
+
+def test_a_replication_slot_whose_replica_went_away_counts_as_lag_until_excluded(dsn: str) -> None:
+    """A replica that disconnected keeps its slot: it is gone from pg_stat_replication (lag 0 there)
+    while the primary keeps WAL for it. Its lag grows with the WAL it has not taken."""
+    import structlog
+
+    make_table(dsn, rows=400, old_dim=32, id_type="bigint", with_index=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_physical_replication_slot('reembed_test_gone', true)")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            stopped = _slow_job(dsn, critical_replica_lag=2.0)
+        assert stopped.exit_code == 75 and "replica_lag" in stopped.message, stopped
+        idle = [e for e in logs if e["event"] == "replication_slot_idle"]
+        assert idle and idle[0]["slot"] == "reembed_test_gone" and "--exclude-replica" in idle[0]["detail"], idle
+        done = _slow_job(dsn, critical_replica_lag=2.0, exclude_replicas=("reembed_test_gone",))
+        assert done.state == "done", done
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot('reembed_test_gone')")
+
+
+def test_a_hold_writes_no_heartbeat_where_no_replica_streams(dsn: str, workdir: Path) -> None:
+    from support.processes import Background
+
+    make_table(dsn, rows=200, old_dim=32, id_type="bigint", with_index=False)
+    flag = workdir / "hold"
+    flag.write_text("held by the operator")
+    job = Background(lambda: _slow_job(dsn, throttle_flag_file=str(flag)))
+    wait_for(lambda: _held(dsn) or not job.is_alive(), timeout=60, what="the job holding on the flag file")
+    # held with the replica-lag check on (the default): monitor passes go by, and nothing is written
+    wait_for(lambda: one(dsn, "SELECT throttled_since < now() - interval '2 seconds' FROM reembed_checkpoint"),
+             timeout=30, what="the hold to last a few monitor passes")
+    assert one(dsn, "SELECT count(*) FROM reembed_heartbeat") == 0
+    flag.unlink()
+    job.join(timeout=120)
+    assert job.error is None and job.result.state == "done", job.error
+    assert one(dsn, "SELECT count(*) FROM reembed_heartbeat") == 0
+
+
+def test_a_delayed_standby_is_named_and_excluded_not_waited_for_forever(dsn: str, replica: Any) -> None:
+    import structlog
+
+    make_table(dsn, rows=400, old_dim=32, id_type="bigint", with_index=False)
+    with psycopg.connect(replica.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET recovery_min_apply_delay = '1h'")
+        conn.execute("SELECT pg_reload_conf()")
+    name = one(dsn, "SELECT application_name FROM pg_stat_replication")
+    with structlog.testing.capture_logs() as logs:
+        stopped = _slow_job(dsn, critical_replica_lag=2.0)
+    assert stopped.exit_code == 75, stopped
+    late = [e for e in logs if e["event"] == "replica_replays_late"]
+    assert late and late[0]["replica"] == name and f"--exclude-replica {name}" in late[0]["detail"], late
+    done = _slow_job(dsn, critical_replica_lag=2.0, exclude_replicas=(name,))
+    assert done.state == "done", done

@@ -163,3 +163,20 @@ def test_verify_a_halfvec_column(dsn: str, static_model_dir: Callable[..., Path]
                      "LIMIT 1) WHERE id = (SELECT id FROM knowledge_nodes ORDER BY id DESC LIMIT 1)")
     code, data = _verify_json(capsys, dsn, model, "--all")
     assert code == 1 and data["counts"]["disagree"] == 1
+
+
+def test_verify_takes_the_model_name_the_run_was_given_and_checks_it_against_the_registry(
+    dsn: str, static_model_dir: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = static_model_dir(48)
+    make_table(dsn, rows=40, old_dim=64)
+    code, _, err = _cli(capsys, "run", "--dsn", dsn, "--model", str(model), "--model-name", "acme/static-48",
+                        "--device", "cpu", "--no-confirm", "--tokenizer-workers", "0", "--log-level", "warning")
+    assert code == 0, err
+    code, data = _verify_json(capsys, dsn, model, "--model-name", "acme/static-48")  # the run's own command line
+    assert code == 0 and data["counts"]["agree"] == 40, data
+    code, out, err = _cli(capsys, "verify", "--dsn", dsn, "--model", str(model), "--model-name", "acme/other",
+                          "--device", "cpu")
+    assert code == 2 and out == ""
+    assert err.startswith("reembed: --model-name acme/other is not the registry's model name acme/static-48")
+    assert len(err.strip().splitlines()) == 1

@@ -59,7 +59,7 @@ def _untouched_written_once(dsn: str, rows: int) -> int:
 
 
 def _args(dsn: str, model: Path, *extra: str) -> list[str]:
-    return cli_run_args(dsn, model, "--max-rate", "50", "--stale-after", "20s", *extra, batch=16, window=16)
+    return cli_run_args(dsn, model, "--max-rate", "50", "--stale-after", "20s", "--join", *extra, batch=16, window=16)
 
 
 def _children(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
@@ -149,7 +149,7 @@ def test_a_second_run_joins_the_first_splits_its_range_status_shows_both_and_the
         # the second found nothing to claim: it asked, the first cut its range past what it had read
         wait_for(lambda: events(first_log, "range_split"), timeout=60, what="the first run splitting its range")
         wait_for(lambda: one(dsn, "SELECT count(*) FROM reembed_worker WHERE range_no IS NOT NULL "
-                                  "AND rows_done > 0") == 2, timeout=60, what="both workers' heartbeats")
+                                  "AND rows_done > 0") == 2, timeout=180, what="both workers' heartbeats")
         status = json.loads(run_cli(["status", "--dsn", dsn, "--json"], cwd=workdir).stdout)
         assert {w["pid"] for w in status["workers"]} == {first.pid, second.pid}
         for w in status["workers"]:
@@ -219,7 +219,7 @@ def test_claims_of_a_dead_worker_and_of_a_stale_one_are_taken_over_from_their_cu
             c.execute("UPDATE reembed_checkpoint_range SET claimed_by = 'gpu-8:99/0', claimed_pid = %s, "
                       "heartbeat_at = now() WHERE range_no = 2", (dead_pid,))
         done_before = one(dsn, "SELECT sum(rows_done) FROM reembed_checkpoint_range")
-        report = run(job_settings(dsn, batch_size=10, stale_after=60.0), embedder=HashEmbedder(32))
+        report = run(job_settings(dsn, batch_size=10, stale_after=60.0, join=True), embedder=HashEmbedder(32))
         # it took both over and did every range; the ghost still holds the lock: the last out finalizes
         assert report.state == "worker_done" and report.exit_code == 0
         assert report.rows_updated == 200 - done_before  # nothing committed was done again
@@ -243,7 +243,7 @@ def test_a_live_workers_fresh_claim_is_left_alone(dsn: str) -> None:
             c.execute("UPDATE reembed_checkpoint_range SET claimed_by = 'gpu-7:4242/0', claimed_pid = %s, "
                       "heartbeat_at = now() WHERE range_no = 2", (ghost.info.backend_pid,))
         # the worker waits for the live claim (asking it to split): a time window ends the wait
-        report = run(job_settings(dsn, batch_size=10, max_runtime=8.0), embedder=HashEmbedder(32))
+        report = run(job_settings(dsn, batch_size=10, max_runtime=8.0, join=True), embedder=HashEmbedder(32))
         assert report.exit_code == 75
         ranges = {r["range_no"]: r for r in fetch(dsn, "SELECT * FROM reembed_checkpoint_range")}
         assert ranges[0]["done"] and ranges[1]["done"] and not ranges[2]["done"]
@@ -281,7 +281,7 @@ def test_sigterm_to_workers_n_reaches_each_worker_which_commits_and_lets_its_cla
     try:
         wait_for(lambda: job_rows_done(dsn) and one(dsn, "SELECT count(*) FROM reembed_checkpoint_range WHERE "
                                                          "claimed_by IS NOT NULL AND rows_done > 0") == 2,
-                 timeout=120, what="both workers committing")
+                 timeout=240, what="both workers committing")
         proc.send_signal(signal.SIGTERM)  # to the first process only: it forwards it
         assert wait_exit(proc, timeout=120) == 143, log.read_text()[-3000:]
     finally:
@@ -297,3 +297,16 @@ def test_sigterm_to_workers_n_reaches_each_worker_which_commits_and_lets_its_cla
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["rows_updated"] == 1500 - done  # nothing committed was done again
     assert assert_rows_hold_the_models_vectors(dsn, model48) == 1500
+
+
+def test_workers_n_with_no_join_has_its_own_workers_join_and_exits_0(dsn: str, model48: Path, workdir: Path) -> None:
+    """--no-join is about other runs: the processes --workers N starts are this job's own and join it
+    (they used to get --no-join too, each exited 3, and so did the run, after finishing the job)."""
+    make_table(dsn, rows=600, old_dim=64, id_type="bigint")
+    done = run_cli(cli_run_args(dsn, model48, "--max-rate", "50", "--workers", "2", "--no-join", "--ranges", "4",
+                                batch=16, window=16), cwd=workdir, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["worker_exit_codes"] == [0], report
+    assert one(dsn, "SELECT count(*) FROM reembed_worker WHERE rows_done > 0") == 2
+    assert one(dsn, "SELECT state FROM reembed_checkpoint") == "done"

@@ -62,3 +62,12 @@ def test_a_query_made_from_a_row_is_one_of_its_sentences_or_half_its_words_never
     window = make_query(one, rng)
     assert window is not None and len(window.split()) == 5 and window in one
     assert make_query("too short to cut", rng) is None
+
+
+def test_two_long_names_that_differ_only_past_the_cut_get_different_names_within_63_bytes() -> None:
+    a = "idx_" + "a" * 60 + "_hnsw_cosine"
+    b = "idx_" + "a" * 60 + "_hnsw_l2"
+    for suffix in ("_previous", "_reembed123"):
+        x, y = name_with(a, suffix), name_with(b, suffix)
+        assert x != y and len(x.encode()) <= 63 and len(y.encode()) <= 63 and x.endswith(suffix), (x, y)
+    assert name_with("short_index", "_previous") == "short_index_previous"  # fits: unchanged

@@ -41,3 +41,51 @@ def test_ranges_one_per_sixteen_batches_within_bounds() -> None:
     assert count_for(16 * 256 * 10, 256, None) == 10
     assert count_for(10**9, 256, None) == MAX_RANGES
     assert count_for(10, 256, 12) == 12
+
+
+def test_the_workers_a_run_starts_always_join_its_job_whatever_its_join_flags() -> None:
+    from reembed.fleet import child_command_line
+
+    argv = ["run", "--model", "/m", "--no-join", "--workers", "3", "--join-wait=5s", "--device", "cuda:0"]
+    child = child_command_line(argv, device="cuda:1", tokenizers=2, seconds_left=None)
+    assert "--no-join" not in child and child.count("--join") == 1 and "--join-wait=5s" in child
+    assert child[child.index("--workers"):child.index("--workers") + 3] == ["--workers", "1", "--join"]
+
+
+def test_a_second_run_joins_only_when_asked_to() -> None:
+    from reembed.cli import build_parser
+    from reembed.errors import ConfigError
+    from reembed.settings import Settings
+
+    def joins(*flags: str) -> bool:
+        args = build_parser().parse_args(["run", "--model", "/m", *flags])
+        return Settings.from_args(args).options.join
+
+    assert joins() is False  # a cron overlap: exit 3, naming the holder
+    assert joins("--join") is True
+    assert joins("--join-wait", "10m") is True
+    assert joins("--workers", "2") is True
+    assert joins("--devices", "cuda:0,cuda:1") is True
+    assert joins("--workers", "2", "--no-join") is False
+    try:
+        joins("--no-join", "--join-wait", "1m")
+    except ConfigError as exc:
+        assert "exclude each other" in str(exc)
+    else:
+        raise AssertionError("--no-join with --join-wait was accepted")
+
+
+def test_a_worker_stopped_before_it_installed_its_handler_counts_as_stopped() -> None:
+    import subprocess
+    import sys
+
+    from reembed.fleet import Fleet
+    from reembed.signals import StopSignal
+
+    fleet = Fleet(StopSignal())
+    fleet.procs = [subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]),
+                   subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGINT)"])]
+    try:
+        assert fleet.wait() == [EXIT_SIGTERM, EXIT_SIGINT]
+    finally:
+        fleet.close()
