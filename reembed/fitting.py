@@ -49,6 +49,10 @@ class BridgeRefused(ReembedError):
     """The fitted bridge falls short of --bridge-min-recall: nothing was installed."""
 
 
+class BridgeFailed(ReembedError):
+    """The job's bridge could not be fitted or installed (after the job's first write: exit 1)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     pairs: mapping.Pairs
@@ -149,9 +153,10 @@ def source_of(conn: psycopg.Connection[Any], info: TableInfo) -> Signature:
 
 
 def check_job(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job | None, *, name: str, model_hash: str,
-              opts: RunOptions) -> None:
-    """Before any write: --bridge only with the shadow strategy; no job while a bridge of the table
-    takes another model's vectors; a bridge the swap cannot make right refused."""
+              registry: Signature | None, opts: RunOptions) -> None:
+    """Before any write: --bridge only with the shadow strategy, a model in the column to map into and
+    a function name free; no job while a bridge of the table takes another model's vectors; a bridge
+    the swap cannot make right refused."""
     resumed = job is not None and job.matches_fingerprint(name, model_hash)
     strategy = job.strategy if resumed and job is not None else opts.strategy
     if opts.bridge and strategy != "shadow":
@@ -159,6 +164,12 @@ def check_job(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job | No
                           "the end, so no map into it can be right (and search must not be served from it); "
                           + (f"job {job.id} runs in place; " if resumed and job is not None else "")
                           + "nothing was written")
+    if opts.bridge and (job.source if resumed and job is not None else registry) is None:
+        raise ConfigError(f"--bridge maps into the space of the model {info.qualified}.{info.column} holds, and the "
+                          "registry names none; nothing was written")
+    if opts.bridge:
+        function = bridge.function_of(info, opts.bridge_function)
+        bridge.check_function(conn, info, function, Signature(name, 0, model_hash))
     for b in bridge.current(conn, info.qualified, info.column):
         if b.target_hash != model_hash and b.state == "mapping":
             raise ConfigError(f"the bridge {b.called} maps {b.target_model_name}'s vectors into {info.qualified}."
@@ -199,10 +210,19 @@ def ensure(ctx: RunContext) -> None:
         return
     held = ctx.connections.hold("bridge")
     try:
-        outcome = ctx.lease.write(_attempt, ctx, on=held, what="install_bridge")
+        while not _settle(_installing(ctx, held)):  # busy: another worker's watcher is installing it now
+            if ctx.stop.wait(1.0):
+                return
     finally:
         held.release()
-    _settle(outcome)
+
+
+def _installing(ctx: RunContext, held: Any) -> tuple[str, Any]:
+    """One try at the job's bridge; an error past the job's first write is not a usage error (exit 1)."""
+    try:
+        return ctx.lease.write(_attempt, ctx, on=held, what="install_bridge")
+    except ConfigError as exc:
+        raise BridgeFailed(f"the bridge could not be installed: {exc}") from exc
 
 
 def _attempt(conn: psycopg.Connection[Any], ctx: RunContext) -> tuple[str, Any]:
@@ -278,7 +298,7 @@ class _Watcher(Background):
             done = int(progress["rows_done"]) + int(progress["rows_skipped"])
             if done < min(ctx.opts.bridge_sample, job.rows_total or ctx.opts.bridge_sample):
                 return False
-            return _settle(ctx.lease.write(_attempt, ctx, on=held, what="install_bridge"))
+            return _settle(_installing(ctx, held))
         finally:
             held.release()
 

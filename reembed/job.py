@@ -100,7 +100,7 @@ def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal | None,
         _check_target(job, name, model_hash, info, settings)
         with db.translated():
             _check_previous(conn, info, job, settings)
-            fitting.check_job(conn, info, job, name=name, model_hash=model_hash, opts=opts)
+            fitting.check_job(conn, info, job, name=name, model_hash=model_hash, registry=registry, opts=opts)
         old_loader = _old_model(opts, job, registry)
         if opts.dry_run:
             embedder = embedder or _load(spec, opts, model_hash)
