@@ -4,12 +4,14 @@ a job fits it.
 Pairs are rows whose old vector is in the live column, beside their new model's vector:
 - `reembed bridge` (and `plan --bridge`, which installs nothing) draws rows from the whole table and
   encodes them with the new model;
-- `run --strategy shadow --bridge` encodes nothing more: the rows the job has committed hold their
-  new vector in the shadow column. Once `--bridge-sample` rows are committed (or, for a smaller
-  table, once all are) the bridge is fitted from a sample of them, spread over the job's ranges, and
-  installed. Every worker process watches for that moment; the first to take the table's bridge
-  lock (reembed.bridge.claim) fits and installs it, the others find it installed. A resumed job
-  keeps the bridge it has (the application has been calling it); one that has none fits it.
+- `run --strategy shadow --bridge` encodes no row again: the rows the job has committed hold their
+  new vector in the shadow column (it encodes one short fragment of each training row, and the
+  held-out rows' queries, with the job's model: a few thousand sentences). Once `--bridge-sample`
+  rows are committed (or, for a smaller table, once all are) the bridge is fitted from a sample of
+  them, spread over the job's ranges, and installed. Every worker process watches for that moment;
+  the first to take the table's bridge lock (reembed.bridge.claim) fits and installs it, the others
+  find it installed. A resumed job keeps the bridge it has (the application has been calling it);
+  one that has none fits it.
 A fit whose recall@10 against the old model's neighbours is under --bridge-min-recall is refused:
 nothing is installed (`reembed bridge`: exit 2; a run records the refusal for `status`, stops its
 workers and fails, exit 1, with the job as it was: re-run without --bridge, or with a lower bound).
@@ -114,9 +116,27 @@ def measure_queries(fitted: mapping.Fitted, sample: Sample, embedder: Embedder, 
             "queries_found_new": round(float(np.mean([r in a for r, a in zip(rows, after, strict=True)])), 4)}
 
 
+def fragments_of(sample: Sample, embedder: Embedder, *, seed: int = 11) -> mapping.Fragments:
+    """For the map's training rows: one query-like fragment of each (a sentence, as the gate makes
+    its queries), encoded by the new model."""
+
+    def made(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rng = random.Random(seed)
+        found = [(int(i), q) for i in rows if (q := gate.make_query(sample.contents[i], rng)) is not None]
+        if not found:
+            return np.empty(0, dtype=np.int64), np.empty((0, sample.pairs.new.shape[1]), dtype=np.float32)
+        vectors = np.asarray(embedder.encode([q for _, q in found]), dtype=np.float32)
+        return np.array([i for i, _ in found], dtype=np.int64), vectors
+
+    return made
+
+
 def fit(sample: Sample, *, min_recall: float, embedder: Embedder | None = None) -> mapping.Fitted:
-    """The map and its figures; `refused` among them (a reason) when it falls short."""
-    fitted = mapping.fit(sample.pairs, held_out=HELD_OUT)
+    """The map and its figures; `refused` among them (a reason) when it falls short. With the new
+    model (`embedder`): fragments of the training rows among the pairs, and queries made from the
+    held-out rows measured."""
+    fitted = mapping.fit(sample.pairs, held_out=HELD_OUT,
+                         fragments=fragments_of(sample, embedder) if embedder is not None else None)
     figures = dict(fitted.figures, min_recall=min_recall)
     if embedder is not None:
         figures.update(measure_queries(fitted, sample, embedder))
@@ -128,8 +148,10 @@ def fit(sample: Sample, *, min_recall: float, embedder: Embedder | None = None) 
 
 def said(figures: dict[str, Any]) -> str:
     """A fit's figures in one line."""
+    fragments = f" and {figures['fragments']:,} fragments of them" if figures.get("fragments") else ""
     out = (f"{figures['kind']} map {figures['new_dimension']} -> {figures['old_dimension']} dimensions from "
-           f"{figures['train']:,} pairs in {figures['fit_secs']:.1f} s; on {figures['held_out']:,} held-out rows "
+           f"{figures['train']:,} rows{fragments} in {figures['fit_secs']:.1f} s; on {figures['held_out']:,} "
+           "held-out rows "
            f"recall@{figures['k']} vs the old model's neighbours {figures['recall_vs_old']:.3f}, vs the new "
            f"model's {figures['recall_vs_new']:.3f} (the two models agree on {figures['old_vs_new']:.3f}), rows "
            f"found {figures['self_recall']:.3f}")
@@ -239,7 +261,7 @@ def _attempt(conn: psycopg.Connection[Any], ctx: RunContext) -> tuple[str, Any]:
         raise ConfigError(f"job {job.id} recorded no model before it (the registry was empty): a bridge maps into "
                           "that model's space; run without --bridge")
     sample = sample_job(conn, info, job, n=opts.bridge_sample)
-    fitted = fit(sample, min_recall=opts.bridge_min_recall)
+    fitted = fit(sample, min_recall=opts.bridge_min_recall, embedder=ctx.embedder)
     function = bridge.function_of(info, opts.bridge_function)
     if "refused" in fitted.figures:
         bridge.record_refused(conn, info, fitted, source=source, target=job.target, function=function, job_id=job.id)

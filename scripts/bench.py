@@ -899,7 +899,7 @@ class Bench:
         vectors (after). The other direction (MiniLM in the column, the distilled model new) at one
         size. Then the SQL function's cost per call against a plain `<=>` search through the HNSW
         index (prepared statements, medians)."""
-        from reembed import bridge, db, mapping
+        from reembed import bridge, db, fitting, mapping
         from reembed import checkpoint as ckpt
         from reembed.embedder import SentenceTransformerEmbedder
         from reembed.gate import make_query
@@ -954,20 +954,37 @@ class Bench:
                 if pairs.new.shape[1] == pairs.old.shape[1]:
                     t0 = time.perf_counter()
                     kinds["procrustes"] = (mapping.procrustes(inner, normalize=normalize), time.perf_counter() - t0)
+                sample = fitting.Sample(pairs, [content[i] for i in chosen])
                 t0 = time.perf_counter()
-                auto = mapping.fit(pairs)  # what `reembed bridge` runs: every kind judged, the best refitted
+                fragment_rows, fragments = fitting.fragments_of(sample, models[new])(train)
+                encode_secs = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                both = mapping.Pairs(np.concatenate([inner.new, fragments]),
+                                     np.concatenate([inner.old, pairs.old[fragment_rows]]))
+                kinds["+fragments"] = (mapping.nce(both, mapping.ridge(both, strength, normalize=normalize), seed=0),
+                                       time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                # what `reembed bridge` runs: the fragments, every kind judged, the best fitted again
+                auto = mapping.fit(pairs, fragments=fitting.fragments_of(sample, models[new]))
                 auto_secs = time.perf_counter() - t0
-                sample: dict[str, Any] = {}
+                figures_of: dict[str, Any] = {}
                 for kind, (m, secs) in kinds.items():
                     figures = mapping.measure(m, pairs, held)
                     during = success(m.apply(queries[new]), docs[old])
-                    sample[kind] = {"fit_secs": round(secs, 2), **figures, "during": during,
-                                    "during_over_before": round(during / max(direction["before"], 1e-9), 3)}
-                sample["chosen"] = {"kind": auto.figures["kind"], "fit_secs": round(auto_secs, 2)}
-                direction[str(n)] = sample
+                    figures_of[kind] = {"fit_secs": round(secs, 2), **figures, "during": during,
+                                        "during_over_before": round(during / max(direction["before"], 1e-9), 3)}
+                auto_during = success(auto.map.apply(queries[new]), docs[old])
+                figures_of["chosen"] = {"kind": auto.figures["kind"], "fit_secs": round(auto_secs, 2),
+                                        "fragments": len(fragment_rows),
+                                        "fragments_encode_secs": round(encode_secs, 2),
+                                        "during": auto_during,
+                                        "during_over_before": round(auto_during / max(direction["before"], 1e-9), 3),
+                                        **{k: auto.figures[k] for k in ("recall_vs_old", "recall_vs_new",
+                                                                         "self_recall", "old_vs_new")}}
+                direction[str(n)] = figures_of
                 print(f"  bridge {new} -> {old}, {n} pairs: " + ", ".join(
                     f"{k} {v['during']} ({v['during_over_before']:.0%} of before {direction['before']}), "
-                    f"vs old {v['recall_vs_old']}, {v['fit_secs']} s" for k, v in sample.items() if k != "chosen"),
+                    f"vs old {v['recall_vs_old']}, {v['fit_secs']} s" for k, v in figures_of.items()),
                     file=sys.stderr, flush=True)
             out[f"{new}_into_{old}"] = direction
         out["cost"] = self._bridge_cost(docs, queries, bridge, ckpt, db, mapping, inspect_target, Target, Signature)
@@ -997,7 +1014,7 @@ class Bench:
                     conn.execute("CREATE INDEX ON knowledge_nodes USING hnsw (embedding vector_cosine_ops)")
                     conn.execute("VACUUM ANALYZE knowledge_nodes")
                     n = min(len(vectors), self.args.bridge_samples[-1])
-                    fitted = mapping.fit(mapping.Pairs(docs[new][:n], vectors[:n]))
+                    fitted = mapping.fit(mapping.Pairs(docs[new][:n], vectors[:n]), refine=False)
                     ckpt.ensure_schema(conn)
                     conn.execute("SET row_security = off")
                     info = inspect_target(conn, target_cls(dsn=dsn))
@@ -1175,15 +1192,16 @@ def render(results: dict[str, Any]) -> str:
             d = b[key]
             lines.append(f"  {key.replace('_into_', ' -> ')}: before {d['before']}, after {d['after']}")
             for n in (k for k in d if k.isdigit()):
-                lines.append(f"    {n} pairs (chosen: {d[n]['chosen']['kind']}, fitted and judged in "
-                             f"{d[n]['chosen']['fit_secs']} s)")
+                c = d[n]["chosen"]
+                lines.append(f"    {n} pairs ({c['fragments']} fragments encoded in {c['fragments_encode_secs']} s; "
+                             f"`reembed bridge` chose {c['kind']}, fitted and judged in {c['fit_secs']} s)")
                 for kind, v in d[n].items():
-                    if kind == "chosen":
-                        continue
                     lines.append(f"      {kind:<11} during {v['during']:.3f} ({v['during_over_before']:.0%} of "
                                  f"before); held-out vs old {v['recall_vs_old']:.3f}, vs new {v['recall_vs_new']:.3f}, "
                                  f"found {v['self_recall']:.3f} (models agree {v['old_vs_new']:.3f}); "
                                  f"fit {v['fit_secs']} s")
+        lines.append("  (ridge, ridge+nce: fitted on the training rows alone; +fragments: ridge+nce on them and one "
+                     "sentence of each, encoded by the new model; chosen: what `reembed bridge` installs)")
         for key, t in b.get("cost", {}).items():
             lines.append(f"  cost per call, {key.replace('_into_', ' -> ')} (µs, median): "
                          + ", ".join(f"{k} {v}" for k, v in t.items()))

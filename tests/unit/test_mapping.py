@@ -41,7 +41,8 @@ def test_the_fit_measures_on_rows_it_never_saw_and_finds_them_through_a_good_map
     fitted = mapping.fit(made, held_out=0.25, seed=3)
     f = fitted.figures
     assert f["held_out"] == 150 and f["train"] == 450 and len(fitted.held) == 150
-    assert set(f["validation_self_recall"]) == {"ridge", "ridge+nce"}  # no Procrustes between unequal dimensions
+    assert set(f["validation"]) == {"judged_by", "ridge", "ridge+nce"}  # no Procrustes between unequal dimensions
+    assert f["validation"]["judged_by"] == "rows found themselves"
     assert f["self_recall"] >= 0.95 and f["recall_vs_old"] >= 0.8, f
     again = mapping.fit(made, held_out=0.25, seed=3)
     assert np.array_equal(again.map.weight, fitted.map.weight) and again.figures["kind"] == f["kind"]  # seeded
@@ -52,7 +53,7 @@ def test_a_map_between_unrelated_spaces_measures_near_nothing() -> None:
     made = mapping.Pairs(rng.standard_normal((400, 16)).astype(np.float32),
                          rng.standard_normal((400, 16)).astype(np.float32))
     f = mapping.fit(made).figures
-    assert "procrustes" in f["validation_self_recall"]
+    assert "procrustes" in f["validation"]
     assert f["self_recall"] < 0.3 and f["recall_vs_old"] < 0.3, f
 
 
@@ -62,6 +63,22 @@ def test_unit_old_vectors_give_a_map_whose_output_is_unit_length() -> None:
     fitted = mapping.fit(unit, refine=False)
     assert fitted.map.normalize and fitted.figures["normalize"]
     assert np.allclose(np.linalg.norm(fitted.map.apply(made.new[:5]), axis=1), 1.0)
+
+
+def test_fragments_are_asked_for_the_training_rows_only_and_fitted_beside_them() -> None:
+    made, _, _ = pairs(500, 24, 12, noise=0.05)
+    asked: list[np.ndarray] = []
+
+    def fragments(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        asked.append(rows)
+        return rows[::2], made.new[rows[::2]] + 0.01  # one fragment for every other row: near the row itself
+
+    fitted = mapping.fit(made, fragments=fragments)
+    assert len(asked) == 1 and not set(asked[0]) & set(fitted.held.tolist())  # the held-out rows get none
+    f = fitted.figures
+    assert f["validation"]["judged_by"] == "fragments found their row" and "ridge+nce/rows" in f["validation"]
+    assert f["self_recall"] >= 0.9
+    assert f["fragments"] == (0 if f["kind"] == "ridge+nce/rows" else len(asked[0][::2]))
 
 
 def test_too_few_pairs_are_refused() -> None:
