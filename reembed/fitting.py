@@ -300,9 +300,11 @@ class _Watcher(Background):
             try:
                 if self._round():
                     return
-            except ReembedError as exc:
-                self.error = exc
-                log.error("bridge_failed", error=str(exc).splitlines()[0])
+            except Exception as exc:  # noqa: BLE001 - whatever stops the bridge fails the run, said
+                self.error = exc if isinstance(exc, ReembedError) else BridgeFailed(
+                    f"the bridge could not be installed: {type(exc).__name__}: {exc}")
+                self.error.__cause__ = exc if self.error is not exc else None
+                log.error("bridge_failed", error=str(self.error).splitlines()[0])
                 ctx.stop.request("bridge")
                 return
             self._stopped.wait(_WATCH_SECS)
