@@ -9,10 +9,12 @@ The library is what the CLI calls:
     report = run(settings)              # resumes an active job; a no-op when the registry already matches
     print(report.state, report.rows_updated)
 
-`plan(settings)` is the dry run, `status(settings)` the job's progress; after a shadow job's swap
+`plan(settings)` is the dry run, `status(settings)` the job's progress, `evaluate(settings, EvalOptions(models=...))`
+`reembed eval`'s comparison of candidate models on the table's own rows; after a shadow job's swap
 (`RunOptions(strategy="shadow")`), `rollback(settings, RollbackOptions())` and `cleanup(settings)`;
-`fit_bridge(settings, BridgeOptions())` fits and installs a bridge without a job (`RunOptions(bridge=True)`: the
-job's own). Every failure an operator can act on is a `ReembedError`, whose `exit_code` is the CLI's.
+`fit_bridge(settings, BridgeOptions())` fits and installs a bridge without a job (`RunOptions(bridge=True)`:
+the job's own).
+Every failure an operator can act on is a `ReembedError`, whose `exit_code` is the CLI's.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ if TYPE_CHECKING:  # what the names are; at run time each module loads on first 
         LockHeld,
         ReembedError,
     )
+    from reembed.evaluate import Comparison, evaluate
     from reembed.job import plan, run
     from reembed.report import Report
     from reembed.rollback import cleanup, rollback
-    from reembed.settings import BridgeOptions, ModelSpec, RollbackOptions, RunOptions, Settings, Target
+    from reembed.settings import BridgeOptions, EvalOptions, ModelSpec, RollbackOptions, RunOptions, Settings, Target
     from reembed.signals import StopSignal
     from reembed.status import Status, status
 
@@ -46,7 +49,8 @@ _WHERE = {
     "LockHeld": "errors", "ReembedError": "errors", "plan": "job", "run": "job", "Report": "report",
     "ModelSpec": "settings", "RunOptions": "settings", "Settings": "settings", "Target": "settings",
     "StopSignal": "signals", "Status": "status", "status": "status", "rollback": "rollback", "cleanup": "rollback",
-    "RollbackOptions": "settings", "BridgeOptions": "settings", "fit_bridge": "bridging",
+    "RollbackOptions": "settings", "evaluate": "evaluate", "Comparison": "evaluate", "EvalOptions": "settings",
+    "BridgeOptions": "settings", "fit_bridge": "bridging",
 }
 
 
@@ -62,8 +66,10 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BridgeOptions",
     "CheckpointConflict",
+    "Comparison",
     "ConfigError",
     "DatabaseError",
+    "EvalOptions",
     "Interrupted",
     "LockHeld",
     "ModelSpec",
@@ -77,6 +83,7 @@ __all__ = [
     "Target",
     "__version__",
     "cleanup",
+    "evaluate",
     "fit_bridge",
     "plan",
     "rollback",

@@ -46,10 +46,14 @@ class Batch:
 
     @classmethod
     def of(cls, seq: int, after: str | None, rows: Sequence[dict[str, Any]]) -> Batch:
+        """A page as the reads return it: a one-column key as `id`, a composite one as `id_0`,
+        `id_1`, ... (kept as a tuple), and the key's text form as `id_text`."""
+        parts = sorted((k for k in rows[0] if k.startswith("id_") and k[3:].isdigit()), key=lambda k: int(k[3:])) \
+            if rows and "id" not in rows[0] else []
         return cls(
             seq=seq,
             after=after,
-            ids=[r["id"] for r in rows],
+            ids=[tuple(r[k] for k in parts) for r in rows] if parts else [r["id"] for r in rows],
             id_texts=[r["id_text"] for r in rows],
             texts=[r["content"] for r in rows],
             xmins=[r["xmin"] for r in rows],
@@ -99,17 +103,21 @@ class Writer:
     def __init__(self, info: TableInfo, *, column: str | None = None, path: str = DEFAULT_WRITE_PATH) -> None:
         if path not in WRITE_PATHS:
             raise ValueError(f"unknown write path {path!r}")
+        if info.pk.composite and path == "executemany":
+            raise ValueError("a composite key is written by COPY or unnest, not executemany")
         self.info = info
         self.path = path
         self.half = info.column_type == "halfvec"  # written as halfvec values, the column's own type
+        self.not_null = info.not_null  # the live column refuses NULL (a shadow column too: it will be the live one)
         self._update_one = info.statement("write_one", column=column)
         self._update_unnest = info.statement("write_unnest", column=column)
         self._update_stage = info.statement("write_from_stage", column=column)
         self._copy = info.statement("copy_stage")
 
     def write(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[Any],
-              xmins: Sequence[int]) -> set[str]:
-        """The text form of the keys written: those whose xmin is still the one read."""
+              xmins: Sequence[int], *, id_texts: Sequence[str] = ()) -> set[str]:
+        """The text form of the keys written: those whose xmin is still the one read. `ids`: the
+        keys' values (a tuple each for a composite key); `id_texts`: their text forms (unnest's)."""
         if self.half:
             from pgvector import HalfVector
 
@@ -124,18 +132,23 @@ class Writer:
                         break
                 return written
         if self.path == "unnest":
-            rows = conn.execute(self._update_unnest, (list(ids), list(vectors), list(xmins))).fetchall()
+            rows = conn.execute(self._update_unnest, (list(id_texts), list(vectors), list(xmins))).fetchall()
             return {r["id_text"] for r in rows}
         return self._write_copy(conn, ids, vectors, xmins)
 
     def _write_copy(self, conn: psycopg.Connection[Any], ids: Sequence[Any], vectors: Sequence[Any],
                     xmins: Sequence[int]) -> set[str]:
         vector_oid = conn.adapters.types[self.info.column_type].oid
+        key = self.info.pk
         with conn.cursor() as cur:
             with cur.copy(self._copy) as copy:
-                copy.set_types([self.info.id_type_oid, vector_oid, "int8"])
-                for row in zip(ids, vectors, xmins, strict=True):
-                    copy.write_row(row)
+                copy.set_types([*key.type_oids, vector_oid, "int8"])
+                if key.composite:
+                    for parts, vec, xmin in zip(ids, vectors, xmins, strict=True):
+                        copy.write_row((*parts, vec, xmin))
+                else:
+                    for row in zip(ids, vectors, xmins, strict=True):
+                        copy.write_row(row)
             return {r["id_text"] for r in cur.execute(self._update_stage).fetchall()}
 
 

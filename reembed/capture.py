@@ -27,7 +27,7 @@ from psycopg import sql
 from reembed import checkpoint as ckpt
 from reembed import db, failures
 from reembed.batches import Batch, Writer
-from reembed.commits import Written, commit_batch
+from reembed.commits import Written, commit_batch, fail_null_vectors
 from reembed.context import RunContext
 from reembed.errors import ReembedError
 from reembed.progress import Pace
@@ -291,7 +291,8 @@ def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encode
     rows = 0
     for page, batch in work.batches:
         _encode(ctx, batch, ahead)
-        if batch.failed and not ctx.opts.accept_failed:
+        fail_null_vectors(batch, writer)
+        if batch.failed and (not ctx.opts.accept_failed or ctx.info.not_null):
             raise failures.RowsFailed(
                 f"{len(batch.failed)} rows written by the application during the job cannot be encoded "
                 f"(e.g. {batch.id_texts[next(iter(batch.failed))]}); the cut-over is rolled back. Fix them, or run "

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from reembed.errors import ConfigError, InternalError
+from reembed.errors import ConfigError, InternalError, ReembedError
 from reembed.queries import query
 from reembed.target import TableInfo
 
@@ -107,6 +107,7 @@ class Attached:
     comment: str | None
     owner: str | None = None
     stats_target: int | None = None
+    relation_owner: str | None = None  # who may drop and create it again (the statistics object's own owner)
 
     @property
     def relation_ident(self) -> sql.Identifier:
@@ -152,11 +153,28 @@ def read(conn: psycopg.Connection[Any], info: TableInfo, attnum: int) -> Carried
     params = {"table_oid": info.oid, "attnum": attnum, "views": oids}
     attached = tuple(Attached(kind=r["kind"], name=r["name"], schema=r["schema"], relation=r["relation"],
                               definition=r["definition"], enabled=r["enabled"], comment=r["comment"],
-                              owner=r["owner"], stats_target=r["stats_target"])
+                              owner=r["owner"], stats_target=r["stats_target"], relation_owner=r["relation_owner"])
                      for r in conn.execute(query("carry_attached"), params).fetchall())
-    blockers = tuple(f"{r['what']}" + (f" (on {r['depends_on']})" if r["depends_on"] else "")
-                     for r in conn.execute(query("carry_blockers"), params).fetchall())
-    return Carried(views, attached, blockers)
+    blockers = [f"{r['what']}" + (f" (on {r['depends_on']})" if r["depends_on"] else "")
+                for r in conn.execute(query("carry_blockers"), params).fetchall()]
+    blockers += _unfaithful(conn, views, attached)
+    return Carried(views, attached, tuple(blockers))
+
+
+def _unfaithful(conn: psycopg.Connection[Any], views: tuple[View, ...], attached: tuple[Attached, ...]) -> list[str]:
+    """What could not be created again exactly, said as refusals: a grant made by a role other than
+    the object's owner (GRANTED BY is the current user's only: it would come back as the owner's, or
+    fail), an object whose owner this session cannot act as (it could not drop or create it)."""
+    out = [f"view {v.label}'s grant of {', '.join(g.privileges)}{' on ' + g.column if g.column else ''} to "
+           f"{g.grantee or 'PUBLIC'}, made by {g.grantor} (not its owner {v.owner})"
+           for v in views for g in (*v.acl, *v.column_acl) if g.grantor != v.owner]
+    owners = {v.owner: f"view {v.label}" for v in views}
+    owners.update({a.relation_owner: a.label for a in attached if a.relation_owner})
+    if owners:
+        rows = conn.execute(query("can_act_as"), {"roles": sorted(owners)}).fetchall()
+        out += [f"{owners[r['role']]} (owned by {r['role']}, whose objects this role may not drop or create)"
+                for r in rows if not r["may"]]
+    return out
 
 
 def drop(conn: psycopg.Connection[Any], carried: Carried) -> None:
@@ -174,21 +192,47 @@ def drop(conn: psycopg.Connection[Any], carried: Carried) -> None:
 _CAST = re.compile(r"::(vector|halfvec|bit|sparsevec)\((\d+)\)")
 
 
-def recast(text: str, old: int | None, new: int) -> str:
-    """`text` with its casts to the old dimension (`::halfvec(64)`, `::bit(64)`) made to the new one."""
+def recast(text: str, old: int | None, new: int, *, column: str) -> str:
+    """`text` with its casts of `column` to the old dimension (`(embedding)::halfvec(64)`,
+    `binary_quantize(embedding)::bit(64)`) made to the new one; a cast of anything else (another
+    vector column of that dimension) is left as it is."""
     if old is None or old == new:
         return text
-    return _CAST.sub(lambda m: f"::{m.group(1)}({new})" if int(m.group(2)) == old else m.group(0), text)
+    quoted = re.escape('"' + column.replace('"', '""') + '"')
+    mention = re.compile(rf'(?<![\w$"]){re.escape(column)}(?![\w$"])|{quoted}')
+
+    def one(m: re.Match[str]) -> str:
+        if int(m.group(2)) != old or not mention.search(_operand(text, m.start())):
+            return m.group(0)
+        return f"::{m.group(1)}({new})"
+
+    return _CAST.sub(one, text)
 
 
-def create(conn: psycopg.Connection[Any], carried: Carried, *, old: int | None, new: int) -> None:
+def _operand(text: str, end: int) -> str:
+    """What the cast ending at `end` applies to: a parenthesised expression (with the function name
+    before it, if any), or a name."""
+    at = end
+    if at > 0 and text[at - 1] == ")":
+        depth = 0
+        while at > 0:
+            at -= 1
+            depth += {")": 1, "(": -1}.get(text[at], 0)
+            if depth == 0:
+                break
+    while at > 0 and (text[at - 1].isalnum() or text[at - 1] in '_."$'):
+        at -= 1
+    return text[at:end]
+
+
+def create(conn: psycopg.Connection[Any], carried: Carried, *, old: int | None, new: int, column: str) -> None:
     """After the renames: each view again (shallowest first) with all it had, then the rules,
     triggers, policies and statistics objects, from the definitions read before (their casts to
     the `old` dimension made to the `new` one, as an index's are)."""
     for v in sorted(carried.views, key=lambda v: v.depth):
-        _create_view(conn, replace(v, definition=recast(v.definition, old, new)))
+        _create_view(conn, replace(v, definition=recast(v.definition, old, new, column=column)))
     for a in carried.attached:
-        _create_attached(conn, replace(a, definition=recast(a.definition, old, new)))
+        _create_attached(conn, replace(a, definition=recast(a.definition, old, new, column=column)))
 
 
 def _on_view(a: Attached, carried: Carried) -> bool:
@@ -288,7 +332,7 @@ def set_acl(conn: psycopg.Connection[Any], relation_oid: int, relation: sql.Comp
         else:
             conn.execute(query("carry_revoke_column", column=sql.Identifier(column), relation=relation,
                                grantees=grantees))
-    owner = _owner(conn, relation_oid)
+    owner = owner_of(conn, relation_oid)
     for g in wanted:
         _grant(conn, relation, g, column=column, owner=owner)
 
@@ -300,7 +344,7 @@ def relation_oid(conn: psycopg.Connection[Any], name: str) -> int:
     return int(row["oid"])
 
 
-def _owner(conn: psycopg.Connection[Any], relation_oid: int) -> str:
+def owner_of(conn: psycopg.Connection[Any], relation_oid: int) -> str:
     row = conn.execute(query("relation_owner"), {"relation": relation_oid}).fetchone()
     if row is None:
         raise InternalError(f"relation {relation_oid} is gone")
@@ -408,3 +452,58 @@ def apply_index(conn: psycopg.Connection[Any], info: TableInfo, name: str, attrs
     for number, target in attrs.stats:
         conn.execute(query("carry_index_statistics", index=index, number=sql.Literal(number),
                            target=sql.Literal(target)))
+
+
+# ------------------------------------------------------------------ NOT NULL across a swap
+
+NOT_NULL_CHECK = "reembed_not_null_{job_id}"
+
+
+def hold_not_null(conn: psycopg.Connection[Any], info: TableInfo, column: str, *, job_id: int,
+                  name: str | None) -> None:
+    """Inside a swap: `column` (which has NULLs only where rows wait for their vector, none by now)
+    refuses NULL from now on, with no scan under the hold: a CHECK ... NOT VALID, which
+    `finish_not_null` validates after the hold and turns into the NOT NULL constraint `name` (the
+    one the column had; PostgreSQL 18 names them)."""
+    table, check = sql.Identifier(*info.ident), sql.Identifier(NOT_NULL_CHECK.format(job_id=job_id))
+    conn.execute(query("carry_not_null_check", relation=table, object=check, column=sql.Identifier(column)))
+    conn.execute(query("carry_constraint_comment", object=check, relation=table, text=sql.Literal(name or "")))
+
+
+def finish_not_null(conn: psycopg.Connection[Any], info: TableInfo, *, lock_timeout: str = "5s") -> list[str]:
+    """Outside any hold, on an autocommit connection: each CHECK left by `hold_not_null` validated
+    (SHARE UPDATE EXCLUSIVE: the application's reads and writes go on while it scans), then, in one
+    short transaction, the column's NOT NULL put back under its name (PostgreSQL proves it from the
+    valid check: no second scan) and the check dropped. Idempotent; returns the columns done."""
+    done = []
+    table = sql.Identifier(*info.ident)
+    for r in conn.execute(query("not_null_checks"), {"table_oid": info.oid}).fetchall():
+        check, column = sql.Identifier(r["check_name"]), sql.Identifier(r["column_name"])
+        if not r["validated"]:
+            try:
+                with conn.transaction():
+                    conn.execute(query("write_transaction_settings"))
+                    conn.execute(query("carry_validate", relation=table, object=check))
+            except psycopg.errors.CheckViolation as exc:
+                raise ReembedError(
+                    f"{info.qualified}.{r['column_name']} has rows without a vector, so it cannot be NOT NULL again "
+                    f"({str(exc).splitlines()[0]}); the check {r['check_name']} refuses new NULLs meanwhile: "
+                    "give those rows vectors and run again") from exc
+        with conn.transaction():
+            conn.execute(query("write_transaction_settings"))
+            conn.execute(query("set_lock_timeout"), {"value": lock_timeout})
+            if not r["not_null"]:
+                if conn.info.server_version >= 180000 and r["wanted"]:
+                    conn.execute(query("carry_add_not_null", relation=table, object=sql.Identifier(r["wanted"]),
+                                       column=column))
+                else:
+                    conn.execute(query("carry_set_not_null", relation=table, column=column))
+            conn.execute(query("carry_drop_constraint", relation=table, object=check))
+        done.append(str(r["column_name"]))
+    return done
+
+
+def not_null_name(conn: psycopg.Connection[Any], info: TableInfo, column: str) -> str | None:
+    """The name of the column's NOT NULL constraint (PostgreSQL 18 catalogues them), or None."""
+    row = conn.execute(query("not_null_constraint"), {"table_oid": info.oid, "column": column}).fetchone()
+    return str(row["name"]) if row else None

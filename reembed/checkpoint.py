@@ -79,6 +79,9 @@ class Job:
     gate: dict[str, Any] | None = None  # the quality gate's figures
     swapped_at: dt.datetime | None = None
     previous_state: str | None = None  # after a shadow swap: kept | rolled_back | cleaned
+    content_expr: str | None = None  # --content: the text as a SQL expression (None: content_column)
+    null_content: str = "null"  # --null-content
+    history: list[dict[str, Any]] | None = None  # samples of its progress (record_history), for reports
 
     @property
     def id(self) -> int:
@@ -221,8 +224,8 @@ def create_job(
         "table": info.qualified,
         "column": info.column,
         "content_column": info.content_column,
-        "id_column": info.id_column,
-        "id_type": info.id_type,
+        "id_column": ",".join(info.pk.columns),  # the key's columns (several for a composite key)
+        "id_type": ",".join(info.pk.types),
         "target_model_name": target.name,
         "target_dimension": target.dimension,
         "target_hash": target.hash,
@@ -236,6 +239,8 @@ def create_job(
         "holder": holder,
         "dependents": Jsonb(dependents) if dependents is not None else None,
         "strategy": strategy,
+        "content_expr": info.content_sql,
+        "null_content": info.null_content,
     })
     if job is None:
         raise InternalError("insert_job returned no row")
@@ -245,6 +250,7 @@ def create_job(
         cur.executemany(query("insert_range"), [
             {"job_id": job.id, "range_no": i, "lower_id": lower, "upper_id": upper, "estimate": estimate}
             for i, (lower, upper) in enumerate(itertools.pairwise(edges))])
+    record_history(conn, job.id, now=True)
     return job
 
 
@@ -394,6 +400,7 @@ def set_state(conn: psycopg.Connection[Any], job: Job, *, to: str, from_state: s
     moved = conn.execute(query("set_job_state"), {"job_id": job.id, "state": to, "from_state": from_state}).rowcount
     if moved != 1:
         raise CheckpointConflict(job.id, from_state)
+    record_history(conn, job.id, now=True)
 
 
 def mark_index_dropped(conn: psycopg.Connection[Any], job: Job) -> None:
@@ -402,6 +409,7 @@ def mark_index_dropped(conn: psycopg.Connection[Any], job: Job) -> None:
 
 def record_step(conn: psycopg.Connection[Any], job: Job, step: str) -> None:
     conn.execute(query("record_finalize_step"), {"job_id": job.id, "step": step})
+    record_history(conn, job.id, now=True)
 
 
 def record_changed(conn: psycopg.Connection[Any], job: Job, row_ids: list[str]) -> None:
@@ -424,6 +432,12 @@ def forget_failed(conn: psycopg.Connection[Any], job: Job, row_ids: list[str]) -
 
 def heartbeat(conn: psycopg.Connection[Any], job_id: int, holder: str) -> None:
     conn.execute(query("heartbeat"), {"job_id": job_id, "holder": holder})
+    record_history(conn, job_id)
+
+
+def record_history(conn: psycopg.Connection[Any], job_id: int, *, now: bool = False) -> None:
+    """A sample of the job's progress for its history: `now`, or if the last one is old enough."""
+    conn.execute(query("record_history"), {"job_id": job_id, "every": 0.0 if now else None})
 
 
 def record_error(conn: psycopg.Connection[Any], job: Job, error: str) -> None:

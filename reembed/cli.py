@@ -10,13 +10,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from reembed import __version__
+from reembed import __version__, htmlreport
 from reembed.bridging import bridge_command
 from reembed.errors import ReembedError, Stopped
+from reembed.evaluate import evaluate
 from reembed.job import plan, run
 from reembed.logs import configure_logging
 from reembed.rollback import cleanup, rollback
-from reembed.settings import BRIDGE_MIN_RECALL, BridgeOptions, RollbackOptions, Settings, VerifyOptions
+from reembed.settings import BRIDGE_MIN_RECALL, BridgeOptions, EvalOptions, RollbackOptions, Settings, VerifyOptions
 from reembed.status import status as job_status
 from reembed.verify import verify
 
@@ -28,6 +29,13 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--table", default="knowledge_nodes", help="table to re-embed (schema.table allowed)")
     g.add_argument("--column", default="embedding", help="the vector column")
     g.add_argument("--content-column", default="content", help="the text column to encode")
+    g.add_argument("--content", default=None, metavar="EXPR",
+                   help="the text to encode as a SQL expression over the row, instead of --content-column, e.g. "
+                        "\"title || E'\\n' || body\" or \"doc->>'text'\" (its columns unqualified; in the model's "
+                        "hash: the registry records what was embedded)")
+    g.add_argument("--null-content", choices=("null", "empty"), default="null",
+                   help="a row whose text is NULL: null leaves its vector NULL (refused for a NOT NULL column that "
+                        "has such rows); empty encodes the empty text (in the model's hash) (null)")
     g.add_argument("--index", default=None, help="the HNSW index to rebuild (default: the one on --column)")
     g.add_argument("--registry", default="embedding_model", help="the one-row model registry table")
 
@@ -80,6 +88,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     j.add_argument("--allow-published", action="store_true",
                    help="change the dimension of a table a publication replicates (relax each subscriber's "
                         "column to plain vector first)")
+    j.add_argument("--allow-shared-registry", action="store_true",
+                   help="go ahead although other vector columns of the registry's dimension exist (they follow "
+                        "another registry, or may be left as they are while the registry names the new model)")
     j.add_argument("--concurrent-index", action=argparse.BooleanOptionalAction, default=True,
                    help="build the HNSW index CONCURRENTLY, so the application's writes never wait for it "
                         "(default: yes)")
@@ -226,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(plan)
     _add_target(plan)
     _add_output(plan)
+    plan.add_argument("--report", default=None, metavar="PATH",
+                      help="also write the plan as one self-contained HTML file (no network when viewed)")
     plan.set_defaults(command=_plan)
 
     status = sub.add_parser("status", help="progress, rate, ETA and holder of the table's job")
@@ -233,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(status)
     status.add_argument("--watch", type=float, nargs="?", const=5.0, default=None, metavar="SECS",
                         help="refresh every SECS seconds (5) until interrupted")
+    status.add_argument("--report", default=None, metavar="PATH",
+                        help="also write the job as one self-contained HTML file: its rate over time, its phases, "
+                             "throttle holds, the cut-over, the gate")
     status.set_defaults(command=_status)
 
     verify = sub.add_parser("verify", help="do the stored vectors hold the registry's model? (exit 1 when not)")
@@ -252,6 +268,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(verify)
     _add_output(verify)
     verify.set_defaults(command=_verify)
+    ev = sub.add_parser("eval", help="compare candidate models with the current column on the table's own rows, "
+                                     "before a job (no writes)")
+    g = ev.add_argument_group("models")
+    g.add_argument("--model", dest="models", action="append", required=True, metavar="MODEL",
+                   help="a candidate: a local sentence-transformers directory or a name in the local model cache "
+                        "(repeat --model for several)")
+    _add_encoding(g, prefix="prepended to every text by the candidates, e.g. 'search_document: '",
+                  length="truncate the candidates' texts at this many tokens")
+    g.add_argument("--current-model", default=None,
+                   help="the registry's model (its hash is checked), to encode queries for the stored column "
+                        "(default: the registry's name, when it is a local directory or cached model)")
+    g.add_argument("--current-prefix", default="", help="the --prefix the table was embedded with")
+    g.add_argument("--current-max-seq-length", type=int, default=None,
+                   help="the --max-seq-length the table was embedded with")
+    e = ev.add_argument_group("eval")
+    e.add_argument("--sample", type=int, default=EvalOptions.sample,
+                   help=f"rows read once and encoded by each model: the rows searched ({EvalOptions.sample:,})")
+    e.add_argument("--queries", type=int, default=EvalOptions.queries,
+                   help=f"of them, rows made into queries: one of a row's sentences must find the row "
+                        f"({EvalOptions.queries:,})")
+    e.add_argument("--seed", type=int, default=0, help="the same seed, the same rows and queries (0)")
+    e.add_argument("--strategy", choices=("in_place", "shadow"), default="in_place",
+                   help="the job whose whole-table cost is stated for each candidate (in_place)")
+    e.add_argument("--report", default=None, metavar="PATH",
+                   help="also write the comparison as one self-contained HTML file (no network when viewed)")
+    _add_target(ev)
+    _add_output(ev)
+    ev.set_defaults(command=_eval)
     back = sub.add_parser("rollback", help="after a shadow job's swap: swap the previous column back in, its stale "
                                            "rows re-embedded (exit 2: nothing to roll back)")
     g = back.add_argument_group("model")
@@ -315,11 +359,24 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _plan(settings: Settings, args: argparse.Namespace) -> int:
     report = plan(settings)
+    if args.report:
+        htmlreport.write(args.report, htmlreport.plan_page(report.as_dict()))
     _emit(report.as_dict(), report.summary(), args, quiet=False)
     return report.exit_code
 
 
+def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    result = evaluate(settings, EvalOptions.from_args(args))
+    if args.report:
+        htmlreport.write(args.report, htmlreport.eval_page(result.as_dict()))
+    _emit(result.as_dict(), result.text(), args, quiet=False)
+    return result.exit_code
+
+
 def _status(settings: Settings, args: argparse.Namespace) -> int:
+    if args.report:
+        result = job_status(settings)
+        htmlreport.write(args.report, htmlreport.job_page(result.data))
     try:
         while True:
             result = job_status(settings)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,8 +34,20 @@ from reembed import checkpoint as ckpt
 from reembed import db
 from reembed.batches import Batch, Writer
 from reembed.checkpoint import Job
-from reembed.errors import InternalError
+from reembed.errors import DatabaseError, InternalError
 from reembed.queries import query
+
+NULL_IN_NOT_NULL = ("its text is NULL and {column} is NOT NULL: give it text and --retry-failed, or run with "
+                    "--null-content empty")
+
+
+def fail_null_vectors(batch: Batch, writer: Writer) -> None:
+    """For a NOT NULL column: each row the batch has no vector for (its text is NULL) is a failed row."""
+    if batch.vectors is None or not writer.not_null:
+        return
+    for i, vec in enumerate(batch.vectors):
+        if vec is None and i not in batch.failed:
+            batch.failed[i] = NULL_IN_NOT_NULL.format(column=writer.info.column)
 
 
 @dataclass(frozen=True)
@@ -60,13 +73,16 @@ def commit_batch(conn: psycopg.Connection[Any], job: Job, writer: Writer, batch:
     caller's cursor, moved last."""
     if batch.vectors is None:
         raise InternalError(f"batch {batch.seq} reached its commit unencoded")
+    if writer.not_null:  # a NOT NULL column takes no NULL: a row without a vector fails, and is not written
+        fail_null_vectors(batch, writer)
+        write_failed = False
     if write_failed or not batch.failed:  # every row (the main pass): no copies on the hot path
         rows: Sequence[int] = range(len(batch.ids))
-        keys = writer.write(conn, batch.ids, batch.vectors, batch.xmins)
+        keys = writer.write(conn, batch.ids, batch.vectors, batch.xmins, id_texts=batch.id_texts)
     else:
         rows = [i for i in range(len(batch.ids)) if i not in batch.failed]
         keys = writer.write(conn, [batch.ids[i] for i in rows], [batch.vectors[i] for i in rows],
-                            [batch.xmins[i] for i in rows])
+                            [batch.xmins[i] for i in rows], id_texts=[batch.id_texts[i] for i in rows])
     if settles:
         conn.execute(query("forget_changes"), {"job_id": job.id, "row_ids": list(settles)})
     changed = [batch.id_texts[i] for i in rows if batch.id_texts[i] not in keys]
@@ -87,6 +103,10 @@ def commit_batch(conn: psycopg.Connection[Any], job: Job, writer: Writer, batch:
     return written
 
 
+class TurnTimedOut(DatabaseError):
+    """A batch waited too long for its turn with its rows locked: rolled back, tried again."""
+
+
 class TurnCancelled(Exception):
     """Another writer failed or the run stopped at once: this batch's transaction rolls back."""
 
@@ -99,10 +119,20 @@ class Turns:
         self._cond = threading.Condition()
         self._cancelled = False
 
-    def wait(self, seq: int) -> None:
+    def wait(self, seq: int, *, timeout: float | None = None) -> None:
+        """Until batch `seq` may commit. `timeout`: a batch that waits holding its rows (inside its
+        transaction) gives up after this long (TurnTimedOut, transient: its transaction rolls back,
+        its rows are free again, and it is tried again, waiting its turn first with nothing held):
+        an application transaction that holds a row of an earlier batch and waits for one of this
+        batch's is never stuck behind reembed for longer."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._next != seq and not self._cancelled:
-                self._cond.wait()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TurnTimedOut(f"batch {seq} waited {timeout:g} s for its turn holding its rows; "
+                                       "letting them go and trying again", retryable=True)
+                self._cond.wait(left)
             if self._cancelled:
                 raise TurnCancelled(f"batch {seq}: an earlier batch failed")
 

@@ -100,6 +100,9 @@ class CutOver:
             except _OverBound as over:
                 progress.again(over.work, self._pace.value, under_lock=True)
                 continue
+            except Landed as landed:  # a retry found the first try's commit landed: it is done
+                log.info("cut_over_landed", detail="the commit landed before the connection went; not done again")
+                return Held(landed.secs, 0, 0.0, progress.tries + 1)
             held = Held(secs, rows, caught, progress.tries + 1)
             log.info("cut_over", writers_held_secs=round(secs, 3), rows_caught_up=rows,
                      final_catch_up_secs=round(caught, 4), max_writers_held_secs=bound.max_writers_held,
@@ -155,13 +158,29 @@ def for_job(cut: CutOver, ctx: RunContext, *, rewrite: bool, swap: Callable[[psy
             record(conn, secs)
         ckpt.record_step(conn, job, "cut_over")
 
+    def unless_landed(conn: psycopg.Connection[Any], attempt: int,
+                      body: Callable[[psycopg.Connection[Any]], tuple[float, int, float]]) -> tuple[float, int, float]:
+        if attempt > 1:  # a retry after a lost connection: did the first try's commit land?
+            now = ckpt.reload(conn, job)
+            if "cut_over" in now.steps:
+                raise Landed(now.writers_held_secs or 0.0)
+        return body(conn)
+
     return cut.run(
         capture.JobSource(ctx, rewrite=rewrite), bound=Bound(ctx.opts.max_writers_held, tail), stop=ctx.stop,
         read=lambda body: ctx.lease.read(body, on=ctx.control, what="cut_over_backlog"),
-        transaction=lambda body: ctx.lease.write(body, on=ctx.control, what="cut_over",
-                                                 lock_timeout=ctx.opts.cut_over_lock_timeout, patient=True,
-                                                 max_backoff=CUT_OVER_BACKOFF),
+        transaction=lambda body: ctx.lease.write_attempt(unless_landed, body, on=ctx.control, what="cut_over",
+                                                         lock_timeout=ctx.opts.cut_over_lock_timeout,
+                                                         patient=True, max_backoff=CUT_OVER_BACKOFF),
         swap=swap, record=recorded)
+
+
+class Landed(Exception):
+    """A retried cut-over whose first try's commit landed (its acknowledgement was lost)."""
+
+    def __init__(self, secs: float) -> None:
+        super().__init__("the cut-over committed already")
+        self.secs = secs
 
 
 class _OverBound(Exception):

@@ -42,8 +42,15 @@ SESSION_SETTINGS = {
     "tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "6",
     "default_transaction_isolation": "read committed", "row_security": "off",
     "idle_in_transaction_session_timeout": "60s",
+    # a role's or database's statement_timeout would cancel an index build or a batch (retried, and
+    # failed late); reembed bounds its own waits (lock_timeout where it asks for one)
+    "statement_timeout": "0", "lock_timeout": "0",
     "DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres", "extra_float_digits": "3",
+    "bytea_output": "hex",
 }
+# PostgreSQL 17 and newer only (an unknown setting in the startup options refuses the connection):
+# set after connecting, where the server has it.
+_SINCE_17 = {"transaction_timeout": "0"}
 
 
 def _options(settings: dict[str, str]) -> str:
@@ -59,6 +66,7 @@ RETRYABLE = (
     pgerrors.DeadlockDetected,
     pgerrors.LockNotAvailable,
     pgerrors.QueryCanceled,  # statement_timeout / lock_timeout surface here too
+    pgerrors.IdleInTransactionSessionTimeout,  # the server ended a transaction left waiting: tried again
     pgerrors.AdminShutdown,
     pgerrors.CrashShutdown,
     pgerrors.CannotConnectNow,
@@ -105,9 +113,21 @@ def connect(conninfo: str, *, role: str, vectors: bool = True, autocommit: bool 
         raise ConfigError(
             f"cannot connect to PostgreSQL ({first}); check --dsn, $REEMBED_DSN or the PG* variables"
         ) from exc
+    with translated():
+        settle_session(conn)
     if vectors:
         register_vectors(conn)
     return conn
+
+
+def settle_session(conn: psycopg.Connection[Any]) -> None:
+    """The session settings once more, as statements (a pooler may drop the startup options), and
+    those the startup options cannot carry to an older server (transaction_timeout)."""
+    wanted = {**SESSION_SETTINGS, **(_SINCE_17 if conn.info.server_version >= 170000 else {})}
+    wanted = {k: v for k, v in wanted.items() if not k.startswith("tcp_")}
+    conn.execute(query("settle_session"), {"names": list(wanted), "values": list(wanted.values())})
+    if not conn.autocommit:
+        conn.commit()
 
 
 def reconnect(conninfo: str, *, role: str, vectors: bool = True, autocommit: bool = False) -> psycopg.Connection[Any]:
@@ -182,6 +202,7 @@ class Connections:
         self.generation += 1
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        settle_session(conn)
         register_vectors(conn)
         if self._extra_configure is not None:
             self._extra_configure(conn)

@@ -34,12 +34,15 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import psycopg
+import structlog
 from psycopg import sql
 
 from reembed import carry
 from reembed.errors import ConfigError, first_line
 from reembed.queries import query
 from reembed.target import TableInfo
+
+log = structlog.get_logger()
 
 # pgvector 0.8's index limits (HNSW and IVFFlat alike), by the type the index reads.
 INDEX_LIMITS = {"vector": 2000, "halfvec": 4000, "bit": 64000}
@@ -53,6 +56,7 @@ UNTOUCHED = "untouched"  # nothing the job does affects it
 REFUSED = "refused"
 SHADOW = "shadow"  # --strategy shadow: an index built on the shadow column, swapped in with it
 RECREATE = "recreate"  # --strategy shadow: a view, trigger or policy re-created on the new column at the swap
+FIRES = "fires"  # an application's UPDATE trigger or rule: it runs on each of the job's writes too
 
 _CAST = re.compile(r"::(vector|halfvec|bit|sparsevec)\((\d+)\)")
 _OURS = "reembed_"  # the job's own capture triggers and function
@@ -142,6 +146,7 @@ _SAID = {
     REFUSED: "refused",
     SHADOW: "built again on the shadow column, swapped in with it",
     RECREATE: "re-created on the new column at the swap",
+    FIRES: "fires on each of the job's writes, as on the application's: what it writes, it writes then",
 }
 
 def refusals(refused: Sequence[Dependent]) -> str:
@@ -172,7 +177,7 @@ def take(conn: psycopg.Connection[Any], info: TableInfo, *, dimension: int, sour
     found: list[Dependent] = []
     for row in conn.execute(query("column_dependents"), {"table_oid": info.oid, "attnum": info.attnum}).fetchall():
         if shadow:
-            dependent = _classify_shadow(row, dimension=dimension, old=old)
+            dependent = _classify_shadow(row, dimension=dimension, old=old, column=info.column)
         else:
             dependent = _classify(row, info, type_change=type_change, dimension=dimension, old=old,
                                   drop_first=drop_first)
@@ -180,11 +185,13 @@ def take(conn: psycopg.Connection[Any], info: TableInfo, *, dimension: int, sour
             found.append(dependent)
     if shadow:
         found += _carried(conn, info)
+    found += _fires(conn, info, {d.name for d in found})
     found = [replace(d, attributes=carry.read_index(conn, info, d.name).as_json())
              if d.is_index and d.action in (REBUILD, SHADOW) else d for d in found]
     present = {d.name for d in found if d.is_index}
     found = [
-        Dependent("index", d.name, REBUILD, definition=_rewritten(d.original or d.definition or "", old, dimension),
+        Dependent("index", d.name, REBUILD,
+                  definition=_rewritten(d.original or d.definition or "", old, dimension, info.column),
                   original=d.original, method=d.method, attributes=d.attributes)
         for d in carried if d.is_index and d.action == REBUILD and d.name not in present
     ] + found
@@ -197,20 +204,56 @@ def take(conn: psycopg.Connection[Any], info: TableInfo, *, dimension: int, sour
     inventory = _limits(inventory)
     if probe and not inventory.refused and (type_change or inventory.rebuilt or inventory.shadowed):
         inventory = _probe(conn, info, inventory)
+    if probe and not inventory.refused:
+        _probe_write(conn, info, inventory)
     return inventory
+
+
+def _probe_write(conn: psycopg.Connection[Any], info: TableInfo, inventory: Inventory,
+                 lock_timeout: str = "2s") -> None:
+    """One row of the table written as the job will write it, in a transaction rolled back: the
+    column relaxed first (in place, a type change) or the shadow column added (shadow), then the
+    UPDATE, with the application's triggers and rules running on it. A failure there (a trigger that
+    copies the row into a table whose column has the old dimension, or whose row type changed) is
+    refused now, not at the first batch. Skipped, and said, when its lock is not granted at once."""
+    shadow = inventory.strategy == "shadow"
+    column = f"{info.column}_reembed_probe" if shadow else info.column
+    dim = sql.Literal(inventory.dimension)
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute(query("set_lock_timeout"), {"value": lock_timeout})
+            conn.execute(query("write_transaction_settings"))
+            if shadow:
+                conn.execute(info.statement("probe_shadow_column", column=column, dim=dim))
+            elif inventory.type_change:  # as prepare does: the indexes rebuilt later dropped, the column relaxed
+                for d in inventory.rebuilt:
+                    conn.execute(info.statement("drop_index_if_exists", index=info.index_ident(d.name)))
+                conn.execute(info.statement("relax_typmod"))
+            conn.execute(info.statement("probe_write", column=column, dim=dim))
+    except psycopg.errors.LockNotAvailable:
+        log.warning("write_probe_skipped", table=info.qualified,
+                    detail="its lock was not granted at once; the job's first write will show what it shows")
+    except psycopg.Error as exc:
+        raise ConfigError(f"a write like the job's fails on {info.qualified}: {first_line(exc)} (tried on one row, "
+                          "rolled back: an application trigger or rule that runs on each UPDATE cannot take the new "
+                          "vectors, or the shadow column); change or disable it for the job; nothing was written") \
+            from None
 
 
 def _classify(row: dict[str, Any], info: TableInfo, *, type_change: bool, dimension: int, old: int | None,
               drop_first: bool) -> Dependent | None:
     kind, name = row["kind"], row["description"]
     if kind == "index":
-        return _index(row, type_change=type_change, dimension=dimension, old=old, drop_first=drop_first)
+        return _index(row, type_change=type_change, dimension=dimension, old=old, drop_first=drop_first,
+                      column=info.column)
     if kind == "trigger" and row["object_name"].startswith(_OURS):
         return None  # the job's own capture (an older job's is settled at prepare)
     if kind == "function" and row["object_name"].startswith(_OURS):
         return None
     if not type_change:
         return Dependent(kind, name, UNTOUCHED)
+    if kind == "constraint" and row["contype"] == "n":
+        return Dependent(kind, name, CARRIED)  # NOT NULL: kept through the type change
     if kind == "statistics":
         return Dependent(kind, name, CARRIED)
     if kind == "default":
@@ -241,7 +284,7 @@ def _classify(row: dict[str, Any], info: TableInfo, *, type_change: bool, dimens
     return Dependent(kind, name, REFUSED, original=row["definition"], why=why)
 
 
-def _classify_shadow(row: dict[str, Any], *, dimension: int, old: int | None) -> Dependent | None:
+def _classify_shadow(row: dict[str, Any], *, dimension: int, old: int | None, column: str) -> Dependent | None:
     """--strategy shadow: the live column is never touched while the job runs; at the swap it is
     renamed away and the shadow column takes its name. Every index that reads the column is built
     again on the shadow; what refers to the column by its identity (views, triggers, policies) is
@@ -256,10 +299,12 @@ def _classify_shadow(row: dict[str, Any], *, dimension: int, old: int | None) ->
             return Dependent("index", index_name, REFUSED, original=original, method=method,
                              why=f"backs constraint {row['constraint_name']}: a shadow column cannot take it over "
                                  f"in the swap; drop the constraint for the job, {_IN_PLACE}")
-        return Dependent("index", index_name, SHADOW, definition=_rewritten(original, old, dimension),
+        return Dependent("index", index_name, SHADOW, definition=_rewritten(original, old, dimension, column),
                          original=original, method=method)
     if kind in _CARRIED_KINDS:
         return None  # reembed.carry reads them all, and what sits on them (_carried)
+    if kind == "constraint" and row["contype"] == "n":  # NOT NULL: on the new column from the swap on
+        return Dependent(kind, name, RECREATE)
     why = {
         "generated column": "is computed from the column: it would go on reading the previous column after the "
                             f"swap; drop the expression for the job, {_IN_PLACE}",
@@ -277,6 +322,25 @@ def _classify_shadow(row: dict[str, Any], *, dimension: int, old: int | None) ->
 _CARRIED_KINDS = ("view", "materialized view", "trigger", "policy", "rule", "statistics")
 
 
+def _fires(conn: psycopg.Connection[Any], info: TableInfo, said: set[str]) -> list[Dependent]:
+    """What runs on each of the job's UPDATEs: the application's row triggers on UPDATE (said, so
+    that a trigger stamping updated_at or writing an audit row is no surprise), and its rules ON
+    UPDATE: an INSTEAD rule rewrites reembed's UPDATE (refused: the job could not write the vectors);
+    a DO ALSO one runs beside it."""
+    out = []
+    for r in conn.execute(query("fires_on_update"), {"table_oid": info.oid}).fetchall():
+        name = f"{r['name']} on {info.qualified}"
+        if any(r["name"] in s for s in said):
+            continue  # already judged (a trigger on the column, carried by a swap)
+        if r["kind"] == "rule" and r["instead"]:
+            out.append(Dependent("rule", name, REFUSED, original=r["definition"], why=(
+                "rewrites UPDATEs of the table (DO INSTEAD): the job's own writes would not reach the column; drop "
+                "it for the job and create it again after, or make it DO ALSO")))
+        else:
+            out.append(Dependent(r["kind"], name, FIRES, original=r["definition"]))
+    return out
+
+
 def _carried(conn: psycopg.Connection[Any], info: TableInfo) -> list[Dependent]:
     """--strategy shadow: what the swap drops and creates again on the new column (views and views
     on them, with their rules, triggers, grants, comments and defaults; rules, triggers, policies and
@@ -292,12 +356,18 @@ def _carried(conn: psycopg.Connection[Any], info: TableInfo) -> list[Dependent]:
             out.append(Dependent("view", v.label, RECREATE))
     out += [Dependent(a.kind, a.label.removeprefix(f"{a.kind} "), RECREATE) for a in carried.attached]
     out += [Dependent("object", b, REFUSED, why=(
-        "depends on a view the swap drops and creates again, and reembed cannot create it again; drop it for "
-        f"the job and create it again after, {_IN_PLACE}")) for b in carried.blockers]
+        "is on what the swap drops and creates again, and reembed cannot create it again as it is; change or "
+        f"drop it for the job and create it again after, {_IN_PLACE}")) for b in carried.blockers]
+    owner = carry.owner_of(conn, info.oid)
+    out += [Dependent("grant", f"{', '.join(g.privileges)} on {info.qualified}.{info.column} to "
+                               f"{g.grantee or 'PUBLIC'} by {g.grantor}", REFUSED,
+                      why=f"was made by a role other than the table's owner ({owner}): the new column's grant would "
+                          f"come back as the owner's; grant it again as the owner for the job, {_IN_PLACE}")
+            for g in carry.read_column(conn, info.oid, info.column).acl if g.grantor != owner]
     return out
 
 
-def _index(row: dict[str, Any], *, type_change: bool, dimension: int, old: int | None,
+def _index(row: dict[str, Any], *, type_change: bool, dimension: int, old: int | None, column: str,
            drop_first: bool) -> Dependent:
     name, method, original = row["object_name"], row["method"], row["definition"]
     if not row["key_uses"]:  # only a predicate or an INCLUDE reads the column
@@ -306,15 +376,15 @@ def _index(row: dict[str, Any], *, type_change: bool, dimension: int, old: int |
         return Dependent("index", name, REFUSED, original=original, method=method,
                          why=f"backs constraint {row['constraint_name']}, which cannot be dropped for the job; drop it "
                              "and create it again after")
-    definition = _rewritten(original, old, dimension) if type_change else original
+    definition = _rewritten(original, old, dimension, column) if type_change else original
     if type_change or (drop_first and method in ANN_METHODS):
         return Dependent("index", name, REBUILD, definition=definition, original=original, method=method)
     return Dependent("index", name, REINDEX, definition=definition, original=original, method=method)
 
 
-def _rewritten(definition: str, old: int | None, new: int) -> str:
-    """The definition with its casts to the old dimension cast to the new one."""
-    return carry.recast(definition, old, new)
+def _rewritten(definition: str, old: int | None, new: int, column: str) -> str:
+    """The definition with its casts of the column to the old dimension cast to the new one."""
+    return carry.recast(definition, old, new, column=column)
 
 
 def _publications(conn: psycopg.Connection[Any], info: TableInfo, *, type_change: bool,

@@ -99,7 +99,13 @@ def fingerprint(spec: ModelSpec) -> tuple[str, str]:
 
 
 def _hash(path: Path, spec: ModelSpec) -> str:
-    options = {"prefix": spec.prefix, "max_seq_length": spec.max_seq_length, "normalize": _normalizes(path)}
+    options: dict[str, object] = {"prefix": spec.prefix, "max_seq_length": spec.max_seq_length,
+                                   "normalize": _normalizes(path)}
+    # what text the vectors are of, when it is not a plain column's (so a plain column's hash is as before)
+    if spec.content is not None:
+        options["content"] = spec.content
+    if spec.null_content != "null":
+        options["null_content"] = spec.null_content
     digest = hashlib.sha256(files_digest(path).encode())
     digest.update(json.dumps(options, sort_keys=True).encode())
     return "sha256:" + digest.hexdigest()

@@ -98,6 +98,11 @@ def settle(ctx: RunContext) -> str:
         if not waiting:
             log.info("failed_rows_recovered")
             return "every previously failed row was encoded on retry"
+    if opts.accept_failed and ctx.info.not_null:
+        raise RowsFailed(
+            f"{waiting} rows could not be encoded, and {ctx.info.column} is NOT NULL: they cannot be accepted "
+            "without a vector; fix them (see `reembed status` and reembed_failed_rows) and run again with "
+            "--retry-failed (a NULL text: --null-content empty)")
     if opts.accept_failed:
         ctx.lease.write(_accept, job, on=ctx.control, what="accept_failed_rows")
         log.warning("failed_rows_accepted", count=waiting, detail="their embedding stays NULL")

@@ -93,7 +93,7 @@ def sample_job(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, *,
     for r in done:
         share = max(1, round(n * r.rows_done / total))
         rows += conn.execute(info.statement("bridge_pairs", new=column),
-                             {"lower": r.lower_id, "upper": r.last_id, "n": share}).fetchall()
+                             {"after": r.lower_id, "upper": r.last_id, "n": share}).fetchall()
     return _sample_of(rows)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from reembed import capture, db, dependents, failures, finalize, fitting, lease, ranges, shadow
+from reembed import capture, carry, db, dependents, failures, finalize, fitting, lease, ranges, shadow
 from reembed import checkpoint as ckpt
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
@@ -83,7 +83,7 @@ def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal | None,
         raise ConfigError("run needs a model: give --model (a local model directory)")
     stop = stop or StopSignal()
     started = time.monotonic()
-    spec, opts = settings.model, settings.options
+    spec, opts = settings.model.for_target(settings.target), settings.options
     conninfo = settings.target.conninfo()
 
     name, model_hash = (
@@ -210,9 +210,9 @@ def _check_previous(conn: psycopg.Connection[Any], info: TableInfo, job: Job | N
 def _old_model(opts: RunOptions, job: Job | None, registry: Signature | None) -> Callable[[], Embedder] | None:
     """--old-model, checked against the model the column holds now (before any write), and
     loaded only when the quality gate asks for it."""
-    spec = opts.old_model
-    if spec is None:
+    if opts.old_model is None:
         return None
+    spec = opts.old_model
     name, model_hash = fingerprint(spec)
     current = job.source if job is not None else registry
     if current is None or current.hash != model_hash:
@@ -225,9 +225,17 @@ def _old_model(opts: RunOptions, job: Job | None, registry: Signature | None) ->
 
 def _check_target(job: Job | None, name: str, model_hash: str, info: TableInfo, settings: Settings) -> None:
     """A different target while a job is active is refused, unless told to abandon it.
-    (The hash covers the model's files, so name + hash settle the dimension too.)"""
-    same = job is not None and job.matches_fingerprint(name, model_hash)
+    (The hash covers the model's files, so name + hash settle the dimension too; and the text it
+    reads, checked here again for a model whose hash is its own: a library caller's embedder.)"""
+    model = job is not None and job.matches_fingerprint(name, model_hash)
+    text = job is not None and (job.content_expr, job.null_content) == (info.content_sql, info.null_content)
+    same = model and text
     if job is not None and not same and not settings.options.abandon_active:
+        if model:  # the same model, another text: what the rows already done were encoded from differs
+            raise ConfigError(
+                f"job {job.id} encodes {job.content_expr or job.content_column} (NULL text: {job.null_content}), "
+                f"not {info.content_sql or info.content_column} (NULL text: {info.null_content}); re-run with its "
+                "--content and --null-content to resume it, or pass --abandon-active to start over")
         raise ConfigError(
             f"job {job.id} is re-embedding {info.qualified} with {job.target.name} ({job.target.dimension}-d), "
             f"not {name}; re-run with that model to resume it, or pass --abandon-active to drop it and start "
@@ -272,6 +280,7 @@ def _locked_run(ctx: RunContext, conn: psycopg.Connection[Any]) -> Report:
                  rows_done=progress["rows_done"], finalize_steps=job.steps)
     else:
         with db.translated():  # everything on the column, judged before any write (exit 2 if refused)
+            carry.finish_not_null(conn, info)  # a NOT NULL a killed rollback left to put back first
             found = inventory(conn, info, registry, job, sig.dimension, ctx.opts)
         rows_total = estimate_rows(conn, info)
         if _confirm(ctx, conn, rows_total, ctx.opts.confirm_seconds, found):
@@ -446,9 +455,9 @@ def _embed(ctx: RunContext, worker: Worker, report: Report) -> None:
         codes = fleet.wait()
         report.details["worker_exit_codes"] = codes
         report.details["worker_pids"] = fleet.pids
-        mine = {f"{db.host_name()}:{pid}/0" for pid in fleet.pids}
         rows = ctx.lease.read(ckpt.workers, ctx.active, on=ctx.control, what="read_workers")
-        report.details["worker_rows"] = {w.worker: w.rows_done for w in rows if w.worker in mine}
+        report.details["worker_rows"] = {w.worker: w.rows_done for w in rows
+                                         if w.host == db.host_name() and w.pid in fleet.pids}
 
 
 def _start_fleet(ctx: RunContext, worker: Worker) -> Fleet:

@@ -260,7 +260,8 @@ class Lease(Background):
                                  max_backoff=max_backoff)
 
     def write_attempt(self, body: Callable[[psycopg.Connection[Any], int, *Ts], T], *args: *Ts, on: db.Kept,
-                      what: str, lock_timeout: str | None = None, patient: bool = False) -> T:
+                      what: str, lock_timeout: str | None = None, patient: bool = False,
+                      max_backoff: float | None = None) -> T:
         """Like write(), with the attempt's number (1, then 2, ... on each retry) handed to the
         body after the connection: body(conn, attempt, *args). A retry after a lost connection
         may find that the first attempt's commit landed: such a body asks."""
@@ -268,7 +269,8 @@ class Lease(Background):
         def once(conn: psycopg.Connection[Any], attempt: int) -> T:
             return body(conn, attempt, *args)
 
-        return self._transaction(once, on=on, what=what, lock_timeout=lock_timeout, patient=patient)
+        return self._transaction(once, on=on, what=what, lock_timeout=lock_timeout, patient=patient,
+                                 max_backoff=max_backoff)
 
     def _transaction(self, body: Callable[[psycopg.Connection[Any], int], T], *, on: db.Kept, what: str,
                      lock_timeout: str | None, patient: bool, max_backoff: float | None = None) -> T:
@@ -278,6 +280,10 @@ class Lease(Background):
             self.check()
             conn = on.conn
             with conn.transaction():
+                # The application's triggers (and event triggers) fire on what this transaction
+                # writes, as on its own writes: with row security as for the application (its audit
+                # table's policies apply), not off as for reembed's reads (db.SESSION_SETTINGS)
+                conn.execute(query("write_transaction_settings"))
                 if lock_timeout is not None:
                     conn.execute(query("set_lock_timeout"), {"value": lock_timeout})
                 result = body(conn, next(attempts))

@@ -58,6 +58,29 @@ class _Stderr:
 _STDERR = _Stderr()
 
 
+# Machine detail: how the pipeline was sized, each range and split, each index-build tick. A log
+# shipper wants them (JSON lines keep every event at its level); a person at a terminal wants the
+# milestones, so on the console these show only at --log-level debug.
+DETAIL = frozenset({
+    "model_loaded", "fast_feed", "tokenizers_sized", "worker_started", "range_complete", "range_split",
+    "split_requested", "index_build_progress", "catch_up_pass_started", "recreated_on_new_column",
+    "shadow_indexes_valid", "lock_not_granted", "server_notice", "rows_changed_under_the_job",
+    "finalize_step_done",
+})
+
+
+def _milestones_only(logger: object, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """On the console at info: machine detail dropped (reembed.logs.DETAIL); warnings always pass."""
+    if method in ("debug", "info") and event.get("event") in DETAIL:
+        raise structlog.DropEvent
+    return event
+
+
+def _without_empty(logger: object, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """On the console: fields with nothing to say (None, empty) left out of the line."""
+    return {k: v for k, v in event.items() if v is not None and v != [] and v != {} and v != ""}
+
+
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     use_console = sys.stderr.isatty() if fmt == "auto" else fmt == "console"
     renderer: structlog.typing.Processor = (
@@ -67,10 +90,12 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     )
     structlog.configure(
         processors=[
+            *([_milestones_only] if use_console and LEVELS[level] > logging.DEBUG else []),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *([_without_empty] if use_console else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import psycopg
+import structlog
 
 from reembed import bridge, dependents, fitting
 from reembed import checkpoint as ckpt
 from reembed.checkpoint import Job
 from reembed.cost import estimate as estimate_cost
-from reembed.cost import size, vector_bytes
+from reembed.cost import vector_bytes
 from reembed.dependents import Inventory
 from reembed.encoding import Embedder, feed_for
 from reembed.errors import ConfigError
@@ -23,7 +26,10 @@ from reembed.settings import RunOptions, Settings
 from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.target import TableInfo
+from reembed.terminal import WIDTH, plan_text
 from reembed.worker import WINDOW_SECS
+
+log = structlog.get_logger()
 
 
 def estimate_rows(conn: psycopg.Connection[Any], info: TableInfo) -> int:
@@ -54,7 +60,52 @@ def inventory(conn: psycopg.Connection[Any], info: TableInfo, registry: Signatur
                             drop_first=opts.drop_hnsw_first, allow_published=opts.allow_published,
                             probe=probe, carried=carried, strategy=opts.strategy)
     found.check(info)
+    if probe:
+        check_null_text(conn, info)
+        check_shared_registry(conn, info, registry, opts)
     return found
+
+
+def check_shared_registry(conn: psycopg.Connection[Any], info: TableInfo, registry: Signature | None,
+                          opts: RunOptions) -> None:
+    """Other vector columns of the registry's dimension (another table's, or another column of this
+    one) probably follow the same registry row: the job would flip it for them too and leave them in
+    a space it no longer names. Refused, by name, unless --allow-shared-registry says they follow
+    another one (or may be left as they are)."""
+    if registry is None:
+        return
+    mine = {info.column, f"{info.column}_previous"}
+    rows = conn.execute(query("vector_columns_of_dimension"),
+                        {"dim": registry.dimension, "table_oid": info.oid}).fetchall()
+    others = [f"{r['schema']}.{r['table_name']}.{r['column_name']}" for r in rows
+              if not (r["table_oid"] == info.oid and (r["column_name"] in mine
+                                                       or r["column_name"].startswith(f"{info.column}_reembed")))]
+    if not others:
+        return
+    if opts.allow_shared_registry:
+        log.warning("registry_shared", other_columns=others, registry=".".join(info.registry),
+                    detail="these columns are left as they are while the registry will name the new model")
+        return
+    raise ConfigError(
+        f"{', '.join(others)} also hold{'s' if len(others) == 1 else ''} {registry.dimension}-d vectors, probably of "
+        f"the model {'.'.join(info.registry)} names ({registry.name}): the job would make the registry name the new "
+        f"model for them too; re-embed them in their own jobs first with --registry pointing at a registry of their "
+        "own, or pass --allow-shared-registry if they follow another registry or may be left as they are; nothing "
+        "was written")
+
+
+def check_null_text(conn: psycopg.Connection[Any], info: TableInfo) -> None:
+    """A NOT NULL vector column takes no NULL: rows whose text is NULL (they would get none) are
+    refused before any write, by their count, unless --null-content empty encodes them."""
+    if not info.not_null or info.null_content != "null":
+        return
+    row = conn.execute(info.statement("null_text_rows")).fetchone()
+    count = int(row["n"]) if row else 0
+    if count:
+        raise ConfigError(
+            f"{count} rows of {info.qualified} have no text ({info.content_sql or info.content_column} is NULL) and "
+            f"{info.column} is NOT NULL: they would have no vector; pass --null-content empty to encode them as the "
+            "empty text, or give them text first; nothing was written")
 
 
 def rewrite_secs(conn: psycopg.Connection[Any], info: TableInfo, rows: int) -> float:
@@ -119,23 +170,6 @@ _BROKEN_RETYPED = ("those that return the column (its dimension changes)",)
 _BROKEN_IN_PLACE = ("those that return the column, or SELECT * (its type changes at prepare and at the cut-over)",)
 
 
-def said_strategies(s: dict[str, Any]) -> str:
-    parts = []
-    for name in ("in_place", "shadow"):
-        d = s[name]
-        if d["refused"]:
-            parts.append(f"{name}: refused")
-            continue
-        down = d["search_unavailable_secs"]
-        unavailable = f"for about {down:g} s" if down else "never"
-        broken = d.get("prepared_statements_broken") or []
-        parts.append(f"{name}: extra disk up to {size(d['extra_disk_bytes'])}, search unavailable {unavailable}, "
-                     f"writers held at most {d['writers_held_secs']:g} s"
-                     + (f", prepared statements that fail until prepared again: {' and '.join(broken)}"
-                        if broken else ""))
-    return "strategies: " + "; ".join(parts) + f"; recommended: {s['recommended'] or 'none'} ({s['why']})"
-
-
 def sample_texts(conn: psycopg.Connection[Any], info: TableInfo, n: int, rows_total: int) -> list[str]:
     """About `n` texts of the table, pages drawn from all of it."""
     percent = min(100.0, 120.0 * n / max(rows_total, 1))
@@ -145,22 +179,31 @@ def sample_texts(conn: psycopg.Connection[Any], info: TableInfo, n: int, rows_to
 
 def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedder, opts: RunOptions,
                 rows_total: int) -> float | None:
-    """Rows/s of the table's own rows through the pipeline a run uses, timed the way the run
-    encodes them: its feed (tokenizer processes, token-budget batches), one untimed pass over the
-    whole sample first (first passes over new shapes are slower: the run is past them soon), then
-    the sample cut into windows as the run cuts them (about WINDOW_SECS of the pace the first pass
-    measured, at most the feed's window). The stages overlap in a run, so the slower sets the
-    pace: tokenizer processes beside the device; a tokenizer thread of this process shares its GIL."""
+    """Rows/s of the table's own rows through the pipeline a run uses (`encode_timed`)."""
     texts = sample_texts(conn, info, max(2 * opts.batch_size, 512), rows_total)
     if not texts:
         return None
+    return encode_timed(embedder, texts, opts)[1]
+
+
+def encode_timed(embedder: Embedder, texts: list[str], opts: RunOptions, *,
+                 warm: int | None = None) -> tuple[np.ndarray, float]:
+    """`texts`' vectors (in their order) and rows/s through the pipeline a run uses, timed the way
+    the run encodes them: its feed (tokenizer processes, token-budget batches), one untimed pass
+    first over the first `warm` texts (all of them by default: first passes over new shapes are
+    slower, the run is past them soon), then the texts cut into windows as the run cuts them
+    (about WINDOW_SECS of the pace the first pass measured, at most the feed's window). The stages
+    overlap in a run, so the slower sets the pace: tokenizer processes beside the device; a
+    tokenizer thread of this process shares its GIL."""
     feed = feed_for(embedder, opts)
     never = StopSignal()
     size = opts.batch_size
+    first = texts if warm is None else texts[:max(1, warm)]
+    encoded: list[np.ndarray] = []
     try:
-        warm = time.perf_counter()
-        feed.encode([feed.submit(texts[i: i + size]) for i in range(0, len(texts), size)], never)
-        pace = len(texts) / max(time.perf_counter() - warm, 1e-6)
+        started = time.perf_counter()
+        feed.encode([feed.submit(first[i: i + size]) for i in range(0, len(first), size)], never)
+        pace = len(first) / max(time.perf_counter() - started, 1e-6)
         started = time.perf_counter()
         pending = [feed.submit(texts[i: i + size]) for i in range(0, len(texts), size)]
         for p in pending:
@@ -169,13 +212,14 @@ def sample_rate(conn: psycopg.Connection[Any], info: TableInfo, embedder: Embedd
         limit = max(1, min(feed.window_rows, int(pace * WINDOW_SECS)))  # as worker.window_limit
         per_window = -(-limit // size)  # the run closes a window with the transaction that reaches it
         for start in range(0, len(pending), per_window):
-            feed.encode(pending[start: start + per_window], never)
-        encoded = time.perf_counter()
+            encoded += feed.encode(pending[start: start + per_window], never) or []
+        finished = time.perf_counter()
     finally:
         feed.close()
-    tokenize_secs, forward_secs = tokenized - started, encoded - tokenized
+    tokenize_secs, forward_secs = tokenized - started, finished - tokenized
     secs = max(tokenize_secs, forward_secs) if feed.overlapped else tokenize_secs + forward_secs
-    return len(texts) / max(secs, 1e-6)
+    vectors = np.concatenate(encoded) if encoded else np.empty((0, embedder.signature.dimension), np.float32)
+    return vectors, len(texts) / max(secs, 1e-6)
 
 
 PREVIEW_SAMPLE = 2_000  # rows `plan --bridge` encodes for a preview of the bridge
@@ -197,6 +241,21 @@ def _bridge_preview(conn: psycopg.Connection[Any], info: TableInfo, registry: Si
         return {"error": str(exc)}
 
 
+def _bridge_text(bridges: list[bridge.Bridge], preview: dict[str, Any] | None) -> str:
+    """The plan's section on the bridge: the table's, and the preview of the job's (--bridge)."""
+    lines = [f"bridge {bridge.said(b)}" for b in bridges]
+    if preview and "kind" in preview:
+        lines.append(f"--bridge, previewed on {preview['pairs']:,} rows encoded here (the job fits it on "
+                     f"--bridge-sample rows; nothing installed): {fitting.said(preview)}"
+                     + (f"; REFUSED: {preview['refused']}" if preview.get("refused") else ""))
+    elif preview:
+        lines.append(f"--bridge, previewed: {preview['error']}")
+    if not lines:
+        return ""
+    wrapped = [textwrap.fill(line, WIDTH, initial_indent="  ", subsequent_indent="    ") for line in lines]
+    return "\n\nThe bridge\n" + "\n".join(wrapped)
+
+
 def plan_report(
     conn: psycopg.Connection[Any],
     info: TableInfo,
@@ -205,7 +264,10 @@ def plan_report(
     embedder: Embedder,
     settings: Settings,
     started: float,
+    *,
+    rate: float | None = None,
 ) -> Report:
+    """`rate`: rows/s measured already on the table's rows (reembed eval); else sampled here."""
     opts, sig = settings.options, embedder.signature
     rows = estimate_rows(conn, info)
     resume = job is not None and job.matches(sig)
@@ -213,7 +275,7 @@ def plan_report(
     to_update = max(rows - done, 0)
     on_column = (dependents.recorded(job) if resume and job is not None
                  else list(inventory(conn, info, registry, job, sig.dimension, opts).dependents))
-    rate = sample_rate(conn, info, embedder, opts, rows)
+    rate = rate if rate is not None else sample_rate(conn, info, embedder, opts, rows)
     batches = -(-to_update // opts.batch_size)
     estimate = round(to_update / rate, 1) if rate else None
     alter = (job.source_typmod if resume and job is not None else info.typmod) != sig.dimension
@@ -234,6 +296,9 @@ def plan_report(
         "bridge_preview": preview,
         "strategies": strategies,
         "table": info.qualified,
+        "column": info.column,
+        "column_type": info.column_type,
+        "column_typmod": job.source_typmod if resume and job is not None else info.typmod,
         "rows_to_update": to_update,
         "embedder_batches": batches,
         "estimated_walltime_secs": estimate,
@@ -243,25 +308,15 @@ def plan_report(
         "would_alter_typmod": bool(alter),
         "index": info.index.name if info.index else (job.index_name if job else None),
         "dependents": [d.as_json() for d in on_column],
+        "dependents_said": [dependents.summary([d]) for d in on_column],
         "resumes_job": job.id if resume and job else None,
         "cut_over_rewrite_secs": round(rewrite_secs(conn, info, rows), 1) if alter else 0.0,
         "cost": cost.as_dict(),
+        "text": {"content": info.content_sql or info.content_column, "reads": list(info.content_reads),
+                 "null_content": info.null_content},
+        "not_null": info.not_null,
+        "key": list(info.pk.columns),
     }
-    message = (
-        f"plan: {to_update} rows of {info.qualified} to re-embed in {batches} batches with {sig.name} "
-        f"({sig.dimension}-d), about {estimate if estimate is not None else '?'} s of encoding; "
-        f"typmod change: {'yes' if alter else 'no'}; current model: {registry.name if registry else 'none'}"
-        + (f"; resumes job {job.id}" if resume and job else "")
-        + "; on the column: " + dependents.summary(on_column)
-        + f"; cost: {cost.said()}"
-        + (f"; at the cut-over the table is rewritten (vector({sig.dimension})): writers and readers wait "
-           f"about {details['cut_over_rewrite_secs']} s" if alter and opts.strategy == "in_place" else "")
-        + "; " + said_strategies(strategies)
-        + "".join(f"; bridge {bridge.said(b)}" for b in bridges)
-        + (f"; bridge preview ({preview['pairs']:,} rows encoded here, nothing installed; the job fits it on "
-           f"--bridge-sample rows): {fitting.said(preview)}" + (f"; REFUSED: {preview['refused']}"
-                                                                if preview.get("refused") else "")
-           if preview and "kind" in preview else f"; bridge preview: {preview['error']}" if preview else "")
-    )
+    message = plan_text(details) + _bridge_text(bridges, preview)
     return Report(state="planned", model_name=sig.name, dimension=sig.dimension, model_hash=sig.hash,
                   duration_secs=time.monotonic() - started, message=message, details=details)

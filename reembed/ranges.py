@@ -1,9 +1,10 @@
 """The job's key space in ranges, for workers: where prepare cuts it, and where a range is cut
 again when a worker runs dry.
 
-Prepare takes the keys at evenly spaced fractions of a sample of the key column
-(`percentile_disc` over `TABLESAMPLE BERNOULLI`): any orderable single-column key works — bigint,
-uuid, text (in the column's collation, the order the readers page in). Range i is
+Prepare takes the keys at evenly spaced fractions of a sample of the key
+(`percentile_disc` over `TABLESAMPLE BERNOULLI`; a composite key's sample, in key order, picked
+here): any orderable key works — bigint, uuid, text (in the column's collation, the order the
+readers page in), or several columns of them (compared as rows). Range i is
 (key[i-1], key[i]]; the first has no lower bound and the last no upper bound, so rows inserted
 past either end are in a range too.
 
@@ -40,9 +41,14 @@ def boundaries(conn: psycopg.Connection[Any], info: TableInfo, *, rows_total: in
         return []
     percent = 100.0 if rows_total <= SAMPLE_ROWS else max(0.01, 100.0 * SAMPLE_ROWS / rows_total)
     fractions = [i / ranges for i in range(1, ranges)]
-    row = conn.execute(info.statement("key_quantiles"), {"fractions": fractions, "percent": percent}).fetchone()
+    if info.pk.composite:  # rows of values have no percentile_disc: the sample in key order, picked here
+        sample = [r["k"] for r in conn.execute(info.statement("key_sample"), {"percent": percent}).fetchall()]
+        found = [sample[min(len(sample) - 1, max(0, int(f * len(sample)) - 1))] for f in fractions] if sample else []
+    else:
+        row = conn.execute(info.statement("key_quantiles"), {"fractions": fractions, "percent": percent}).fetchone()
+        found = row["keys"] if row and row["keys"] else []
     keys: list[str] = []
-    for key in (row["keys"] if row and row["keys"] else []):
+    for key in found:
         if key is not None and (not keys or key != keys[-1]):  # percentile_disc is monotone: equal keys repeat
             keys.append(key)
     return keys

@@ -65,6 +65,7 @@ def _kept_job(settings: Settings, what: str) -> Iterator[tuple[psycopg.Connectio
     try:
         with db.translated():
             info = inspect_target(conn, settings.target)
+            carry.finish_not_null(conn, info)  # what a rollback killed after its swap back left to finish
             yield conn, info, _kept(conn, info, what)
     finally:
         conn.close()
@@ -81,11 +82,17 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
             raise ConfigError(f"job {job.id} recorded no model before it (the registry was empty): there is nothing "
                               "to swap back to; `reembed cleanup` keeps the new vectors")
         embedder = _old_model(settings, job, source.hash)
+        if embedder is None and stale and names.not_null:
+            raise ConfigError(
+                f"{stale} rows were written after the swap and {info.column} was NOT NULL: their previous vectors "
+                f"cannot be left NULL; give the old model (--model, {source.name}) to re-embed them; nothing was "
+                "written")
         if embedder is None and stale and not opts.leave_stale_null:
             raise ConfigError(
                 f"{stale} rows were written after the swap: their previous vectors are stale; give the old model "
                 f"(--model, {source.name}) to re-embed them, or pass --leave-stale-null to swap back with those "
                 "rows' embedding NULL; nothing was written")
+        _check_added_since(conn, info, names)
         held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
                           break_stale_lock=False, stale_after=90.0)
         stop = StopSignal()
@@ -107,6 +114,7 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
                                                        opts.cut_over_lock_timeout, body),
                     swap=lambda c: _swap_back(c, info, job, names),
                     record=lambda c, secs: None)
+                carry.finish_not_null(work, info)  # the previous column's NOT NULL, validated with no hold
             finally:
                 work.close()
                 writer.close()
@@ -159,15 +167,29 @@ def _kept(conn: psycopg.Connection[Any], info: TableInfo, what: str) -> ckpt.Job
     return job
 
 
+def _check_added_since(conn: psycopg.Connection[Any], info: TableInfo, names: shadow.Names) -> None:
+    """What was created on the new column after the swap and would go with it (an index, a
+    constraint): refused, by name (views, rules, triggers and policies are carried back)."""
+    ours = {i.name for i in names.indexes}
+    found = conn.execute(query("column_dependents"), {"table_oid": info.oid, "attnum": info.attnum}).fetchall()
+    added = [f"{r['kind']} {r['object_name'] or r['description']}" for r in found
+             if (r["kind"] == "index" and r["object_name"] not in ours)
+             or (r["kind"] == "constraint" and r["contype"] != "n")]
+    if added:
+        raise ConfigError(f"{', '.join(added)} created on {info.qualified}.{info.column} after the swap would go "
+                          "with that column when rolling back drops it; drop each first (and create it on the "
+                          "previous column if it is wanted there), then roll back; nothing was written")
+
+
 def _stale(conn: psycopg.Connection[Any], job: ckpt.Job) -> int:
     row = conn.execute(query("after_swap_count"), {"job_id": job.id}).fetchone()
     return int(row["n"]) if row else 0
 
 
 def _old_model(settings: Settings, job: ckpt.Job, want_hash: str) -> Embedder | None:
-    spec = settings.model
-    if spec is None:
+    if settings.model is None:
         return None
+    spec = settings.model.for_target(settings.target)
     _, model_hash = fingerprint(spec)
     if model_hash != want_hash:
         raise ConfigError(f"--model {spec.model} hashes to {model_hash}, but job {job.id} replaced a column embedded "
@@ -220,6 +242,7 @@ class AfterSwap:
         for page, batch in work.batches:
             vectors = self._encode(batch, ahead)
             with self.writer.transaction():
+                self.writer.execute(query("write_transaction_settings"))
                 rows += self._write(self.writer, page, batch, vectors)
         return rows
 
@@ -255,11 +278,12 @@ class AfterSwap:
         the read (NULL without the old model), and the keys settled that are right now or gone."""
         previous = self.names.previous
         if self.embedder is None:
-            out = conn.execute(self.info.statement("null_previous", column=previous), {"ids": batch.ids}).fetchall()
+            out = conn.execute(self.info.statement("null_previous", column=previous),
+                               {"ids": batch.id_texts}).fetchall()
             self.nulled += len(out)
         else:
             out = conn.execute(self.info.statement("write_previous", column=previous), {
-                "ids": batch.ids, "vectors": [None if v is None else _text(v) for v in vectors],
+                "ids": batch.id_texts, "vectors": [None if v is None else _text(v) for v in vectors],
                 "xmins": batch.xmins}).fetchall()
             self.re_embedded += len(out)
         written = {r["id_text"] for r in out}
@@ -291,6 +315,7 @@ def _passes(conn: psycopg.Connection[Any], stale: AfterSwap, stop: StopSignal, *
             vectors = stale._encode(batch, {})
             started = time.monotonic()
             with conn.transaction():
+                conn.execute(query("write_transaction_settings"))
                 stale._write(conn, page, batch, vectors)
             writes.measured(len(page), time.monotonic() - started)
             after = keys[-1]
@@ -320,10 +345,13 @@ def _swap_back(c: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, names
     c.execute(info.statement("drop_column_if_exists", column=info.column))  # its indexes go with it
     shadow.rename_column(c, info, names.previous, info.column)
     carry.apply_column(c, info, info.column, attributes)
+    if names.not_null:  # the swap took it off the previous column: back, validated after the hold
+        carry.hold_not_null(c, info, info.column, job_id=job.id, name=names.not_null_name)
     for i in names.indexes:
         shadow.rename_index(c, info, i.previous, i.name)
         carry.apply_index(c, info, i.name, indexes[i.name])
-    carry.create(c, carried, old=job.target_dimension, new=job.source_typmod or job.target_dimension)
+    carry.create(c, carried, old=job.target_dimension, new=job.source_typmod or job.target_dimension,
+                 column=info.column)
     source = job.source
     if source is None:
         raise ReembedError(f"job {job.id} recorded no model before it")
@@ -347,6 +375,7 @@ def _retrying(conn: psycopg.Connection[Any], what: str, body: Callable[[psycopg.
     while True:
         try:
             with conn.transaction():
+                conn.execute(query("write_transaction_settings"))  # the application's triggers fire on it
                 return body(conn, *args)
         except psycopg.errors.LockNotAvailable:
             if time.monotonic() > deadline:

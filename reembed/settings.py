@@ -63,6 +63,8 @@ class Target:
     table: str = "knowledge_nodes"
     column: str = "embedding"
     content_column: str = "content"
+    content: str | None = None  # a SQL expression over the row for the text (instead of content_column)
+    null_content: str = "null"  # a row whose text is NULL: "null" (its vector NULL) or "empty" (the empty text's)
     index: str | None = None  # None: the HNSW index found on the column
     registry: str = "embedding_model"
 
@@ -82,10 +84,16 @@ class ModelSpec:
     precision: str = "auto"
     prefix: str = ""
     max_seq_length: int | None = None  # None: the model's own
+    content: str | None = None  # the target's content expression: the text the vectors are of (in the hash)
+    null_content: str = "null"  # the target's: "empty" encodes a NULL text as "" (in the hash)
 
     @property
     def registry_name(self) -> str:
         return self.model_name or self.model
+
+    def for_target(self, target: Target) -> ModelSpec:
+        """This model reading `target`'s text: what it reads and how it takes a NULL are in its hash."""
+        return replace(self, content=target.content, null_content=target.null_content)
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ class RunOptions:
     window_rows: int | None = None  # rows sorted by length together; None: 4,096 on CUDA, 1,024 elsewhere
     drop_hnsw_first: bool = True  # the column's ANN indexes dropped before the writes, built again at the end
     allow_published: bool = False  # a type change on a table logical replication publishes (subscribers relaxed)
+    allow_shared_registry: bool = False  # other vector columns of the registry's dimension may stay as they are
     concurrent_index: bool = True  # the HNSW build never blocks the application's writes
     confirm_seconds: float = 5.0  # the warning banner's pause; 0 with --no-confirm
     dry_run: bool = False
@@ -199,6 +208,30 @@ class BridgeOptions:
         _fraction("--bridge-min-recall", args.bridge_min_recall)
         return cls(sample=args.sample, min_recall=args.bridge_min_recall, function=args.bridge_function,
                    dry_run=args.bridge_dry_run, drop=args.drop)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `reembed eval` compares, on which rows."""
+
+    models: tuple[ModelSpec, ...] = ()  # the candidates
+    current: ModelSpec | None = None  # the registry's model (its hash is checked): the stored column's queries
+    sample: int = 10_000  # rows read once and encoded by each model: the search's rows
+    queries: int = 1000  # of them, rows made into queries (one of their sentences)
+    seed: int = 0  # the same seed, the same rows and queries
+    strategy: str = "in_place"  # the job whose cost `plan` states for each candidate
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalOptions:
+        def spec(model: str, prefix: str, max_seq_length: int | None) -> ModelSpec:
+            return ModelSpec(model=model, device=args.device, precision=args.precision, prefix=prefix,
+                             max_seq_length=max_seq_length)
+
+        current = spec(args.current_model, args.current_prefix or "", args.current_max_seq_length) \
+            if args.current_model else None
+        return cls(models=tuple(spec(m, args.prefix or "", args.max_seq_length) for m in args.models),
+                   current=current, sample=args.sample, queries=args.queries, seed=args.seed,
+                   strategy=args.strategy)
 
 
 @dataclass(frozen=True)

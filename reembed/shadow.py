@@ -77,11 +77,13 @@ class Names:
     shadow: str  # the shadow column while the job runs
     previous: str  # the live column after the swap
     indexes: tuple[ShadowIndex, ...]
-    not_null: bool  # the live column is NOT NULL (dropped from the previous column at the swap)
+    not_null: bool  # the live column is NOT NULL: carried to the new column at the swap, from the previous
+    not_null_name: str | None = None  # its constraint's name (PostgreSQL 18 names them), given back after
 
     def as_json(self) -> dict[str, Any]:
         return {"column": self.column, "shadow": self.shadow, "previous": self.previous,
-                "indexes": [i.as_json() for i in self.indexes], "not_null": self.not_null}
+                "indexes": [i.as_json() for i in self.indexes], "not_null": self.not_null,
+                "not_null_name": self.not_null_name}
 
     @classmethod
     def of(cls, job: ckpt.Job) -> Names:
@@ -89,10 +91,12 @@ class Names:
         if data is None:
             raise InternalError(f"job {job.id} is a shadow job but recorded no shadow column")
         return cls(column=data["column"], shadow=data["shadow"], previous=data["previous"],
-                   indexes=tuple(ShadowIndex(**i) for i in data["indexes"]), not_null=bool(data.get("not_null")))
+                   indexes=tuple(ShadowIndex(**i) for i in data["indexes"]), not_null=bool(data.get("not_null")),
+                   not_null_name=data.get("not_null_name"))
 
 
-def plan_names(info: TableInfo, job_id: int, found: list[dependents.Dependent], *, not_null: bool) -> Names:
+def plan_names(info: TableInfo, job_id: int, found: list[dependents.Dependent], *, not_null: bool,
+               not_null_name: str | None = None) -> Names:
     shadow = name_with(info.column, f"_reembed{job_id}")
     indexes = []
     for d in found:
@@ -103,7 +107,7 @@ def plan_names(info: TableInfo, job_id: int, found: list[dependents.Dependent], 
         statement = sql.SQL("CREATE INDEX {name} ON {table} USING ").format(
             name=sql.Identifier(twin), table=sql.Identifier(*info.ident)).as_string() + body
         indexes.append(ShadowIndex(d.name, twin, name_with(d.name, PREVIOUS), statement, d.method))
-    return Names(info.column, shadow, name_with(info.column, PREVIOUS), tuple(indexes), not_null)
+    return Names(info.column, shadow, name_with(info.column, PREVIOUS), tuple(indexes), not_null, not_null_name)
 
 
 def check_table(conn: psycopg.Connection[Any], info: TableInfo) -> None:
@@ -147,8 +151,8 @@ class Shadow:
         info = ctx.info
         capture.settle_others(ctx, conn, job)
         check_table(conn, info)
-        row = conn.execute(query("column_not_null"), {"table_oid": info.oid, "column": info.column}).fetchone()
-        names = plan_names(info, job.id, dependents.recorded(job), not_null=bool(row and row["not_null"]))
+        names = plan_names(info, job.id, dependents.recorded(job), not_null=info.not_null,
+                           not_null_name=carry.not_null_name(conn, info, info.column) if info.not_null else None)
         check_names(conn, info, names)
         conn.execute(info.statement("add_shadow_column", shadow=names.shadow, dim=sql.Literal(ctx.signature.dimension)))
         conn.execute(query("record_shadow"), {"shadow": Jsonb(names.as_json()), "job_id": job.id})
@@ -181,6 +185,8 @@ class Shadow:
                          in_transaction=False, record=False),
             # its transaction opens only for the hold, and records the step (reembed.cutover)
             FinalizeStep("cut_over", lambda conn: self._cut_over(ctx), in_transaction=False, record=False),
+            *([FinalizeStep("not_null", lambda conn: self._not_null(ctx, conn), in_transaction=False)]
+              if names.not_null else []),
             FinalizeStep("done", lambda conn: ckpt.set_state(conn, ctx.active, to="done", from_state="finalizing")),
         ]
 
@@ -189,6 +195,12 @@ class Shadow:
             return  # a run resumed after the swap: nothing is captured any more
         capture.catch_up(ctx, until=until, writes=self._cut.writes)
         failures.settle(ctx)
+
+    def _not_null(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
+        """After the swap, no lock held: the new column's NOT NULL, validated while the application
+        goes on, then put back under its name (reembed.carry.finish_not_null)."""
+        done = carry.finish_not_null(conn, ctx.info, lock_timeout=ctx.opts.ddl_lock_timeout)
+        log.info("not_null_carried", columns=done)
 
     def _check_indexes(self, ctx: RunContext, conn: psycopg.Connection[Any], names: Names) -> None:
         wanted = [i.shadow for i in names.indexes]
@@ -228,17 +240,14 @@ class Shadow:
         rename_column(conn, info, info.column, names.previous)
         rename_column(conn, info, names.shadow, info.column)
         carry.apply_column(conn, info, info.column, column)
-        if names.not_null:
+        if names.not_null:  # the application stops writing the previous column; the new one refuses NULL
             conn.execute(info.statement("drop_not_null", column=names.previous))
-            log.warning("not_null_not_carried", column=info.column,
-                        detail=f"{names.previous} no longer refuses NULL (the application stops writing it); the new "
-                               f"{info.column} is nullable: ALTER TABLE ... ALTER COLUMN {info.column} SET NOT NULL "
-                               "when you want it back")
+            carry.hold_not_null(conn, info, info.column, job_id=job.id, name=names.not_null_name)
         for i in names.indexes:
             rename_index(conn, info, i.name, i.previous)
             rename_index(conn, info, i.shadow, i.name)
             carry.apply_index(conn, info, i.name, indexes[i.name])
-        carry.create(conn, carried, old=job.source_typmod, new=ctx.signature.dimension)
+        carry.create(conn, carried, old=job.source_typmod, new=ctx.signature.dimension, column=info.column)
         if carried.views or carried.attached:
             log.info("recreated_on_new_column", objects=carried.labels())
         record_after_swap(conn, info, job.id)

@@ -20,7 +20,8 @@ class Status:
     exit_code: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return self.data
+        """What --json prints: everything but the job's history (`status --report` plots that)."""
+        return {k: v for k, v in self.data.items() if k != "history"}
 
     def text(self) -> str:
         d = self.data
@@ -267,5 +268,7 @@ def status_on(conn: Any, settings: Settings, stale_after: float) -> Status:
         started_at=job.started_at,
         updated_at=job.updated_at,
         finished_at=job.finished_at,
+        throttled_secs=job.throttled_secs,
+        history=job.history or [],
     )
     return Status(data)

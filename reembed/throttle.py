@@ -44,6 +44,7 @@ from typing import Any
 import psycopg
 import structlog
 
+from reembed import checkpoint as ckpt
 from reembed import db
 from reembed.background import Background
 from reembed.errors import ConfigError, InternalError, first_line
@@ -255,6 +256,10 @@ class Throttle(Background):
         for r in conn.execute(query("idle_replication_slots")).fetchall():
             if r["slot_name"] in self.opts.exclude_replicas:
                 continue
+            if r["slot_type"] != "physical" and r["wal_status"] in ("reserved", None):
+                # a logical slot's consumer may poll it now and then (pg_logical_slot_get_changes): not a
+                # replica behind; it counts once it keeps more WAL than max_wal_size (extended, unreserved)
+                continue
             mine = self._behind(int(r["position"]), now)
             if mine > self._lag_limit:
                 self._once(f"slot {r['slot_name']}", "replication_slot_idle", slot=r["slot_name"],
@@ -442,6 +447,7 @@ def _beat(conn: psycopg.Connection[Any], job_id: int) -> Any:
 
 def _record_throttle(conn: psycopg.Connection[Any], job_id: int, reason: str | None, secs: float) -> None:
     conn.execute(query("record_throttle"), {"job_id": job_id, "reason": reason, "secs": secs})
+    ckpt.record_history(conn, job_id, now=True)  # the hold's start or end, in the job's history
 
 
 def _safe(dsn: str) -> str:

@@ -105,13 +105,14 @@ def verify(settings: Settings, options: VerifyOptions, *, embedder: Embedder | N
                 raise ConfigError(f"--model-name {given} is not the registry's model name {registry.name}; give "
                                   "the name the run recorded (or leave --model-name out: the hash is what is checked)")
             if embedder is None:
-                name, model_hash = fingerprint(settings.model)
+                spec = settings.model.for_target(settings.target)
+                name, model_hash = fingerprint(spec)
                 if model_hash != registry.hash:
                     raise ConfigError(
                         f"--model {settings.model.model} (hash {model_hash[:19]}…) is not the registry's model "
                         f"{registry.name} (hash {registry.hash[:19]}…); give the registry's model, with the "
                         "--prefix and --max-seq-length it was run with")
-                embedder = SentenceTransformerEmbedder(settings.model, model_hash=model_hash)
+                embedder = SentenceTransformerEmbedder(spec, model_hash=model_hash)
             elif embedder.signature.hash != registry.hash:
                 raise ConfigError(f"the embedder given is {embedder.signature.name}, not the registry's "
                                   f"{registry.name}; nothing to verify against")

@@ -29,6 +29,7 @@ windows are in memory.
 from __future__ import annotations
 
 import functools
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,12 +58,15 @@ _DEPTH = 2
 # seconds (status moves, a stop loses little); on a fast one the windows stay large.
 WINDOW_SECS = 2.0
 DRY_POLL_SECS = 0.5  # a worker with nothing to claim looks again this often
+TURN_WAIT_SECS = 5.0  # a batch waits for its turn this long at most with its rows locked
+_PROCESS_TOKEN = secrets.token_hex(3)
 
 
 class Worker:
     def __init__(self, ctx: RunContext, *, number: int = 0) -> None:
         self.ctx = ctx
-        self.name = f"{db.holder_name()}/{number}"
+        # host:pid and a token of this process: two containers on one host network may share a pid
+        self.name = f"{db.holder_name()}.{_PROCESS_TOKEN}/{number}"
         self.rows_updated = 0
         self.rows_skipped = 0
         self.rows_failed = 0
@@ -356,8 +360,9 @@ class _RangeRun:
         return written.rows, written.skipped
 
     def _advance(self, batch: Batch, turns: Turns, conn: psycopg.Connection[Any], written: Written) -> None:
-        """The range's cursor, in key order: once every earlier batch committed."""
-        turns.wait(batch.seq)
+        """The range's cursor, in key order: once every earlier batch committed (waiting with this
+        batch's rows locked at most TURN_WAIT_SECS: then they are let go and the batch tried again)."""
+        turns.wait(batch.seq, timeout=TURN_WAIT_SECS)
         if ckpt.advance(conn, self.rng, to_id=batch.last_id, rows=written.rows, skipped=written.skipped,
                         rate=self.progress.rate):
             self.split_wanted.set()

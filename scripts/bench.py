@@ -45,7 +45,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost", "shadow", "workers", "bridge")
+SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost", "shadow", "workers", "eval",
+            "bridge")
 WORDS = (
     "database index vector search model embedding query table row column cosine graph python compiler "
     "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
@@ -219,7 +220,7 @@ class Bench:
             t0 = time.perf_counter()
             for b, v in zip(batches, vecs, strict=True):
                 with conn.transaction():
-                    writer.write(conn, b.ids, v, b.xmins)
+                    writer.write(conn, b.ids, v, b.xmins, id_texts=b.id_texts)
                     conn.execute("UPDATE cursor_t SET last_id = %s", (b.last_id,))
             best = max(best, sum(len(b.ids) for b in batches) / (time.perf_counter() - t0))
         conn.close()
@@ -251,7 +252,7 @@ class Bench:
             conn = conns[k]
             for i in range(k, len(batches), writers):
                 with conn.transaction():
-                    writer.write(conn, batches[i].ids, vecs[i], batches[i].xmins)
+                    writer.write(conn, batches[i].ids, vecs[i], batches[i].xmins, id_texts=batches[i].id_texts)
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(writers) as pool:
@@ -636,6 +637,10 @@ class Bench:
                 for key in ids:  # an update that changes nothing the job reads: the trigger's WHEN says no
                     conn.execute("UPDATE knowledge_nodes SET content = content WHERE id = %s", (key,))
                 rates.setdefault(f"noop_update_{label}", []).append(n / (time.perf_counter() - t0))
+                # the same on the server alone (no round trips): what the WHEN costs each row
+                t0 = time.perf_counter()
+                conn.execute("UPDATE knowledge_nodes SET content = content WHERE id = ANY(%s)", (ids,))
+                rates.setdefault(f"noop_update_set_{label}", []).append(n / (time.perf_counter() - t0))
                 if label == "with":
                     conn.execute("DROP TRIGGER reembed_capture_1_ins ON knowledge_nodes;"
                                  " DROP TRIGGER reembed_capture_1_upd ON knowledge_nodes")
@@ -644,7 +649,9 @@ class Bench:
         return {**{f"{k}_per_sec": round(v) for k, v in best.items()}, "rows_captured": captured,
                 "insert_slowdown": round(1 - best["insert_with"] / best["insert_without"], 3),
                 "update_slowdown": round(1 - best["update_with"] / best["update_without"], 3),
-                "noop_update_slowdown": round(1 - best["noop_update_with"] / best["noop_update_without"], 3)}
+                "noop_update_slowdown": round(1 - best["noop_update_with"] / best["noop_update_without"], 3),
+                "noop_update_set_slowdown": round(1 - best["noop_update_set_with"] / best["noop_update_set_without"],
+                                                  3)}
 
     def _write_check_cost(self, dsn: str) -> dict[str, float]:
         """The write path with its xmin check (the product's) against one comparing the content."""
@@ -768,6 +775,62 @@ class Bench:
             }
             self.checkpoint(f"cost {old_dim}->{new_dim}")
         self.results["cost"] = out
+
+    def section_eval(self) -> None:
+        """`reembed eval` on --eval-rows real texts (docstrings of held-out packages): the stored column
+        holds a static model's vectors (the registry names it: its queries are measured too), the
+        candidates are the real MiniLM and a static model. The whole comparison's wall time, each
+        candidate's encode rate and peak memory, and the time a 10,000-row sample takes at those rates."""
+        from reembed.embedder import SentenceTransformerEmbedder
+        from reembed.evaluate import evaluate
+        from reembed.settings import EvalOptions, ModelSpec, Settings, Target
+
+        rows, device = self.args.eval_rows, self.args.device
+        content = corpus("docstrings", rows)
+        current = self.model_dir("static")
+        specs = tuple(ModelSpec(model=str(self.model_dir(kind)), model_name=kind, device=device)
+                      for kind in ("minilm", "static"))
+        with self.database() as dsn:
+            self.fill(dsn, rows=rows, dim=384, content=content)
+            stored = SentenceTransformerEmbedder(ModelSpec(model=str(current), device=device))
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                register_vector(conn)
+                found = conn.execute("SELECT id, content FROM knowledge_nodes").fetchall()
+                vectors = stored.encode([c for _, c in found])
+                with conn.cursor() as cur:
+                    cur.executemany("UPDATE knowledge_nodes SET embedding = %s WHERE id = %s",
+                                    [(v, k) for (k, _), v in zip(found, vectors, strict=True)])
+                conn.execute("UPDATE embedding_model SET model_name = %s, dimension = 384, model_hash = %s",
+                             (str(current), stored.signature.hash))
+                conn.execute("VACUUM ANALYZE knowledge_nodes")
+            del stored
+            started = time.perf_counter()
+            data = evaluate(Settings(target=Target(dsn=dsn)),
+                            EvalOptions(models=specs, sample=rows, queries=min(rows, 1000))).as_dict()
+            secs = time.perf_counter() - started
+        models = {m["label"]: m for m in data["models"] if not m["current"]}
+        encode = sum(rows / m["rows_per_sec"] for m in models.values())
+        # the same texts through each model's plain encode (batches of --batch-size, one process), in this
+        # run: eval's rate as a ratio to it holds on a busier or quieter host
+        plain = {}
+        for spec in specs:
+            emb = SentenceTransformerEmbedder(spec)
+            plain[spec.model_name] = self.encode_only(emb, content[: min(rows, 1000)])
+            del emb
+        out: dict[str, Any] = {"rows": rows, "queries": data["sample"]["queries"], "device": device,
+                               "eval_secs": round(secs, 1), "encode_secs": round(encode, 1),
+                               "other_secs": round(secs - encode, 1)}
+        for label, m in models.items():
+            out[label] = {"rows_per_sec": m["rows_per_sec"],
+                          "peak_memory_mb": round(m["peak_memory"]["bytes"] / 2**20, 1),
+                          "peak_memory_kind": m["peak_memory"]["kind"], "load_secs": m["load_secs"],
+                          "recall": m["recall"]["value"], "encode_10k_secs": round(10_000 / m["rows_per_sec"], 1),
+                          "encode_only_rows_per_sec": round(plain[label], 1),
+                          "eval_over_encode_only": round(m["rows_per_sec"] / plain[label], 3)}
+        # at 10,000 rows: the encoding scales with the rows; the rest (loading, queries, plan) is taken as is
+        out["extrapolated_10k_secs"] = round(sum(v["encode_10k_secs"] for v in out.values() if isinstance(v, dict))
+                                             + out["other_secs"], 1)
+        self.results["eval"] = out
 
     def section_workers(self) -> None:
         """One job on 1, 2 and 4 worker processes (scripts/simworker.py), each on a SIMULATED device
@@ -1138,7 +1201,9 @@ def render(results: dict[str, Any]) -> str:
                      f"({100 * t['insert_slowdown']:.1f}% slower), UPDATE {t['update_without_per_sec']} / "
                      f"{t['update_with_per_sec']} ({100 * t['update_slowdown']:.1f}% slower), an UPDATE that "
                      f"changes nothing {t['noop_update_without_per_sec']} / {t['noop_update_with_per_sec']} "
-                     f"({100 * t['noop_update_slowdown']:.1f}% slower)")
+                     f"({100 * t['noop_update_slowdown']:.1f}% slower); in one UPDATE of its "
+                     f"rows that change nothing: {t['noop_update_set_without_per_sec']} / "
+                     f"{t['noop_update_set_with_per_sec']} rows/s ({100 * t['noop_update_set_slowdown']:.1f}% slower)")
         w = lv["write_check"]
         lines.append(f"  no-lost-update check, write-only rows/s: xmin {w['xmin_rows_per_sec']}, content "
                      f"{w['content_rows_per_sec']} (xmin/content {w['xmin_over_content']})")
@@ -1181,6 +1246,17 @@ def render(results: dict[str, Any]) -> str:
                          f"{v['speedup_summed']}x "
                          f"(ideal {v['ideal']} rows/s = min(N x device, write ceiling)); write ceiling with "
                          f"{n} writer connection(s), no device time: {v['write_ceiling']['rows_per_sec']} rows/s")
+    if "eval" in results:
+        e = results["eval"]
+        lines.append(f"\neval ({e['rows']} rows of docstrings sampled, {e['queries']} queries, device {e['device']}): "
+                     f"{e['eval_secs']} s in all ({e['encode_secs']} s encoding the candidates, {e['other_secs']} s "
+                     f"loading, queries, the stored column and plan's cost); at 10,000 rows about "
+                     f"{e['extrapolated_10k_secs']} s")
+        for label, m in ((k, v) for k, v in e.items() if isinstance(v, dict)):
+            lines.append(f"  {label}: {m['rows_per_sec']} rows/s (encode-only {m['encode_only_rows_per_sec']}, "
+                         f"ratio {m['eval_over_encode_only']}), peak {m['peak_memory_mb']} MB "
+                         f"({m['peak_memory_kind']}), load {m['load_secs']} s, recall@10 {m['recall']}; "
+                         f"10,000 rows encoded in {m['encode_10k_secs']} s")
     if "bridge" in results:
         b = results["bridge"]
         lines.append(f"\nthe bridge ({b['rows']} real docstrings, {b['queries']} queries made from rows; success@10 "
@@ -1225,6 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost-rows", type=int, default=20_000, help="rows for the cost section's WAL measurement")
     p.add_argument("--shadow-rows", type=int, default=20_000, help="rows for the shadow section's search-through-a-job")
     p.add_argument("--worker-rows", type=int, default=20_000, help="rows for the workers section")
+    p.add_argument("--eval-rows", type=int, default=2_000, help="rows sampled by the eval section (every row)")
     p.add_argument("--worker-counts", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--sim-rate", type=float, default=1000.0, help="the simulated device's rows/s per worker")
     p.add_argument("--bridge-rows", type=int, default=6000, help="docstrings for the bridge section")

@@ -3,7 +3,7 @@
 -- psycopg.sql.Identifier by reembed.queries.
 
 -- name: target_table
--- The table, its primary key (must be a single column) and the pgvector extension.
+-- The table, its primary key's columns and their types (in the key's order), the pgvector extension.
 SELECT c.oid::bigint                                    AS table_oid,
        n.nspname                                        AS schema_name,
        c.relname                                        AS table_name,
@@ -12,14 +12,16 @@ SELECT c.oid::bigint                                    AS table_oid,
           CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
          WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_columns,
-       (SELECT format_type(a.atttypid, a.atttypmod)
+       (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord)
           FROM pg_index i
-          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-         WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_type,
-       (SELECT a.atttypid::bigint
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_types,
+       (SELECT array_agg(a.atttypid::bigint ORDER BY k.ord)
           FROM pg_index i
-          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-         WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_type_oid,
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_type_oids,
        (SELECT extversion FROM pg_extension WHERE extname = 'vector') AS vector_version
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -30,7 +32,8 @@ SELECT a.attname,
        a.attnum,
        t.typname,
        format_type(a.atttypid, a.atttypmod) AS formatted,
-       a.atttypmod                           AS typmod
+       a.atttypmod                           AS typmod,
+       a.attnotnull                          AS not_null
   FROM pg_attribute a
   JOIN pg_type t ON t.oid = a.atttypid
  WHERE a.attrelid = %(table_oid)s::oid AND a.attname = %(column)s
@@ -97,12 +100,13 @@ INSERT INTO reembed_checkpoint (
     table_name, column_name, content_column, id_column, id_type, state, strategy,
     target_model_name, target_dimension, target_hash,
     source_model_name, source_dimension, source_hash, source_typmod,
-    index_name, index_def, rows_total, holder, heartbeat_at, dependents)
+    index_name, index_def, rows_total, holder, heartbeat_at, dependents, content_expr, null_content)
 VALUES (
     %(table)s, %(column)s, %(content_column)s, %(id_column)s, %(id_type)s, 'embedding', %(strategy)s,
     %(target_model_name)s, %(target_dimension)s, %(target_hash)s,
     %(source_model_name)s, %(source_dimension)s, %(source_hash)s, %(source_typmod)s,
-    %(index_name)s, %(index_def)s, %(rows_total)s, %(holder)s, now(), %(dependents)s)
+    %(index_name)s, %(index_def)s, %(rows_total)s, %(holder)s, now(), %(dependents)s, %(content_expr)s,
+    %(null_content)s)
 RETURNING *;
 
 -- name: insert_range
@@ -342,7 +346,8 @@ SELECT 'vector'::regtype::oid::int AS oid;
 SELECT set_config('maintenance_work_mem', %(memory)s, false),
        set_config('max_parallel_maintenance_workers', %(workers)s, false),
        set_config('lock_timeout', %(lock_timeout)s, false),
-       set_config('default_tablespace', %(tablespace)s, false);
+       set_config('default_tablespace', %(tablespace)s, false),
+       set_config('row_security', 'on', false);  -- event triggers fire on the build, as on the application's
 
 -- name: parallel_limits
 SELECT current_setting('max_parallel_workers')::int AS par,
@@ -922,7 +927,8 @@ SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, max(v.depth
 -- PostgreSQL prints it (the column by its name), its relation, comment and enabled state.
 SELECT 'rule' AS kind, r.oid::bigint AS oid, r.rulename AS name, n.nspname AS schema, c.relname AS relation,
        pg_get_ruledef(r.oid) AS definition, r.ev_enabled::text AS enabled,
-       obj_description(r.oid, 'pg_rewrite') AS comment, NULL::text AS owner, NULL::int AS stats_target
+       obj_description(r.oid, 'pg_rewrite') AS comment, NULL::text AS owner, NULL::int AS stats_target,
+       pg_get_userbyid(c.relowner) AS relation_owner
   FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE r.rulename <> '_RETURN'
    AND (r.ev_class = ANY(%(views)s::oid[])
@@ -933,7 +939,7 @@ SELECT 'rule' AS kind, r.oid::bigint AS oid, r.rulename AS name, n.nspname AS sc
                            OR (d.refobjid = ANY(%(views)s::oid[]) AND d.refobjid <> r.ev_class))))
 UNION ALL
 SELECT 'trigger', t.oid::bigint, t.tgname, n.nspname, c.relname, pg_get_triggerdef(t.oid), t.tgenabled::text,
-       obj_description(t.oid, 'pg_trigger'), NULL, NULL
+       obj_description(t.oid, 'pg_trigger'), NULL, NULL, pg_get_userbyid(c.relowner)
   FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE NOT t.tgisinternal AND t.tgname NOT LIKE 'reembed\_%%'
    AND (t.tgrelid = ANY(%(views)s::oid[])
@@ -950,7 +956,7 @@ SELECT 'policy', p.oid::bigint, p.polname, n.nspname, c.relname,
                        FROM unnest(p.polroles) AS r)
        || coalesce(' USING (' || pg_get_expr(p.polqual, p.polrelid) || ')', '')
        || coalesce(' WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')', ''),
-       NULL, obj_description(p.oid, 'pg_policy'), NULL, NULL
+       NULL, obj_description(p.oid, 'pg_policy'), NULL, NULL, pg_get_userbyid(c.relowner)
   FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE EXISTS (SELECT 1 FROM pg_depend d
                 WHERE d.classid = 'pg_policy'::regclass AND d.objid = p.oid AND d.refclassid = 'pg_class'::regclass
@@ -958,7 +964,8 @@ SELECT 'policy', p.oid::bigint, p.polname, n.nspname, c.relname,
                        OR d.refobjid = ANY(%(views)s::oid[])))
 UNION ALL
 SELECT 'statistics', s.oid::bigint, s.stxname, n.nspname, c.relname, pg_get_statisticsobjdef(s.oid), NULL,
-       obj_description(s.oid, 'pg_statistic_ext'), pg_get_userbyid(s.stxowner), s.stxstattarget::int
+       obj_description(s.oid, 'pg_statistic_ext'), pg_get_userbyid(s.stxowner), s.stxstattarget::int,
+       pg_get_userbyid(s.stxowner)
   FROM pg_statistic_ext s JOIN pg_class c ON c.oid = s.stxrelid JOIN pg_namespace n ON n.oid = s.stxnamespace
  WHERE EXISTS (SELECT 1 FROM pg_depend d
                 WHERE d.classid = 'pg_statistic_ext'::regclass AND d.objid = s.oid
@@ -1139,3 +1146,117 @@ SELECT r.upper_id AS at, n.range_no AS new_range_no
 SELECT c.relname AS name FROM pg_class c
  WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = %(table_oid)s::oid)
    AND c.relname = ANY(%(names)s::text[]);
+
+-- name: content_probe
+-- --content, tried on the table (no row read).
+SELECT {text} AS content FROM {table} LIMIT 0;
+
+-- name: content_probe_view
+-- --content as a temporary view (rolled back): its dependencies are the columns the text reads.
+CREATE TEMP VIEW reembed_content_probe AS SELECT {text} AS content FROM {table};
+
+-- name: content_probe_reads
+SELECT DISTINCT d.refobjsubid AS attnum, a.attname
+  FROM pg_depend d
+  JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+  LEFT JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+ WHERE r.ev_class = 'pg_temp.reembed_content_probe'::regclass
+   AND d.refclassid = 'pg_class'::regclass AND d.refobjid = %(table_oid)s::oid
+ ORDER BY 1;
+
+-- name: carry_not_null_check
+ALTER TABLE {relation} ADD CONSTRAINT {object} CHECK ({column} IS NOT NULL) NOT VALID;
+
+-- name: carry_constraint_comment
+COMMENT ON CONSTRAINT {object} ON {relation} IS {text};
+
+-- name: carry_validate
+ALTER TABLE {relation} VALIDATE CONSTRAINT {object};
+
+-- name: carry_add_not_null
+-- PostgreSQL 18: the NOT NULL constraint under the name the column had (a valid CHECK proves it).
+ALTER TABLE {relation} ADD CONSTRAINT {object} NOT NULL {column};
+
+-- name: carry_set_not_null
+ALTER TABLE {relation} ALTER COLUMN {column} SET NOT NULL;
+
+-- name: carry_drop_constraint
+ALTER TABLE {relation} DROP CONSTRAINT {object};
+
+-- name: not_null_checks
+-- The checks a swap left to stand for a NOT NULL (reembed.carry.hold_not_null): their column, whether
+-- validated, the NOT NULL constraint's name to give back (in the check's comment), the column's state.
+SELECT c.conname AS check_name, a.attname AS column_name, c.convalidated AS validated,
+       nullif(obj_description(c.oid, 'pg_constraint'), '') AS wanted, a.attnotnull AS not_null
+  FROM pg_constraint c
+  JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+ WHERE c.conrelid = %(table_oid)s::oid AND c.contype = 'c' AND c.conname LIKE 'reembed\_not\_null\_%%'
+ ORDER BY c.conname;
+
+-- name: not_null_constraint
+SELECT c.conname AS name
+  FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+ WHERE c.conrelid = %(table_oid)s::oid AND c.contype = 'n' AND a.attname = %(column)s;
+
+-- name: vector_columns_of_dimension
+-- Every vector or halfvec column of this dimension in the database's tables (partitions left out: their
+-- parent stands for them), but reembed's own: columns that probably follow the same registry.
+SELECT c.oid::bigint AS table_oid, n.nspname AS schema, c.relname AS table_name, a.attname AS column_name
+  FROM pg_attribute a
+  JOIN pg_class c ON c.oid = a.attrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_type t ON t.oid = a.atttypid
+ WHERE t.typname IN ('vector', 'halfvec') AND a.atttypmod = %(dim)s AND a.attnum > 0 AND NOT a.attisdropped
+   AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%%'
+   AND c.relname NOT LIKE 'reembed\_%%'
+ ORDER BY 2, 3, 4;
+
+-- name: write_transaction_settings
+-- A transaction of reembed's that writes the user's table or its catalog: the application's triggers
+-- and event triggers fire on it, with row security as the application has it (reembed's sessions
+-- read with row_security off: a policy that would hide rows raises instead; target.check_row_security
+-- refuses such a table before any write).
+SELECT set_config('row_security', 'on', true);
+
+-- name: can_act_as
+-- May this session act as these roles (own their objects, give them objects)? Superuser, or a member.
+SELECT r.rolname AS role,
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) OR pg_has_role(current_user, r.oid, 'MEMBER')
+           AS may
+  FROM pg_roles r WHERE r.rolname = ANY(%(roles)s::text[]);
+
+-- name: settle_session
+-- reembed's session settings (reembed.db.SESSION_SETTINGS), set for the session.
+SELECT count(set_config(n, v, false)) FROM unnest(%(names)s::text[], %(values)s::text[]) AS s(n, v);
+
+-- name: fires_on_update
+-- What fires when reembed updates a row of the table: the application's row triggers on UPDATE
+-- (enabled, not reembed's own) and its rules ON UPDATE (an INSTEAD rule rewrites reembed's UPDATE).
+SELECT 'trigger' AS kind, t.tgname AS name, pg_get_triggerdef(t.oid) AS definition, false AS instead
+  FROM pg_trigger t
+ WHERE t.tgrelid = %(table_oid)s::oid AND NOT t.tgisinternal AND t.tgname NOT LIKE 'reembed\_%%'
+   AND t.tgenabled <> 'D' AND (t.tgtype & 1) = 1 AND (t.tgtype & 16) = 16  -- FOR EACH ROW, UPDATE
+UNION ALL
+SELECT 'rule', r.rulename, pg_get_ruledef(r.oid), r.is_instead
+  FROM pg_rewrite r
+ WHERE r.ev_class = %(table_oid)s::oid AND r.ev_type = '2' AND r.ev_enabled <> 'D'
+ ORDER BY 1, 2;
+
+-- name: record_history
+-- A sample of the job's progress for its history (`status --report` plots it): the time, the rows
+-- done, the state, the last finalize step, whether a throttle holds the job. %(every)s NULL: at
+-- most one per 9 s or per 1/500 of the job's age, whichever is longer (a long job keeps about a
+-- thousand); 0: now (a change of state, a finalize step, a hold).
+UPDATE reembed_checkpoint c
+   SET history = c.history || jsonb_build_array(jsonb_build_object(
+           't', round(extract(epoch FROM clock_timestamp())::numeric, 3),
+           'rows', (SELECT coalesce(sum(r.rows_done + r.rows_skipped), 0) FROM reembed_checkpoint_range r
+                     WHERE r.job_id = c.job_id),
+           'state', c.state,
+           'step', c.finalize_steps[cardinality(c.finalize_steps)],
+           'held', c.throttle_reason IS NOT NULL))
+ WHERE c.job_id = %(job_id)s
+   AND (jsonb_array_length(c.history) = 0
+        OR extract(epoch FROM clock_timestamp()) - (c.history -> -1 ->> 't')::float8
+           >= coalesce(%(every)s::float8, greatest(9.0, extract(epoch FROM now() - c.started_at) / 500)));

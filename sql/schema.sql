@@ -147,6 +147,18 @@ CREATE TABLE IF NOT EXISTS reembed_worker (
     PRIMARY KEY (job_id, worker)
 );
 
+-- Added with the tables applications have (issue 28): the text as a SQL expression over the row
+-- (--content; NULL: content_column), how a NULL text is taken (--null-content).
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS content_expr text,
+    ADD COLUMN IF NOT EXISTS null_content text NOT NULL DEFAULT 'null';
+
+-- Added with reports (reembed.htmlreport): the job's history, samples of (time, rows done, state,
+-- last finalize step, held by a throttle) taken at each heartbeat (thinned: about a thousand for a
+-- long job) and at each change of state, finalize step and throttle hold; `status --report` plots it.
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS history jsonb NOT NULL DEFAULT '[]';
+
 -- Added with the bridge (reembed.bridge): a map from a new model's space into the space the live
 -- column holds, fitted on rows of the table (reembed.mapping) and installed as a SQL function the
 -- application wraps around every new-model vector it searches or writes with. A current bridge

@@ -1,8 +1,10 @@
 -- Statements on the user's table. `-- name: X` starts one, as in queries.sql. {braced}
--- names are filled in by reembed.target.TableInfo.sql(): identifiers with
--- psycopg.sql.Identifier ({table}: schema-qualified, {id}, {col}: the column written,
--- {content}), {id_type} from format_type() (already quoted), and literals where named.
--- Values are always parameters.
+-- names are filled in by reembed.target.TableInfo.statement(): identifiers with
+-- psycopg.sql.Identifier ({table}: schema-qualified, {col}: the column written), the text
+-- ({content}: the content column, or the operator's --content expression), the primary key's
+-- forms (reembed.target.Key: {id} the key, a column or a row of columns; {id_order}; {id_text} its
+-- text form; {after_id}/{upper_id} a parameter's text form made a key again; ...), and literals
+-- where named. Values are always parameters.
 
 -- name: count_rows
 SELECT count(*) AS n FROM {table};
@@ -13,50 +15,56 @@ SELECT count(*) AS n FROM {table};
 SELECT {content} AS content FROM {table} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (7)
 WHERE {content} IS NOT NULL LIMIT %(n)s;
 
+-- name: null_text_rows
+-- Rows whose text is NULL (a NOT NULL vector column refuses them before any write).
+SELECT count(*) AS n FROM {table} WHERE {content} IS NULL;
+
 -- name: read_first
 -- Keyset pagination, first page of a range (upper bound inclusive, NULL: none). xmin tells
 -- the write whether the row changed since this read.
-SELECT {id} AS id, {id}::text AS id_text, {content} AS content, xmin::text::bigint AS xmin
+SELECT {id_select}, {id_text} AS id_text, {content} AS content, xmin::text::bigint AS xmin
   FROM {table}
- WHERE (%(upper)s::text IS NULL OR {id} <= CAST(%(upper)s AS {id_type}))
- ORDER BY {id} LIMIT %(n)s;
+ WHERE (%(upper)s::text IS NULL OR {id} <= {upper_id})
+ ORDER BY {id_order} LIMIT %(n)s;
 
 -- name: read_next
-SELECT {id} AS id, {id}::text AS id_text, {content} AS content, xmin::text::bigint AS xmin
+SELECT {id_select}, {id_text} AS id_text, {content} AS content, xmin::text::bigint AS xmin
   FROM {table}
- WHERE {id} > CAST(%(after)s AS {id_type})
-   AND (%(upper)s::text IS NULL OR {id} <= CAST(%(upper)s AS {id_type}))
- ORDER BY {id} LIMIT %(n)s;
+ WHERE {id} > {after_id}
+   AND (%(upper)s::text IS NULL OR {id} <= {upper_id})
+ ORDER BY {id_order} LIMIT %(n)s;
 
 -- name: rows_by_ids
-SELECT {id} AS id, {id}::text AS id_text, {content} AS content, xmin::text::bigint AS xmin
+-- %(ids)s: the keys' text forms.
+SELECT {id_select}, {id_text} AS id_text, {content} AS content, xmin::text::bigint AS xmin
   FROM {table}
- WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]))
- ORDER BY {id};
+ WHERE {ids_match}
+ ORDER BY {id_order};
 
 -- name: create_stage
 -- The writer's staging table, one per session (binary COPY lands here).
-CREATE TEMP TABLE IF NOT EXISTS reembed_stage (id {id_type}, e {vtype}, x bigint) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS reembed_stage ({stage_defs}, e {vtype}, x bigint) ON COMMIT DELETE ROWS;
 
 -- name: copy_stage
-COPY pg_temp.reembed_stage (id, e, x) FROM STDIN (FORMAT BINARY);
+COPY pg_temp.reembed_stage ({stage_cols}, e, x) FROM STDIN (FORMAT BINARY);
 
 -- name: write_from_stage
 -- Only rows unchanged since the batch read them (same xmin): an application's newer write is
 -- never overwritten with a vector of older content. The rows written come back.
 UPDATE {table} AS t SET {col} = s.e FROM pg_temp.reembed_stage AS s
- WHERE t.{id} = s.id AND t.xmin::text::bigint = s.x
-RETURNING t.{id}::text AS id_text;
+ WHERE {t_id} = {s_id} AND t.xmin::text::bigint = s.x
+RETURNING {t_id_text} AS id_text;
 
 -- name: write_one
+-- (a one-column key only: bench.py's comparison of write paths)
 UPDATE {table} SET {col} = %s WHERE {id} = %s AND xmin::text::bigint = %s
-RETURNING {id}::text AS id_text;
+RETURNING {id_text} AS id_text;
 
 -- name: write_unnest
 UPDATE {table} AS t SET {col} = v.e
-  FROM unnest(%s::{id_type}[], %s::{vtype}[], %s::bigint[]) AS v(id, e, x)
- WHERE t.{id} = v.id AND t.xmin::text::bigint = v.x
-RETURNING t.{id}::text AS id_text;
+  FROM unnest(%s::text[], %s::{vtype}[], %s::bigint[]) AS v(k, e, x)
+ WHERE {t_id} = {v_id} AND t.xmin::text::bigint = v.x
+RETURNING {t_id_text} AS id_text;
 
 -- name: drop_index
 DROP INDEX {index};
@@ -86,11 +94,11 @@ REINDEX INDEX {concurrently} {index};
 
 -- name: pending_keys
 -- The next page of captured keys, deduplicated, in key order.
-SELECT DISTINCT CAST(row_id AS {id_type}) AS k, row_id
+SELECT DISTINCT {row_id_cols}, row_id
   FROM reembed_changes
  WHERE job_id = %(job_id)s
-   AND (%(after)s::text IS NULL OR CAST(row_id AS {id_type}) > CAST(%(after)s AS {id_type}))
- ORDER BY k LIMIT %(n)s;
+   AND (%(after)s::text IS NULL OR {row_id_key} > {after_id})
+ ORDER BY {row_id_order} LIMIT %(n)s;
 
 -- name: create_capture_function
 -- Runs as its owner (reembed's role), whatever role the application writes as. The key's text
@@ -99,9 +107,10 @@ SELECT DISTINCT CAST(row_id AS {id_type}) AS k, row_id
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET extra_float_digits = 3
+SET bytea_output = 'hex'
 AS $capture$
 BEGIN
-    INSERT INTO {changes} (job_id, row_id) VALUES ({job_id}, NEW.{id}::text);
+    INSERT INTO {changes} (job_id, row_id) VALUES ({job_id}, {new_id_text});
     RETURN NULL;
 END
 $capture$;
@@ -115,7 +124,7 @@ CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
 CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {table}
     FOR EACH ROW
-    WHEN ((OLD.{content} IS DISTINCT FROM NEW.{content} OR OLD.{col} IS DISTINCT FROM NEW.{col})
+    WHEN (({changed} OR OLD.{col} IS DISTINCT FROM NEW.{col})
           AND current_setting('reembed.writer', true) IS DISTINCT FROM 'on')
     EXECUTE FUNCTION {function}();
 
@@ -158,16 +167,16 @@ ALTER TABLE pg_temp.reembed_probe ADD {check};
 -- name: verify_sample
 -- `reembed verify`'s rows: drawn row by row from the whole table with a fixed seed (the same
 -- rows each time while the table's pages stay where they are), in key order.
-SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
+SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS e
   FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (%(seed)s)
- ORDER BY {id} LIMIT %(n)s;
+ ORDER BY {id_order} LIMIT %(n)s;
 
 -- name: verify_page
 -- `reembed verify --all`: every row, a page at a time in key order.
-SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
+SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS e
   FROM {table}
- WHERE %(after)s::text IS NULL OR {id} > CAST(%(after)s AS {id_type})
- ORDER BY {id} LIMIT %(n)s;
+ WHERE %(after)s::text IS NULL OR {id} > {after_id}
+ ORDER BY {id_order} LIMIT %(n)s;
 
 -- name: cost_sample
 -- `plan`'s cost estimate: each sampled row's stored column sizes ({sizes}: pg_column_size of each
@@ -196,9 +205,10 @@ ALTER TABLE {table} ALTER COLUMN {col} DROP NOT NULL;
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET extra_float_digits = 3
+SET bytea_output = 'hex'
 AS $after_swap$
 BEGIN
-    INSERT INTO {recorded} (job_id, row_id) VALUES ({job_id}, NEW.{id}::text);
+    INSERT INTO {recorded} (job_id, row_id) VALUES ({job_id}, {new_id_text});
     RETURN NULL;
 END
 $after_swap$;
@@ -207,7 +217,7 @@ $after_swap$;
 CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
 CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {table}
-    FOR EACH ROW WHEN (OLD.{content} IS DISTINCT FROM NEW.{content})
+    FOR EACH ROW WHEN {changed}
     EXECUTE FUNCTION {function}();
 
 -- name: drop_after_swap
@@ -217,25 +227,26 @@ DROP FUNCTION IF EXISTS {function}();
 
 -- name: write_previous
 -- `reembed rollback`: a stale row's previous vector, where the row is unchanged since it was read.
+-- %(ids)s: the keys' text forms.
 UPDATE {table} AS t SET {col} = v.e
-  FROM unnest(%(ids)s::{id_type}[], %(vectors)s::{vtype}[], %(xmins)s::bigint[]) AS v(id, e, x)
- WHERE t.{id} = v.id AND t.xmin::text::bigint = v.x
-RETURNING t.{id}::text AS id_text;
+  FROM unnest(%(ids)s::text[], %(vectors)s::{vtype}[], %(xmins)s::bigint[]) AS v(k, e, x)
+ WHERE {t_id} = {v_id} AND t.xmin::text::bigint = v.x
+RETURNING {t_id_text} AS id_text;
 
 -- name: null_previous
-UPDATE {table} SET {col} = NULL WHERE {id} = ANY(CAST(%(ids)s AS {id_type}[]))
-RETURNING {id}::text AS id_text;
+UPDATE {table} SET {col} = NULL WHERE {ids_match}
+RETURNING {id_text} AS id_text;
 
 -- name: gate_sample
 -- The quality gate's rows (reembed.gate): drawn row by row with the job's seed, in key order.
-SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS e
+SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS e
   FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (%(seed)s)
  WHERE {content} IS NOT NULL
- ORDER BY {id} LIMIT %(n)s;
+ ORDER BY {id_order} LIMIT %(n)s;
 
 -- name: gate_search
 -- One query of the gate through an ANN index: the k nearest rows by the index's own key and operator.
-SELECT {id}::text AS id_text, {content} AS content FROM {table} ORDER BY {key} {op} {q} LIMIT {k};
+SELECT {id_text} AS id_text, {content} AS content FROM {table} ORDER BY {key} {op} {q} LIMIT {k};
 
 -- name: key_quantiles
 -- Range boundaries for workers: the keys at these fractions of a sample of the key space (any
@@ -243,25 +254,48 @@ SELECT {id}::text AS id_text, {content} AS content FROM {table} ORDER BY {key} {
 SELECT percentile_disc(%(fractions)s::float8[]) WITHIN GROUP (ORDER BY {id})::text[] AS keys
   FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (11);
 
+-- name: key_sample
+-- A composite key's boundaries: a sample of the keys' text forms in key order (ranges.py picks them).
+SELECT {id_text} AS k FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (11) ORDER BY {id_order};
+
 -- name: keys_left
 -- Rows of a range past a key (at most %(cap)s counted), for a split.
 SELECT count(*) AS n FROM (
   SELECT 1 FROM {table}
-   WHERE (%(after)s::text IS NULL OR {id} > CAST(%(after)s AS {id_type}))
-     AND (%(upper)s::text IS NULL OR {id} <= CAST(%(upper)s AS {id_type}))
+   WHERE (%(after)s::text IS NULL OR {id} > {after_id})
+     AND (%(upper)s::text IS NULL OR {id} <= {upper_id})
    LIMIT %(cap)s) s;
 
 -- name: key_at
 -- The key %(offset)s rows past a key, within a range: where a split cuts.
-SELECT {id}::text AS id_text FROM {table}
- WHERE (%(after)s::text IS NULL OR {id} > CAST(%(after)s AS {id_type}))
-   AND (%(upper)s::text IS NULL OR {id} <= CAST(%(upper)s AS {id_type}))
- ORDER BY {id} OFFSET %(offset)s LIMIT 1;
+SELECT {id_text} AS id_text FROM {table}
+ WHERE (%(after)s::text IS NULL OR {id} > {after_id})
+   AND (%(upper)s::text IS NULL OR {id} <= {upper_id})
+ ORDER BY {id_order} OFFSET %(offset)s LIMIT 1;
+
+-- name: probe_write
+-- The inventory's last probe (rolled back): one row written as the job will write it, so that the
+-- application's triggers and rules on UPDATE run on it (a trigger that copies the row elsewhere, a
+-- rule that rewrites the UPDATE): what fails there is refused before any write.
+UPDATE {table} SET {col} = CAST(CAST(array_fill(0.5::real, ARRAY[{dim}]) AS vector) AS {vtype})
+ WHERE ctid = (SELECT ctid FROM {table} LIMIT 1)
+RETURNING 1;
+
+-- name: probe_shadow_column
+ALTER TABLE {table} ADD COLUMN {col} {vtype}({dim});
+
+-- name: eval_sample
+-- `reembed eval`'s rows, read once: drawn row by row with the operator's seed; of those, %(n)s in
+-- an order the seed also fixes (not the key's: the highest keys would be left out most often).
+SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS e
+  FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (%(seed)s)
+ WHERE {content} IS NOT NULL
+ ORDER BY md5({id_text} || %(seed)s::text) LIMIT %(n)s;
 
 -- name: bridge_sample
 -- `reembed bridge`: rows with content and an old vector, pages drawn from the whole table (SYSTEM:
 -- only those pages are read), to be encoded by the new model and paired with their old vectors.
-SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS old
+SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS old
   FROM {table} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (%(seed)s)
  WHERE {content} IS NOT NULL AND {col} IS NOT NULL
  LIMIT %(n)s;
@@ -269,9 +303,9 @@ SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS old
 -- name: bridge_pairs
 -- `run --bridge`: rows of a range the job has committed ((lower, upper], by the primary key), their
 -- new vector in the shadow column ({new}) beside the old one in the live column.
-SELECT {id}::text AS id_text, {content} AS content, {col}::vector AS old, {new}::vector AS new
+SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS old, {new}::vector AS new
   FROM {table}
- WHERE (%(lower)s::text IS NULL OR {id} > CAST(%(lower)s AS {id_type}))
-   AND {id} <= CAST(%(upper)s AS {id_type})
+ WHERE (%(after)s::text IS NULL OR {id} > {after_id})
+   AND {id} <= {upper_id}
    AND {content} IS NOT NULL AND {col} IS NOT NULL AND {new} IS NOT NULL
- ORDER BY {id} LIMIT %(n)s;
+ ORDER BY {id_order} LIMIT %(n)s;

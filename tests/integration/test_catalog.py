@@ -178,3 +178,82 @@ def test_long_index_names_that_differ_only_past_63_bytes_go_through_a_shadow_job
     report = run(replace(job_settings(dsn, strategy="shadow", gate_min_recall=0.0)), embedder=HashEmbedder(48))
     assert report.state == "done", report
     catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(32, 48), ignore=ignore, any_column_order=True))
+
+
+# ------------------------------------------------------------------ what a swap could not carry as it is
+
+
+def _execute(dsn: str, *statements: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def _refused_before_any_write(dsn: str, strategy: str, *fragments: str) -> None:
+    before = catalog.snapshot(dsn)
+    with pytest.raises(ConfigError) as refused:
+        run(settings(dsn, strategy=strategy), embedder=HashEmbedder(48))
+    message = str(refused.value)
+    assert all(f in message for f in fragments) and "nothing was written" in message, message
+    catalog.assert_unchanged(before, catalog.snapshot(dsn))
+
+
+def test_a_view_grant_made_by_a_role_other_than_its_owner_is_refused_before_any_write(dsn: str) -> None:
+    make_production_table(dsn)
+    _execute(dsn, "GRANT SELECT ON app.search_hits TO reembed_writer WITH GRANT OPTION",
+             "SET ROLE reembed_writer; GRANT SELECT ON app.search_hits TO reembed_search; RESET ROLE")
+    _refused_before_any_write(dsn, "shadow", "app.search_hits's grant of SELECT", "made by reembed_writer")
+
+
+def test_a_cast_of_another_vector_column_in_a_view_keeps_its_dimension(dsn: str) -> None:
+    make_production_table(dsn)
+    _execute(dsn, "ALTER TABLE app.documents ADD COLUMN title_embedding vector(64)",
+             "CREATE VIEW app.both_embeddings AS SELECT id, embedding::halfvec(64) AS e,"
+             " title_embedding::halfvec(64) AS t FROM app.documents")
+    before = catalog.snapshot(dsn, any_column_order=True)
+    report = run(settings(dsn, strategy="shadow", allow_shared_registry=True), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    after = catalog.snapshot(dsn, ignore=PREVIOUS, any_column_order=True)
+    view = [e for e in after.entries if e.name == "both_embeddings" and e.type == "VIEW"][0]
+    assert "(embedding)::public.halfvec(48) AS e" in view.body, view.body
+    assert "(title_embedding)::public.halfvec(64) AS t" in view.body, view.body
+    assert one(dsn, "SELECT count(*) FROM app.both_embeddings") == one(dsn, "SELECT count(*) FROM app.documents")
+    gone, new = catalog.difference(before, after)
+    assert {e.name for e in gone} == {e.name for e in new} <= {"both_embeddings", "documents", "live_documents",
+                                                                "search_hits"}, (gone, new)
+
+
+def test_an_instead_rule_on_update_is_refused_and_triggers_that_fire_on_the_jobs_writes_are_said(dsn: str) -> None:
+    make_production_table(dsn, column_bound=False)
+    said = {d["name"]: d["action"] for d in plan(settings(dsn), embedder=HashEmbedder(48)).details["dependents"]}
+    assert said.get("documents_touch on \"app\".\"documents\"") == "fires", said
+    _execute(dsn, "CREATE RULE frozen AS ON UPDATE TO app.documents WHERE old.tenant_id = 0 DO INSTEAD NOTHING")
+    _refused_before_any_write(dsn, "in_place", "frozen", "DO INSTEAD")
+
+
+def test_a_trigger_that_copies_the_row_type_is_refused_before_the_shadow_column_is_added(dsn: str) -> None:
+    make_production_table(dsn, column_bound=False)
+    _execute(dsn, "CREATE TABLE app.documents_history (LIKE app.documents, changed_at timestamptz DEFAULT now())",
+             "CREATE FUNCTION app.keep_history() RETURNS trigger LANGUAGE plpgsql AS"
+             " 'BEGIN INSERT INTO app.documents_history SELECT OLD.*; RETURN NEW; END'",
+             "CREATE TRIGGER documents_history BEFORE UPDATE ON app.documents FOR EACH ROW"
+             " EXECUTE FUNCTION app.keep_history()")
+    before = catalog.snapshot(dsn)
+    with pytest.raises(ConfigError) as refused:
+        run(settings(dsn, strategy="shadow", allow_shared_registry=True), embedder=HashEmbedder(48))
+    assert "a write like the job's fails on" in str(refused.value) and "nothing was written" in str(refused.value)
+    catalog.assert_unchanged(before, catalog.snapshot(dsn))
+    assert one(dsn, "SELECT count(*) FROM app.documents_history") == 0
+
+
+def test_rollback_refuses_while_an_index_made_on_the_new_column_would_go_with_it(dsn: str) -> None:
+    make_production_table(dsn)
+    shadow_job(dsn)
+    _execute(dsn, "CREATE INDEX documents_embedding_l2 ON app.documents USING hnsw (embedding vector_l2_ops)")
+    before = catalog.snapshot(dsn)
+    with pytest.raises(ConfigError, match="documents_embedding_l2 created on .* after the swap"):
+        rollback(Settings(target=Target(dsn=dsn, table=TABLE)), RollbackOptions(leave_stale_null=True))
+    catalog.assert_unchanged(before, catalog.snapshot(dsn))
+    _execute(dsn, "DROP INDEX app.documents_embedding_l2")
+    assert rollback(Settings(target=Target(dsn=dsn, table=TABLE)),
+                    RollbackOptions(leave_stale_null=True)).state == "rolled_back"

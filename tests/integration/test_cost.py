@@ -31,7 +31,7 @@ def test_plan_states_the_wal_within_30_percent_of_what_the_run_writes(
     planned = run(job_settings(dsn, batch_size=200, dry_run=True), embedder=HashEmbedder(new_dim)).as_dict()
     assert snapshot(dsn) == before  # plan writes nothing
     cost = planned["cost"]
-    assert "WAL about" in planned["message"] and "extra disk up to" in planned["message"]
+    assert "\n  WAL         about " in planned["message"] and "\n  disk        extra disk up to " in planned["message"]
     written = _wal_of(dsn, lambda: run(job_settings(dsn, batch_size=200), embedder=HashEmbedder(new_dim)))
     print(f"\nWAL {id_type} {old_dim}->{new_dim}: estimated {cost['wal_bytes']}, written {written}, "
           f"ratio {cost['wal_bytes'] / written:.3f}")

@@ -154,7 +154,13 @@ def test_a_short_window_with_the_real_model_commits_rows_and_a_rerun_finishes(
     rows = 1100
     make_table(dsn, rows=rows, old_dim=384, with_index=False,
                content=lambda i: " ".join(sentence(7 * i + j) for j in range(6)))
-    first = run_cli(cli_run_args(dsn, minilm_path, "--max-runtime", "12s", batch=64), cwd=workdir)
+    # the window: what loading the model and a first look take on this machine now (a plan measures
+    # it: on a loaded machine, seconds more), and 8 s of encoding on top (about a third of the rows)
+    planned = run_cli(["plan", "--dsn", dsn, "--model", str(minilm_path), "--json", "--log-level", "warning"],
+                      cwd=workdir)
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    window = int(json.loads(planned.stdout)["duration_secs"]) + 8
+    first = run_cli(cli_run_args(dsn, minilm_path, "--max-runtime", f"{window}s", batch=64), cwd=workdir)
     assert first.returncode == 75, first.stderr[-3000:]
     done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
     assert 0 < done < rows
@@ -271,7 +277,10 @@ def test_an_application_writing_faster_than_the_job_encodes_never_holds_writers_
         app = _Outpacing(dsn, keys, until=not_converging)  # until the job says it cannot keep up
         app.start()
         try:
-            report = run(job_settings(dsn, batch_size=16, max_writers_held=bound), embedder=SlowHashEmbedder(64))
+            # a device of 20 rows/s: the application (a thread here, ~200 edits/s on an idle machine)
+            # outpaces it even on a loaded one
+            report = run(job_settings(dsn, batch_size=16, max_writers_held=bound),
+                         embedder=SlowHashEmbedder(64, rows_per_sec=20))
         finally:
             app.stop.set()
             app.join(10)

@@ -417,15 +417,18 @@ def test_a_trigger_left_by_an_abandoned_job_on_another_column_is_dropped_and_an_
         c.execute("ALTER TABLE knowledge_nodes ADD COLUMN summary_vec vector(32)")
     stop = StopSignal()  # a job on the other column, stopped: still active, its capture stays
     other = stopping_after(HashEmbedder(32), stop, calls=1)
+    # two columns of one dimension under one registry: each job is told the other column may stay
     other_settings = Settings(target=Target(dsn=dsn, column="summary_vec"), model=ModelSpec(model="unused"),
-                              options=RunOptions(confirm_seconds=0, batch_size=10, pipeline=False))
+                              options=RunOptions(confirm_seconds=0, batch_size=10, pipeline=False,
+                                                 allow_shared_registry=True))
     assert run(other_settings, embedder=other, stop=stop).exit_code == 130
-    report = run(settings(dsn, batch_size=10), embedder=HashEmbedder(32))
+    report = run(settings(dsn, batch_size=10, allow_shared_registry=True), embedder=HashEmbedder(32))
     assert report.state == "done"
     assert [r["tgname"] for r in fetch(dsn, "SELECT tgname FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%'"
                                             " ORDER BY 1")] == ["reembed_capture_1_ins", "reembed_capture_1_upd"]
     with psycopg.connect(dsn, autocommit=True) as c:  # now that job is abandoned by hand, triggers left behind
         c.execute("UPDATE reembed_checkpoint SET state = 'abandoned' WHERE job_id = 1")
-    again = run(settings(dsn, batch_size=10, abandon_active=True), embedder=HashEmbedder(24))
+    again = run(settings(dsn, batch_size=10, abandon_active=True, allow_shared_registry=True),
+                embedder=HashEmbedder(24))
     assert again.state == "done"
     assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'reembed_capture_%%'") == 0

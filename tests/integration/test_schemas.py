@@ -16,6 +16,7 @@ from reembed.errors import ConfigError
 from reembed.job import plan, run
 from reembed.signals import StopSignal
 from reembed.status import status as job_status
+from support import catalog
 from support.database import fetch, make_table, one, snapshot
 from support.fakes import HashEmbedder, hash_vector, job_settings, stopping_after
 from support.processes import cli_args, run_cli
@@ -68,9 +69,11 @@ def test_a_second_ivfflat_index_is_rebuilt_at_the_new_dimension(dsn: str) -> Non
     execute(dsn, "CREATE INDEX knowledge_ivf ON knowledge_nodes USING ivfflat (embedding vector_l2_ops)"
                  " WITH (lists = 4)")
     before = indexes(dsn)
+    catalog_before = catalog.snapshot(dsn, dims=(64, 256))
     emb = HashEmbedder(256)
     report = run(job_settings(dsn, batch_size=16), embedder=emb)
     assert report.state == "done"
+    catalog.assert_unchanged(catalog_before, catalog.snapshot(dsn, dims=(64, 256)))
     after = indexes(dsn)
     assert after.keys() == before.keys()
     for name in (HNSW, "knowledge_ivf"):  # the same definition (no dimension in it), valid, on the new column
@@ -83,9 +86,11 @@ def test_an_hnsw_index_on_a_halfvec_cast_is_rebuilt_with_the_cast_at_the_new_dim
     make_table(dsn, rows=60, with_index=False)
     execute(dsn, "CREATE INDEX knowledge_half ON knowledge_nodes"
                  " USING hnsw ((embedding::halfvec(64)) halfvec_cosine_ops) WITH (m = 8)")
+    catalog_before = catalog.snapshot(dsn, dims=(64, 256))
     emb = HashEmbedder(256)
     report = run(job_settings(dsn, batch_size=16), embedder=emb)
     assert report.state == "done"
+    catalog.assert_unchanged(catalog_before, catalog.snapshot(dsn, dims=(64, 256)))
     half = indexes(dsn)["knowledge_half"]
     assert half["valid"]
     assert half["definition"] == ("CREATE INDEX knowledge_half ON public.knowledge_nodes USING hnsw "
@@ -120,7 +125,9 @@ def test_expression_and_partial_indexes_are_rebuilt_or_carried(dsn: str) -> None
     assert indexes(dsn) == before  # plan writes nothing
 
     emb = HashEmbedder(256)
+    catalog_before = catalog.snapshot(dsn, dims=(64, 256))
     assert run(job_settings(dsn, batch_size=16), embedder=emb).state == "done"
+    catalog.assert_unchanged(catalog_before, catalog.snapshot(dsn, dims=(64, 256)))
     after = indexes(dsn)
     assert after.keys() == before.keys() and all(i["valid"] for i in after.values())
     assert after["knowledge_bq"]["definition"] == before["knowledge_bq"]["definition"].replace("bit(64)", "bit(256)")
@@ -196,6 +203,7 @@ def test_a_dimension_change_is_refused_before_any_write(dsn: str, shape: str) ->
     ddl, named = REFUSED[shape]
     execute(dsn, ddl)
     before = snapshot(dsn)
+    catalog_before = catalog.snapshot(dsn)
     with pytest.raises(ConfigError) as refused:
         plan(job_settings(dsn), embedder=HashEmbedder(256))
     assert named in str(refused.value) and "nothing was written" in str(refused.value)
@@ -203,6 +211,7 @@ def test_a_dimension_change_is_refused_before_any_write(dsn: str, shape: str) ->
         run(job_settings(dsn, batch_size=16), embedder=HashEmbedder(256))
     assert named in str(again.value)
     assert_nothing_written(dsn, before)
+    catalog.assert_unchanged(catalog_before, catalog.snapshot(dsn))
 
 
 def test_a_2048d_target_with_an_hnsw_index_on_vector_is_refused_with_the_way_out(dsn: str) -> None:

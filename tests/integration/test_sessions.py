@@ -178,3 +178,40 @@ def test_every_session_of_reembeds_runs_read_committed_without_row_security_and_
         row = conn.execute("SELECT current_setting('transaction_isolation') AS i, current_setting('row_security') AS r,"
                            " current_setting('idle_in_transaction_session_timeout') AS t").fetchone()
     assert row == {"i": "read committed", "r": "off", "t": "1min"}
+    execute(dsn, f"ALTER DATABASE {database_name(dsn)} SET statement_timeout = '1s'",
+            f"ALTER DATABASE {database_name(dsn)} SET lock_timeout = '1s'")
+    with db.connect(dsn, role="test", vectors=False) as conn:
+        row = conn.execute("SELECT current_setting('statement_timeout') AS s, current_setting('lock_timeout') AS l"
+                           ).fetchone()
+    assert row == {"s": "0", "l": "0"}
+
+
+def test_an_application_trigger_that_writes_a_table_under_row_security_works_on_the_jobs_writes(
+    dsn: str, rls_role: str
+) -> None:
+    """reembed reads with row_security off (a policy would raise, not filter), but its writes fire the
+    application's triggers as the application's do: an audit table's policies apply to them."""
+    make_table(dsn, rows=40, old_dim=32)
+    execute(dsn, "ALTER TABLE knowledge_nodes OWNER TO reembed_owner",  # reembed runs as the table's owner
+            "ALTER TABLE embedding_model OWNER TO reembed_owner",
+            "CREATE TABLE audit_log (id text, at timestamptz DEFAULT now())",  # someone else's, under RLS
+            "ALTER TABLE audit_log ENABLE ROW LEVEL SECURITY",
+            "CREATE POLICY audit_insert ON audit_log FOR INSERT WITH CHECK (true)",
+            "GRANT INSERT ON audit_log TO PUBLIC",
+            "CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS"
+            " 'BEGIN INSERT INTO audit_log (id) VALUES (NEW.id::text); RETURN NULL; END'",
+            "CREATE TRIGGER knowledge_audit AFTER UPDATE ON knowledge_nodes FOR EACH ROW EXECUTE FUNCTION audit()")
+    report = run(job_settings(rls_role, batch_size=16), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    assert one(dsn, "SELECT count(*) FROM audit_log") >= 40
+
+
+def test_a_databases_statement_timeout_does_not_cancel_the_jobs_statements(dsn: str) -> None:
+    make_table(dsn, rows=300, old_dim=32)
+    execute(dsn, f"ALTER DATABASE {database_name(dsn)} SET statement_timeout = '20ms'")
+    report = run(job_settings(dsn, batch_size=300), embedder=HashEmbedder(512))  # an HNSW build of 512-d rows
+    assert report.state == "done", report
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = 0")
+        assert conn.execute("SELECT count(*) FROM knowledge_nodes WHERE vector_dims(embedding) = 512"
+                            ).fetchone()[0] == 300

@@ -24,6 +24,7 @@ from reembed.rollback import cleanup, rollback
 from reembed.settings import ModelSpec, RollbackOptions, RunOptions, Settings, Target
 from reembed.signals import StopSignal
 from reembed.status import status
+from support import catalog
 from support.application import App, Reader
 from support.database import Application, fetch, job_rows_done, make_table, one
 from support.fakes import WORDS, HashEmbedder, hash_vector, stopping_after
@@ -56,8 +57,12 @@ def test_a_shadow_job_swaps_in_the_new_column_keeps_the_previous_and_recreates_t
     emb = HashEmbedder(48)
     listener = psycopg.connect(dsn, autocommit=True)
     listener.execute("LISTEN reembed_model_changed")
+    catalog_before = catalog.snapshot(dsn, dims=(32, 48), any_column_order=True)
     report = run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=emb)
     assert report.state == "done", report
+    catalog.assert_unchanged(catalog_before, catalog.snapshot(
+        dsn, dims=(32, 48), ignore=("embedding_previous", "idx_knowledge_nodes_embedding_hnsw_previous"),
+        any_column_order=True))
     told = [json.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
     listener.close()
     assert told and told[0]["model_name"] == "test-hash-48" and told[0]["dimension"] == 48, told
@@ -127,6 +132,7 @@ def test_rollback_re_embeds_exactly_the_rows_written_after_the_swap_with_the_old
     dsn: str, old48: Path
 ) -> None:
     spec = _old_model_table(dsn, old48)
+    catalog_before = catalog.snapshot(dsn)
     assert run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(32)).state == "done"
     wrote = _application_writes_after_the_swap(dsn)
     assert one(dsn, "SELECT count(DISTINCT row_id) FROM reembed_after_swap") == 10
@@ -136,6 +142,7 @@ def test_rollback_re_embeds_exactly_the_rows_written_after_the_swap_with_the_old
     assert columns(dsn)["embedding"] == "vector(32)"  # refused: nothing written
     report = rollback(Settings(target=target, model=spec), RollbackOptions(batch_size=4))
     assert report.rows_updated == 10 and report.state == "rolled_back", report
+    catalog.assert_unchanged(catalog_before, catalog.snapshot(dsn))  # back exactly as before the job
     cols = columns(dsn)
     assert cols["embedding"] == "vector(48)" and "embedding_previous" not in cols, cols
     assert_rows_hold_the_models_vectors(dsn, old48)  # every row the old model's encoding of its content
@@ -435,7 +442,7 @@ def test_plan_compares_both_strategies_and_recommends_one_writing_nothing(dsn: s
     assert s["shadow"]["search_unavailable_secs"] == 0 and s["in_place"]["search_unavailable_secs"] > 0
     assert s["shadow"]["kept_until_cleanup_bytes"] >= 200 * (8 + 4 * 48)
     assert s["shadow"]["extra_disk_bytes"] > s["in_place"]["extra_disk_bytes"]
-    assert "recommended: shadow" in report.message
+    assert "Recommended: --strategy shadow (search is served from the column" in report.message
     assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL") and "embedding_reembed1" not in columns(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP VIEW recent_nodes")

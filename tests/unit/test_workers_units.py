@@ -89,3 +89,24 @@ def test_a_worker_stopped_before_it_installed_its_handler_counts_as_stopped() ->
         assert fleet.wait() == [EXIT_SIGTERM, EXIT_SIGINT]
     finally:
         fleet.close()
+
+
+def test_a_batch_waiting_for_its_turn_with_its_rows_locked_gives_up_and_is_retried() -> None:
+    import threading
+    import time
+
+    from reembed.commits import Turns, TurnTimedOut
+    from reembed.retry import is_transient
+
+    turns = Turns()
+    started = time.monotonic()
+    try:
+        turns.wait(1, timeout=0.2)  # batch 0 never commits: batch 1 lets go of its rows
+    except TurnTimedOut as exc:
+        assert is_transient(exc) and 0.2 <= time.monotonic() - started < 5
+    else:
+        raise AssertionError("the wait did not time out")
+    later = threading.Timer(0.1, turns.done, args=(0,))
+    later.start()
+    turns.wait(1)  # the retry waits its turn with nothing held, as long as it takes
+    later.join()
