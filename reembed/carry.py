@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from reembed import partitions
 from reembed.errors import ConfigError, InternalError, ReembedError
 from reembed.queries import query
 from reembed.target import TableInfo
@@ -414,12 +415,50 @@ def apply_column(conn: psycopg.Connection[Any], info: TableInfo, column: str, at
         set_acl(conn, info.oid, table, column, attrs.acl)
 
 
+@dataclass(frozen=True)
+class ColumnOn:
+    """A column's attributes on the table or on one partition (`parent`: the table it is a partition of)."""
+
+    info: TableInfo
+    attrs: ColumnAttributes
+    parent: tuple[str, str] | None = None
+
+
+def read_columns(conn: psycopg.Connection[Any], info: TableInfo, column: str) -> list[ColumnOn]:
+    """Column `column`'s attributes on the table and, on a partitioned table, on each partition
+    (each keeps its own: a comment, grants, a statistics target or storage set on it), parents first."""
+    out = [ColumnOn(info, read_column(conn, info.oid, column))]
+    for p in partitions.tree(conn, info):
+        out.append(ColumnOn(partitions.relation(info, p), read_column(conn, p.oid, column), p.parent))
+    return out
+
+
+def apply_columns(conn: psycopg.Connection[Any], found: list[ColumnOn], column: str, *, acl: bool = True,
+                  recursed: bool = False) -> None:
+    """`found` (read_columns) set on column `column` of the table and each partition, parents first:
+    ALTER COLUMN ... SET STATISTICS, STORAGE, COMPRESSION and options recurse into the partitions,
+    so each partition's own come after its parent's. `recursed`: only the statistics, storage,
+    compression and options were reset (a type change), so a partition whose are its parent's is
+    left as its parent's statement made it."""
+    by_table = {c.info.ident: c.attrs for c in found}
+    for c in found:
+        parent = by_table.get(c.parent) if c.parent is not None else None
+        if recursed and parent is not None and _settings(c.attrs) == _settings(parent):
+            continue
+        apply_column(conn, c.info, column, c.attrs, acl=acl)
+
+
+def _settings(attrs: ColumnAttributes) -> tuple[Any, ...]:
+    """What ALTER COLUMN ... TYPE resets and SET on a parent recurses into (not the comment, grants)."""
+    return (attrs.stats_target, attrs.storage, attrs.compression, attrs.options)
+
+
 def through_type_change(conn: psycopg.Connection[Any], info: TableInfo, statement: sql.SQL | sql.Composed) -> None:
     """`statement` (ALTER COLUMN ... TYPE: it sets the column's storage and compression back to its
-    type's), then the column's attributes as they were before it."""
-    attrs = read_column(conn, info.oid, info.column)
+    type's, on every partition too), then the column's attributes as they were before it."""
+    found = read_columns(conn, info, info.column)
     conn.execute(statement)
-    apply_column(conn, info, info.column, attrs, acl=False)
+    apply_columns(conn, found, info.column, acl=False, recursed=True)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ class Job:
     content_expr: str | None = None  # --content: the text as a SQL expression (None: content_column)
     null_content: str = "null"  # --null-content
     history: list[dict[str, Any]] | None = None  # samples of its progress (record_history), for reports
+    partitions: list[dict[str, Any]] | None = None  # a partitioned table's partitions (reembed.partitions); None: none
 
     @property
     def id(self) -> int:

@@ -37,8 +37,10 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import carry
+from reembed import carry, partitions
 from reembed.errors import ConfigError, first_line
+from reembed.partitions import ChildIndex, Partition
+from reembed.partitions import after_using as after_using  # the index body, as shadow and gate read it
 from reembed.queries import query
 from reembed.target import TableInfo
 
@@ -57,6 +59,7 @@ REFUSED = "refused"
 SHADOW = "shadow"  # --strategy shadow: an index built on the shadow column, swapped in with it
 RECREATE = "recreate"  # --strategy shadow: a view, trigger or policy re-created on the new column at the swap
 FIRES = "fires"  # an application's UPDATE trigger or rule: it runs on each of the job's writes too
+SKIPS = "skips"  # an application's UPDATE trigger whose WHEN lets the job's writes pass (reembed.writer)
 
 _CAST = re.compile(r"::(vector|halfvec|bit|sparsevec)\((\d+)\)")
 _OURS = "reembed_"  # the job's own capture triggers and function
@@ -74,10 +77,14 @@ class Dependent:
     method: str | None = None  # an index: its access method
     why: str | None = None  # a refusal: why, and the way forward
     attributes: dict[str, Any] | None = None  # an index: its comment, tablespace, statistics (reembed.carry)
+    # an index of a partitioned table (a partitioned index): the indexes attached below it, one per
+    # partition (reembed.partitions.ChildIndex), built one at a time; None: a plain index
+    children: list[dict[str, Any]] | None = None
+    relation: list[str] | None = None  # on a partition of the table, not the table itself: [schema, name]
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "name": self.name, "action": self.action}
-        for key in ("definition", "original", "method", "why", "attributes"):
+        for key in ("definition", "original", "method", "why", "attributes", "children", "relation"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -87,11 +94,25 @@ class Dependent:
     def from_json(cls, data: dict[str, Any]) -> Dependent:
         return cls(kind=data["kind"], name=data["name"], action=data["action"], definition=data.get("definition"),
                    original=data.get("original"), method=data.get("method"), why=data.get("why"),
-                   attributes=data.get("attributes"))
+                   attributes=data.get("attributes"), children=data.get("children"), relation=data.get("relation"))
 
     @property
     def is_index(self) -> bool:
         return self.kind == "index"
+
+    @property
+    def partitioned(self) -> bool:
+        """A partitioned index: built one partition at a time."""
+        return self.children is not None
+
+    @property
+    def child_indexes(self) -> list[ChildIndex]:
+        return [ChildIndex.from_json(c) for c in self.children or []]
+
+    @property
+    def table(self) -> tuple[str, str] | None:
+        """The partition the object is on (None: the table itself)."""
+        return (self.relation[0], self.relation[1]) if self.relation else None
 
 
 @dataclass(frozen=True)
@@ -147,6 +168,7 @@ _SAID = {
     SHADOW: "built again on the shadow column, swapped in with it",
     RECREATE: "re-created on the new column at the swap",
     FIRES: "fires on each of the job's writes, as on the application's: what it writes, it writes then",
+    SKIPS: "lets the job's writes pass (its WHEN reads reembed.writer), fires on the application's",
 }
 
 def refusals(refused: Sequence[Dependent]) -> str:
@@ -158,7 +180,18 @@ def summary(found: Sequence[Dependent]) -> str:
     """One line: each object on the column and what the job does with it."""
     if not found:
         return "nothing else depends on it"
-    return ", ".join(f"{d.kind} {d.name} ({_SAID[d.action]})" for d in found)
+    return ", ".join(f"{d.kind} {d.name}{_where(d)} ({_SAID[d.action]}{_tree(d)})" for d in found)
+
+
+def _where(d: Dependent) -> str:
+    return f" on partition {d.table[0]}.{d.table[1]}" if d.table else ""
+
+
+def _tree(d: Dependent) -> str:
+    if not d.partitioned or d.action not in (REBUILD, REINDEX, SHADOW):
+        return ""
+    leaves = [c for c in d.child_indexes if c.leaf]
+    return f", one partition at a time: {len(leaves)} partition {'index' if len(leaves) == 1 else 'indexes'}"
 
 
 _SHADOW = "--strategy shadow (a shadow column swapped in at the end) re-creates it on the new column"
@@ -170,32 +203,45 @@ def take(conn: psycopg.Connection[Any], info: TableInfo, *, dimension: int, sour
          carried: Sequence[Dependent] = (), strategy: str = "in_place") -> Inventory:
     """The inventory for a job that brings the column to `dimension`; `probe`: also try the new
     definitions on an empty copy of the table (in a transaction rolled back); `carried`: the
-    indexes an abandoned job dropped (built again by this one, at its dimension)."""
+    indexes an abandoned job dropped (built again by this one, at its dimension). On a partitioned
+    table, what is on each partition is found too (what a partition has from its parent, an index
+    attached below the parent's or a trigger cloned from it, is the parent's and judged with it)."""
     type_change = info.typmod != dimension
     old = info.typmod or source_dimension
     shadow = strategy == "shadow"
+    parts = partitions.tree(conn, info)
     found: list[Dependent] = []
-    for row in conn.execute(query("column_dependents"), {"table_oid": info.oid, "attnum": info.attnum}).fetchall():
+    for row in _rows(conn, info.oid, info.attnum):
         if shadow:
             dependent = _classify_shadow(row, dimension=dimension, old=old, column=info.column)
         else:
             dependent = _classify(row, info, type_change=type_change, dimension=dimension, old=old,
                                   drop_first=drop_first)
         if dependent is not None:
-            found.append(dependent)
+            found.append(_partitioned(row, dependent))
+    for p in parts:
+        for row in _rows(conn, p.oid, p.attnum):
+            if row["inherited"]:
+                continue
+            dependent = _on_partition(row, p, info, shadow=shadow, type_change=type_change, dimension=dimension,
+                                      old=old, drop_first=drop_first)
+            if dependent is not None:
+                found.append(_partitioned(row, replace(dependent, relation=[p.schema, p.name])
+                                          if dependent.is_index else dependent))
     if shadow:
         found += _carried(conn, info)
     found += _fires(conn, info, {d.name for d in found})
-    found = [replace(d, attributes=carry.read_index(conn, info, d.name).as_json())
-             if d.is_index and d.action in (REBUILD, SHADOW) else d for d in found]
-    present = {d.name for d in found if d.is_index}
+    found = [_read_index(conn, info, d, old=old, new=dimension) if d.is_index else d for d in found]
+    present = {(d.name, tuple(d.relation or ())) for d in found if d.is_index}
     found = [
-        Dependent("index", d.name, REBUILD,
-                  definition=_rewritten(d.original or d.definition or "", old, dimension, info.column),
-                  original=d.original, method=d.method, attributes=d.attributes)
-        for d in carried if d.is_index and d.action == REBUILD and d.name not in present
+        replace(d, action=REBUILD, definition=_rewritten(d.original or d.definition or "", old, dimension, info.column),
+                children=None if d.children is None else [
+                    {**c, "body": _rewritten(c.get("original") or c["body"], old, dimension, info.column)}
+                    for c in d.children],
+                why=None)
+        for d in carried if d.is_index and d.action == REBUILD and (d.name, tuple(d.relation or ())) not in present
     ] + found
-    found += _publications(conn, info, type_change=type_change, allow=allow_published, shadow=shadow)
+    found += _publications(conn, info, parts, type_change=type_change, allow=allow_published, shadow=shadow)
     inventory = Inventory(tuple(found), type_change=type_change, dimension=dimension, column_type=info.column_type,
                           strategy=strategy)
     if (type_change or shadow) and dimension > TYPE_LIMIT:
@@ -223,6 +269,10 @@ def _probe_write(conn: psycopg.Connection[Any], info: TableInfo, inventory: Inve
         with conn.transaction(force_rollback=True):
             conn.execute(query("set_lock_timeout"), {"value": lock_timeout})
             conn.execute(query("write_transaction_settings"))
+            # reembed's own capture (an abandoned job's, settled at prepare) reads the column in its
+            # WHEN: PostgreSQL would refuse the column's type change for it, not for the application
+            for row in conn.execute(query("capture_triggers"), {"table_oid": info.oid}).fetchall():
+                conn.execute(info.statement("drop_trigger", trigger=sql.Identifier(row["trigger_name"])))
             if shadow:
                 conn.execute(info.statement("probe_shadow_column", column=column, dim=dim))
             elif inventory.type_change:  # as prepare does: the indexes rebuilt later dropped, the column relaxed
@@ -240,12 +290,77 @@ def _probe_write(conn: psycopg.Connection[Any], info: TableInfo, inventory: Inve
             from None
 
 
+def _rows(conn: psycopg.Connection[Any], oid: int, attnum: int) -> list[dict[str, Any]]:
+    return conn.execute(query("column_dependents"), {"table_oid": oid, "attnum": attnum}).fetchall()
+
+
+def _partitioned(row: dict[str, Any], d: Dependent) -> Dependent:
+    """A partitioned index is marked as one (its children are read with its attributes)."""
+    return replace(d, children=[]) if d.is_index and row["relkind"] == "I" else d
+
+
+def _read_index(conn: psycopg.Connection[Any], info: TableInfo, d: Dependent, *, old: int | None,
+                new: int) -> Dependent:
+    """An index the job builds or rebuilds, with what PostgreSQL keeps about it (its comment,
+    tablespace, statistics) and, when it is partitioned, the indexes attached below it."""
+    if d.action not in (REBUILD, SHADOW, REINDEX):
+        return d
+    where = info if d.table is None else partitions.relation_named(conn, info, d.table)
+    if where is None:
+        return d
+    if d.action != REINDEX:
+        d = replace(d, attributes=carry.read_index(conn, where, d.name).as_json())
+    if d.children is None:
+        return d
+    children = []
+    for child, table_oid in partitions.children(conn, where.index_ident(d.name)):
+        on = info.on(table_oid, child.table, 0)
+        body = _rewritten(child.body, old, new, info.column) if d.action != REINDEX else child.body
+        children.append(replace(child, body=body,
+                                attributes=carry.read_index(conn, on, child.name).as_json()).as_json())
+    return replace(d, children=children)
+
+
+_ON_PARTITION = ("create it on the partitioned table instead of one partition (--strategy shadow re-creates what is "
+                 "on the table itself)")
+
+
+def _on_partition(row: dict[str, Any], p: Partition, info: TableInfo, *, shadow: bool, type_change: bool,
+                  dimension: int, old: int | None, drop_first: bool) -> Dependent | None:
+    """An object on one partition's column, not the parent's (an index made on that partition only,
+    a view over it, a trigger or policy on it), judged as the same object on the table would be;
+    under --strategy shadow what the swap would re-create (a view, trigger, policy, rule or
+    statistics object) is refused: the swap re-creates what is on the table itself."""
+    kind = row["kind"]
+    if kind in ("trigger", "function") and row["object_name"].startswith(_OURS):
+        return None
+    if kind == "index":
+        if shadow:
+            return _classify_shadow(row, dimension=dimension, old=old, column=info.column)
+        return _index(row, type_change=type_change, dimension=dimension, old=old, column=info.column,
+                      drop_first=drop_first)
+    said = f"(on partition {p.label}) "
+    if shadow:
+        if kind in _CARRIED_KINDS:
+            return Dependent(kind, row["description"], REFUSED, original=row["definition"], why=(
+                f"{said}uses the column: the swap re-creates on the new column what is on the partitioned table, "
+                "not on one of its partitions, so it would go on reading the previous column; create it on the "
+                f"table, or drop it for the job and create it again after, {_IN_PLACE}"))
+        d = _classify_shadow(row, dimension=dimension, old=old, column=info.column)
+    else:
+        d = _classify(row, info, type_change=type_change, dimension=dimension, old=old, drop_first=drop_first,
+                      other_way=_ON_PARTITION)
+    if d is not None and d.why is not None:
+        d = replace(d, why=said + d.why)
+    return d
+
+
 def _classify(row: dict[str, Any], info: TableInfo, *, type_change: bool, dimension: int, old: int | None,
-              drop_first: bool) -> Dependent | None:
+              drop_first: bool, other_way: str | None = None) -> Dependent | None:
     kind, name = row["kind"], row["description"]
     if kind == "index":
-        return _index(row, type_change=type_change, dimension=dimension, old=old, drop_first=drop_first,
-                      column=info.column)
+        return _index(row, type_change=type_change, dimension=dimension, old=old, column=info.column,
+                      drop_first=drop_first)
     if kind == "trigger" and row["object_name"].startswith(_OURS):
         return None  # the job's own capture (an older job's is settled at prepare)
     if kind == "function" and row["object_name"].startswith(_OURS):
@@ -260,16 +375,17 @@ def _classify(row: dict[str, Any], info: TableInfo, *, type_change: bool, dimens
         return Dependent(kind, name, CARRIED, original=row["definition"])  # the probe tries it
     if kind == "constraint" and row["contype"] == "c":
         return Dependent(kind, name, CARRIED, original=row["definition"])  # the probe tries it
+    shadow_way = other_way or _SHADOW
     why = {
-        "view": f"selects the column: PostgreSQL cannot change the type of a column a view uses; {_SHADOW}, "
+        "view": f"selects the column: PostgreSQL cannot change the type of a column a view uses; {shadow_way}, "
                 "or drop the view for the job and create it again after",
         "rule": "uses the column: PostgreSQL cannot change the type of a column a rule uses; drop the rule for "
                 "the job and create it again after",
         "policy": "uses the column: PostgreSQL cannot change the type of a column a row-level security policy "
                   "uses; drop the policy for the job and create it again after (the table is then unprotected "
-                  f"by it), or {_SHADOW}",
+                  f"by it), or {shadow_way}",
         "trigger": "is defined on the column (UPDATE OF or WHEN): PostgreSQL cannot change its type; drop the "
-                   f"trigger for the job and create it again after, or {_SHADOW}",
+                   f"trigger for the job and create it again after, or {shadow_way}",
         "generated column": "is computed from the column: PostgreSQL cannot change the type of a column a "
                             "generated column uses, and its expression names the old dimension; drop the expression "
                             "(ALTER TABLE ... ALTER COLUMN ... DROP EXPRESSION) first",
@@ -336,9 +452,16 @@ def _fires(conn: psycopg.Connection[Any], info: TableInfo, said: set[str]) -> li
             out.append(Dependent("rule", name, REFUSED, original=r["definition"], why=(
                 "rewrites UPDATEs of the table (DO INSTEAD): the job's own writes would not reach the column; drop "
                 "it for the job and create it again after, or make it DO ALSO")))
+        elif r["kind"] == "trigger" and _WRITER_MARK.search(r["definition"] or ""):
+            out.append(Dependent(r["kind"], name, SKIPS, original=r["definition"]))
         else:
             out.append(Dependent(r["kind"], name, FIRES, original=r["definition"]))
     return out
+
+
+# reembed's sessions carry `reembed.writer = on` (sql/queries.sql: writer_session): a trigger made
+# with WHEN (current_setting('reembed.writer', true) IS DISTINCT FROM 'on') skips the job's writes
+_WRITER_MARK = re.compile(r"WHEN .*reembed\.writer", re.S)
 
 
 def _carried(conn: psycopg.Connection[Any], info: TableInfo) -> list[Dependent]:
@@ -387,11 +510,13 @@ def _rewritten(definition: str, old: int | None, new: int, column: str) -> str:
     return carry.recast(definition, old, new, column=column)
 
 
-def _publications(conn: psycopg.Connection[Any], info: TableInfo, *, type_change: bool,
+def _publications(conn: psycopg.Connection[Any], info: TableInfo, parts: Sequence[Partition], *, type_change: bool,
                   allow: bool, shadow: bool = False) -> list[Dependent]:
-    rows = conn.execute(query("table_publications"), {"table_oid": info.oid}).fetchall()
+    rows: dict[str, dict[str, Any]] = {}
+    for oid in [info.oid, *(p.oid for p in parts)]:  # a partition may be published on its own
+        rows.update((r["name"], r) for r in conn.execute(query("table_publications"), {"table_oid": oid}).fetchall())
     out = []
-    for row in rows:
+    for row in sorted(rows.values(), key=lambda r: r["name"]):
         name = f"publication {row['name']}"
         if shadow:
             out.append(Dependent("publication", name, CARRIED) if allow else Dependent(
@@ -483,15 +608,6 @@ def _probe(conn: psycopg.Connection[Any], info: TableInfo, inventory: Inventory)
                      inventory.strategy)
 
 
-def after_using(definition: str, method: str | None) -> str:
-    """`CREATE INDEX name ON table USING hnsw (...) ...` -> `hnsw (...) ...`."""
-    marker = f" USING {method} " if method else " USING "
-    at = definition.find(marker)
-    if at < 0:
-        raise ConfigError(f"cannot read the index definition {definition!r}")
-    return definition[at + len(" USING "):]
-
-
 _LITERAL = re.compile(r"('(?:[^']|'')*')")
 
 
@@ -564,8 +680,19 @@ def concurrently(definition: str) -> str:
 
 
 def index_step_name(name: str, *, only: bool) -> str:
-    """The finalize step that builds index `name` (an older job's one index: "build_index")."""
+    """The finalize step that builds index `name` (an older job's one index: "build_index"); for a
+    partitioned index, the last of its steps (every partition's index attached, the parent valid)."""
     return "build_index" if only else f"build_index {name}"
+
+
+def parent_step_name(name: str) -> str:
+    """A partitioned index's first step: the parent index ON ONLY the table (and below it)."""
+    return f"build_index {name} on only"
+
+
+def child_step_name(name: str, child: ChildIndex) -> str:
+    """A partitioned index's step on one partition: its index built and attached."""
+    return f"build_index {name} on {child.table[0]}.{child.table[1]}"
 
 
 def table_state(job: RecordedJob) -> str | None:
@@ -582,6 +709,11 @@ def table_state(job: RecordedJob) -> str | None:
     parts = []
     if dropped:
         parts.append(f"{'index' if len(dropped) == 1 else 'indexes'} {', '.join(dropped)} dropped")
+    for d in indexes:
+        leaves = [c for c in d.child_indexes if c.leaf]
+        if d.name in dropped and leaves:
+            built = sum(1 for c in leaves if child_step_name(d.name, c) in steps)
+            parts.append(f"{d.name} built again on {built} of its {len(leaves)} partitions")
     if job.source_typmod != job.target_dimension and "cut_over" not in steps:
         parts.append(f"the column without its dimension until the cut-over makes it ({job.target_dimension})")
     if not parts:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +23,13 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import carry, db, dependents
+from reembed import carry, db, dependents, partitions, repartition
 from reembed import checkpoint as ckpt
 from reembed.background import Background
 from reembed.context import FinalizeStep, RunContext
-from reembed.errors import InternalError
+from reembed.errors import InternalError, ReembedError
 from reembed.queries import query
+from reembed.target import TableInfo, regclass_text
 
 log = structlog.get_logger()
 
@@ -47,6 +49,8 @@ def run(ctx: RunContext) -> Outcome:
     job = _reload(ctx)
     if _postponed(ctx, outcome):
         return outcome
+    repartition.reconcile(ctx)  # partitions attached or detached meanwhile, before the steps are named
+    job = _reload(ctx)
     log.info("finalize_started", steps_done=job.steps)
     for step in ctx.strategy.finalize_steps(ctx):
         if step.name in job.steps:
@@ -173,38 +177,98 @@ def build_workers(conn: psycopg.Connection[Any]) -> int:
 def index_steps(ctx: RunContext) -> list[FinalizeStep]:
     """One step per index the job's inventory names: built again from its recorded definition
     (at the new dimension) if prepare dropped it, REINDEXed if it was kept through the writes;
-    CONCURRENTLY when asked."""
+    CONCURRENTLY when asked. A partitioned index takes a step per partition (reembed.tree)."""
     indexes = [d for d in dependents.recorded(ctx.active) if d.action in (dependents.REBUILD, dependents.REINDEX)]
     if not indexes:
         def nothing(conn: psycopg.Connection[Any]) -> None:
             log.warning("no_index_to_rebuild", detail="no index read the column when the job started")
 
         return [FinalizeStep("build_index", nothing)]
-    return [index_step(ctx, d, only=len(indexes) == 1) for d in indexes]
+    return [step for d in indexes for step in steps_for(ctx, d, only=len(indexes) == 1)]
+
+
+def steps_for(ctx: RunContext, index: dependents.Dependent, *, only: bool) -> list[FinalizeStep]:
+    """The steps that build (or REINDEX) one index: one, or one per partition and two more."""
+    return _tree_steps(ctx, index, only=only) if index.partitioned else [index_step(ctx, index, only=only)]
 
 
 _M = re.compile(r"\bm\s*=\s*'?(\d+)")
 
 
 def index_step(ctx: RunContext, index: dependents.Dependent, *, only: bool) -> FinalizeStep:
-    job, info, opts = ctx.active, ctx.info, ctx.opts
+    """A plain index (on the table, or one made on a partition only: built on that partition)."""
+    job, opts = ctx.active, ctx.opts
     name = index.name
-    ident = info.index_ident(name)
     rebuild = index.action == dependents.REBUILD
     if rebuild:
         if index.definition is None:
             raise InternalError(f"the job recorded no definition for index {name}")
         text = dependents.concurrently(index.definition) if opts.concurrent_index else index.definition
         statement: sql.SQL | sql.Composed = sql.SQL(text)  # pg_get_indexdef's own text, the dimension rewritten
-    else:  # kept through the writes: rebuilt to shed the dead entries and learn the new vectors
-        concurrently = sql.SQL("CONCURRENTLY" if opts.concurrent_index else "")
-        statement = info.statement("reindex", concurrently=concurrently, index=ident)
     rows = ctx.lease.read(ckpt.progress, job, on=ctx.control, what="job_progress")["rows_done"]
-    found = _M.search(index.definition or "")
-    m = int(found.group(1)) if found and index.method == "hnsw" else 16
-    memory = build_memory(rows, ctx.signature.dimension, opts.index_memory, m=m)
+    memory = build_memory(rows, ctx.signature.dimension, opts.index_memory, m=_m(index.definition, index.method))
 
     attributes = carry.IndexAttributes.from_json(index.attributes)
+    setup = _setup(ctx, name, index.method, memory=memory, rebuild=rebuild, tablespace=attributes.tablespace)
+
+    def build(conn: psycopg.Connection[Any]) -> None:
+        info = _relation(ctx, conn, index.table)
+        if info is None:
+            return
+        if not rebuild:  # kept through the writes: rebuilt to shed the dead entries and learn the new vectors
+            _reindex(ctx, conn, info, name)
+            return
+        existing = conn.execute(query("index_by_name"), {"table_oid": info.oid, "index": name}).fetchone()
+        if existing is not None and existing["valid"]:
+            log.info("index_already_built", index=name)
+        else:
+            if existing is not None:  # an invalid leftover of an interrupted CONCURRENTLY build
+                _drop_leftover(ctx, conn, info, name)
+            with _ProgressWatcher(ctx):
+                conn.execute(statement)
+        carry.apply_index(conn, info, name, attributes)  # its comment and statistics targets, as found
+
+    return FinalizeStep(dependents.index_step_name(name, only=only), build, in_transaction=not opts.concurrent_index,
+                        role="index", setup=setup, timed=True)
+
+
+def _m(definition: str | None, method: str | None) -> int:
+    found = _M.search(definition or "")
+    return int(found.group(1)) if found and method == "hnsw" else 16
+
+
+def _relation(ctx: RunContext, conn: psycopg.Connection[Any], table: tuple[str, str] | None) -> TableInfo | None:
+    """The job's table, or its partition `table` while it is still one (None, logged, when it was
+    dropped or detached: its rows are no longer the table's)."""
+    if table is None:
+        return ctx.info
+    info = partitions.relation_named(conn, ctx.info, table)
+    if info is None or not partitions.below(conn, ctx.info, info.oid):
+        log.warning("partition_gone", partition=".".join(table),
+                    detail="dropped or detached while the job ran: its index is not built")
+        return None
+    return info
+
+
+def _drop_leftover(ctx: RunContext, conn: psycopg.Connection[Any], info: TableInfo, name: str) -> None:
+    drop = "drop_index_concurrently" if ctx.opts.concurrent_index else "drop_index_if_exists"
+    log.info("invalid_index_dropped", index=name, concurrently=ctx.opts.concurrent_index)
+    conn.execute(info.statement(drop, index=info.index_ident(name)))
+
+
+def _reindex(ctx: RunContext, conn: psycopg.Connection[Any], info: TableInfo, name: str) -> None:
+    """REINDEX [CONCURRENTLY], after dropping what an interrupted REINDEX CONCURRENTLY of it left."""
+    for row in conn.execute(query("reindex_leftovers"), {"table_oid": info.oid, "index": name}).fetchall():
+        _drop_leftover(ctx, conn, info, row["name"])
+    concurrently = sql.SQL("CONCURRENTLY" if ctx.opts.concurrent_index else "")
+    with _ProgressWatcher(ctx):
+        conn.execute(info.statement("reindex", concurrently=concurrently, index=info.index_ident(name)))
+
+
+def _setup(ctx: RunContext, name: str, method: str | None, *, memory: int, rebuild: bool,
+           tablespace: str | None) -> Callable[[psycopg.Connection[Any]], None]:
+    """The build's session settings, on its dedicated connection."""
+    opts = ctx.opts
 
     def setup(conn: psycopg.Connection[Any]) -> None:
         conn.add_notice_handler(_notice)
@@ -214,30 +278,121 @@ def index_step(ctx: RunContext, index: dependents.Dependent, *, only: bool) -> F
         conn.execute(query("build_settings"), {"memory": f"{memory // 1024}kB", "workers": str(workers),
                                                "lock_timeout": "0" if opts.concurrent_index
                                                else opts.ddl_lock_timeout,
-                                               "tablespace": attributes.tablespace or ""})
-        log.info("index_build_started", index=name, method=index.method, rebuild=rebuild,
+                                               "tablespace": tablespace or ""})
+        log.info("index_build_started", index=name, method=method, rebuild=rebuild,
                  maintenance_work_mem_mb=memory // 1024**2, parallel_workers=workers,
                  concurrent=opts.concurrent_index)
 
+    return setup
+
+
+# ------------------------------------------------------------------ a partitioned index, one partition at a time
+
+
+def _tree_steps(ctx: RunContext, index: dependents.Dependent, *, only: bool) -> list[FinalizeStep]:
+    """A partitioned index (reembed.partitions), which PostgreSQL cannot build or REINDEX
+    CONCURRENTLY as a whole: kept through the writes, each partition's index is REINDEXed in a step of
+    its own; dropped (or a shadow column's), the parent index is created ON ONLY the table (and below,
+    for partitions partitioned again), then each partition's index is built under its own name and
+    attached below its parent, a step each, then the whole is checked valid and given what PostgreSQL
+    kept about each index (comments, statistics). A crash resumes at the partition it was building."""
+    opts, name = ctx.opts, index.name
+    leaves = [c for c in index.child_indexes if c.leaf]
+    last = FinalizeStep(dependents.index_step_name(name, only=only), lambda conn: _complete(ctx, index, conn))
+    rows = ctx.lease.read(ckpt.progress, ctx.active, on=ctx.control, what="job_progress")["rows_done"]
+    memory = build_memory(rows, ctx.signature.dimension, opts.index_memory, m=_m(index.definition, index.method))
+    rebuild = index.action == dependents.REBUILD
+    builds = [FinalizeStep(dependents.child_step_name(name, c), _child_builder(ctx, index, c, rebuild=rebuild),
+                           in_transaction=not opts.concurrent_index, role="index", timed=True,
+                           setup=_setup(ctx, c.name, index.method, memory=memory, rebuild=rebuild,
+                                        tablespace=carry.IndexAttributes.from_json(c.attributes).tablespace))
+              for c in leaves]
+    if not rebuild:
+        return [*builds, last]
+    if index.definition is None:
+        raise InternalError(f"the job recorded no definition for index {name}")
+    top = FinalizeStep(dependents.parent_step_name(name), lambda conn: _parents(ctx, index, conn))
+    return [top, *builds, last]
+
+
+def _parents(ctx: RunContext, index: dependents.Dependent, conn: psycopg.Connection[Any]) -> None:
+    """The parent index ON ONLY the table, and ON ONLY each partition partitioned again, attached
+    below its own parent (catalog only; in one transaction)."""
+    info = _relation(ctx, conn, index.table)
+    if info is None or index.definition is None:
+        return
+    _create_on_only(conn, info, index.name, partitions.after_using(index.definition, index.method))
+    for c in index.child_indexes:
+        if c.leaf:
+            continue
+        below = _relation(ctx, conn, c.table)
+        if below is not None:
+            _create_on_only(conn, below, c.name, c.body)
+            _attach(conn, below, c)
+
+
+def _create_on_only(conn: psycopg.Connection[Any], info: TableInfo, name: str, body: str) -> None:
+    if conn.execute(query("index_by_name"), {"table_oid": info.oid, "index": name}).fetchone() is None:
+        conn.execute(info.statement("create_index_on", concurrently=sql.SQL(""), index=name, only=sql.SQL("ONLY"),
+                                    body=sql.SQL(body)))  # pg_get_indexdef's own text, the dimension rewritten
+
+
+def _attach(conn: psycopg.Connection[Any], info: TableInfo, c: partitions.ChildIndex) -> None:
+    attached = partitions.attached_under(conn, c.parent, info.oid)
+    if attached is None:
+        conn.execute(info.statement("attach_index", parent=c.parent, index=c.ident))
+
+
+def _child_builder(ctx: RunContext, index: dependents.Dependent, c: partitions.ChildIndex, *,
+                   rebuild: bool) -> Callable[[psycopg.Connection[Any]], None]:
     def build(conn: psycopg.Connection[Any]) -> None:
-        if not rebuild:
-            with _ProgressWatcher(ctx):
-                conn.execute(statement)
+        info = _relation(ctx, conn, c.table)
+        if info is None:
             return
-        existing = conn.execute(query("index_by_name"), {"table_oid": info.oid, "index": name}).fetchone()
+        if not rebuild:
+            _reindex(ctx, conn, info, c.name)
+            return
+        attached = partitions.attached_under(conn, c.parent, info.oid)
+        if attached is not None and attached["name"] != c.name and attached["valid"]:
+            # the partition was created after the parent index: PostgreSQL gave it one, under its own name
+            conn.execute(info.statement("rename_index", old=info.index_ident(attached["name"]), new=c.name))
+            log.info("partition_index_adopted", index=c.name, partition=".".join(c.table), was=attached["name"])
+            return
+        existing = conn.execute(query("index_by_name"), {"table_oid": info.oid, "index": c.name}).fetchone()
         if existing is not None and existing["valid"]:
-            log.info("index_already_built", index=name)
+            log.info("index_already_built", index=c.name, partition=".".join(c.table))
         else:
             if existing is not None:  # an invalid leftover of an interrupted CONCURRENTLY build
-                drop = "drop_index_concurrently" if opts.concurrent_index else "drop_index_if_exists"
-                log.info("invalid_index_dropped", index=name, concurrently=opts.concurrent_index)
-                conn.execute(info.statement(drop, index=ident))
+                _drop_leftover(ctx, conn, info, c.name)
+            concurrently = sql.SQL("CONCURRENTLY" if ctx.opts.concurrent_index else "")
             with _ProgressWatcher(ctx):
-                conn.execute(statement)
-        carry.apply_index(conn, info, name, attributes)  # its comment and statistics targets, as found
+                conn.execute(info.statement("create_index_on", concurrently=concurrently, index=c.name,
+                                            only=sql.SQL(""), body=sql.SQL(c.body)))
+        _attach(conn, info, c)
 
-    return FinalizeStep(dependents.index_step_name(name, only=only), build, in_transaction=not opts.concurrent_index,
-                        role="index", setup=setup, timed=True)
+    return build
+
+
+def _complete(ctx: RunContext, index: dependents.Dependent, conn: psycopg.Connection[Any]) -> None:
+    """Every partition's index attached: the parent is valid; each index given its comment and
+    statistics targets as found."""
+    info = _relation(ctx, conn, index.table)
+    if info is None:
+        return
+    row = conn.execute(query("index_by_name"), {"table_oid": info.oid, "index": index.name}).fetchone()
+    if row is None or not row["valid"]:
+        missing = [r["name"] for r in conn.execute(query("partitions_without_index"), {
+            "table_oid": info.oid, "index": regclass_text(info.index_ident(index.name))}).fetchall()]
+        raise ReembedError(f"index {index.name} on {info.qualified} is not valid: partitions {', '.join(missing)} have "
+                           "no index attached below it (attached to the table while its index was built); re-run: "
+                           "the job takes them in and builds theirs")
+    if index.action == dependents.REBUILD:
+        carry.apply_index(conn, info, index.name, carry.IndexAttributes.from_json(index.attributes))
+        for c in index.child_indexes:
+            below = _relation(ctx, conn, c.table)
+            if below is not None:
+                carry.apply_index(conn, below, c.name, carry.IndexAttributes.from_json(c.attributes))
+    log.info("partitioned_index_valid", index=index.name, partitions=len([c for c in index.child_indexes if c.leaf]))
 
 
 def _notice(diag: psycopg.errors.Diagnostic) -> None:
@@ -254,7 +409,7 @@ def _notice(diag: psycopg.errors.Diagnostic) -> None:
 
 
 class _ProgressWatcher(Background):
-    """Logs pg_stat_progress_create_index for the table while the build runs."""
+    """Logs pg_stat_progress_create_index for the table (or a partition of it) while the build runs."""
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__("reembed-index-progress", join_timeout=5)

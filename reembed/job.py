@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from reembed import capture, carry, db, dependents, failures, finalize, fitting, lease, ranges, shadow
+from reembed import capture, carry, db, dependents, failures, finalize, fitting, lease, ranges, repartition, shadow
 from reembed import checkpoint as ckpt
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
@@ -313,7 +313,10 @@ def _begin(ctx: RunContext, resumed_from: str | None) -> Report:
 
 def _recheck(ctx: RunContext, conn: psycopg.Connection[Any], job: Job) -> None:
     """A resumed job whose column still changes type: refuse what was added on the column since
-    the job started (a view, a policy, ...), before any more work, saying what state the table is in."""
+    the job started (a view, a policy, ...), before any more work, saying what state the table is in.
+    A partitioned table's partitions attached or detached meanwhile are taken in (reembed.repartition)."""
+    with db.translated():
+        repartition.reconcile(ctx)
     if job.strategy == "shadow" or job.source_typmod == job.target_dimension or "cut_over" in job.steps:
         return  # a shadow job re-reads what is on the column inside its swap
     with db.translated():
@@ -378,6 +381,7 @@ def prepare(ctx: RunContext, conn: psycopg.Connection[Any], registry: Signature 
         job = ckpt.create_job(c, info, target=sig, source=source, index=index_def, index_name=index_name,
                               source_typmod=source_typmod, rows_total=rows_total, holder=db.holder_name(),
                               dependents=now.as_json(), strategy=ctx.strategy.name, bounds=bounds)
+        repartition.record(c, info, job)
         ctx.strategy.prepare(ctx, c, job, resumed_from=old)
         return ckpt.reload(c, job)
 

@@ -11,7 +11,7 @@ import numpy as np
 import psycopg
 import structlog
 
-from reembed import bridge, dependents, fitting
+from reembed import bridge, dependents, fitting, partitions
 from reembed import checkpoint as ckpt
 from reembed.checkpoint import Job
 from reembed.cost import estimate as estimate_cost
@@ -170,6 +170,52 @@ _BROKEN_RETYPED = ("those that return the column (its dimension changes)",)
 _BROKEN_IN_PLACE = ("those that return the column, or SELECT * (its type changes at prepare and at the cut-over)",)
 
 
+def partitioned(conn: psycopg.Connection[Any], info: TableInfo, found: list[dependents.Dependent],
+                opts: RunOptions, *, type_change: bool) -> dict[str, Any]:
+    """A partitioned table's part of the plan: its partitions, the index builds one partition at a
+    time, and what the table is while the job runs."""
+    parts = partitions.tree(conn, info)
+    if not parts:
+        return {}
+    rows = {p.label: p.rows for p in parts}
+    builds: list[dict[str, Any]] = []
+    for d in found:
+        if d.is_index and d.partitioned and d.action in (dependents.REBUILD, dependents.REINDEX, dependents.SHADOW):
+            children = [c for c in d.child_indexes if c.leaf]
+            builds.append({"index": d.name, "action": d.action,
+                           "steps": len(children) + (1 if d.action == dependents.REINDEX else 2),
+                           "partition_indexes": [{"partition": ".".join(c.table), "index": c.name,
+                                                  "rows": rows.get(".".join(c.table))} for c in children]})
+    how = "CONCURRENTLY" if opts.concurrent_index else "each in a transaction of its own"
+    said_builds = "; ".join(
+        f"{b['index']}: {'REINDEXed' if b['action'] == dependents.REINDEX else 'built'} on each of "
+        f"{len(b['partition_indexes'])} partitions ({how}" + (")" if b["action"] == dependents.REINDEX else
+                                                              ", attached below the parent index ON ONLY the table)")
+        for b in builds)
+    dropped = [b["index"] for b in builds if b["action"] == dependents.REBUILD]
+    if opts.strategy == "shadow":
+        mid = ("a shadow column on every partition (catalog only); the live column and its indexes keep serving; at "
+               "finalize each partition's twin index is built and attached below a twin parent index, invalid until "
+               "the last one is, and the swap renames every partition's index")
+    elif dropped or type_change:
+        mid = ((f"{'index' if len(dropped) == 1 else 'indexes'} {', '.join(dropped)} dropped on every partition"
+                if dropped else "")
+               + (" and " if dropped and type_change else "")
+               + (f"every partition's {info.column} without its dimension" if type_change else "")
+               + ": search over the table, or any one partition, is unavailable until the last partition's index "
+                 "is built again")
+    else:
+        mid = "the indexes stay (each partition's is REINDEXed at the end, one at a time)"
+    mid += ("; a partition attached meanwhile is taken in (its rows re-embedded by the catch-up, its index built "
+            "with the others); one detached leaves the job as it is then")
+    leaves = [p for p in parts if p.leaf]
+    return {"partitions": [{"name": p.label, "bound": p.bound, "partitioned": not p.leaf, "level": p.level,
+                               "rows": p.rows, "bytes": p.bytes} for p in parts],
+               "partition_index_builds": builds, "mid_job": mid,
+               "partitions_said": f"{len(leaves)} partitions ({partitions.said(leaves)})",
+               "partition_builds_said": said_builds}
+
+
 def sample_texts(conn: psycopg.Connection[Any], info: TableInfo, n: int, rows_total: int) -> list[str]:
     """About `n` texts of the table, pages drawn from all of it."""
     percent = min(100.0, 120.0 * n / max(rows_total, 1))
@@ -317,6 +363,7 @@ def plan_report(
         "not_null": info.not_null,
         "key": list(info.pk.columns),
     }
+    details.update(partitioned(conn, info, on_column, opts, type_change=bool(alter)))
     message = plan_text(details) + _bridge_text(bridges, preview)
     return Report(state="planned", model_name=sig.name, dimension=sig.dimension, model_hash=sig.hash,
                   duration_secs=time.monotonic() - started, message=message, details=details)

@@ -338,18 +338,19 @@ def _swap_back(c: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, names
         raise ReembedError(f"{info.qualified}.{info.column} is gone; nothing was swapped back")
     carried = carry.read(c, info, int(column["attnum"]))
     carried.check(info, when="nothing was swapped back")
-    attributes = carry.read_column(c, info.oid, info.column)  # what the live column has now goes back with it
-    indexes = {i.name: carry.read_index(c, info, i.name) for i in names.indexes}
+    columns = carry.read_columns(c, info, info.column)  # what the live column has now goes back with it
+    indexes = shadow.read_indexes(c, info, names.indexes)
+    renames = shadow.index_names(c, info, names.indexes)
     carry.drop(c, carried)
     shadow.stop_recording(c, info, job.id)
     c.execute(info.statement("drop_column_if_exists", column=info.column))  # its indexes go with it
     shadow.rename_column(c, info, names.previous, info.column)
-    carry.apply_column(c, info, info.column, attributes)
+    carry.apply_columns(c, columns, info.column)
     if names.not_null:  # the swap took it off the previous column: back, validated after the hold
         carry.hold_not_null(c, info, info.column, job_id=job.id, name=names.not_null_name)
-    for i in names.indexes:
-        shadow.rename_index(c, info, i.previous, i.name)
-        carry.apply_index(c, info, i.name, indexes[i.name])
+    for where, name, _, previous in renames:  # each partition's index of a partitioned one too
+        shadow.rename_index(c, where, previous, name)
+        carry.apply_index(c, where, name, indexes[(where.ident[0], name)])
     carry.create(c, carried, old=job.target_dimension, new=job.source_typmod or job.target_dimension,
                  column=info.column)
     source = job.source

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -27,11 +27,12 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from reembed import bridge, capture, carry, cutover, dependents, failures, finalize, gate
+from reembed import bridge, capture, carry, cutover, dependents, failures, finalize, gate, partitions, repartition
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext
 from reembed.cutover import CutOver
 from reembed.errors import ConfigError, InternalError, ReembedError
+from reembed.partitions import ChildIndex
 from reembed.queries import query
 from reembed.target import TableInfo
 
@@ -63,10 +64,39 @@ class ShadowIndex:
     previous: str  # the live index's name after the swap
     definition: str  # CREATE INDEX of the twin on the shadow column
     method: str | None
+    relation: tuple[str, str] | None = None  # an index made on one partition only: that partition
+    # a partitioned index: each partition's index and its twin (from the job's inventory; None: a plain index)
+    children: tuple[ShadowChild, ...] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "shadow": self.shadow, "previous": self.previous,
-                "definition": self.definition, "method": self.method}
+                "definition": self.definition, "method": self.method,
+                "relation": list(self.relation) if self.relation else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], recorded: dict[tuple[str, tuple[str, ...]], dependents.Dependent],
+                  suffix: str, column: str, shadow: str) -> ShadowIndex:
+        relation = (data["relation"][0], data["relation"][1]) if data.get("relation") else None
+        live = recorded.get((data["name"], relation or ()))
+        children = None if live is None or not live.partitioned else tuple(
+            ShadowChild.of(c, suffix, column, shadow) for c in live.child_indexes)
+        return cls(name=data["name"], shadow=data["shadow"], previous=data["previous"],
+                   definition=data["definition"], method=data["method"], relation=relation, children=children)
+
+
+@dataclass(frozen=True)
+class ShadowChild:
+    """One partition's index of a partitioned live index, and its twin on the shadow column."""
+
+    live: ChildIndex
+    twin: ChildIndex  # built below the twin parent, on the shadow column; takes the live one's name at the swap
+    previous: str  # the live one's name after the swap
+
+    @classmethod
+    def of(cls, c: ChildIndex, suffix: str, column: str, shadow: str) -> ShadowChild:
+        twin = replace(c, name=name_with(c.name, suffix), parent=(c.parent[0], name_with(c.parent[1], suffix)),
+                       body=dependents.rename_refs(c.body, column, shadow))
+        return cls(c, twin, name_with(c.name, PREVIOUS))
 
 
 @dataclass(frozen=True)
@@ -90,24 +120,38 @@ class Names:
         data = job.shadow
         if data is None:
             raise InternalError(f"job {job.id} is a shadow job but recorded no shadow column")
+        recorded = {(d.name, tuple(d.relation or ())): d for d in dependents.recorded(job) if d.is_index}
+        suffix = f"_reembed{job.id}"
         return cls(column=data["column"], shadow=data["shadow"], previous=data["previous"],
-                   indexes=tuple(ShadowIndex(**i) for i in data["indexes"]), not_null=bool(data.get("not_null")),
-                   not_null_name=data.get("not_null_name"))
+                   indexes=tuple(ShadowIndex.from_json(i, recorded, suffix, data["column"], data["shadow"])
+                                 for i in data["indexes"]),
+                   not_null=bool(data.get("not_null")), not_null_name=data.get("not_null_name"))
 
 
 def plan_names(info: TableInfo, job_id: int, found: list[dependents.Dependent], *, not_null: bool,
                not_null_name: str | None = None) -> Names:
-    shadow = name_with(info.column, f"_reembed{job_id}")
+    suffix = f"_reembed{job_id}"
+    shadow = name_with(info.column, suffix)
     indexes = []
     for d in found:
         if d.action != dependents.SHADOW or d.definition is None:
             continue
-        twin = name_with(d.name, f"_reembed{job_id}")
+        twin = name_with(d.name, suffix)
         body = dependents.rename_refs(dependents.after_using(d.definition, d.method), info.column, shadow)
         statement = sql.SQL("CREATE INDEX {name} ON {table} USING ").format(
-            name=sql.Identifier(twin), table=sql.Identifier(*info.ident)).as_string() + body
-        indexes.append(ShadowIndex(d.name, twin, name_with(d.name, PREVIOUS), statement, d.method))
+            name=sql.Identifier(twin), table=sql.Identifier(*(d.table or info.ident))).as_string() + body
+        children = None if not d.partitioned else tuple(
+            ShadowChild.of(c, suffix, info.column, shadow) for c in d.child_indexes)
+        indexes.append(ShadowIndex(d.name, twin, name_with(d.name, PREVIOUS), statement, d.method, d.table, children))
     return Names(info.column, shadow, name_with(info.column, PREVIOUS), tuple(indexes), not_null, not_null_name)
+
+
+def twin_dependent(i: ShadowIndex, attributes: dict[str, Any] | None) -> dependents.Dependent:
+    """What finalize builds for a live index: its twin on the shadow column (a partitioned one's
+    partition by partition, under its own names)."""
+    return dependents.Dependent("index", i.shadow, dependents.REBUILD, definition=i.definition, method=i.method,
+                                attributes=attributes, relation=list(i.relation) if i.relation else None,
+                                children=None if i.children is None else [c.twin.as_json() for c in i.children])
 
 
 def check_table(conn: psycopg.Connection[Any], info: TableInfo) -> None:
@@ -124,13 +168,14 @@ def check_names(conn: psycopg.Connection[Any], info: TableInfo, names: Names) ->
     free and distinct (a name PostgreSQL would have to cut to 63 bytes is made unique by a digest)."""
     if conn.execute(query("column_info"), {"table_oid": info.oid, "column": names.shadow}).fetchone() is not None:
         raise ConfigError(f"{info.qualified} already has a column {names.shadow}; rename it; nothing was written")
-    wanted = [n for i in names.indexes for n in (i.shadow, i.previous)]
-    taken = {r["name"] for r in conn.execute(query("relations_named"),
-                                             {"table_oid": info.oid, "names": wanted}).fetchall()}
-    clash = sorted(taken | {n for n in wanted if wanted.count(n) > 1})
+    wanted = [((i.relation or info.ident)[0], n) for i in names.indexes for n in (i.shadow, i.previous)]
+    wanted += [(c.live.table[0], n) for i in names.indexes for c in i.children or () for n in (c.twin.name, c.previous)]
+    taken = {(schema, n) for schema, n in wanted
+             if conn.execute(query("relation_in_schema"), {"schema": schema, "name": n}).fetchone() is not None}
+    clash = sorted(f"{schema}.{n}" for schema, n in taken | {w for w in wanted if wanted.count(w) > 1})
     if clash:
-        raise ConfigError(f"the shadow job would name indexes {', '.join(clash)}, which are taken in the table's "
-                          "schema; rename the relation or index that holds the name; nothing was written")
+        raise ConfigError(f"the shadow job would name indexes {', '.join(clash)}, which are taken; rename the "
+                          "relation or index that holds the name; nothing was written")
 
 
 class Shadow:
@@ -165,13 +210,12 @@ class Shadow:
 
     def finalize_steps(self, ctx: RunContext) -> list[FinalizeStep]:
         names = self.names(ctx)
-        recorded = {d.name: d for d in dependents.recorded(ctx.active) if d.is_index}
+        recorded = {(d.name, d.table): d for d in dependents.recorded(ctx.active) if d.is_index}
         old_uses = [gate.IndexUse.of(i.name, definition, ctx.info.column)
-                    for i in names.indexes if (definition := recorded[i.name].original) is not None]
-        builds = [finalize.index_step(ctx, dependents.Dependent(
-                      "index", i.shadow, dependents.REBUILD, definition=i.definition, method=i.method,
-                      attributes=recorded[i.name].attributes), only=False)  # its tablespace, comment, statistics
-                  for i in names.indexes]
+                    for i in names.indexes if (definition := recorded[(i.name, i.relation)].original) is not None]
+        builds = [step for i in names.indexes  # with the live index's tablespace, comment, statistics
+                  for step in finalize.steps_for(ctx, twin_dependent(i, recorded[(i.name, i.relation)].attributes),
+                                                 only=False)]
         return [
             FinalizeStep("catch_up", lambda conn: self._catch_up(ctx), in_transaction=False, record=False),
             *builds,
@@ -206,8 +250,14 @@ class Shadow:
         wanted = [i.shadow for i in names.indexes]
         if not wanted:
             return
-        rows = conn.execute(query("indexes_valid"), {"table_oid": ctx.info.oid, "names": wanted}).fetchall()
-        valid = {r["name"] for r in rows if r["valid"]}
+        valid = set()
+        for i in names.indexes:  # a partitioned index is valid once every partition's is attached below it
+            where = on_relation(conn, ctx.info, i.relation)
+            if where is None:  # a partition's own index, the partition detached: not the table's any more
+                valid.add(i.shadow)
+                continue
+            rows = conn.execute(query("indexes_valid"), {"table_oid": where.oid, "names": [i.shadow]}).fetchall()
+            valid |= {r["name"] for r in rows if r["valid"]}
         bad = [n for n in wanted if n not in valid]
         if bad:
             raise ReembedError(f"index {', '.join(bad)} on the shadow column is missing or not valid; nothing was "
@@ -231,22 +281,23 @@ class Shadow:
 
     def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any]) -> None:
         info, names, job = ctx.info, self.names(ctx), ctx.active
+        repartition.check_unchanged(conn, ctx)  # no partition attached or detached since finalize began
         carried = carry.read(conn, info, info.attnum)
         carried.check(info, when="nothing was swapped (it was created while the job ran)")
-        column = carry.read_column(conn, info.oid, info.column)
-        indexes = {i.name: carry.read_index(conn, info, i.name) for i in names.indexes}
+        columns = carry.read_columns(conn, info, info.column)  # on each partition too
+        indexes = read_indexes(conn, info, names.indexes)
         capture.remove(conn, info, job.id)
         carry.drop(conn, carried)
-        rename_column(conn, info, info.column, names.previous)
+        rename_column(conn, info, info.column, names.previous)  # on every partition too
         rename_column(conn, info, names.shadow, info.column)
-        carry.apply_column(conn, info, info.column, column)
+        carry.apply_columns(conn, columns, info.column)
         if names.not_null:  # the application stops writing the previous column; the new one refuses NULL
             conn.execute(info.statement("drop_not_null", column=names.previous))
             carry.hold_not_null(conn, info, info.column, job_id=job.id, name=names.not_null_name)
-        for i in names.indexes:
-            rename_index(conn, info, i.name, i.previous)
-            rename_index(conn, info, i.shadow, i.name)
-            carry.apply_index(conn, info, i.name, indexes[i.name])
+        for where, live, twin, previous in index_names(conn, info, names.indexes):
+            rename_index(conn, where, live, previous)
+            rename_index(conn, where, twin, live)
+            carry.apply_index(conn, where, live, indexes[(where.ident[0], live)])
         carry.create(conn, carried, old=job.source_typmod, new=ctx.signature.dimension, column=info.column)
         if carried.views or carried.attached:
             log.info("recreated_on_new_column", objects=carried.labels())
@@ -262,8 +313,8 @@ def discard(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job) -> No
     if job.shadow is None or "cut_over" in job.steps:
         return
     names = Names.of(job)
-    for i in names.indexes:
-        conn.execute(info.statement("drop_index_if_exists", index=info.index_ident(i.shadow)))
+    for i in names.indexes:  # a partitioned one takes its partitions' with it
+        conn.execute(info.statement("drop_index_if_exists", index=((i.relation or info.ident)[0], i.shadow)))
     conn.execute(info.statement("drop_column_if_exists", column=names.shadow))
     log.warning("shadow_column_dropped", old_job_id=job.id, column=names.shadow)
 
@@ -274,6 +325,41 @@ def rename_column(conn: psycopg.Connection[Any], info: TableInfo, old: str, new:
 
 def rename_index(conn: psycopg.Connection[Any], info: TableInfo, old: str, new: str) -> None:
     conn.execute(info.statement("rename_index", old=info.index_ident(old), new=new))
+
+
+def on_relation(conn: psycopg.Connection[Any], info: TableInfo,
+                relation: tuple[str, str] | None) -> TableInfo | None:
+    """The table, or its partition `relation` while it is one (None: dropped or detached since; a
+    swap checks first that none was, rollback's swap back leaves such a table alone)."""
+    if relation is None:
+        return info
+    found = partitions.relation_named(conn, info, relation)
+    if found is None or not partitions.below(conn, info, found.oid):
+        return None
+    return found
+
+
+def index_names(conn: psycopg.Connection[Any], info: TableInfo,
+                indexes: tuple[ShadowIndex, ...]) -> list[tuple[TableInfo, str, str, str]]:
+    """(relation, live name, twin name, previous name) of every index the swap renames: each live
+    index, and each partition's index of a partitioned one."""
+    out = []
+    for i in indexes:
+        named = [(i.relation, i.name, i.shadow, i.previous)]
+        named += [(c.live.table, c.live.name, c.twin.name, c.previous) for c in i.children or ()]
+        for relation, live, twin, previous in named:
+            where = on_relation(conn, info, relation)
+            if where is not None:
+                out.append((where, live, twin, previous))
+    return out
+
+
+def read_indexes(conn: psycopg.Connection[Any], info: TableInfo,
+                 indexes: tuple[ShadowIndex, ...]) -> dict[tuple[str, str], carry.IndexAttributes]:
+    """What PostgreSQL keeps about each index under its live name (by schema and name), before the
+    renames: what the index that takes the name gets."""
+    return {(where.ident[0], name): carry.read_index(conn, where, name)
+            for where, name, _, _ in index_names(conn, info, indexes)}
 
 
 # --------------------------------------------------- the keys written after the swap

@@ -21,7 +21,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import capture, carry, cutover, dependents, failures, finalize
+from reembed import capture, carry, cutover, dependents, failures, finalize, repartition
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, RunContext, Strategy
 from reembed.cutover import CutOver
@@ -48,8 +48,10 @@ class InPlace:
                 resumed_from: ckpt.Job | None) -> None:
         info, what = ctx.info, self.plan(ctx, job)
         capture.settle_others(ctx, conn, job)  # a stale trigger on the column would block the type change
-        for name in what["drop_indexes"]:  # IF EXISTS: an abandoned job may have dropped it already
-            conn.execute(info.statement("drop_index_if_exists", index=info.index_ident(name)))
+        for d in dependents.recorded(job):  # IF EXISTS: an abandoned job may have dropped it already
+            if d.action == dependents.REBUILD:  # a partitioned index takes its partitions' with it
+                ident = (d.table[0], d.name) if d.table else info.index_ident(d.name)
+                conn.execute(info.statement("drop_index_if_exists", index=ident))
         if what["drop_indexes"] or (resumed_from is not None and resumed_from.index_dropped):
             ckpt.mark_index_dropped(conn, job)
         if what["relax_typmod"]:
@@ -83,6 +85,7 @@ class InPlace:
         cutover.for_job(self._cut, ctx, rewrite=rewrite, swap=lambda c: self._swap(ctx, c, rewrite=rewrite))
 
     def _swap(self, ctx: RunContext, conn: psycopg.Connection[Any], *, rewrite: bool) -> None:
+        repartition.check_unchanged(conn, ctx)  # no partition attached or detached since finalize began
         if rewrite:
             # The capture trigger names the column, which blocks a type change: it goes first
             # (that needs ACCESS EXCLUSIVE, which the rewrite takes anyway).

@@ -4,7 +4,7 @@ Every problem found here is a ConfigError, raised before anything is written."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -112,6 +112,7 @@ class Key:
             "t_id": self.row("t"),
             "t_id_text": self.text("t"),
             "new_id_text": self.text("NEW"),
+            "key_changed": sql.SQL("{} IS DISTINCT FROM {}").format(self.row("OLD"), self.row("NEW")),
             "after_id": self.of(sql.Placeholder("after")),
             "upper_id": self.of(sql.Placeholder("upper")),
             "ids_match": (sql.SQL("{} = ANY(CAST(%(ids)s AS {}[]))").format(self.row(), sql.SQL(self.types[0]))
@@ -160,6 +161,7 @@ class TableInfo:
     @property
     def pk(self) -> Key:
         return self.key or Key((self.id_column,), (self.id_type,), (self.id_type_oid,))
+    partitioned: bool = False  # a partitioned table (relkind 'p'): its rows are in its partitions (reembed.partitions)
 
     def statement(self, name: str, *, column: str | None = None, **extra: Fill) -> sql.Composed | sql.SQL:
         """The statement `name` of sql/table.sql on this table; `column`: the column written
@@ -195,6 +197,12 @@ class TableInfo:
     def index_ident(self, name: str) -> tuple[str, str]:
         """An index of this table, schema-qualified."""
         return (self.ident[0], name)
+
+    def on(self, oid: int, ident: tuple[str, str], attnum: int, *, partitioned: bool = False) -> TableInfo:
+        """This description for another relation with the same columns (a partition of this table):
+        its statements run there. Never a job's key: `qualified` names the partition."""
+        return replace(self, oid=oid, ident=ident, qualified=regclass_text(ident), attnum=attnum, index=None,
+                       partitioned=partitioned)
 
 
 def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
@@ -267,6 +275,7 @@ def inspect_target(conn: psycopg.Connection[Any], target: Target) -> TableInfo:
         content_reads=reads,
         null_content=target.null_content,
         not_null=bool(column["not_null"]),
+        partitioned=row["relkind"] == "p",
     )
 
 

@@ -84,6 +84,11 @@ def plan_text(d: dict[str, Any]) -> str:
         happen.append(("NOT NULL", f"{d.get('column', 'the column')} is NOT NULL: kept (in place, PostgreSQL keeps it "
                                    "through the type change; shadow, the new column refuses NULL from the swap on, "
                                    "then one scan validates it with the application writing, no lock held)"))
+    if d.get("partitions_said"):
+        happen.append(("partitions", d["partitions_said"]))
+        if d.get("partition_builds_said"):
+            happen.append(("indexes", f"built one partition at a time: {d['partition_builds_said']}"))
+        happen.append(("mid-job", d["mid_job"]))
     happen += [("on it" if i == 0 else "", said) for i, said in enumerate(d.get("dependents_said") or [])] \
         or [("on it", "nothing else depends on it")]
     happen.append(("strategy", f"{d['strategy']} (--strategy)"))

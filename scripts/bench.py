@@ -616,10 +616,12 @@ class Bench:
         rng = np.random.default_rng(3)
         rates: dict[str, list[float]] = {}
         with db.connect(dsn, role="bench", autocommit=True) as conn:
+            conn.execute("ALTER TABLE knowledge_nodes ADD COLUMN views int NOT NULL DEFAULT 0")
             info = inspect_target(conn, Target(dsn=dsn))
             checkpoint.ensure_schema(conn)
             ids = [r["id"] for r in conn.execute("SELECT id FROM knowledge_nodes LIMIT %s", (n,)).fetchall()]
             for label in ("without", "with", "without", "with", "without", "with"):
+                conn.execute("VACUUM knowledge_nodes")  # each round on a table as clean as the last's
                 if label == "with":
                     capture.create(conn, info, 1)
                 vecs = rng.standard_normal((n, 384), dtype=np.float32)
@@ -634,13 +636,13 @@ class Bench:
                                  (f"edited {i} {label}", vecs[i], key))
                 rates.setdefault(f"update_{label}", []).append(n / (time.perf_counter() - t0))
                 t0 = time.perf_counter()
-                for key in ids:  # an update that changes nothing the job reads: the trigger's WHEN says no
-                    conn.execute("UPDATE knowledge_nodes SET content = content WHERE id = %s", (key,))
+                for key in ids:  # an update of another column: the text and the vector unchanged, not captured
+                    conn.execute("UPDATE knowledge_nodes SET views = views + 1 WHERE id = %s", (key,))
                 rates.setdefault(f"noop_update_{label}", []).append(n / (time.perf_counter() - t0))
-                # the same on the server alone (no round trips): what the WHEN costs each row
+                # the same on the server alone (no round trips), every row at once: what the WHEN costs a row
                 t0 = time.perf_counter()
-                conn.execute("UPDATE knowledge_nodes SET content = content WHERE id = ANY(%s)", (ids,))
-                rates.setdefault(f"noop_update_set_{label}", []).append(n / (time.perf_counter() - t0))
+                total = conn.execute("UPDATE knowledge_nodes SET views = views + 1").rowcount
+                rates.setdefault(f"noop_update_set_{label}", []).append(total / (time.perf_counter() - t0))
                 if label == "with":
                     conn.execute("DROP TRIGGER reembed_capture_1_ins ON knowledge_nodes;"
                                  " DROP TRIGGER reembed_capture_1_upd ON knowledge_nodes")
@@ -1196,14 +1198,17 @@ def render(results: dict[str, Any]) -> str:
     if "live" in results:
         lv = results["live"]
         t = lv["trigger"]
+        def slower(x: float) -> str:  # the best of three alternating rounds each; a gain is this run's noise
+            return f"{100 * x:.1f}% slower" if x >= 0 else f"no slower: {-100 * x:.1f}% faster, within this run's noise"
+
         lines.append(f"\nlive tables: single-row writes/s without / with the capture trigger (no HNSW index): "
                      f"INSERT {t['insert_without_per_sec']} / {t['insert_with_per_sec']} "
-                     f"({100 * t['insert_slowdown']:.1f}% slower), UPDATE {t['update_without_per_sec']} / "
-                     f"{t['update_with_per_sec']} ({100 * t['update_slowdown']:.1f}% slower), an UPDATE that "
-                     f"changes nothing {t['noop_update_without_per_sec']} / {t['noop_update_with_per_sec']} "
-                     f"({100 * t['noop_update_slowdown']:.1f}% slower); in one UPDATE of its "
-                     f"rows that change nothing: {t['noop_update_set_without_per_sec']} / "
-                     f"{t['noop_update_set_with_per_sec']} rows/s ({100 * t['noop_update_set_slowdown']:.1f}% slower)")
+                     f"({slower(t['insert_slowdown'])}), UPDATE {t['update_without_per_sec']} / "
+                     f"{t['update_with_per_sec']} ({slower(t['update_slowdown'])}), an UPDATE of another "
+                     f"column {t['noop_update_without_per_sec']} / {t['noop_update_with_per_sec']} "
+                     f"({slower(t['noop_update_slowdown'])}); in one UPDATE of every "
+                     f"row's other column: {t['noop_update_set_without_per_sec']} / "
+                     f"{t['noop_update_set_with_per_sec']} rows/s ({slower(t['noop_update_set_slowdown'])})")
         w = lv["write_check"]
         lines.append(f"  no-lost-update check, write-only rows/s: xmin {w['xmin_rows_per_sec']}, content "
                      f"{w['content_rows_per_sec']} (xmin/content {w['xmin_over_content']})")

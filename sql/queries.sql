@@ -22,7 +22,8 @@ SELECT c.oid::bigint                                    AS table_oid,
           CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
          WHERE i.indrelid = c.oid AND i.indisprimary)   AS pk_type_oids,
-       (SELECT extversion FROM pg_extension WHERE extname = 'vector') AS vector_version
+       (SELECT extversion FROM pg_extension WHERE extname = 'vector') AS vector_version,
+       c.relkind::text                                  AS relkind
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = to_regclass(%(table)s);
@@ -205,7 +206,11 @@ SELECT a.pid, a.application_name, a.client_addr::text AS client_addr,
    AND l.objsubid = 1;
 
 -- name: row_estimate
-SELECT CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimate
+-- A partitioned table's: the sum of its partitions' (NULL while one was never analysed).
+SELECT CASE WHEN c.relkind = 'p' THEN (
+                SELECT CASE WHEN bool_or(l.reltuples < 0) THEN NULL ELSE sum(l.reltuples)::bigint END
+                  FROM pg_partition_tree(c.oid) t JOIN pg_class l ON l.oid = t.relid WHERE t.isleaf)
+            WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimate
   FROM pg_class c WHERE c.oid = %(table_oid)s::oid;
 
 -- name: failed_rows_count
@@ -254,7 +259,20 @@ SELECT DISTINCT ON (d.classid, d.objid)
             OR coalesce(i.indexprs::text ~ (':varattno ' || %(attnum)s || ' '), false)))
                                                             AS key_uses,
        (SELECT bc.conname FROM pg_constraint bc
-         WHERE bc.conindid = c.oid AND bc.contype IN ('p', 'u', 'x') LIMIT 1) AS constraint_name
+         WHERE bc.conindid = c.oid AND bc.contype IN ('p', 'u', 'x') LIMIT 1) AS constraint_name,
+       c.relkind::text                                      AS relkind,
+       -- on a partition: the parent's own object, there by inheritance (judged with the parent's)
+       CASE WHEN c.relkind IN ('i', 'I') THEN c.relispartition   -- attached below the parent's index
+            WHEN t.oid IS NOT NULL THEN t.tgparentid <> 0         -- the partition's clone of its parent's trigger
+            WHEN con.oid IS NOT NULL THEN con.coninhcount > 0     -- a constraint inherited (merged, if local too)
+            WHEN ad.oid IS NOT NULL THEN EXISTS (                 -- the parent's default or expression, copied
+                 SELECT 1 FROM pg_inherits h
+                   JOIN pg_attribute ca ON ca.attrelid = ad.adrelid AND ca.attnum = ad.adnum
+                   JOIN pg_attribute pa ON pa.attrelid = h.inhparent AND pa.attname = ca.attname
+                   JOIN pg_attrdef pd ON pd.adrelid = pa.attrelid AND pd.adnum = pa.attnum
+                  WHERE h.inhrelid = ad.adrelid
+                    AND pg_get_expr(pd.adbin, pd.adrelid) = pg_get_expr(ad.adbin, ad.adrelid))
+            ELSE false END                                  AS inherited
   FROM pg_depend d
   LEFT JOIN pg_class c ON d.classid = 'pg_class'::regclass AND c.oid = d.objid
   LEFT JOIN pg_index i ON i.indexrelid = c.oid
@@ -269,6 +287,86 @@ SELECT DISTINCT ON (d.classid, d.objid)
    AND d.refobjsubid = %(attnum)s AND d.deptype IN ('n', 'a')
    AND NOT (d.classid = 'pg_class'::regclass AND d.objid = %(table_oid)s::oid AND d.objsubid = %(attnum)s)
  ORDER BY d.classid, d.objid;
+
+-- name: partition_tree
+-- Every partition below a partitioned table (sub-partitions too), parents before their partitions:
+-- its kind (r: a table, p: partitioned again, f: a foreign table), bound, parent, the column's
+-- number in it (a table attached after it was made apart may number its columns otherwise), its
+-- rows (as last analysed) and size.
+SELECT c.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS kind, t.level,
+       pn.nspname AS parent_schema, pc.relname AS parent_name, pg_get_expr(c.relpartbound, c.oid) AS bound,
+       (SELECT a.attnum FROM pg_attribute a
+         WHERE a.attrelid = c.oid AND a.attname = %(column)s AND a.attnum > 0 AND NOT a.attisdropped) AS attnum,
+       CASE WHEN c.reltuples < 0 OR c.relkind = 'p' THEN NULL ELSE c.reltuples::bigint END AS rows,
+       pg_table_size(c.oid) AS bytes
+  FROM pg_partition_tree(%(table_oid)s::oid) t
+  JOIN pg_class c ON c.oid = t.relid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_class pc ON pc.oid = t.parentrelid
+  JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+ WHERE t.level > 0
+ ORDER BY t.level, n.nspname, c.relname;
+
+-- name: relation_column
+-- A relation by name, as it is now, with the column's number in it (NULL oid: gone).
+SELECT c.oid::bigint AS oid, c.relkind::text AS kind,
+       (SELECT a.attnum FROM pg_attribute a
+         WHERE a.attrelid = c.oid AND a.attname = %(column)s AND a.attnum > 0 AND NOT a.attisdropped) AS attnum
+  FROM pg_class c WHERE c.oid = to_regclass(%(name)s);
+
+-- name: index_partitions
+-- The indexes attached below a partitioned index, parents before their own: each one's partition,
+-- the index it is attached to, whether it is a leaf (a plain index), its definition and method.
+SELECT ic.relname AS name, tc.oid::bigint AS table_oid, tn.nspname AS table_schema, tc.relname AS table_name,
+       pn.nspname AS parent_schema, pc.relname AS parent_name, ic.relkind = 'i' AS leaf, t.level,
+       pg_get_indexdef(ic.oid) AS definition, am.amname AS method
+  FROM pg_partition_tree(to_regclass(%(index)s)) t
+  JOIN pg_class ic ON ic.oid = t.relid
+  JOIN pg_am am ON am.oid = ic.relam
+  JOIN pg_index i ON i.indexrelid = ic.oid
+  JOIN pg_class tc ON tc.oid = i.indrelid
+  JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+  JOIN pg_class pc ON pc.oid = t.parentrelid
+  JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+ WHERE t.level > 0
+ ORDER BY t.level, tn.nspname, tc.relname;
+
+-- name: reindex_leftovers
+-- What an interrupted REINDEX CONCURRENTLY of an index leaves on its table: invalid copies
+-- named after it (<index>_ccnew, <index>_ccold, numbered when taken).
+SELECT c.relname AS name
+  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+ WHERE i.indrelid = %(table_oid)s::oid AND NOT i.indisvalid
+   AND left(c.relname, length(%(index)s)) = %(index)s
+   AND substr(c.relname, length(%(index)s) + 1) ~ '^_cc(new|old)[0-9]*$';
+
+-- name: partitions_without_index
+-- The partitions (tables, at any depth) below a partitioned table that have no index below a
+-- partitioned index of it: what keeps that index invalid.
+SELECT n.nspname || '.' || c.relname AS name
+  FROM pg_partition_tree(%(table_oid)s::oid) t
+  JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE t.isleaf AND c.relkind = 'r'
+   AND NOT EXISTS (SELECT 1 FROM pg_partition_tree(to_regclass(%(index)s)) x
+                     JOIN pg_index i ON i.indexrelid = x.relid WHERE i.indrelid = c.oid)
+ ORDER BY 1;
+
+-- name: below_table
+-- Is this relation (still) the table or a partition below it?
+SELECT EXISTS (SELECT 1 FROM pg_partition_tree(%(table_oid)s::oid) t WHERE t.relid = %(oid)s::oid)
+       OR %(oid)s::oid = %(table_oid)s::oid AS below;
+
+-- name: index_attached_under
+-- The index of a partition attached to a partitioned index, if any (at most one).
+SELECT c.relname AS name, i.indisvalid AS valid
+  FROM pg_inherits h
+  JOIN pg_class c ON c.oid = h.inhrelid
+  JOIN pg_index i ON i.indexrelid = c.oid
+ WHERE h.inhparent = to_regclass(%(parent)s) AND i.indrelid = %(table_oid)s::oid;
+
+-- name: relation_in_schema
+SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %(schema)s AND c.relname = %(name)s;
 
 -- name: table_publications
 -- The publications that replicate the table: named, FOR TABLES IN SCHEMA, or FOR ALL TABLES.
@@ -354,14 +452,15 @@ SELECT current_setting('max_parallel_workers')::int AS par,
        current_setting('max_worker_processes')::int AS procs;
 
 -- name: index_build_progress
--- An index build on the table now: its phase (a CONCURRENTLY build's last one, "waiting for old
+-- An index build on the table (or a partition of it) now: its phase (a CONCURRENTLY build's last one, "waiting for old
 -- snapshots", waits for every transaction older than the build, as long as they last: which, and
 -- how many are left), how far it is, how long it has run.
 SELECT p.phase, p.index_relid::regclass::text AS index, p.blocks_done, p.blocks_total, p.tuples_done,
        p.tuples_total, p.lockers_total, p.lockers_done, nullif(p.current_locker_pid, 0) AS waiting_for_pid,
        extract(epoch FROM now() - a.query_start)::float8 AS running_secs
   FROM pg_stat_progress_create_index p JOIN pg_stat_activity a ON a.pid = p.pid
- WHERE p.relid = %(table_oid)s::oid;
+ WHERE p.relid = %(table_oid)s::oid
+    OR p.relid IN (SELECT relid FROM pg_partition_tree(%(table_oid)s::oid));  -- a partition's, one at a time
 
 -- name: range_cursor
 -- A range's cursor as committed (after a lost connection: did our commit land?).
@@ -502,7 +601,10 @@ SELECT pg_notify('reembed_model_changed', %(payload)s);
 UPDATE reembed_checkpoint SET writers_held_secs = %(secs)s, updated_at = now() WHERE job_id = %(job_id)s;
 
 -- name: table_size
-SELECT pg_table_size(%(table_oid)s::oid) AS bytes;
+-- With its partitions' (a partitioned table holds no rows itself).
+SELECT sum(pg_table_size(c.oid))::bigint AS bytes
+  FROM pg_class c
+ WHERE c.oid = %(table_oid)s::oid OR c.oid IN (SELECT relid FROM pg_partition_tree(%(table_oid)s::oid));
 
 -- name: accepted_failed_rows
 -- Rows a finished job left NULL with --accept-failed (verify does not count them as wrong).
@@ -581,15 +683,18 @@ UPDATE reembed_checkpoint
  WHERE job_id = %(job_id)s;
 
 -- name: cost_facts
--- What `plan`'s cost estimate reads: the table's size on disk, its TOAST, the server's WAL settings.
-SELECT c.relpages::bigint AS heap_pages, pg_relation_size(c.oid) AS heap_bytes,
-       coalesce(pg_relation_size(c.reltoastrelid), 0) AS toast_bytes,
+-- What `plan`'s cost estimate reads: the table's size on disk (with its partitions': a partitioned
+-- table holds no rows itself), its TOAST, the server's WAL settings.
+SELECT sum(c.relpages)::bigint AS heap_pages, sum(pg_relation_size(c.oid))::bigint AS heap_bytes,
+       sum(coalesce(pg_relation_size(c.reltoastrelid), 0))::bigint AS toast_bytes,
        current_setting('full_page_writes') = 'on' AS full_page_writes,
        current_setting('wal_compression') <> 'off' AS wal_compression,
        (SELECT setting::float8 FROM pg_settings WHERE name = 'checkpoint_timeout') AS checkpoint_timeout_secs,
        (SELECT setting::float8 * 1024 * 1024 FROM pg_settings WHERE name = 'max_wal_size') AS max_wal_bytes,
        current_setting('checkpoint_completion_target')::float8 AS completion_target
-  FROM pg_class c WHERE c.oid = %(table_oid)s::oid;
+  FROM pg_class c
+ WHERE c.oid = %(table_oid)s::oid OR c.oid IN (SELECT relid FROM pg_partition_tree(%(table_oid)s::oid))
+HAVING count(*) > 0;
 
 -- name: cost_columns
 -- Each column's average stored width (a TOASTed value counts as its pointer) and, for the key,
@@ -602,7 +707,11 @@ SELECT a.attname, a.attnum, a.attlen, s.avg_width, s.correlation, s.null_frac, s
  ORDER BY a.attnum;
 
 -- name: cost_indexes
-SELECT i.indexrelid::regclass::text AS name, c.relname AS index_name, pg_relation_size(i.indexrelid) AS bytes,
+-- Each index's size (a partitioned index's: its partitions' indexes).
+SELECT i.indexrelid::regclass::text AS name, c.relname AS index_name,
+       (pg_relation_size(i.indexrelid) + coalesce((SELECT sum(pg_relation_size(t.relid))
+                                                     FROM pg_partition_tree(i.indexrelid) t
+                                                    WHERE t.level > 0), 0))::bigint AS bytes,
        am.amname AS method
   FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
  WHERE i.indrelid = %(table_oid)s::oid;
@@ -612,6 +721,12 @@ SELECT i.indexrelid::regclass::text AS name, c.relname AS index_name, pg_relatio
 SELECT * FROM reembed_checkpoint
  WHERE table_name = %(table)s AND column_name = %(column)s AND previous_state = 'kept'
  ORDER BY job_id DESC LIMIT 1;
+
+-- name: record_partitions
+-- A partitioned table's partitions, and the inventory that names their indexes (reembed.repartition).
+UPDATE reembed_checkpoint SET partitions = %(partitions)s, dependents = coalesce(%(dependents)s, dependents),
+       updated_at = now()
+ WHERE job_id = %(job_id)s;
 
 -- name: record_shadow
 UPDATE reembed_checkpoint SET shadow = %(shadow)s, updated_at = now() WHERE job_id = %(job_id)s;

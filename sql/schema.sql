@@ -132,6 +132,12 @@ ALTER TABLE reembed_checkpoint_range
     ADD COLUMN IF NOT EXISTS claimed_pid   int,
     ADD COLUMN IF NOT EXISTS heartbeat_at  timestamptz,
     ADD COLUMN IF NOT EXISTS split_wanted  boolean NOT NULL DEFAULT false;
+-- Added with partitioned tables (reembed.partitions): the partitions below the table when the
+-- job started (each one's oid, name, kind and bound), brought up to date when a partition is
+-- attached or detached while the job runs (reembed.repartition).
+ALTER TABLE reembed_checkpoint
+    ADD COLUMN IF NOT EXISTS partitions jsonb;
+
 CREATE TABLE IF NOT EXISTS reembed_worker (
     job_id       bigint      NOT NULL REFERENCES reembed_checkpoint (job_id) ON DELETE CASCADE,
     worker       text        NOT NULL,              -- host:pid/n, as in claimed_by

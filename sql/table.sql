@@ -92,6 +92,17 @@ CREATE INDEX {concurrently} {index_name} ON {table} USING hnsw ({col} {opclass})
 -- name: reindex
 REINDEX INDEX {concurrently} {index};
 
+-- name: create_index_on
+-- One index of a partitioned index's tree, from its own definition (what follows USING, as
+-- pg_get_indexdef prints it; the dimension as the job builds it): on one partition ({only} empty;
+-- CONCURRENTLY when asked), or ON ONLY a partitioned table (catalog only; it becomes valid once
+-- every partition has its index attached below it).
+CREATE INDEX {concurrently} {index} ON {only} {table} USING {body};
+
+-- name: attach_index
+-- A partition's index below its parent's (catalog only; holds no application statement up).
+ALTER INDEX {parent} ATTACH PARTITION {index};
+
 -- name: pending_keys
 -- The next page of captured keys, deduplicated, in key order.
 SELECT DISTINCT {row_id_cols}, row_id
@@ -99,6 +110,11 @@ SELECT DISTINCT {row_id_cols}, row_id
  WHERE job_id = %(job_id)s
    AND (%(after)s::text IS NULL OR {row_id_key} > {after_id})
  ORDER BY {row_id_order} LIMIT %(n)s;
+
+-- name: capture_every_key
+-- A partition attached while the job ran: its rows, never seen by the capture triggers, are
+-- captured for the catch-up (in reembed's session format of the key, as the trigger writes it).
+INSERT INTO {changes} (job_id, row_id) SELECT %(job_id)s, {id_text} FROM {table};
 
 -- name: create_capture_function
 -- Runs as its owner (reembed's role), whatever role the application writes as. The key's text
@@ -119,12 +135,16 @@ $capture$;
 -- Inserted rows, and rows whose content or embedding anyone but the job changed, by value: not
 -- `UPDATE OF` a column list, which misses content changed by a BEFORE trigger, a rule or a
 -- generated column while the UPDATE names another column (the WHEN is evaluated before the event
--- is queued: an update that changes neither costs a comparison, measured by the bench).
+-- is queued: an update that changes neither costs a comparison, measured by the bench). A row
+-- whose key changed is captured too: under its new key it may be behind the job's cursor. On a
+-- partitioned table the triggers are cloned onto every partition (and onto one attached later);
+-- a change of key that moves a row to another partition is a DELETE and an INSERT there, which
+-- the insert trigger captures.
 CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
 CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {table}
     FOR EACH ROW
-    WHEN (({changed} OR OLD.{col} IS DISTINCT FROM NEW.{col})
+    WHEN (({changed} OR OLD.{col} IS DISTINCT FROM NEW.{col} OR {key_changed})
           AND current_setting('reembed.writer', true) IS DISTINCT FROM 'on')
     EXECUTE FUNCTION {function}();
 
@@ -136,6 +156,10 @@ ALTER TABLE {table} DISABLE TRIGGER {insert_trigger}, DISABLE TRIGGER {update_tr
 DROP TRIGGER IF EXISTS {insert_trigger} ON {table};
 DROP TRIGGER IF EXISTS {update_trigger} ON {table};
 DROP FUNCTION IF EXISTS {function}();
+
+-- name: drop_trigger
+-- Only inside the write probe's transaction, which is rolled back.
+DROP TRIGGER {trigger} ON {table};
 
 -- name: lock_for_cut_over
 -- Holds writers off (and this job's triggers still), never readers.

@@ -615,3 +615,47 @@ def test_a_rollback_under_inserts_outpacing_the_old_model_ends_and_holds_writers
     written = one(dsn, "SELECT max(id) FROM knowledge_nodes WHERE source = 'app' AND embedding IS NOT NULL")
     unwritten = one(dsn, "SELECT min(id) FROM knowledge_nodes WHERE source = 'app' AND embedding IS NULL")
     assert written is not None and (unwritten is None or written < unwritten), (written, unwritten)
+
+
+@pytest.mark.parametrize("strategy", ["shadow", "in_place"])
+def test_a_cut_over_whose_commit_landed_but_whose_answer_was_lost_is_not_done_again(
+        dsn: str, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection goes between the cut-over's COMMIT and its answer (the commit landed; the
+    client sees a bare OperationalError, as when the server or the network drops it then): the retry
+    finds the step recorded by that commit and does not swap again (a second swap would rename the
+    columns back, or fail on names taken), and the job finishes as one that never lost it."""
+    from reembed.lease import Lease
+
+    make_table(dsn, rows=120, old_dim=32)
+    if strategy == "shadow":  # in place, PostgreSQL cannot retype a column a view reads
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(VIEW)
+    before = catalog.snapshot(dsn, dims=(32, 48), any_column_order=True)
+    original = Lease._retried
+    lost: list[str] = []
+
+    def answer_lost(self: Lease, fn: Callable[[], Any], *, what: str, patient: bool,
+                    max_backoff: float | None = None) -> Any:
+        def once() -> Any:
+            result = fn()  # committed
+            if not lost:
+                lost.append(what)
+                raise psycopg.OperationalError("server closed the connection unexpectedly (after the commit)")
+            return result
+        return original(self, once if what == "cut_over" else fn, what=what, patient=patient,
+                        max_backoff=max_backoff)
+
+    monkeypatch.setattr(Lease, "_retried", answer_lost)
+    with structlog.testing.capture_logs() as logs:
+        report = run(settings(dsn, strategy=strategy, gate_min_recall=0.0), embedder=HashEmbedder(48))
+    assert lost == ["cut_over"], lost  # the cut-over ran, and its answer was lost once
+    assert report.state == "done", report
+    said = [e["event"] for e in logs]
+    assert "cut_over_landed" in said and "cut_over" not in said, said
+    ignore = ("embedding_previous", "idx_knowledge_nodes_embedding_hnsw_previous") if strategy == "shadow" else ()
+    catalog.assert_unchanged(before, catalog.snapshot(dsn, dims=(32, 48), ignore=ignore, any_column_order=True))
+    new = vectors(dsn, "embedding")
+    for r in fetch(dsn, "SELECT id, content FROM knowledge_nodes"):
+        assert np.allclose(new[str(r["id"])], hash_vector(r["content"], 48), atol=1e-6)
+    job = fetch(dsn, "SELECT finalize_steps AS steps, state FROM reembed_checkpoint")[0]
+    assert job["state"] == "done" and list(job["steps"]).count("cut_over") == 1, job
