@@ -11,8 +11,10 @@ The library is what the CLI calls:
 
 `plan(settings)` is the dry run, `status(settings)` the job's progress, `evaluate(settings, EvalOptions(models=...))`
 `reembed eval`'s comparison of candidate models on the table's own rows; after a shadow job's swap
-(`RunOptions(strategy="shadow")`), `rollback(settings, RollbackOptions())` and `cleanup(settings)`. Every failure an
-operator can act on is a `ReembedError`, whose `exit_code` is the CLI's.
+(`RunOptions(strategy="shadow")`), `rollback(settings, RollbackOptions())` and `cleanup(settings)`;
+`fit_bridge(settings, BridgeOptions())` fits and installs a bridge without a job (`RunOptions(bridge=True)`:
+the job's own).
+Every failure an operator can act on is a `ReembedError`, whose `exit_code` is the CLI's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the names are; at run time each module loads on first use (below)
+    from reembed.bridging import bridge_command as fit_bridge
     from reembed.errors import (
         CheckpointConflict,
         ConfigError,
@@ -35,7 +38,7 @@ if TYPE_CHECKING:  # what the names are; at run time each module loads on first 
     from reembed.group import plan, run
     from reembed.report import Report
     from reembed.rollback import cleanup, rollback
-    from reembed.settings import EvalOptions, ModelSpec, RollbackOptions, RunOptions, Settings, Target
+    from reembed.settings import BridgeOptions, EvalOptions, ModelSpec, RollbackOptions, RunOptions, Settings, Target
     from reembed.signals import StopSignal
     from reembed.status import Status, status
 
@@ -47,16 +50,21 @@ _WHERE = {
     "ModelSpec": "settings", "RunOptions": "settings", "Settings": "settings", "Target": "settings",
     "StopSignal": "signals", "Status": "status", "status": "status", "rollback": "rollback", "cleanup": "rollback",
     "RollbackOptions": "settings", "evaluate": "evaluate", "Comparison": "evaluate", "EvalOptions": "settings",
+    "BridgeOptions": "settings", "fit_bridge": "bridging",
 }
+
+
+_NAMED = {"fit_bridge": "bridge_command"}  # the module's own name for it
 
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
-        return getattr(importlib.import_module(f"reembed.{_WHERE[name]}"), name)
+        return getattr(importlib.import_module(f"reembed.{_WHERE[name]}"), _NAMED.get(name, name))
     raise AttributeError(f"module 'reembed' has no attribute {name!r}")
 
 
 __all__ = [
+    "BridgeOptions",
     "CheckpointConflict",
     "Comparison",
     "ConfigError",
@@ -76,6 +84,7 @@ __all__ = [
     "__version__",
     "cleanup",
     "evaluate",
+    "fit_bridge",
     "plan",
     "rollback",
     "run",

@@ -11,12 +11,13 @@ from dataclasses import replace
 from typing import Any
 
 from reembed import __version__, htmlreport
+from reembed.bridging import bridge_command
 from reembed.errors import ConfigError, ReembedError, Stopped
 from reembed.evaluate import evaluate
 from reembed.group import plan, run
 from reembed.logs import configure_logging
 from reembed.rollback import cleanup, rollback
-from reembed.settings import EvalOptions, RollbackOptions, Settings, VerifyOptions
+from reembed.settings import BRIDGE_MIN_RECALL, BridgeOptions, EvalOptions, RollbackOptions, Settings, VerifyOptions
 from reembed.status import status as job_status
 from reembed.verify import verify
 
@@ -185,6 +186,19 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     q.add_argument("--old-max-seq-length", type=int, default=None,
                    help="the --max-seq-length the old model was run with")
 
+    br = p.add_argument_group("the bridge (--strategy shadow): the application moves to the new model on day one")
+    br.add_argument("--bridge", action="store_true",
+                    help="fit a map from the new model's space into the old one from the job's first committed rows "
+                         "and install it as a SQL function (reembed_query) the application wraps every new-model "
+                         "vector in; it is the identity from the swap on (runbook: \"The bridge\")")
+    br.add_argument("--bridge-sample", type=int, default=10_000,
+                    help="committed rows the bridge is fitted on, a fifth of them held out and measured (10000)")
+    br.add_argument("--bridge-min-recall", type=float, default=BRIDGE_MIN_RECALL,
+                    help="refuse a bridge whose recall@10 against the old model's own neighbours, on the held-out "
+                         f"rows, is under this ({BRIDGE_MIN_RECALL:g})")
+    br.add_argument("--bridge-function", default=None, metavar="NAME",
+                    help="the bridge's function, NAME or schema.NAME (default reembed_query in the table's schema)")
+
     t = p.add_argument_group("throttling (checked every 0.5 s; the job holds while any is over its limit)")
     t.add_argument("--max-replica-lag", default="5s",
                    help="hold while a replica replays further behind than this; off turns it off (5s)")
@@ -312,6 +326,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(back)
     _add_output(back)
     back.set_defaults(command=_rollback)
+    bridge = sub.add_parser("bridge", help="fit a map from a new model's space into the column's and install it as "
+                                           "a SQL function, without a job: the application moves to the new model "
+                                           "first, the re-embed comes later")
+    g = bridge.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="the new model: a local sentence-transformers directory (what the application will encode "
+                        "with, and a later `reembed run` re-embeds with)")
+    g.add_argument("--model-name", default=None, help="the name the registry will record for it (default: --model)")
+    g.add_argument("--dimension", type=int, default=None, help="its expected dimension; checked before anything")
+    _add_encoding(g, prefix="prepended to every text, as the job will", length="truncate texts at this many tokens")
+    b = bridge.add_argument_group("bridge")
+    b.add_argument("--sample", type=int, default=10_000,
+                   help="rows drawn from the table and encoded: the bridge is fitted on four fifths, measured on the "
+                        "rest (10000)")
+    b.add_argument("--bridge-min-recall", type=float, default=BRIDGE_MIN_RECALL,
+                   help="refuse (exit 2, nothing written) a bridge whose recall@10 against the old model's own "
+                        f"neighbours on the held-out rows is under this ({BRIDGE_MIN_RECALL:g})")
+    b.add_argument("--bridge-function", default=None, metavar="NAME",
+                   help="its function, NAME or schema.NAME (default reembed_query in the table's schema)")
+    b.add_argument("--dry-run", dest="bridge_dry_run", action="store_true",
+                   help="fit and measure it, install nothing")
+    b.add_argument("--drop", action="store_true",
+                   help="drop the table's bridge (its function): once no application calls it")
+    _add_target(bridge)
+    _add_output(bridge)
+    bridge.set_defaults(command=_bridge)
     clean = sub.add_parser("cleanup", help="after a shadow job's swap: drop the previous column, its indexes and the "
                                            "record of rows written since (exit 2: nothing to clean up)")
     _add_target(clean)
@@ -379,6 +419,12 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 def _rollback(settings: Settings, args: argparse.Namespace) -> int:
     report = rollback(settings, RollbackOptions.from_args(args))
+    _emit(report.as_dict(), report.message, args, quiet=False)
+    return report.exit_code
+
+
+def _bridge(settings: Settings, args: argparse.Namespace) -> int:
+    report = bridge_command(settings, BridgeOptions.from_args(args))
     _emit(report.as_dict(), report.message, args, quiet=False)
     return report.exit_code
 

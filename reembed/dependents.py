@@ -59,6 +59,7 @@ REFUSED = "refused"
 SHADOW = "shadow"  # --strategy shadow: an index built on the shadow column, swapped in with it
 RECREATE = "recreate"  # --strategy shadow: a view, trigger or policy re-created on the new column at the swap
 FIRES = "fires"  # an application's UPDATE trigger or rule: it runs on each of the job's writes too
+SKIPS = "skips"  # an application's UPDATE trigger whose WHEN lets the job's writes pass (reembed.writer)
 
 _CAST = re.compile(r"::(vector|halfvec|bit|sparsevec)\((\d+)\)")
 _OURS = "reembed_"  # the job's own capture triggers and function
@@ -167,6 +168,7 @@ _SAID = {
     SHADOW: "built again on the shadow column, swapped in with it",
     RECREATE: "re-created on the new column at the swap",
     FIRES: "fires on each of the job's writes, as on the application's: what it writes, it writes then",
+    SKIPS: "lets the job's writes pass (its WHEN reads reembed.writer), fires on the application's",
 }
 
 def refusals(refused: Sequence[Dependent]) -> str:
@@ -450,9 +452,16 @@ def _fires(conn: psycopg.Connection[Any], info: TableInfo, said: set[str]) -> li
             out.append(Dependent("rule", name, REFUSED, original=r["definition"], why=(
                 "rewrites UPDATEs of the table (DO INSTEAD): the job's own writes would not reach the column; drop "
                 "it for the job and create it again after, or make it DO ALSO")))
+        elif r["kind"] == "trigger" and _WRITER_MARK.search(r["definition"] or ""):
+            out.append(Dependent(r["kind"], name, SKIPS, original=r["definition"]))
         else:
             out.append(Dependent(r["kind"], name, FIRES, original=r["definition"]))
     return out
+
+
+# reembed's sessions carry `reembed.writer = on` (sql/queries.sql: writer_session): a trigger made
+# with WHEN (current_setting('reembed.writer', true) IS DISTINCT FROM 'on') skips the job's writes
+_WRITER_MARK = re.compile(r"WHEN .*reembed\.writer", re.S)
 
 
 def _carried(conn: psycopg.Connection[Any], info: TableInfo) -> list[Dependent]:

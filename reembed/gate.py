@@ -8,7 +8,9 @@ On a sample of the table's own rows (TABLESAMPLE BERNOULLI, a fixed seed):
 - retrieval quality: a query made from each row (one of its sentences, or a window of its
   words: never the whole row), encoded by the new model, finds its row in the top k through
   the new index (recall@k); with the old model given (--old-model), the same query encoded by
-  it through the old column, so the gate can say "new is not worse than old by more than X".
+  it through the old column, so the gate can say "new is not worse than old by more than X";
+  with a bridge (reembed.bridge), the new model's query through it on the old column: what search
+  gave while the job ran, beside what it gave before and what it will give after.
 A failure swaps nothing: the job stays resumable at the gate (exit 1, the figures on the job
 row, in the report and in `status`); --skip-gate passes it, logged.
 """
@@ -20,7 +22,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,8 +31,8 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from reembed import bridge, db
 from reembed import checkpoint as ckpt
-from reembed import db
 from reembed.context import RunContext
 from reembed.dependents import after_using, rename_refs
 from reembed.encoding import Embedder
@@ -44,6 +46,7 @@ K = 10
 _OPERATORS = {"l2": "<->", "cosine": "<=>", "ip": "<#>", "l1": "<+>", "hamming": "<~>", "jaccard": "<%>"}
 _OPCLASS = re.compile(r"^(.*)\s+(?:vector|halfvec|bit|sparsevec)_(\w+?)_ops$", re.S)
 _QUERY = '"reembed gate query"'
+_VECTOR = "CAST(%(q)s AS vector)"  # a query vector in a search's SQL
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 
 
@@ -157,11 +160,16 @@ def run(ctx: RunContext, conn: psycopg.Connection[Any], column: str, uses: Seque
     figures["recall_new"] = _recall(conn, info, ctx.embedder, primary, queries)
     figures["through"] = primary.name
     old = ctx.old_embedder() if ctx.old_embedder is not None else None
+    old_use = next((u for u in old_uses if u is not None), None) or IndexUse(
+        "exact", sql.Identifier(info.column).as_string(), primary.operator, "CAST(%(q)s AS vector)")
     if old is not None:
-        old_use = next((u for u in old_uses if u is not None), None) or IndexUse(
-            "exact", sql.Identifier(info.column).as_string(), primary.operator, "CAST(%(q)s AS vector)")
         figures["recall_old"] = _recall(conn, info, old, old_use, queries)
         figures["old_through"] = old_use.name
+    for b in bridge.current(conn, info.qualified, info.column):  # the new model's queries, bridged, on the old
+        if b.state == "mapping" and b.target_hash == job.target_hash:
+            through = old_use.query_side.replace(_VECTOR, bridge.wrap(_VECTOR, b))
+            figures["recall_bridge"] = _recall(conn, info, ctx.embedder, replace(old_use, query_side=through), queries)
+            figures["bridge"] = b.called
     failed = _judge(figures, ctx)
     figures["failures"] = failed
     figures["passed"] = not failed
@@ -189,6 +197,8 @@ def said(figures: dict[str, Any]) -> str:
     if figures.get("recall_new") is not None:
         parts.append(f"recall@{K} new {figures['recall_new']:.3f}"
                      + (f" vs old {figures['recall_old']:.3f}" if figures.get("recall_old") is not None else "")
+                     + (f" vs bridged {figures['recall_bridge']:.3f}" if figures.get("recall_bridge") is not None
+                        else "")
                      + f" on {figures.get('queries', 0)} queries from the rows")
     return "; ".join(parts)
 

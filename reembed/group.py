@@ -189,6 +189,9 @@ def _check_options(settings: Settings) -> None:
     if refused:
         raise ConfigError(f"{', '.join(refused)}: a job over several tables runs on one worker process; run it "
                           "without, or re-embed each table in a job of its own (each with its own registry)")
+    if opts.bridge:
+        raise ConfigError("--bridge fits a map on one table's rows: a job over several tables takes none; run it "
+                          "without --bridge; nothing was written")
     registries = {t.registry for t in settings.all_targets}
     if len(registries) > 1:
         raise ConfigError(f"the targets name {len(registries)} registries ({', '.join(sorted(registries))}): a job "

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import structlog
 
-from reembed import capture, carry, db, dependents, failures, finalize, lease, ranges, repartition, shadow
+from reembed import capture, carry, db, dependents, failures, finalize, fitting, lease, ranges, repartition, shadow
 from reembed import checkpoint as ckpt
 from reembed.batches import prepare_session
 from reembed.checkpoint import Job
@@ -101,6 +101,7 @@ def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal | None,
         check_target(job, name, model_hash, info, settings)
         with db.translated():
             check_previous(conn, info, job, settings)
+            fitting.check_job(conn, info, job, name=name, model_hash=model_hash, registry=registry, opts=opts)
         old_loader = old_model(opts, job, registry)
         if opts.dry_run:
             embedder = embedder or load(spec, opts, model_hash)
@@ -419,7 +420,8 @@ def _drive(ctx: RunContext, resumed_from: str | None, until: str | None = None) 
                 ctx.lease.write(ckpt.release_claims, job, on=ctx.control, what="release_claims")
                 if job.group_id is None:  # a job over several tables runs on one worker (reembed.group)
                     ctx.lease.share()  # from here on, other runs may join as workers
-            _embed(ctx, worker, report)
+            with fitting.while_embedding(ctx):  # --bridge: fitted once enough rows are committed
+                _embed(ctx, worker, report)
             if not ctx.stop.requested and not ctx.lease.coordinate():
                 return _worker_done(ctx, worker, report)
             ctx.state.advance(ctx.lease.read(ckpt.reload, ctx.active, on=ctx.control, what="reload_job"))
@@ -430,6 +432,7 @@ def _drive(ctx: RunContext, resumed_from: str | None, until: str | None = None) 
         _embedded(ctx, worker, report)
         if ctx.stop.requested:
             return _stopped(ctx, report)
+        fitting.ensure(ctx)  # --bridge on a table smaller than its sample: fitted now, before the swap
         note = failures.settle(ctx)
         outcome = finalize.run(ctx, until=until)
         if outcome.reached:  # ready for the cut-over of a job over several tables

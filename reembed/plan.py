@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 from dataclasses import replace
 from typing import Any
@@ -10,8 +11,8 @@ import numpy as np
 import psycopg
 import structlog
 
+from reembed import bridge, dependents, fitting, partitions
 from reembed import checkpoint as ckpt
-from reembed import dependents, partitions
 from reembed.checkpoint import Job
 from reembed.cost import estimate as estimate_cost
 from reembed.cost import vector_bytes
@@ -25,7 +26,7 @@ from reembed.settings import RunOptions, Settings
 from reembed.signals import StopSignal
 from reembed.signature import Signature
 from reembed.target import TableInfo
-from reembed.terminal import plan_text
+from reembed.terminal import WIDTH, plan_text
 from reembed.worker import WINDOW_SECS
 
 log = structlog.get_logger()
@@ -268,6 +269,40 @@ def encode_timed(embedder: Embedder, texts: list[str], opts: RunOptions, *,
     return vectors, len(texts) / max(secs, 1e-6)
 
 
+PREVIEW_SAMPLE = 2_000  # rows `plan --bridge` encodes for a preview of the bridge
+
+
+def _bridge_preview(conn: psycopg.Connection[Any], info: TableInfo, registry: Signature | None, embedder: Embedder,
+                    opts: RunOptions, rows: int, bridges: list[bridge.Bridge]) -> dict[str, Any] | None:
+    """With --bridge, when the job would fit one: a bridge fitted on a sample the new model encodes
+    here and measured as the job's will be (installed nowhere)."""
+    sig = embedder.signature
+    if not opts.bridge or registry is None or registry.hash == sig.hash or any(b.target_hash == sig.hash
+                                                                                for b in bridges):
+        return None
+    try:
+        sample = fitting.sample_table(conn, info, embedder, n=min(opts.bridge_sample, PREVIEW_SAMPLE),
+                                      rows_total=rows)
+        return fitting.fit(sample, min_recall=opts.bridge_min_recall, embedder=embedder).figures
+    except ConfigError as exc:  # too few rows to fit: said, not a refusal of the plan
+        return {"error": str(exc)}
+
+
+def _bridge_text(bridges: list[bridge.Bridge], preview: dict[str, Any] | None) -> str:
+    """The plan's section on the bridge: the table's, and the preview of the job's (--bridge)."""
+    lines = [f"bridge {bridge.said(b)}" for b in bridges]
+    if preview and "kind" in preview:
+        lines.append(f"--bridge, previewed on {preview['pairs']:,} rows encoded here (the job fits it on "
+                     f"--bridge-sample rows; nothing installed): {fitting.said(preview)}"
+                     + (f"; REFUSED: {preview['refused']}" if preview.get("refused") else ""))
+    elif preview:
+        lines.append(f"--bridge, previewed: {preview['error']}")
+    if not lines:
+        return ""
+    wrapped = [textwrap.fill(line, WIDTH, initial_indent="  ", subsequent_indent="    ") for line in lines]
+    return "\n\nThe bridge\n" + "\n".join(wrapped)
+
+
 def plan_report(
     conn: psycopg.Connection[Any],
     info: TableInfo,
@@ -300,8 +335,12 @@ def plan_report(
     strategies = compare(conn, info, registry, job if not resume else None, sig.dimension, opts, rows=rows,
                          encode_secs=estimate, cost=cost, type_change=bool(alter),
                          shadowed={d.name for d in found if d.is_index})
+    bridges = bridge.current(conn, info.qualified, info.column)
+    preview = _bridge_preview(conn, info, registry, embedder, opts, rows, bridges)
     details = {
         "strategy": opts.strategy,
+        "bridges": [{"function": b.called, "state": b.state, "figures": b.figures} for b in bridges],
+        "bridge_preview": preview,
         "strategies": strategies,
         "table": info.qualified,
         "column": info.column,
@@ -326,6 +365,6 @@ def plan_report(
         "key": list(info.pk.columns),
     }
     details.update(partitioned(conn, info, on_column, opts, type_change=bool(alter)))
-    message = plan_text(details)
+    message = plan_text(details) + _bridge_text(bridges, preview)
     return Report(state="planned", model_name=sig.name, dimension=sig.dimension, model_hash=sig.hash,
                   duration_secs=time.monotonic() - started, message=message, details=details)

@@ -34,7 +34,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from reembed import capture, carry, db, lease, shadow
+from reembed import bridge, capture, carry, db, lease, shadow
 from reembed import checkpoint as ckpt
 from reembed.batches import Batch
 from reembed.cutover import Bound, CutOver, Several, flip_registry
@@ -417,6 +417,7 @@ def _swap_back(c: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, names
         carry.apply_index(c, where, name, indexes[(where.ident[0], name)])
     carry.create(c, carried, old=job.target_dimension, new=job.source_typmod or job.target_dimension,
                  column=info.column)
+    bridge.at_swap_back(c, info, job)  # the bridge maps into the old model's space again
     c.execute(query("set_previous_state"), {"state": "rolled_back", "job_id": job.id})
 
 
@@ -455,4 +456,5 @@ def _drop_previous(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job
     conn.execute(query("set_lock_timeout"), {"value": "200ms"})
     shadow.stop_recording(conn, info, job.id)
     conn.execute(info.statement("drop_column_if_exists", column=names.previous))  # its indexes go with it
+    bridge.at_cleanup(conn, info, job)  # kept as the identity: applications keep calling it
     conn.execute(query("set_previous_state"), {"state": "cleaned", "job_id": job.id})

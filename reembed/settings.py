@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance  # typeshed's own name for "any dataclass"
 
 T = TypeVar("T", bound="DataclassInstance")
+BRIDGE_MIN_RECALL = 0.2  # recall@10 of a bridge against the old model's own neighbours, at least
 _SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
 
 
@@ -154,6 +155,12 @@ class RunOptions:
     gate_max_regression: float = 0.05  # with --old-model: how much worse than the old model's recall
     gate_min_self_recall: float = 0.9  # each row found from its own vector in the top 10 through each index
     old_model: ModelSpec | None = None  # the registry's current model, for the gate's comparison
+    # --bridge (reembed.fitting, reembed.bridge): a map from the new model's space into the live
+    # column's, fitted on the job's first committed rows, which the application wraps its vectors in
+    bridge: bool = False
+    bridge_sample: int = 10_000  # rows it is fitted on (a fifth of them held out and measured)
+    bridge_min_recall: float = BRIDGE_MIN_RECALL  # recall@10 against the old model's neighbours, at least
+    bridge_function: str | None = None  # None: reembed_query, in the table's schema
     # workers (reembed.worker, reembed.fleet): one job on several processes, GPUs, hosts
     workers: int = 1  # worker processes this run starts on this host (itself included)
     devices: tuple[str, ...] = ()  # one per worker, round robin (--devices cuda:0,cuda:1)
@@ -186,6 +193,24 @@ class VerifyOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VerifyOptions:
         return _from_namespace(cls, args)
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """What `reembed bridge` does: fit and install a bridge without a job (or preview it, or drop one)."""
+
+    sample: int = 10_000  # rows drawn from the table and encoded by the new model
+    min_recall: float = BRIDGE_MIN_RECALL
+    function: str | None = None  # None: reembed_query in the table's schema (--drop: the table's only bridge)
+    dry_run: bool = False  # fit and measure, install nothing
+    drop: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BridgeOptions:
+        _positive("--sample", args.sample)
+        _fraction("--bridge-min-recall", args.bridge_min_recall)
+        return cls(sample=args.sample, min_recall=args.bridge_min_recall, function=args.bridge_function,
+                   dry_run=args.bridge_dry_run, drop=args.drop)
 
 
 @dataclass(frozen=True)
@@ -437,6 +462,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag in ("gate_min_recall", "gate_max_regression", "gate_min_self_recall"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 1, got {getattr(args, flag):g}")
+    if args.bridge and args.strategy != "shadow":
+        raise ConfigError("--bridge needs --strategy shadow: in place, the column holds both models' vectors until "
+                          "the end, so no map into it can be right; nothing was written")
+    _positive("--bridge-sample", args.bridge_sample)
+    _fraction("--bridge-min-recall", args.bridge_min_recall)
     if args.retry_failed and args.accept_failed:
         raise ConfigError("--retry-failed and --accept-failed exclude each other: pick one")
 
@@ -451,6 +481,11 @@ def _optional_duration(text: str | None) -> float | None:
 def _millis(duration: str) -> str:
     """A duration as PostgreSQL's lock_timeout takes it."""
     return f"{int(parse_duration(duration) * 1000)}ms"
+
+
+def _fraction(flag: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{flag} must be between 0 and 1, got {value:g}")
 
 
 def _positive(flag: str, value: int) -> None:

@@ -26,7 +26,7 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from reembed import capture, carry, cutover, dependents, failures, finalize, gate, partitions, repartition
+from reembed import bridge, capture, carry, cutover, dependents, failures, finalize, gate, partitions, repartition
 from reembed import checkpoint as ckpt
 from reembed.context import FinalizeStep, Hold, RunContext
 from reembed.cutover import CutOver
@@ -310,6 +310,7 @@ class Shadow:
         if carried.views or carried.attached:
             log.info("recreated_on_new_column", objects=carried.labels())
         record_after_swap(conn, info, job.id)
+        bridge.at_swap(conn, info, job)  # the bridge is the identity from this transaction on
         conn.execute(query("record_swap"), {"job_id": job.id})
 
 

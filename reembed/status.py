@@ -6,8 +6,8 @@ import datetime as dt
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from reembed import bridge, db, dependents, gate, lease
 from reembed import checkpoint as ckpt
-from reembed import db, dependents, gate, lease
 from reembed.errors import ConfigError
 from reembed.queries import query
 from reembed.settings import RunOptions, Settings
@@ -42,7 +42,8 @@ class Status:
                 return (f"{d['table']}.{d['column']}: no job yet; it is one of job group {d['group']['id']} (with "
                         f"{', '.join(d['group']['others'])}), whose next run prepares it; registry: "
                         f"{_sig(d.get('registry'))}")
-            return f"{d['table']}: no re-embed job has run on this table; registry: {_sig(d.get('registry'))}"
+            return "\n".join([f"{d['table']}: no re-embed job has run on this table; registry: "
+                              f"{_sig(d.get('registry'))}", *(f"bridge     {b}" for b in d.get("bridge_said") or [])])
         lines = [
             f"table      {d['table']}.{d['column']}",
             *([f"group      job group {d['group']['id']} with {', '.join(d['group']['others'])}: one "
@@ -113,12 +114,26 @@ class Status:
                          "swap (`reembed rollback` swaps it back, `reembed cleanup` drops it)")
         elif previous:
             lines.append(f"previous   {previous['column']} {previous['state'].replace('_', ' ')}")
+        for line in d.get("bridge_said") or []:
+            lines.append(f"bridge     {line}")
         if d.get("table_state"):
             lines.append(f"table now  {d['table_state']}")
         if d.get("last_error"):
             lines.append(f"last error {d['last_error']}")
         lines.append(f"started    {d['started_at']}   updated {d['updated_at']}")
         return "\n".join(lines)
+
+
+def _bridges(conn: Any, table: str, column: str) -> dict[str, Any]:
+    """The table's bridges (reembed.bridge): those the application calls, and a newer refusal."""
+    found = bridge.current(conn, table, column)
+    newest = bridge.latest(conn, table, column)
+    if newest is not None and newest.state == "refused" and all(b.bridge_id < newest.bridge_id for b in found):
+        found = [*found, newest]
+    return {"bridges": [{"function": b.called, "state": b.state, "source": b.source.as_dict(),
+                         "target": b.target.as_dict(), "kind": b.kind, "figures": b.figures,
+                         "job_id": b.job_id, "created_at": b.created_at} for b in found],
+            "bridge_said": [bridge.said(b) for b in found]}
 
 
 def _sig(sig: dict[str, Any] | None) -> str:
@@ -206,6 +221,7 @@ def status_on(conn: Any, settings: Settings, stale_after: float) -> Status:
     if present and present["present"]:
         registry = conn.execute(query("read_registry", registry=reg)).fetchone()
     data["registry"] = dict(registry) if registry else None
+    data.update(_bridges(conn, table, target.column))
     job = ckpt.latest_job(conn, table, target.column)
     named = ckpt.active_group(conn, table, target.column) if job is None or job.group_id is None else job
     group = named.group if named is not None else None

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost", "shadow", "workers", "eval")
+SECTIONS = ("writepaths", "models", "feed", "window", "hnsw", "rss", "live", "cost", "shadow", "workers", "eval",
+            "bridge")
 WORDS = (
     "database index vector search model embedding query table row column cosine graph python compiler "
     "kernel network packet socket thread lock mutex cache memory disk river mountain forest ocean city "
@@ -951,6 +953,172 @@ class Bench:
             self.checkpoint(f"shadow {strategy}")
         self.results["shadow"] = out
 
+    def section_bridge(self) -> None:
+        """The bridge (issue 29) with two real models offline: the column holds model2vec's distillation
+        of all-MiniLM-L6-v2 (64-d static vectors), the application's new model is MiniLM (384-d). On
+        --bridge-rows real docstrings (distinct): per sample size and map kind, the fit's time, its
+        figures on the held-out fifth (recall@10 against the old model's neighbours and the new
+        model's, rows found), and search quality on the whole table: success@10 of a query made from
+        a row (one of its sentences) finding that row, exact, for the old model's own queries on the
+        old vectors (before), the new model's bridged onto them (during) and the new model's on its own
+        vectors (after). The other direction (MiniLM in the column, the distilled model new) at one
+        size. Then the SQL function's cost per call against a plain `<=>` search through the HNSW
+        index (prepared statements, medians)."""
+        from reembed import bridge, db, fitting, mapping
+        from reembed import checkpoint as ckpt
+        from reembed.embedder import SentenceTransformerEmbedder
+        from reembed.gate import make_query
+        from reembed.settings import ModelSpec, Target
+        from reembed.signature import Signature
+        from reembed.target import inspect_target
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from corpus import HELD_OUT, TUNING, docstrings
+        from support.models import distilled_minilm
+
+        rows = self.args.bridge_rows
+        content = docstrings(TUNING + HELD_OUT, limit=rows, seed=5, low=80)
+        rows = len(content)
+        (self.args.data / "models").mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        paths = {"distilled64": distilled_minilm(self.args.data / "models", dims=64),
+                 "minilm": self.model_dir("minilm")}
+        made_secs = time.perf_counter() - started
+        models = {k: SentenceTransformerEmbedder(ModelSpec(model=str(v), model_name=k, device="cpu"))
+                  for k, v in paths.items()}
+        rng = random.Random(3)
+        asked = [(i, q) for i in rng.sample(range(rows), min(rows, self.args.bridge_queries))
+                 if (q := make_query(content[i], rng)) is not None]
+        docs = {k: np.asarray(m.encode(content), dtype=np.float32) for k, m in models.items()}
+        queries = {k: np.asarray(m.encode([q for _, q in asked]), dtype=np.float32) for k, m in models.items()}
+        keys = np.array([i for i, _ in asked])
+
+        def success(q: np.ndarray, d: np.ndarray) -> float:
+            top = mapping.top(mapping.unit(q.astype(np.float64)), mapping.unit(d.astype(np.float64)), 10)
+            return round(float(np.mean([k in t for k, t in zip(keys, top, strict=True)])), 4)
+
+        out: dict[str, Any] = {"rows": rows, "queries": len(asked), "distill_secs": round(made_secs, 1)}
+        for old, new in (("distilled64", "minilm"), ("minilm", "distilled64")):
+            direction: dict[str, Any] = {"before": success(queries[old], docs[old]),
+                                         "after": success(queries[new], docs[new])}
+            sizes = self.args.bridge_samples if old == "distilled64" else [self.args.bridge_samples[-1]]
+            for n in (x for x in sizes if x <= rows):
+                chosen = np.random.default_rng(n).choice(rows, n, replace=False)
+                pairs = mapping.Pairs(docs[new][chosen], docs[old][chosen])
+                train, held = mapping.split(pairs, held_out=0.2, seed=0)
+                inner = pairs.take(train)
+                normalize = bool(np.all(np.abs(np.linalg.norm(pairs.old, axis=1) - 1) < 1e-3))
+                kinds: dict[str, Any] = {}
+                t0 = time.perf_counter()
+                fit_in, val = mapping.split(inner, held_out=0.2, seed=1)
+                strength = mapping.choose_strength(inner.take(fit_in), inner.take(val))
+                ridge = mapping.ridge(inner, strength, normalize=normalize)
+                kinds["ridge"] = (ridge, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                kinds["ridge+nce"] = (mapping.nce(inner, ridge, seed=0), time.perf_counter() - t0 + kinds["ridge"][1])
+                if pairs.new.shape[1] == pairs.old.shape[1]:
+                    t0 = time.perf_counter()
+                    kinds["procrustes"] = (mapping.procrustes(inner, normalize=normalize), time.perf_counter() - t0)
+                sample = fitting.Sample(pairs, [content[i] for i in chosen])
+                t0 = time.perf_counter()
+                fragment_rows, fragments = fitting.fragments_of(sample, models[new])(train)
+                encode_secs = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                both = mapping.Pairs(np.concatenate([inner.new, fragments]),
+                                     np.concatenate([inner.old, pairs.old[fragment_rows]]))
+                kinds["+fragments"] = (mapping.nce(both, mapping.ridge(both, strength, normalize=normalize), seed=0),
+                                       time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                # what `reembed bridge` runs: the fragments, every kind judged, the best fitted again
+                auto = mapping.fit(pairs, fragments=fitting.fragments_of(sample, models[new]))
+                auto_secs = time.perf_counter() - t0
+                figures_of: dict[str, Any] = {}
+                for kind, (m, secs) in kinds.items():
+                    figures = mapping.measure(m, pairs, held)
+                    during = success(m.apply(queries[new]), docs[old])
+                    figures_of[kind] = {"fit_secs": round(secs, 2), **figures, "during": during,
+                                        "during_over_before": round(during / max(direction["before"], 1e-9), 3)}
+                auto_during = success(auto.map.apply(queries[new]), docs[old])
+                figures_of["chosen"] = {"kind": auto.figures["kind"], "fit_secs": round(auto_secs, 2),
+                                        "fragments": len(fragment_rows),
+                                        "fragments_encode_secs": round(encode_secs, 2),
+                                        "during": auto_during,
+                                        "during_over_before": round(auto_during / max(direction["before"], 1e-9), 3),
+                                        **{k: auto.figures[k] for k in ("recall_vs_old", "recall_vs_new",
+                                                                         "self_recall", "old_vs_new")}}
+                direction[str(n)] = figures_of
+                print(f"  bridge {new} -> {old}, {n} pairs: " + ", ".join(
+                    f"{k} {v['during']} ({v['during_over_before']:.0%} of before {direction['before']}), "
+                    f"vs old {v['recall_vs_old']}, {v['fit_secs']} s" for k, v in figures_of.items()),
+                    file=sys.stderr, flush=True)
+            out[f"{new}_into_{old}"] = direction
+        out["cost"] = self._bridge_cost(docs, queries, bridge, ckpt, db, mapping, inspect_target, Target, Signature)
+        self.results["bridge"] = out
+
+    def _bridge_cost(self, docs: dict[str, np.ndarray], queries: dict[str, np.ndarray], bridge: Any, ckpt: Any,
+                     db: Any, mapping: Any, inspect_target: Any, target_cls: Any, signature: Any) -> dict[str, Any]:
+        """Per call, µs (median of --bridge-calls, prepared): a plain search through the HNSW index, the
+        same search with the new model's query bridged (in a scalar subquery, and bare), the function
+        alone, and the identity it becomes at the swap; for both directions of the map."""
+        out: dict[str, Any] = {}
+        for old, new in (("distilled64", "minilm"), ("minilm", "distilled64")):
+            vectors = docs[old]
+            with self.database() as dsn:
+                with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+                    register_vector(conn)
+                    conn.execute(f"CREATE TABLE knowledge_nodes (id bigint PRIMARY KEY, content text,"
+                                 f" embedding vector({vectors.shape[1]}))")
+                    conn.execute("CREATE TABLE embedding_model (id int PRIMARY KEY, model_name text NOT NULL,"
+                                 " dimension int NOT NULL, model_hash text NOT NULL)")
+                    conn.execute("INSERT INTO embedding_model VALUES (1, %s, %s, 'old')", (old, vectors.shape[1]))
+                    with conn.cursor() as cur, cur.copy("COPY knowledge_nodes (id, embedding) FROM STDIN"
+                                                        " (FORMAT BINARY)") as copy:
+                        copy.set_types(["int8", "vector"])
+                        for i, v in enumerate(vectors):
+                            copy.write_row((i, v))
+                    conn.execute("CREATE INDEX ON knowledge_nodes USING hnsw (embedding vector_cosine_ops)")
+                    conn.execute("VACUUM ANALYZE knowledge_nodes")
+                    n = min(len(vectors), self.args.bridge_samples[-1])
+                    fitted = mapping.fit(mapping.Pairs(docs[new][:n], vectors[:n]), refine=False)
+                    ckpt.ensure_schema(conn)
+                    conn.execute("SET row_security = off")
+                    info = inspect_target(conn, target_cls(dsn=dsn))
+                    with conn.transaction():
+                        made = bridge.install(conn, info, fitted, source=signature(old, vectors.shape[1], "old"),
+                                              target=signature(new, docs[new].shape[1], "new"),
+                                              function=bridge.function_of(info, None), job_id=None)
+                    q_old, q_new = queries[old], queries[new]
+                    calls = {"plain search": ("SELECT id FROM knowledge_nodes ORDER BY embedding <=> %s LIMIT 10",
+                                              q_old),
+                             "bridged search (SELECT f($1))": ("SELECT id FROM knowledge_nodes ORDER BY embedding"
+                                                               " <=> (SELECT reembed_query(%s)) LIMIT 10", q_new),
+                             "bridged search, bare f($1)": ("SELECT id FROM knowledge_nodes ORDER BY embedding"
+                                                            " <=> reembed_query(%s) LIMIT 10", q_new),
+                             "function alone": ("SELECT reembed_query(%s)", q_new),
+                             "a vector alone": ("SELECT %s::vector", q_new)}
+                    timing = {k: self._per_call(conn, sql, args) for k, (sql, args) in calls.items()}
+                    with conn.transaction():
+                        bridge.define_identity(conn, made, "bench")
+                    timing["identity alone"] = self._per_call(conn, "SELECT reembed_query(%s)", q_new)
+                    timing["added by the bridge"] = round(timing["bridged search (SELECT f($1))"]
+                                                          - timing["plain search"], 1)
+                    out[f"{new}_into_{old}"] = timing
+                    print(f"  bridge cost {new} -> {old}: {timing}", file=sys.stderr, flush=True)
+        return out
+
+    def _per_call(self, conn: psycopg.Connection[Any], statement: str, vectors: np.ndarray) -> float:
+        """Median µs of `statement` over --bridge-calls calls, each with the next of `vectors`."""
+        calls = self.args.bridge_calls
+        for v in vectors[:20]:  # warm: psycopg prepares the statement after five
+            conn.execute(statement, (v,)).fetchall()
+        times = []
+        for i in range(calls):
+            v = vectors[i % len(vectors)]
+            t0 = time.perf_counter()
+            conn.execute(statement, (v,)).fetchall()
+            times.append(time.perf_counter() - t0)
+        return round(float(np.median(times)) * 1e6, 1)
+
     def section_rss(self) -> None:
         model = self.model_dir("static")
         peaks: dict[str, float] = {}
@@ -1094,6 +1262,30 @@ def render(results: dict[str, Any]) -> str:
                          f"ratio {m['eval_over_encode_only']}), peak {m['peak_memory_mb']} MB "
                          f"({m['peak_memory_kind']}), load {m['load_secs']} s, recall@10 {m['recall']}; "
                          f"10,000 rows encoded in {m['encode_10k_secs']} s")
+    if "bridge" in results:
+        b = results["bridge"]
+        lines.append(f"\nthe bridge ({b['rows']} real docstrings, {b['queries']} queries made from rows; success@10 "
+                     "= a query finds its row among the ten nearest, exact; before = the old model's own queries on "
+                     "its vectors, during = the new model's bridged onto them, after = the new model's on its own; "
+                     "held-out: recall@10 of rows-as-queries against the old model's / the new model's neighbours, "
+                     "and rows found)")
+        for key in (k for k in b if "_into_" in k and k != "cost"):
+            d = b[key]
+            lines.append(f"  {key.replace('_into_', ' -> ')}: before {d['before']}, after {d['after']}")
+            for n in (k for k in d if k.isdigit()):
+                c = d[n]["chosen"]
+                lines.append(f"    {n} pairs ({c['fragments']} fragments encoded in {c['fragments_encode_secs']} s; "
+                             f"`reembed bridge` chose {c['kind']}, fitted and judged in {c['fit_secs']} s)")
+                for kind, v in d[n].items():
+                    lines.append(f"      {kind:<11} during {v['during']:.3f} ({v['during_over_before']:.0%} of "
+                                 f"before); held-out vs old {v['recall_vs_old']:.3f}, vs new {v['recall_vs_new']:.3f}, "
+                                 f"found {v['self_recall']:.3f} (models agree {v['old_vs_new']:.3f}); "
+                                 f"fit {v['fit_secs']} s")
+        lines.append("  (ridge, ridge+nce: fitted on the training rows alone; +fragments: ridge+nce on them and one "
+                     "sentence of each, encoded by the new model; chosen: what `reembed bridge` installs)")
+        for key, t in b.get("cost", {}).items():
+            lines.append(f"  cost per call, {key.replace('_into_', ' -> ')} (µs, median): "
+                         + ", ".join(f"{k} {v}" for k, v in t.items()))
     if "peak_rss_mb" in results:
         r = results["peak_rss_mb"]
         rows = [k for k in r if k != "growth_mb"]
@@ -1117,6 +1309,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-rows", type=int, default=2_000, help="rows sampled by the eval section (every row)")
     p.add_argument("--worker-counts", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--sim-rate", type=float, default=1000.0, help="the simulated device's rows/s per worker")
+    p.add_argument("--bridge-rows", type=int, default=6000, help="docstrings for the bridge section")
+    p.add_argument("--bridge-samples", type=int, nargs="+", default=[500, 1000, 2000, 4000],
+                   help="pairs the bridge section fits on (the last also for the other direction and the cost)")
+    p.add_argument("--bridge-queries", type=int, default=1000, help="rows the bridge section makes queries from")
+    p.add_argument("--bridge-calls", type=int, default=500, help="calls per timing of the bridge's SQL function")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--encode-batch-size", type=int, default=None)
     p.add_argument("--write-path", default="copy", help="the path the model section's write-only figure uses")

@@ -766,6 +766,106 @@ DELETE FROM reembed_after_swap AS a
 -- name: forget_after_swap
 DELETE FROM reembed_after_swap WHERE job_id = %(job_id)s;
 
+-- name: bridge_tables_exist
+SELECT to_regclass('reembed_bridge') IS NOT NULL AS present;
+
+-- name: current_bridges
+-- The bridges of (table, column) the application calls now: mapping or identity.
+SELECT * FROM reembed_bridge
+ WHERE table_name = %(table)s AND column_name = %(column)s AND state IN ('mapping', 'identity')
+ ORDER BY bridge_id;
+
+-- name: latest_bridge
+-- The newest bridge of (table, column), whatever its state (status shows a refusal too).
+SELECT * FROM reembed_bridge WHERE table_name = %(table)s AND column_name = %(column)s
+ ORDER BY bridge_id DESC LIMIT 1;
+
+-- name: bridge_of_function
+-- The current bridge that owns a function name (this table's, or another's).
+SELECT * FROM reembed_bridge
+ WHERE function_schema = %(schema)s AND function_name = %(name)s AND state IN ('mapping', 'identity');
+
+-- name: refused_bridge_since
+-- A refusal recorded for a job since a moment (another worker of the run fitted and refused it).
+SELECT * FROM reembed_bridge
+ WHERE job_id = %(job_id)s AND state = 'refused' AND created_at >= %(since)s
+ ORDER BY bridge_id DESC LIMIT 1;
+
+-- name: bridge_install_lock
+-- One install at a time per table (transaction level): the workers of a run, `reembed bridge`.
+SELECT pg_try_advisory_xact_lock(%(key)s::bigint) AS granted;
+
+-- name: registry_for_share
+-- What the live column holds, held still while a bridge into it is installed (a swap waits).
+SELECT model_name, dimension, model_hash FROM {registry} WHERE id = 1 FOR SHARE;
+
+-- name: insert_bridge
+INSERT INTO reembed_bridge (
+    table_name, column_name, function_schema, function_name, state, job_id,
+    source_model_name, source_dimension, source_hash, target_model_name, target_dimension, target_hash,
+    kind, normalize, figures)
+VALUES (
+    %(table)s, %(column)s, %(function_schema)s, %(function_name)s, %(state)s, %(job_id)s,
+    %(source_model_name)s, %(source_dimension)s, %(source_hash)s,
+    %(target_model_name)s, %(target_dimension)s, %(target_hash)s,
+    %(kind)s, %(normalize)s, %(figures)s)
+RETURNING *;
+
+-- name: insert_bridge_row
+INSERT INTO reembed_bridge_map (bridge_id, i, w, b) VALUES (%(bridge_id)s, %(i)s, %(w)s, %(b)s);
+
+-- name: set_bridge_state
+-- Must match exactly one row: the bridge in the state it was read in.
+UPDATE reembed_bridge SET state = %(state)s, updated_at = now()
+ WHERE bridge_id = %(bridge_id)s AND state = %(from_state)s;
+
+-- name: forget_bridge_map
+DELETE FROM reembed_bridge_map WHERE bridge_id = %(bridge_id)s;
+
+-- name: bridge_map_rows
+SELECT count(*) AS n FROM reembed_bridge_map WHERE bridge_id = %(bridge_id)s;
+
+-- name: function_exists
+-- Functions of that name taking one vector, and whether reembed made them (a bridge names them).
+SELECT p.oid::regprocedure::text AS signature FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE n.nspname = %(schema)s AND p.proname = %(name)s;
+
+-- name: tool_schema_of_bridge
+-- Where the bridge's map lives (the function names its table with it).
+SELECT n.nspname AS schema
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = to_regclass('reembed_bridge_map');
+
+-- name: vector_schema
+SELECT n.nspname AS schema FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+ WHERE e.extname = 'vector';
+
+-- name: create_bridge_function
+-- The bridge while the column holds the old model's vectors: a new-model vector mapped into that
+-- space, one output coordinate per map row (pgvector's <#> is the negative inner product), made
+-- unit length ({normalize}: l2_normalize, or nothing) when the old vectors are. It runs as its owner
+-- (the application needs no grant on reembed's tables). Wrap it in a scalar subquery in a search,
+-- `ORDER BY embedding <=> (SELECT {function}($1))`: evaluated once, the index still used.
+CREATE OR REPLACE FUNCTION {function}(q {vschema}.vector) RETURNS {vschema}.vector
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bridge$
+SELECT {normalize}(array_agg(m.b - (m.w OPERATOR({vschema}.<#>) q) ORDER BY m.i)::{vschema}.vector)
+  FROM {map} AS m WHERE m.bridge_id = {bridge_id}
+$bridge$;
+
+-- name: create_identity_function
+-- The bridge once the column holds the new model's vectors (after a shadow job's swap): the vector
+-- itself. A plain SQL expression, inlined into the application's statements: it costs nothing.
+CREATE OR REPLACE FUNCTION {function}(q {vschema}.vector) RETURNS {vschema}.vector
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $bridge$
+SELECT q
+$bridge$;
+
+-- name: comment_bridge_function
+COMMENT ON FUNCTION {function}({vschema}.vector) IS {comment};
+
+-- name: drop_bridge_function
+DROP FUNCTION IF EXISTS {function}({vschema}.vector);
+
 -- name: swap_dependents
 -- Everything to re-create when the column is swapped: the views on the column, and the views on
 -- those (depth: 1 on the column), the triggers and policies that name the column.

@@ -165,6 +165,45 @@ ALTER TABLE reembed_checkpoint
 ALTER TABLE reembed_checkpoint
     ADD COLUMN IF NOT EXISTS history jsonb NOT NULL DEFAULT '[]';
 
+-- Added with the bridge (reembed.bridge): a map from a new model's space into the space the live
+-- column holds, fitted on rows of the table (reembed.mapping) and installed as a SQL function the
+-- application wraps around every new-model vector it searches or writes with. A current bridge
+-- (one per function name) is 'mapping' while the column holds the old model's vectors, 'identity' once a
+-- shadow job's swap put the new model's there (back to 'mapping' on rollback); 'refused' (below
+-- --bridge-min-recall, never installed), 'replaced' and 'dropped' are history. The map's output
+-- coordinate i is bias b plus the inner product of the query with row w.
+CREATE TABLE IF NOT EXISTS reembed_bridge (
+    bridge_id          bigserial   PRIMARY KEY,
+    table_name         text        NOT NULL,
+    column_name        text        NOT NULL,
+    function_schema    text        NOT NULL,
+    function_name      text        NOT NULL,
+    state              text        NOT NULL
+        CHECK (state IN ('mapping', 'identity', 'refused', 'replaced', 'dropped')),
+    job_id             bigint,                  -- the job that fitted it (NULL: `reembed bridge`)
+    source_model_name  text        NOT NULL,    -- the model the live column held when it was fitted
+    source_dimension   int         NOT NULL,
+    source_hash        text        NOT NULL,
+    target_model_name  text        NOT NULL,    -- the model the application encodes with
+    target_dimension   int         NOT NULL,
+    target_hash        text        NOT NULL,
+    kind               text        NOT NULL,    -- ridge | procrustes | ridge+nce
+    normalize          boolean     NOT NULL,    -- the output is made unit length (the old vectors are)
+    figures            jsonb       NOT NULL,    -- the fit and its measurement on held-out rows
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS reembed_bridge_one_function
+    ON reembed_bridge (function_schema, function_name)
+    WHERE state IN ('mapping', 'identity');
+CREATE TABLE IF NOT EXISTS reembed_bridge_map (
+    bridge_id   bigint           NOT NULL REFERENCES reembed_bridge (bridge_id) ON DELETE CASCADE,
+    i           int              NOT NULL,   -- the output coordinate, from 0
+    w           vector           NOT NULL,   -- its weights over the new model's coordinates
+    b           double precision NOT NULL,
+    PRIMARY KEY (bridge_id, i)
+);
+
 -- Added with jobs over several tables (issue 28): tables under one registry re-embedded by one job,
 -- each with its own row here (its cursors, capture, failed rows, finalize steps) and all cut over
 -- in one transaction that flips the registry once. group_id is the group's first job's id (NULL: a

@@ -315,3 +315,21 @@ SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS e
   FROM {table} TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (%(seed)s)
  WHERE {content} IS NOT NULL
  ORDER BY md5({id_text} || %(seed)s::text) LIMIT %(n)s;
+
+-- name: bridge_sample
+-- `reembed bridge`: rows with content and an old vector, pages drawn from the whole table (SYSTEM:
+-- only those pages are read), to be encoded by the new model and paired with their old vectors.
+SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS old
+  FROM {table} TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (%(seed)s)
+ WHERE {content} IS NOT NULL AND {col} IS NOT NULL
+ LIMIT %(n)s;
+
+-- name: bridge_pairs
+-- `run --bridge`: rows of a range the job has committed ((lower, upper], by the primary key), their
+-- new vector in the shadow column ({new}) beside the old one in the live column.
+SELECT {id_text} AS id_text, {content} AS content, {col}::vector AS old, {new}::vector AS new
+  FROM {table}
+ WHERE (%(after)s::text IS NULL OR {id} > {after_id})
+   AND {id} <= {upper_id}
+   AND {content} IS NOT NULL AND {col} IS NOT NULL AND {new} IS NOT NULL
+ ORDER BY {id_order} LIMIT %(n)s;

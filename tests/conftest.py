@@ -19,9 +19,21 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from psycopg.conninfo import make_conninfo
 
 from support.scripts import fastmodel
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs the CLI in-process configures structlog (`--log-level warning` filters info
+    events out at the logger): the next test's `capture_logs` would see nothing. Each test ends with
+    the configuration it started with."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

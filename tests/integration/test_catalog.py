@@ -231,6 +231,29 @@ def test_an_instead_rule_on_update_is_refused_and_triggers_that_fire_on_the_jobs
     _refused_before_any_write(dsn, "in_place", "frozen", "DO INSTEAD")
 
 
+@pytest.mark.parametrize("strategy", ["in_place", "shadow"])
+def test_an_application_trigger_conditioned_on_reembed_writer_skips_the_jobs_writes_and_fires_on_the_applications(
+        dsn: str, strategy: str) -> None:
+    """The runbook's way to keep an audit trigger from logging every row the job writes: a WHEN
+    that reads `reembed.writer`, which every session of reembed's that writes carries."""
+    make_production_table(dsn, column_bound=strategy == "shadow")
+    _execute(dsn, "CREATE TABLE app.change_log (document_id bigint, at timestamptz DEFAULT now())",
+             "CREATE FUNCTION app.log_change() RETURNS trigger LANGUAGE plpgsql AS"
+             " 'BEGIN INSERT INTO app.change_log (document_id) VALUES (NEW.id); RETURN NULL; END'",
+             "CREATE TRIGGER documents_change_log AFTER UPDATE ON app.documents FOR EACH ROW"
+             " WHEN (current_setting('reembed.writer', true) IS DISTINCT FROM 'on') EXECUTE FUNCTION app.log_change()")
+    said = {d["name"]: d["action"] for d in plan(settings(dsn, strategy=strategy, allow_shared_registry=True),
+                                                 embedder=HashEmbedder(48)).details["dependents"]}
+    assert said.get('documents_change_log on "app"."documents"') == "skips", said
+    assert said.get('documents_touch on "app"."documents"') == "fires", said
+    report = run(settings(dsn, strategy=strategy, allow_shared_registry=True), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    assert one(dsn, "SELECT count(*) FROM app.documents WHERE embedding IS NOT NULL") > 0
+    assert one(dsn, "SELECT count(*) FROM app.change_log") == 0  # none of the job's writes logged
+    _execute(dsn, "UPDATE app.documents SET title = title || '!' WHERE id = (SELECT min(id) FROM app.documents)")
+    assert one(dsn, "SELECT count(*) FROM app.change_log") == 1  # the application's still is
+
+
 def test_a_trigger_that_copies_the_row_type_is_refused_before_the_shadow_column_is_added(dsn: str) -> None:
     make_production_table(dsn, column_bound=False)
     _execute(dsn, "CREATE TABLE app.documents_history (LIKE app.documents, changed_at timestamptz DEFAULT now())",

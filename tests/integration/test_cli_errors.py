@@ -60,13 +60,13 @@ def test_dimension_mismatch_exits_2_before_any_write(
         (lambda d: make_table(d, rows=3, registry=False), [],
          "registry table embedding_model does not exist; create it (see README, 'The tables') "
          "or name it with --registry"),
-        (lambda d: _composite(d), [],
-         "table knowledge_nodes has a composite primary key (a, b); reembed walks the table in "
-         "primary-key order and needs a single-column primary key"),
+        (lambda d: _keyless(d), [],
+         "table knowledge_nodes has no primary key; reembed walks the table in primary-key order and "
+         "needs one (of one column or several); add one"),
         (lambda d: make_table(d, rows=3), ["--index", "idx_other"],
          "index idx_other is not an HNSW index on \"public\".\"knowledge_nodes\".embedding; check --index"),
     ],
-    ids=["missing-table", "missing-column", "not-a-vector", "missing-registry", "composite-key", "missing-index"],
+    ids=["missing-table", "missing-column", "not-a-vector", "missing-registry", "no-key", "missing-index"],
 )
 def test_bad_target_exits_2_with_one_line_and_writes_nothing(
     dsn: str,
@@ -83,11 +83,11 @@ def test_bad_target_exits_2_with_one_line_and_writes_nothing(
     assert snapshot(dsn) == before
 
 
-def _composite(dsn: str) -> None:
+def _keyless(dsn: str) -> None:
+    """The design's table and registry, the table without a primary key (a composite one is walked)."""
+    make_table(dsn, rows=3)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE knowledge_nodes (a int, b int, content text, embedding vector(4),"
-                     " PRIMARY KEY (a, b))")
-        conn.execute("INSERT INTO knowledge_nodes VALUES (1, 1, 'x', '[1,2,3,4]')")
+        conn.execute("ALTER TABLE knowledge_nodes DROP CONSTRAINT knowledge_nodes_pkey")
 
 
 def test_missing_pgvector_extension_exits_2_and_writes_nothing(

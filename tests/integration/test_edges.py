@@ -155,12 +155,15 @@ def test_a_short_window_with_the_real_model_commits_rows_and_a_rerun_finishes(
     make_table(dsn, rows=rows, old_dim=384, with_index=False,
                content=lambda i: " ".join(sentence(7 * i + j) for j in range(6)))
     # the window: what loading the model and a first look take on this machine now (a plan measures
-    # it: on a loaded machine, seconds more), and 8 s of encoding on top (about a third of the rows)
+    # it, its sample included: on a loaded machine, seconds more), and 8 s of encoding on top; the
+    # rate held (--max-rate) so that a faster machine cannot finish the table inside the window
     planned = run_cli(["plan", "--dsn", dsn, "--model", str(minilm_path), "--json", "--log-level", "warning"],
                       cwd=workdir)
     assert planned.returncode == 0, planned.stderr[-3000:]
     window = int(json.loads(planned.stdout)["duration_secs"]) + 8
-    first = run_cli(cli_run_args(dsn, minilm_path, "--max-runtime", f"{window}s", batch=64), cwd=workdir)
+    rate = max(5, min(25, int(0.6 * rows / window)))
+    first = run_cli(cli_run_args(dsn, minilm_path, "--max-runtime", f"{window}s", "--max-rate", str(rate), batch=64),
+                    cwd=workdir)
     assert first.returncode == 75, first.stderr[-3000:]
     done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range")
     assert 0 < done < rows

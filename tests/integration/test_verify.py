@@ -16,8 +16,9 @@ from pgvector.psycopg import register_vector
 from reembed.cli import main
 from reembed.job import run
 from reembed.signals import StopSignal
-from support.database import make_table, one, snapshot
-from support.fakes import HashEmbedder, hash_vector, job_settings, stopping_after
+from support.database import job_rows_done, make_table, one, snapshot
+from support.fakes import HashEmbedder, hash_vector, job_settings
+from support.processes import wait_for
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -108,7 +109,16 @@ def test_verify_on_a_half_done_job_says_so_and_exits_1(
 ) -> None:
     dsn, model = embedded
     stop = StopSignal()
-    emb = stopping_after(HashEmbedder(48), stop, calls=3)
+    emb = HashEmbedder(48)
+    encode = emb.forward
+
+    def forward(texts: list[str]) -> Any:  # the third batch asks to stop once a batch is committed
+        if emb.calls + 1 == 3:             # (a stop drops what was encoded but not yet written)
+            wait_for(lambda: job_rows_done(dsn) > 0, timeout=60, what="a batch committed")
+            stop.request("SIGINT")
+        return encode(texts)
+
+    emb.forward = forward  # type: ignore[method-assign]
     report = run(job_settings(dsn, batch_size=16, window_rows=16), embedder=emb, stop=stop)
     assert report.state == "stopped"
     done = one(dsn, "SELECT rows_done FROM reembed_checkpoint_range r JOIN reembed_checkpoint USING (job_id) "

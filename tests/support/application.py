@@ -77,3 +77,38 @@ class Reader:
         self.stop_file.write_text("stop")
         self.proc.wait(timeout=60)
         return self.stats()
+
+
+BRIDGE_APP = Path(__file__).resolve().parent.parent / "bridge_workload.py"
+
+
+class BridgeApp:
+    """The search application on the bridge protocol (tests/bridge_workload.py): the new model only,
+    every vector wrapped in the bridge's function, searching and writing until stopped."""
+
+    def __init__(self, dsn: str, workdir: Path, *, new_model: Path, rate: float = 10.0,
+                 function: str = "reembed_query") -> None:
+        self.stop_file, self.out = workdir / "bridge_app.stop", workdir / "bridge_app.json"
+        self.log = workdir / "bridge_app.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(BRIDGE_APP), dsn, str(self.stop_file), str(self.out), "--new-model",
+                 str(new_model), "--rate", str(rate), "--function", function],
+                env=cli_env(), stdout=subprocess.DEVNULL, stderr=log)
+        wait_for(lambda: (workdir / "bridge_app.json.ready").exists() or self.proc.poll() is not None, timeout=120,
+                 what="the bridge application to start")
+        assert self.proc.poll() is None, self.log.read_text()[-2000:]
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.out.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def queries(self) -> int:
+        return int(self.stats().get("queries", 0))
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_file.write_text("stop")
+        self.proc.wait(timeout=60)
+        return self.stats()
