@@ -19,6 +19,7 @@ UPDATE) comes before or after, never between.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -131,9 +132,30 @@ def refused_since(conn: psycopg.Connection[Any], job: ckpt.Job, since: dt.dateti
 def claim(conn: psycopg.Connection[Any], info: TableInfo) -> bool:
     """Inside the caller's transaction: this transaction is the one installing a bridge on the
     table (False: another one is, right now)."""
-    row = conn.execute(query("bridge_install_lock"), {"key": (_LOCK_NAMESPACE << 32) | (info.oid & 0xFFFFFFFF)})
+    row = conn.execute(query("bridge_install_lock"), {"key": _lock_key(info)})
     granted = row.fetchone()
     return bool(granted and granted["granted"])
+
+
+def lock_fit(conn: psycopg.Connection[Any], info: TableInfo) -> bool:
+    """This session takes the table's bridge lock for a fit and its install (False: another session
+    holds it); it outlives the transaction: `unlock_fit` lets it go, or the session's end."""
+    row = conn.execute(query("bridge_fit_lock"), {"key": _lock_key(info)}).fetchone()
+    return bool(row and row["granted"])
+
+
+def unlock_fit(conn: psycopg.Connection[Any], info: TableInfo) -> None:
+    """Lets this session's bridge lock go, as often as a retried transaction took it (a session lock
+    is taken again on each try, and outlives a rollback); a lost connection let it go already."""
+    with contextlib.suppress(psycopg.Error), conn.transaction():
+        for _ in range(100):
+            row = conn.execute(query("bridge_fit_unlock"), {"key": _lock_key(info)}).fetchone()
+            if not (row and row["released"]):
+                return
+
+
+def _lock_key(info: TableInfo) -> int:
+    return (_LOCK_NAMESPACE << 32) | (info.oid & 0xFFFFFFFF)
 
 
 def install(conn: psycopg.Connection[Any], info: TableInfo, fitted: Fitted, *, source: Signature,

@@ -46,6 +46,7 @@ from reembed.queries import query
 from reembed.report import Report
 from reembed.settings import RollbackOptions, Settings
 from reembed.signals import StopSignal
+from reembed.signature import Signature
 from reembed.target import TableInfo, inspect_target
 
 log = structlog.get_logger()
@@ -93,6 +94,7 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
                 f"(--model, {source.name}) to re-embed them, or pass --leave-stale-null to swap back with those "
                 "rows' embedding NULL; nothing was written")
         _check_added_since(conn, info, names)
+        _check_bridges_into_new(conn, info, job, source)
         held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
                           break_stale_lock=False, stale_after=90.0)
         stop = StopSignal()
@@ -165,6 +167,20 @@ def _kept(conn: psycopg.Connection[Any], info: TableInfo, what: str) -> ckpt.Job
         raise ConfigError(f"nothing to {what}: no shadow job keeps a previous column on "
                           f"{info.qualified}.{info.column}{state}")
     return job
+
+
+def _check_bridges_into_new(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, source: Signature) -> None:
+    """Before any write: a bridge installed since the swap maps into the space the column holds now
+    (the job's model); after the swap back it would map into a space the column no longer holds (a
+    failed query when the dimensions differ, wrong neighbours when they agree)."""
+    for b in bridge.current(conn, info.qualified, info.column):
+        if b.state == "mapping" and b.source_hash == job.target_hash:
+            raise ConfigError(
+                f"the bridge {b.called} maps {b.target_model_name}'s vectors into {b.source_model_name}'s space, "
+                f"which {info.qualified}.{info.column} holds since the swap: after the swap back the column holds "
+                f"{source.name}'s and the bridge would map into a space it no longer holds; move the application "
+                f"off it and `reembed bridge --drop --bridge-function {b.function_name}`, then roll back; nothing "
+                "was written")
 
 
 def _check_added_since(conn: psycopg.Connection[Any], info: TableInfo, names: shadow.Names) -> None:

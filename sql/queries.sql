@@ -795,6 +795,13 @@ SELECT * FROM reembed_bridge
 -- One install at a time per table (transaction level): the workers of a run, `reembed bridge`.
 SELECT pg_try_advisory_xact_lock(%(key)s::bigint) AS granted;
 
+-- name: bridge_fit_lock
+-- The same lock held by a session across a fit (minutes) and its install: the other workers wait.
+SELECT pg_try_advisory_lock(%(key)s::bigint) AS granted;
+
+-- name: bridge_fit_unlock
+SELECT pg_advisory_unlock(%(key)s::bigint) AS released;
+
 -- name: registry_for_share
 -- What the live column holds, held still while a bridge into it is installed (a swap waits).
 SELECT model_name, dimension, model_hash FROM {registry} WHERE id = 1 FOR SHARE;

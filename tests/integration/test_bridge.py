@@ -30,7 +30,7 @@ from reembed.signals import StopSignal
 from reembed.status import status
 from support import catalog
 from support.application import BridgeApp
-from support.database import fetch, make_table, one
+from support.database import fetch, make_table, one, snapshot
 from support.fakes import HashEmbedder
 from support.fakes import job_settings as settings
 from support.models import assert_rows_hold_the_models_vectors, distilled_minilm
@@ -358,6 +358,56 @@ def test_a_resumed_job_keeps_the_bridge_it_installed(dsn: str, minilm_path: Path
     second = run(settings(dsn, **opts), embedder=HashEmbedder(48))
     assert second.state == "done" and second.resumed_from is not None, second
     assert [(b["bridge_id"], b["state"]) for b in fetch(dsn, "SELECT * FROM reembed_bridge")] == [(1, "identity")]
+
+
+def test_a_rollback_under_a_bridge_into_the_new_models_space_is_refused_before_any_write(
+    dsn: str, minilm_path: Path, encoded: dict[str, Any]
+) -> None:
+    """After the swap the column holds the job's model; a bridge installed then (`reembed bridge` for a
+    third model) maps into that space. Swapped back, the column would hold the old model's vectors and
+    the bridge would map into a space it no longer holds (different vector dimensions 384 and 48)."""
+    old_table(dsn, minilm_path, encoded["minilm"], rows=300)
+    assert run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(48)).state == "done"
+    bridge_command(Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused")),
+                   BridgeOptions(sample=300, min_recall=0.0, function="other_query"),
+                   embedder=HashEmbedder(16, name="third"))
+    before = snapshot(dsn)
+    with pytest.raises(ConfigError, match="the bridge .*other_query.* maps third's vectors into test-hash-48's "
+                                          "space.*nothing was written") as caught:
+        rollback(Settings(target=Target(dsn=dsn)), RollbackOptions())
+    assert caught.value.exit_code == 2
+    assert snapshot(dsn) == before
+    bridge_command(Settings(target=Target(dsn=dsn)), BridgeOptions(drop=True, function="other_query"))
+    assert rollback(Settings(target=Target(dsn=dsn)), RollbackOptions()).state == "rolled_back"
+    assert one(dsn, "SELECT vector_dims(embedding) FROM knowledge_nodes LIMIT 1") == 384
+
+
+def test_a_jobs_bridge_is_fitted_with_no_transaction_open(
+    dsn: str, minilm_path: Path, encoded: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit takes minutes at the default sample (86 s for 10,000 pairs 384 -> 64 on two cores): in a
+    transaction it was ended by the session's 60 s idle-in-transaction timeout, and retried the same
+    way, after the whole backfill. No transaction of reembed's is open across it."""
+    from reembed import fitting
+
+    old_table(dsn, minilm_path, encoded["minilm"], rows=300)
+    real_fit = fitting.fit
+    seen: list[int] = []
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        entered = one(dsn, "SELECT clock_timestamp()")
+        fitted = real_fit(*args, **kwargs)
+        seen.append(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND application_name LIKE 'reembed %%' AND xact_start <= %(at)s", {"at": entered}))
+        return fitted
+
+    monkeypatch.setattr(fitting, "fit", fit)
+    opts = {"strategy": "shadow", "bridge": True, "bridge_sample": 100, "bridge_min_recall": 0.0,
+            "gate_min_recall": 0.0, "batch_size": 20}
+    report = run(settings(dsn, **opts), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    assert seen == [0], seen  # one fit, and no transaction of reembed's open from before it to after it
+    assert [b["state"] for b in fetch(dsn, "SELECT state FROM reembed_bridge")] == ["identity"]
 
 
 def test_a_refused_bridge_stops_the_run_before_anything_is_installed_and_the_job_resumes_without_it(
