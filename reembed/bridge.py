@@ -325,8 +325,11 @@ def _set_state(conn: psycopg.Connection[Any], bridge: Bridge, state: str) -> Non
 def _define_map(conn: psycopg.Connection[Any], bridge: Bridge) -> None:
     vschema = _vschema(conn)
     normalize = sql.SQL("{}.l2_normalize").format(sql.Identifier(vschema)) if bridge.normalize else sql.SQL("")
+    tools = _tool_schema(conn)
     conn.execute(query("create_bridge_function", function=bridge.function, vschema=vschema, normalize=normalize,
-                       map=(_tool_schema(conn), "reembed_bridge_map"), bridge_id=sql.Literal(bridge.bridge_id)))
+                       map=(tools, "reembed_bridge_map"), bridges=(tools, "reembed_bridge"),
+                       function_schema=sql.Literal(bridge.function_schema),
+                       function_name=sql.Literal(bridge.function_name)))
     _comment(conn, bridge, f"maps {bridge.target_model_name} into {bridge.source_model_name}")
 
 

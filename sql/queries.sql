@@ -853,10 +853,19 @@ SELECT n.nspname AS schema FROM pg_extension e JOIN pg_namespace n ON n.oid = e.
 -- unit length ({normalize}: l2_normalize, or nothing) when the old vectors are. It runs as its owner
 -- (the application needs no grant on reembed's tables). Wrap it in a scalar subquery in a search,
 -- `ORDER BY embedding <=> (SELECT {function}($1))`: evaluated once, the index still used.
+-- The map is the one of this function's current bridge that the caller's snapshot sees, not one
+-- named in the body: the body is read from the catalog as it is now, the map rows with the caller's
+-- snapshot, so a repeatable-read transaction older than a re-fit maps with the map it began under
+-- (with the new one's id it found no rows and ranked by NULL, silently); one older than the first
+-- install finds none and fails ("vector must have at least 1 dimension") rather than rank by NULL.
 CREATE OR REPLACE FUNCTION {function}(q {vschema}.vector) RETURNS {vschema}.vector
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bridge$
-SELECT {normalize}(array_agg(m.b - (m.w OPERATOR({vschema}.<#>) q) ORDER BY m.i)::{vschema}.vector)
-  FROM {map} AS m WHERE m.bridge_id = {bridge_id}
+SELECT {normalize}(coalesce(array_agg(m.b - (m.w OPERATOR({vschema}.<#>) q) ORDER BY m.i),
+                            ARRAY[]::float8[])::{vschema}.vector)
+  FROM {map} AS m
+ WHERE m.bridge_id = (SELECT b.bridge_id FROM {bridges} AS b
+                       WHERE b.function_schema = {function_schema} AND b.function_name = {function_name}
+                         AND b.state IN ('mapping', 'identity'))
 $bridge$;
 
 -- name: create_identity_function

@@ -382,6 +382,47 @@ def test_a_rollback_under_a_bridge_into_the_new_models_space_is_refused_before_a
     assert one(dsn, "SELECT vector_dims(embedding) FROM knowledge_nodes LIMIT 1") == 384
 
 
+def test_a_repeatable_read_search_older_than_a_re_fit_maps_with_its_map_and_one_older_than_the_bridge_fails(
+    dsn: str, minilm_path: Path, encoded: dict[str, Any]
+) -> None:
+    """The function's body is read from the catalog as it is now, its map rows with the caller's
+    snapshot: a repeatable-read transaction that began before a re-fit found none of the new map's
+    rows and ranked by NULL (arbitrary rows, no error). It maps with the map it began under; one that
+    began before the first install fails instead of ranking by NULL."""
+    old_table(dsn, minilm_path, encoded["minilm"], rows=300)
+    model = Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused"))
+    v = HashEmbedder(48).encode(["a connection pool"])[0]
+    with psycopg.connect(dsn) as early:
+        register_vector(early)
+        early.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        early.execute("SELECT count(*) FROM knowledge_nodes").fetchone()  # its snapshot: before any bridge
+        bridge_command(model, BridgeOptions(sample=300, min_recall=0.0), embedder=HashEmbedder(48))
+        first = through_sql(dsn, np.array([v]))[0]
+        with psycopg.connect(dsn) as reader:
+            register_vector(reader)
+            reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            reader.execute("SELECT count(*) FROM knowledge_nodes").fetchone()  # its snapshot: the first map
+            bridge_command(model, BridgeOptions(sample=200, min_recall=0.0), embedder=HashEmbedder(48))  # re-fit
+            second = through_sql(dsn, np.array([v]))[0]
+            assert not np.allclose(first, second, atol=1e-4)
+            mapped = reader.execute("SELECT reembed_query(%s)", (v,)).fetchone()[0]
+            assert mapped is not None and np.allclose(mapped.to_numpy(), first, atol=1e-5)
+            near = reader.execute("SELECT id FROM knowledge_nodes ORDER BY embedding <=> (SELECT reembed_query(%s)) "
+                                  "LIMIT 5", (v,)).fetchall()
+            assert near == fetch_ids(dsn, first)
+        with pytest.raises(psycopg.errors.DataException, match="at least 1 dimension"):
+            early.execute("SELECT reembed_query(%s)", (v,)).fetchone()
+    assert [b["state"] for b in fetch(dsn, "SELECT state FROM reembed_bridge ORDER BY bridge_id")] == [
+        "replaced", "mapping"]
+
+
+def fetch_ids(dsn: str, vector: np.ndarray) -> list[tuple[int]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        register_vector(conn)
+        return conn.execute("SELECT id FROM knowledge_nodes ORDER BY embedding <=> %s LIMIT 5",
+                            (vector.astype(np.float32),)).fetchall()
+
+
 def test_a_jobs_bridge_is_fitted_with_no_transaction_open(
     dsn: str, minilm_path: Path, encoded: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
