@@ -90,7 +90,7 @@ def shown(function: tuple[str, str]) -> str:
 
 def function_of(info: TableInfo, name: str | None) -> tuple[str, str]:
     """--bridge-function (name or schema.name; default reembed_query) in the table's schema."""
-    parts = split_name(name or DEFAULT_FUNCTION)
+    parts = split_name(name or DEFAULT_FUNCTION, "function")
     return (parts[0], parts[1]) if len(parts) == 2 else (info.ident[0], parts[0])
 
 
@@ -179,6 +179,7 @@ def check_function(conn: psycopg.Connection[Any], info: TableInfo, function: tup
                    target: Signature) -> Bridge | None:
     """The function name is free, or this table's bridge for the same model (returned: a re-fit
     replaces it); refused otherwise (exit 2)."""
+    check_schema(conn, function)
     owner = named(conn, function)
     shown = sql.Identifier(*function).as_string()
     if owner is not None and (owner.table_name, owner.column_name) != (info.qualified, info.column):
@@ -194,6 +195,30 @@ def check_function(conn: psycopg.Connection[Any], info: TableInfo, function: tup
         raise ConfigError(f"a function {', '.join(r['signature'] for r in taken)} exists and is not a bridge of "
                           "reembed's: name the bridge otherwise (--bridge-function); nothing was written")
     return owner
+
+
+def check_schema(conn: psycopg.Connection[Any], function: tuple[str, str]) -> None:
+    """The schema a bridge's function goes in, before anything is encoded or written: not one of
+    PostgreSQL's own (pg_temp's function would vanish with reembed's session), one that exists, and
+    this role may create in it; refused otherwise (exit 2)."""
+    schema = function[0]
+    named_as = sql.Identifier(schema).as_string()
+    if schema.startswith("pg_"):
+        raise ConfigError(f"the bridge {shown(function)} would be in {named_as}, a schema of PostgreSQL's own "
+                          "(pg_catalog, pg_toast*, pg_temp*: a function in pg_temp vanishes with reembed's session): "
+                          "name it in a schema of the application's (--bridge-function schema.name); nothing was "
+                          "written")
+    row = conn.execute(query("function_schema_rights"), {"schema": schema}).fetchone()
+    if row is None:
+        raise ConfigError(f"schema {named_as} does not exist, so the bridge {shown(function)} cannot be installed "
+                          "there: create the schema, or name the bridge in another (--bridge-function schema.name); "
+                          "nothing was written")
+    if not row["can_create"]:
+        role = sql.Identifier(row["role"]).as_string()
+        raise ConfigError(f"role {role} may not create functions in schema {named_as} (no CREATE on it), so the "
+                          f"bridge {shown(function)} cannot be installed there: GRANT CREATE ON SCHEMA {named_as} "
+                          f"TO {role}, or name the bridge in another schema (--bridge-function schema.name); "
+                          "nothing was written")
 
 
 def at_swap(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job) -> None:

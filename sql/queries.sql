@@ -830,6 +830,11 @@ SELECT count(*) AS n FROM reembed_bridge_map WHERE bridge_id = %(bridge_id)s;
 SELECT p.oid::regprocedure::text AS signature FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = %(schema)s AND p.proname = %(name)s;
 
+-- name: function_schema_rights
+-- The schema a bridge's function goes in: whether it exists (a row) and this role may create in it.
+SELECT current_user AS role, has_schema_privilege(current_user, n.oid, 'CREATE') AS can_create
+  FROM pg_namespace n WHERE n.nspname = %(schema)s;
+
 -- name: tool_schema_of_bridge
 -- Where the bridge's map lives (the function names its table with it).
 SELECT n.nspname AS schema

@@ -16,6 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector
+from psycopg.conninfo import make_conninfo
 
 from reembed.bridging import bridge_command
 from reembed.cli import main
@@ -30,7 +31,7 @@ from reembed.signals import StopSignal
 from reembed.status import status
 from support import catalog
 from support.application import BridgeApp
-from support.database import fetch, make_table, one
+from support.database import fetch, make_table, one, snapshot
 from support.fakes import HashEmbedder
 from support.fakes import job_settings as settings
 from support.models import assert_rows_hold_the_models_vectors, distilled_minilm
@@ -468,9 +469,19 @@ def test_an_application_on_the_new_model_alone_searches_through_the_job_its_swap
 
 
 def test_bridge_usage_errors_exit_2_with_one_line_and_nothing_written(
-    dsn: str, capsys: pytest.CaptureFixture[str]
+    dsn: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     make_table(dsn, rows=10)
+    model = tmp_path / "model"  # a model directory that cannot load: every refusal comes before any encoding
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    bridge = ["bridge", "--dsn", dsn, "--model", str(model)]
+    job = ["run", "--dsn", dsn, "--model", str(model), "--strategy", "shadow", "--bridge", "--no-confirm"]
+    system = ("a schema of PostgreSQL's own (pg_catalog, pg_toast*, pg_temp*: a function in pg_temp vanishes with "
+              "reembed's session): name it in a schema of the application's (--bridge-function schema.name); "
+              "nothing was written")
+    nosuch = ('schema "nosuch" does not exist, so the bridge "nosuch"."f"(vector) cannot be installed there: create '
+              "the schema, or name the bridge in another (--bridge-function schema.name); nothing was written")
     cases = [
         (["bridge", "--dsn", dsn], "bridge needs the new model: give --model (a local model directory), or --drop"),
         (["bridge", "--dsn", dsn, "--model", "m", "--sample", "0"], "--sample must be a positive integer, got 0"),
@@ -483,11 +494,72 @@ def test_bridge_usage_errors_exit_2_with_one_line_and_nothing_written(
          "map into it can be right; nothing was written"),
         (["bridge", "--dsn", dsn, "--drop"], 'nothing to drop: "public"."knowledge_nodes".embedding has no bridge of '
                                              "that name"),
+        # a function in pg_temp would vanish with reembed's session; PostgreSQL's schemas are not the application's
+        ([*bridge, "--bridge-function", "pg_temp.f"],
+         f'the bridge "pg_temp"."f"(vector) would be in "pg_temp", {system}'),
+        ([*job, "--bridge-function", "pg_temp_3.f"],
+         f'the bridge "pg_temp_3"."f"(vector) would be in "pg_temp_3", {system}'),
+        ([*job, "--bridge-function", "pg_toast.f"],
+         f'the bridge "pg_toast"."f"(vector) would be in "pg_toast", {system}'),
+        ([*bridge, "--bridge-function", "pg_catalog.f"],
+         f'the bridge "pg_catalog"."f"(vector) would be in "pg_catalog", {system}'),
+        # a schema that does not exist: found before the sample is encoded, and before a job's first write
+        ([*bridge, "--bridge-function", "nosuch.f"], nosuch),
+        ([*job, "--bridge-function", "nosuch.f"], nosuch),
+        (["bridge", "--dsn", dsn, "--drop", "--bridge-function", "a.b.c"],
+         "cannot read function name 'a.b.c': write it as function or schema.function"),
+        ([*job, "--bridge-function", "a.b.c"],
+         "cannot read function name 'a.b.c': write it as function or schema.function"),
     ]
     for argv, said in cases:
         assert main(argv) == 2, argv
         assert capsys.readouterr().err == f"reembed: {said}\n", argv
     assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL")
+    assert one(dsn, "SELECT to_regclass('reembed_bridge') IS NULL")
+    assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname = 'f'") == 0
+
+
+def _role(conn: psycopg.Connection[Any], name: str, login: str) -> None:
+    conn.execute(f"DO $$ BEGIN CREATE ROLE {name} {login}; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+
+
+@pytest.fixture
+def table_owner(pg_server: Any, dsn: str) -> str:
+    """make_table's table owned by a login role that is not a superuser (a superuser has every role's
+    rights) and may create in public, as a job's role is; its DSN. reembed_bridge_other: another role."""
+    with pg_server.admin() as conn:
+        _role(conn, "reembed_bridger", "LOGIN")
+        _role(conn, "reembed_bridge_other", "NOLOGIN")
+    make_table(dsn, rows=60, old_dim=32)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO reembed_bridger")
+        conn.execute("ALTER TABLE knowledge_nodes OWNER TO reembed_bridger")
+        conn.execute("ALTER TABLE embedding_model OWNER TO reembed_bridger")
+    return make_conninfo(dsn, user="reembed_bridger")
+
+
+def test_a_bridge_schema_the_role_may_not_create_in_is_refused_before_any_encoding_or_write(
+    dsn: str, table_owner: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app")
+        conn.execute("GRANT USAGE ON SCHEMA app TO reembed_bridger")
+    said = ('role "reembed_bridger" may not create functions in schema "app" (no CREATE on it), so the bridge '
+            '"app"."f"(vector) cannot be installed there: GRANT CREATE ON SCHEMA "app" TO "reembed_bridger", or '
+            "name the bridge in another schema (--bridge-function schema.name); nothing was written")
+    before = snapshot(dsn)
+    emb = HashEmbedder(48)
+    with pytest.raises(ConfigError) as refused:
+        bridge_command(Settings(target=Target(dsn=table_owner), model=ModelSpec(model="unused")),
+                       BridgeOptions(sample=60, min_recall=0.0, function="app.f"), embedder=emb)
+    assert str(refused.value) == said and refused.value.exit_code == 2
+    with pytest.raises(ConfigError) as refused:
+        run(settings(table_owner, strategy="shadow", bridge=True, bridge_function="app.f"), embedder=emb)
+    assert str(refused.value) == said
+    assert emb.texts_seen == 0  # nothing encoded
+    assert snapshot(dsn) == before
+    assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL AND to_regclass('reembed_bridge') IS NULL")
+    assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname = 'f'") == 0
 
 
 def test_the_library_exports_the_bridge() -> None:
