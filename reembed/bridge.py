@@ -276,6 +276,12 @@ def drop(conn: psycopg.Connection[Any], info: TableInfo, function: tuple[str, st
         raise ConfigError(f"nothing to drop: {info.qualified}.{info.column} has no bridge of that name"
                           + (f" (it has {names}: name one with --bridge-function)" if names else ""))
     bridge = found[0]
+    needing = [r["what"] for r in conn.execute(query("function_dependents"),
+                                                {"signature": _signature(conn, bridge.function)}).fetchall()]
+    if needing:
+        raise ConfigError(f"{'; '.join(needing)} depend{'s' if len(needing) == 1 else ''} on {bridge.called}: "
+                          "dropping it would break them (or drop them with it); change or drop them first, then "
+                          "drop the bridge; nothing was dropped")
     conn.execute(query("drop_bridge_function", function=bridge.function, vschema=_vschema(conn)))
     conn.execute(query("forget_bridge_map"), {"bridge_id": bridge.bridge_id})
     _set_state(conn, bridge, "dropped")
@@ -351,6 +357,11 @@ def _vschema(conn: psycopg.Connection[Any]) -> str:
     if row is None:
         raise ConfigError("the pgvector extension is not installed in this database; run CREATE EXTENSION vector")
     return str(row["schema"])
+
+
+def _signature(conn: psycopg.Connection[Any], function: tuple[str, str]) -> str:
+    """The bridge's function with its argument type, schema-qualified (to_regprocedure's, ALTER FUNCTION's)."""
+    return f"{sql.Identifier(*function).as_string()}({sql.Identifier(_vschema(conn), 'vector').as_string()})"
 
 
 def _tool_schema(conn: psycopg.Connection[Any]) -> str:

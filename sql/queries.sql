@@ -835,6 +835,18 @@ SELECT p.oid::regprocedure::text AS signature FROM pg_proc p JOIN pg_namespace n
 SELECT current_user AS role, has_schema_privilege(current_user, n.oid, 'CREATE') AS can_create
   FROM pg_namespace n WHERE n.nspname = %(schema)s;
 
+-- name: function_dependents
+-- What depends on a bridge's function (a view that calls it, a default, a function whose body
+-- names it): DROP FUNCTION without CASCADE fails on them. A view by its name, not its rule's.
+SELECT DISTINCT coalesce(
+           (SELECT CASE c.relkind WHEN 'm' THEN 'materialized view ' ELSE 'view ' END || c.oid::regclass::text
+              FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+             WHERE d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid),
+           pg_describe_object(d.classid, d.objid, d.objsubid)) AS what
+  FROM pg_depend d
+ WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid = to_regprocedure(%(signature)s) AND d.deptype = 'n'
+ ORDER BY 1;
+
 -- name: tool_schema_of_bridge
 -- Where the bridge's map lives (the function names its table with it).
 SELECT n.nspname AS schema

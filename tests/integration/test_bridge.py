@@ -519,6 +519,42 @@ def test_bridge_usage_errors_exit_2_with_one_line_and_nothing_written(
     assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname = 'f'") == 0
 
 
+def hash_bridge(dsn: str, *, rows: int, emb: HashEmbedder | None = None) -> None:
+    """`reembed bridge` with the test embedder (48-d) on make_table's table."""
+    bridge_command(Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused")),
+                   BridgeOptions(sample=rows, min_recall=0.0), embedder=emb or HashEmbedder(48))
+
+
+def test_bridge_drop_is_refused_while_objects_depend_on_the_function_naming_them_and_nothing_changes(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_table(dsn, rows=60, old_dim=32, id_type="bigint")
+    hash_bridge(dsn, rows=60)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE VIEW bridged AS SELECT id, reembed_query(embedding) AS q FROM knowledge_nodes")
+        conn.execute("CREATE FUNCTION search_near(q vector) RETURNS SETOF bigint LANGUAGE sql BEGIN ATOMIC"
+                     " SELECT id FROM knowledge_nodes ORDER BY embedding <=> reembed_query(q) LIMIT 10; END")
+    before, rows = catalog.dump(dsn), one(dsn, "SELECT count(*) FROM reembed_bridge_map")
+    capsys.readouterr()
+    assert main(["bridge", "--dsn", dsn, "--drop"]) == 2
+    assert capsys.readouterr().err == (
+        'reembed: function search_near(vector); view bridged depend on "public"."reembed_query"(vector): dropping '
+        "it would break them (or drop them with it); change or drop them first, then drop the bridge; nothing was "
+        "dropped\n")
+    assert_same_dump(before, catalog.dump(dsn))
+    assert one(dsn, "SELECT state FROM reembed_bridge") == "mapping"
+    assert one(dsn, "SELECT count(*) FROM reembed_bridge_map") == rows > 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP FUNCTION search_near(vector)")
+    assert main(["bridge", "--dsn", dsn, "--drop"]) == 2
+    assert capsys.readouterr().err.startswith('reembed: view bridged depends on "public"."reembed_query"(vector): ')
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP VIEW bridged")
+    assert main(["bridge", "--dsn", dsn, "--drop"]) == 0
+    assert one(dsn, "SELECT state FROM reembed_bridge") == "dropped"
+    assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname = 'reembed_query'") == 0
+
+
 def _role(conn: psycopg.Connection[Any], name: str, login: str) -> None:
     conn.execute(f"DO $$ BEGIN CREATE ROLE {name} {login}; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
 
