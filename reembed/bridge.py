@@ -144,6 +144,7 @@ def install(conn: psycopg.Connection[Any], info: TableInfo, fitted: Fitted, *, s
     check_source(conn, info, source)
     previous = check_function(conn, info, function, target)
     if previous is not None:
+        check_owners(conn, info, [previous])
         _set_state(conn, previous, "replaced")
     made = _insert(conn, info, fitted, source=source, target=target, function=function, job_id=job_id,
                    state="mapping")
@@ -221,6 +222,33 @@ def check_schema(conn: psycopg.Connection[Any], function: tuple[str, str]) -> No
                           "nothing was written")
 
 
+def check_owners(conn: psycopg.Connection[Any], info: TableInfo, bridges: list[Bridge] | None = None, *,
+                 create: bool = True) -> None:
+    """Before anything is written: the role reembed runs as has the owner's rights on the function
+    of each current bridge of the table (or of `bridges`), which the swap, rollback's swap back and
+    a re-fit redefine (CREATE OR REPLACE FUNCTION), cleanup comments and --drop drops; and (`create`)
+    may create in its schema, which CREATE OR REPLACE asks too. ConfigError (exit 2) otherwise. A
+    function gone (dropped by hand) is no obstacle: CREATE OR REPLACE makes it again."""
+    for b in current(conn, info.qualified, info.column) if bridges is None else bridges:
+        signature = _signature(conn, b.function)
+        row = conn.execute(query("function_owner_rights"), {"signature": signature}).fetchone()
+        if row is None:
+            continue
+        role, owner = sql.Identifier(row["role"]).as_string(), sql.Identifier(row["owner"]).as_string()
+        if not row["owns"]:
+            raise ConfigError(f"the bridge {b.called} is owned by role {owner}, and {role}, the role reembed runs "
+                              "as, has not its rights: the swap, rollback's swap back and a re-fit redefine it, "
+                              "cleanup comments it and --drop drops it, which only its owner may; run "
+                              f"`ALTER FUNCTION {signature} OWNER TO {role}`, or run reembed as {owner}; nothing "
+                              "was written")
+        if create and not row["can_create"]:
+            schema = sql.Identifier(row["schema"]).as_string()
+            raise ConfigError(f"role {role} may not create functions in schema {schema} (no CREATE on it): the "
+                              f"swap, rollback's swap back and a re-fit redefine the bridge {b.called} there "
+                              f"(CREATE OR REPLACE FUNCTION asks it); GRANT CREATE ON SCHEMA {schema} TO {role}; "
+                              "nothing was written")
+
+
 def at_swap(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job) -> None:
     """Inside a shadow job's swap: the column now holds the job's model's vectors, and the table's
     bridges become the identity in the same transaction."""
@@ -276,6 +304,7 @@ def drop(conn: psycopg.Connection[Any], info: TableInfo, function: tuple[str, st
         raise ConfigError(f"nothing to drop: {info.qualified}.{info.column} has no bridge of that name"
                           + (f" (it has {names}: name one with --bridge-function)" if names else ""))
     bridge = found[0]
+    check_owners(conn, info, [bridge], create=False)
     needing = [r["what"] for r in conn.execute(query("function_dependents"),
                                                 {"signature": _signature(conn, bridge.function)}).fetchall()]
     if needing:

@@ -109,4 +109,6 @@ def _check(conn: psycopg.Connection[Any], info: TableInfo, source: Signature, ta
     if job is not None and job.target_hash != target.hash:
         raise ConfigError(f"job {job.id} re-embeds {info.qualified}.{info.column} with {job.target_model_name}: a "
                           f"bridge for {target.name} would be wrong from its swap on; nothing was written")
-    bridge.check_function(conn, info, function, target)
+    previous = bridge.check_function(conn, info, function, target)
+    if previous is not None:  # a re-fit redefines its function
+        bridge.check_owners(conn, info, [previous])

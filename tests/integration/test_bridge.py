@@ -18,6 +18,7 @@ import pytest
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import make_conninfo
 
+from reembed import bridge, db
 from reembed.bridging import bridge_command
 from reembed.cli import main
 from reembed.embedder import SentenceTransformerEmbedder, fingerprint
@@ -29,6 +30,7 @@ from reembed.rollback import cleanup, rollback
 from reembed.settings import BridgeOptions, ModelSpec, RollbackOptions, Settings, Target
 from reembed.signals import StopSignal
 from reembed.status import status
+from reembed.target import inspect_target
 from support import catalog
 from support.application import BridgeApp
 from support.database import fetch, make_table, one, snapshot
@@ -596,6 +598,62 @@ def test_a_bridge_schema_the_role_may_not_create_in_is_refused_before_any_encodi
     assert snapshot(dsn) == before
     assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL AND to_regclass('reembed_bridge') IS NULL")
     assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname = 'f'") == 0
+
+
+def test_a_bridge_owned_by_another_role_is_refused_before_any_write_with_the_way_forward(
+    dsn: str, table_owner: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job's swap, rollback's swap back, cleanup, a re-fit and --drop all redefine or drop the
+    function: refused up front when the role reembed runs as has not its owner's rights."""
+    hash_bridge(table_owner, rows=60)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER FUNCTION reembed_query(vector) OWNER TO reembed_bridge_other")
+    said = ('the bridge "public"."reembed_query"(vector) is owned by role "reembed_bridge_other", and '
+            '"reembed_bridger", the role reembed runs as, has not its rights: the swap, rollback\'s swap back and a '
+            "re-fit redefine it, cleanup comments it and --drop drops it, which only its owner may; run `ALTER "
+            'FUNCTION "public"."reembed_query"("public"."vector") OWNER TO "reembed_bridger"`, or run reembed as '
+            '"reembed_bridge_other"; nothing was written')
+    before, function = snapshot(dsn), definition(dsn)
+    capsys.readouterr()
+    assert main(["bridge", "--dsn", table_owner, "--drop"]) == 2
+    assert capsys.readouterr().err == f"reembed: {said}\n"
+    emb = HashEmbedder(48)
+    with pytest.raises(ConfigError) as refused:  # the job for the bridge's model: its swap would fail
+        run(settings(table_owner, strategy="shadow", gate_min_recall=0.0), embedder=emb)
+    assert str(refused.value) == said and refused.value.exit_code == 2
+    with pytest.raises(ConfigError) as refused:  # a re-fit for it
+        hash_bridge(table_owner, rows=60, emb=emb)
+    assert str(refused.value) == said and emb.texts_seen == 0
+    assert snapshot(dsn) == before and definition(dsn) == function
+    assert one(dsn, "SELECT count(*) FROM reembed_checkpoint") == 0
+    assert [b["state"] for b in fetch(dsn, "SELECT state FROM reembed_bridge")] == ["mapping"]
+    # what rollback and cleanup call: the same refusal; a superuser has every role's rights
+    for conninfo, refuses in ((table_owner, True), (dsn, False)):
+        with db.connect(conninfo, role="control", vectors=False, autocommit=True) as conn:
+            info = inspect_target(conn, Target(dsn=conninfo))
+            if refuses:
+                with pytest.raises(ConfigError) as refused:
+                    bridge.check_owners(conn, info)
+                assert str(refused.value) == said
+            else:
+                bridge.check_owners(conn, info)
+    # owned by the job's role but no CREATE on its schema: CREATE OR REPLACE would fail at the swap
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER FUNCTION reembed_query(vector) OWNER TO reembed_bridger")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM reembed_bridger")
+    with pytest.raises(ConfigError, match='role "reembed_bridger" may not create functions in schema "public"'):
+        run(settings(table_owner, strategy="shadow", gate_min_recall=0.0), embedder=emb)
+    with db.connect(table_owner, role="control", vectors=False, autocommit=True) as conn:
+        info = inspect_target(conn, Target(dsn=table_owner))
+        with pytest.raises(ConfigError, match=r"the swap, rollback's swap back and a re-fit redefine the bridge "
+                                              r'"public"."reembed_query"\(vector\) there'):
+            bridge.check_owners(conn, info)
+        bridge.check_owners(conn, info, create=False)  # cleanup and --drop need only the owner's rights
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO reembed_bridger")
+    report = run(settings(table_owner, strategy="shadow", gate_min_recall=0.0), embedder=emb)  # the way forward
+    assert report.state == "done", report
+    assert [b["state"] for b in fetch(dsn, "SELECT state FROM reembed_bridge")] == ["identity"]
 
 
 def test_the_library_exports_the_bridge() -> None:
