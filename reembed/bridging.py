@@ -6,7 +6,8 @@ the live column (reembed.fitting); the map is fitted, measured on held-out rows 
 --bridge-min-recall (exit 2, nothing written); otherwise installed (reembed.bridge), the registry
 row held FOR SHARE meanwhile so that no swap slips in between. Refused before any encoding: a column
 that holds the new model's vectors already, an in-place job (the column mixes both models), a job
-for another model, a function name that is not free.
+for another model, a function name that is not free or in a schema it cannot go in (PostgreSQL's own,
+missing, no CREATE), a bridge it would replace whose function another role owns.
 """
 
 from __future__ import annotations
