@@ -207,6 +207,7 @@ def check_job(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job | No
             raise ConfigError(f"the bridge {b.called} maps into {info.qualified}.{info.column}: in place, the column "
                               "holds both models' vectors until the end and the bridge would never become the "
                               "identity; use --strategy shadow; nothing was written")
+    bridge.check_owners(conn, info)  # the swap redefines them, rollback and cleanup too
 
 
 @contextlib.contextmanager

@@ -95,6 +95,7 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
                 "rows' embedding NULL; nothing was written")
         _check_added_since(conn, info, names)
         _check_bridges_into_new(conn, info, job, source)
+        bridge.check_owners(conn, info)  # the swap back redefines the bridge's function
         held = lease.take(conn, conninfo, info.oid, table=info.qualified, column=info.column,
                           break_stale_lock=False, stale_after=90.0)
         stop = StopSignal()
@@ -143,6 +144,7 @@ def cleanup(settings: Settings) -> Report:
     started = time.monotonic()
     with _kept_job(settings, "clean up") as (conn, info, job):
         names = shadow.Names.of(job)
+        bridge.check_owners(conn, info, create=False)  # cleanup comments the bridge's function
         held = lease.take(conn, settings.target.conninfo(), info.oid, table=info.qualified, column=info.column,
                           break_stale_lock=False, stale_after=90.0)
         try:

@@ -837,6 +837,34 @@ SELECT count(*) AS n FROM reembed_bridge_map WHERE bridge_id = %(bridge_id)s;
 SELECT p.oid::regprocedure::text AS signature FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = %(schema)s AND p.proname = %(name)s;
 
+-- name: function_schema_rights
+-- The schema a bridge's function goes in: whether it exists (a row) and this role may create in it.
+SELECT current_user AS role, has_schema_privilege(current_user, n.oid, 'CREATE') AS can_create
+  FROM pg_namespace n WHERE n.nspname = %(schema)s;
+
+-- name: function_owner_rights
+-- A bridge's function (its signature: to_regprocedure's text, NULL when gone): its owner, and
+-- whether this role acts as it (CREATE OR REPLACE, COMMENT ON and DROP need the owner's rights)
+-- and may create in its schema (CREATE OR REPLACE needs that too).
+SELECT p.oid::regprocedure::text AS signature, pg_get_userbyid(p.proowner) AS owner, current_user AS role,
+       pg_has_role(current_user, p.proowner, 'USAGE') AS owns,
+       has_schema_privilege(current_user, p.pronamespace, 'CREATE') AS can_create,
+       n.nspname AS schema
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE p.oid = to_regprocedure(%(signature)s);
+
+-- name: function_dependents
+-- What depends on a bridge's function (a view that calls it, a default, a function whose body
+-- names it): DROP FUNCTION without CASCADE fails on them. A view by its name, not its rule's.
+SELECT DISTINCT coalesce(
+           (SELECT CASE c.relkind WHEN 'm' THEN 'materialized view ' ELSE 'view ' END || c.oid::regclass::text
+              FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+             WHERE d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid),
+           pg_describe_object(d.classid, d.objid, d.objsubid)) AS what
+  FROM pg_depend d
+ WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid = to_regprocedure(%(signature)s) AND d.deptype = 'n'
+ ORDER BY 1;
+
 -- name: tool_schema_of_bridge
 -- Where the bridge's map lives (the function names its table with it).
 SELECT n.nspname AS schema
