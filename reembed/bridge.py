@@ -19,6 +19,7 @@ UPDATE) comes before or after, never between.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,7 @@ def shown(function: tuple[str, str]) -> str:
 
 def function_of(info: TableInfo, name: str | None) -> tuple[str, str]:
     """--bridge-function (name or schema.name; default reembed_query) in the table's schema."""
-    parts = split_name(name or DEFAULT_FUNCTION)
+    parts = split_name(name or DEFAULT_FUNCTION, "function")
     return (parts[0], parts[1]) if len(parts) == 2 else (info.ident[0], parts[0])
 
 
@@ -131,9 +132,30 @@ def refused_since(conn: psycopg.Connection[Any], job: ckpt.Job, since: dt.dateti
 def claim(conn: psycopg.Connection[Any], info: TableInfo) -> bool:
     """Inside the caller's transaction: this transaction is the one installing a bridge on the
     table (False: another one is, right now)."""
-    row = conn.execute(query("bridge_install_lock"), {"key": (_LOCK_NAMESPACE << 32) | (info.oid & 0xFFFFFFFF)})
+    row = conn.execute(query("bridge_install_lock"), {"key": _lock_key(info)})
     granted = row.fetchone()
     return bool(granted and granted["granted"])
+
+
+def lock_fit(conn: psycopg.Connection[Any], info: TableInfo) -> bool:
+    """This session takes the table's bridge lock for a fit and its install (False: another session
+    holds it); it outlives the transaction: `unlock_fit` lets it go, or the session's end."""
+    row = conn.execute(query("bridge_fit_lock"), {"key": _lock_key(info)}).fetchone()
+    return bool(row and row["granted"])
+
+
+def unlock_fit(conn: psycopg.Connection[Any], info: TableInfo) -> None:
+    """Lets this session's bridge lock go, as often as a retried transaction took it (a session lock
+    is taken again on each try, and outlives a rollback); a lost connection let it go already."""
+    with contextlib.suppress(psycopg.Error), conn.transaction():
+        for _ in range(100):
+            row = conn.execute(query("bridge_fit_unlock"), {"key": _lock_key(info)}).fetchone()
+            if not (row and row["released"]):
+                return
+
+
+def _lock_key(info: TableInfo) -> int:
+    return (_LOCK_NAMESPACE << 32) | (info.oid & 0xFFFFFFFF)
 
 
 def install(conn: psycopg.Connection[Any], info: TableInfo, fitted: Fitted, *, source: Signature,
@@ -144,6 +166,7 @@ def install(conn: psycopg.Connection[Any], info: TableInfo, fitted: Fitted, *, s
     check_source(conn, info, source)
     previous = check_function(conn, info, function, target)
     if previous is not None:
+        check_owners(conn, info, [previous])
         _set_state(conn, previous, "replaced")
     made = _insert(conn, info, fitted, source=source, target=target, function=function, job_id=job_id,
                    state="mapping")
@@ -179,6 +202,7 @@ def check_function(conn: psycopg.Connection[Any], info: TableInfo, function: tup
                    target: Signature) -> Bridge | None:
     """The function name is free, or this table's bridge for the same model (returned: a re-fit
     replaces it); refused otherwise (exit 2)."""
+    check_schema(conn, function)
     owner = named(conn, function)
     shown = sql.Identifier(*function).as_string()
     if owner is not None and (owner.table_name, owner.column_name) != (info.qualified, info.column):
@@ -194,6 +218,57 @@ def check_function(conn: psycopg.Connection[Any], info: TableInfo, function: tup
         raise ConfigError(f"a function {', '.join(r['signature'] for r in taken)} exists and is not a bridge of "
                           "reembed's: name the bridge otherwise (--bridge-function); nothing was written")
     return owner
+
+
+def check_schema(conn: psycopg.Connection[Any], function: tuple[str, str]) -> None:
+    """The schema a bridge's function goes in, before anything is encoded or written: not one of
+    PostgreSQL's own (pg_temp's function would vanish with reembed's session), one that exists, and
+    this role may create in it; refused otherwise (exit 2)."""
+    schema = function[0]
+    named_as = sql.Identifier(schema).as_string()
+    if schema.startswith("pg_"):
+        raise ConfigError(f"the bridge {shown(function)} would be in {named_as}, a schema of PostgreSQL's own "
+                          "(pg_catalog, pg_toast*, pg_temp*: a function in pg_temp vanishes with reembed's session): "
+                          "name it in a schema of the application's (--bridge-function schema.name); nothing was "
+                          "written")
+    row = conn.execute(query("function_schema_rights"), {"schema": schema}).fetchone()
+    if row is None:
+        raise ConfigError(f"schema {named_as} does not exist, so the bridge {shown(function)} cannot be installed "
+                          "there: create the schema, or name the bridge in another (--bridge-function schema.name); "
+                          "nothing was written")
+    if not row["can_create"]:
+        role = sql.Identifier(row["role"]).as_string()
+        raise ConfigError(f"role {role} may not create functions in schema {named_as} (no CREATE on it), so the "
+                          f"bridge {shown(function)} cannot be installed there: GRANT CREATE ON SCHEMA {named_as} "
+                          f"TO {role}, or name the bridge in another schema (--bridge-function schema.name); "
+                          "nothing was written")
+
+
+def check_owners(conn: psycopg.Connection[Any], info: TableInfo, bridges: list[Bridge] | None = None, *,
+                 create: bool = True) -> None:
+    """Before anything is written: the role reembed runs as has the owner's rights on the function
+    of each current bridge of the table (or of `bridges`), which the swap, rollback's swap back and
+    a re-fit redefine (CREATE OR REPLACE FUNCTION), cleanup comments and --drop drops; and (`create`)
+    may create in its schema, which CREATE OR REPLACE asks too. ConfigError (exit 2) otherwise. A
+    function gone (dropped by hand) is no obstacle: CREATE OR REPLACE makes it again."""
+    for b in current(conn, info.qualified, info.column) if bridges is None else bridges:
+        signature = _signature(conn, b.function)
+        row = conn.execute(query("function_owner_rights"), {"signature": signature}).fetchone()
+        if row is None:
+            continue
+        role, owner = sql.Identifier(row["role"]).as_string(), sql.Identifier(row["owner"]).as_string()
+        if not row["owns"]:
+            raise ConfigError(f"the bridge {b.called} is owned by role {owner}, and {role}, the role reembed runs "
+                              "as, has not its rights: the swap, rollback's swap back and a re-fit redefine it, "
+                              "cleanup comments it and --drop drops it, which only its owner may; run "
+                              f"`ALTER FUNCTION {signature} OWNER TO {role}`, or run reembed as {owner}; nothing "
+                              "was written")
+        if create and not row["can_create"]:
+            schema = sql.Identifier(row["schema"]).as_string()
+            raise ConfigError(f"role {role} may not create functions in schema {schema} (no CREATE on it): the "
+                              f"swap, rollback's swap back and a re-fit redefine the bridge {b.called} there "
+                              f"(CREATE OR REPLACE FUNCTION asks it); GRANT CREATE ON SCHEMA {schema} TO {role}; "
+                              "nothing was written")
 
 
 def at_swap(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job) -> None:
@@ -251,6 +326,13 @@ def drop(conn: psycopg.Connection[Any], info: TableInfo, function: tuple[str, st
         raise ConfigError(f"nothing to drop: {info.qualified}.{info.column} has no bridge of that name"
                           + (f" (it has {names}: name one with --bridge-function)" if names else ""))
     bridge = found[0]
+    check_owners(conn, info, [bridge], create=False)
+    needing = [r["what"] for r in conn.execute(query("function_dependents"),
+                                                {"signature": _signature(conn, bridge.function)}).fetchall()]
+    if needing:
+        raise ConfigError(f"{'; '.join(needing)} depend{'s' if len(needing) == 1 else ''} on {bridge.called}: "
+                          "dropping it would break them (or drop them with it); change or drop them first, then "
+                          "drop the bridge; nothing was dropped")
     conn.execute(query("drop_bridge_function", function=bridge.function, vschema=_vschema(conn)))
     conn.execute(query("forget_bridge_map"), {"bridge_id": bridge.bridge_id})
     _set_state(conn, bridge, "dropped")
@@ -303,8 +385,11 @@ def _set_state(conn: psycopg.Connection[Any], bridge: Bridge, state: str) -> Non
 def _define_map(conn: psycopg.Connection[Any], bridge: Bridge) -> None:
     vschema = _vschema(conn)
     normalize = sql.SQL("{}.l2_normalize").format(sql.Identifier(vschema)) if bridge.normalize else sql.SQL("")
+    tools = _tool_schema(conn)
     conn.execute(query("create_bridge_function", function=bridge.function, vschema=vschema, normalize=normalize,
-                       map=(_tool_schema(conn), "reembed_bridge_map"), bridge_id=sql.Literal(bridge.bridge_id)))
+                       map=(tools, "reembed_bridge_map"), bridges=(tools, "reembed_bridge"),
+                       function_schema=sql.Literal(bridge.function_schema),
+                       function_name=sql.Literal(bridge.function_name)))
     _comment(conn, bridge, f"maps {bridge.target_model_name} into {bridge.source_model_name}")
 
 
@@ -326,6 +411,11 @@ def _vschema(conn: psycopg.Connection[Any]) -> str:
     if row is None:
         raise ConfigError("the pgvector extension is not installed in this database; run CREATE EXTENSION vector")
     return str(row["schema"])
+
+
+def _signature(conn: psycopg.Connection[Any], function: tuple[str, str]) -> str:
+    """The bridge's function with its argument type, schema-qualified (to_regprocedure's, ALTER FUNCTION's)."""
+    return f"{sql.Identifier(*function).as_string()}({sql.Identifier(_vschema(conn), 'vector').as_string()})"
 
 
 def _tool_schema(conn: psycopg.Connection[Any]) -> str:

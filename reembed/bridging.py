@@ -6,7 +6,8 @@ the live column (reembed.fitting); the map is fitted, measured on held-out rows 
 --bridge-min-recall (exit 2, nothing written); otherwise installed (reembed.bridge), the registry
 row held FOR SHARE meanwhile so that no swap slips in between. Refused before any encoding: a column
 that holds the new model's vectors already, an in-place job (the column mixes both models), a job
-for another model, a function name that is not free.
+for another model, a function name that is not free or in a schema it cannot go in (PostgreSQL's own,
+missing, no CREATE), a bridge it would replace whose function another role owns.
 """
 
 from __future__ import annotations
@@ -111,4 +112,6 @@ def _check(conn: psycopg.Connection[Any], info: TableInfo, source: Signature, ta
     if job is not None and job.target_hash != target.hash:
         raise ConfigError(f"job {job.id} re-embeds {info.qualified}.{info.column} with {job.target_model_name}: a "
                           f"bridge for {target.name} would be wrong from its swap on; nothing was written")
-    bridge.check_function(conn, info, function, target)
+    previous = bridge.check_function(conn, info, function, target)
+    if previous is not None:  # a re-fit redefines its function
+        bridge.check_owners(conn, info, [previous])

@@ -35,7 +35,7 @@ from reembed import checkpoint as ckpt
 from reembed.background import Background
 from reembed.context import RunContext
 from reembed.encoding import Embedder
-from reembed.errors import ConfigError, ReembedError
+from reembed.errors import ConfigError, InternalError, ReembedError
 from reembed.queries import query
 from reembed.settings import RunOptions
 from reembed.signature import Signature
@@ -207,6 +207,7 @@ def check_job(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job | No
             raise ConfigError(f"the bridge {b.called} maps into {info.qualified}.{info.column}: in place, the column "
                               "holds both models' vectors until the end and the bridge would never become the "
                               "identity; use --strategy shadow; nothing was written")
+    bridge.check_owners(conn, info)  # the swap redefines them, rollback and cleanup too
 
 
 @contextlib.contextmanager
@@ -240,16 +241,41 @@ def ensure(ctx: RunContext) -> None:
 
 
 def _installing(ctx: RunContext, held: Any) -> tuple[str, Any]:
-    """One try at the job's bridge; an error past the job's first write is not a usage error (exit 1)."""
+    """One try at the job's bridge; an error past the job's first write is not a usage error (exit 1).
+    The sample is read in one short transaction, fitted with none open (minutes at 10,000 pairs: an
+    open one would be ended by the session's idle-in-transaction timeout, and would hold vacuum back),
+    and installed in another short one; this session's lock on the table's bridge keeps the other
+    workers from fitting it too meanwhile."""
     try:
-        return ctx.lease.write(_attempt, ctx, on=held, what="install_bridge")
+        looked = ctx.lease.write(_sample, ctx, on=held, what="bridge_sample")
+        if looked[0] != "sample":
+            return looked
+        fitted = fit(looked[1], min_recall=ctx.opts.bridge_min_recall, embedder=ctx.embedder)
+        return ctx.lease.write(_install, ctx, fitted, on=held, what="install_bridge")
     except ConfigError as exc:
         raise BridgeFailed(f"the bridge could not be installed: {exc}") from exc
+    finally:
+        bridge.unlock_fit(held.conn, ctx.info)
 
 
-def _attempt(conn: psycopg.Connection[Any], ctx: RunContext) -> tuple[str, Any]:
-    """One transaction: ('busy', None) while another installs; ('kept', bridge) if one is there;
-    else the fit: ('installed', bridge) or ('refused', figures, recorded)."""
+def _sample(conn: psycopg.Connection[Any], ctx: RunContext) -> tuple[str, Any]:
+    """('busy', None) while another session fits or installs; ('kept', bridge) if one is there; else
+    ('sample', pairs). This session takes the table's bridge lock (the caller lets it go)."""
+    info, job, opts = ctx.info, ctx.active, ctx.opts
+    if not bridge.lock_fit(conn, info):
+        return ("busy", None)
+    have = [b for b in bridge.current(conn, info.qualified, info.column) if b.target_hash == job.target_hash]
+    if have:
+        return ("kept", have[0])
+    if job.source is None:
+        raise ConfigError(f"job {job.id} recorded no model before it (the registry was empty): a bridge maps into "
+                          "that model's space; run without --bridge")
+    return ("sample", sample_job(conn, info, job, n=opts.bridge_sample))
+
+
+def _install(conn: psycopg.Connection[Any], ctx: RunContext, fitted: mapping.Fitted) -> tuple[str, Any]:
+    """One short transaction: ('installed', bridge) or ('refused', figures), recorded; ('kept', bridge)
+    if one was installed meanwhile (this session's lock was lost with its connection)."""
     info, job, opts = ctx.info, ctx.active, ctx.opts
     if not bridge.claim(conn, info):
         return ("busy", None)
@@ -258,10 +284,7 @@ def _attempt(conn: psycopg.Connection[Any], ctx: RunContext) -> tuple[str, Any]:
         return ("kept", have[0])
     source = job.source
     if source is None:
-        raise ConfigError(f"job {job.id} recorded no model before it (the registry was empty): a bridge maps into "
-                          "that model's space; run without --bridge")
-    sample = sample_job(conn, info, job, n=opts.bridge_sample)
-    fitted = fit(sample, min_recall=opts.bridge_min_recall, embedder=ctx.embedder)
+        raise InternalError(f"job {job.id} lost its source model between the bridge's sample and its install")
     function = bridge.function_of(info, opts.bridge_function)
     if "refused" in fitted.figures:
         bridge.record_refused(conn, info, fitted, source=source, target=job.target, function=function, job_id=job.id)

@@ -126,6 +126,8 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
         for k in kept:
             _check_stale(k, stale[k.job.id], source, embedder is not None, opts)
             _check_added_since(conn, k.info, k.names)
+            _check_bridges_into_new(conn, k.info, k.job, source)
+            bridge.check_owners(conn, k.info)  # the swap back redefines the bridge's function
         with contextlib.ExitStack() as stack:
             for oid, k in sorted({k.info.oid: k for k in kept}.items()):  # each table's lock, in their oids' order
                 held = lease.take(conn, conninfo, oid, table=k.info.qualified, column=k.info.column,
@@ -195,6 +197,8 @@ def _check_stale(k: _Kept, stale: int, source: Signature, model: bool, opts: Rol
 def cleanup(settings: Settings) -> Report:
     started = time.monotonic()
     with _kept_jobs(settings, "clean up") as (conn, kept):
+        for k in kept:
+            bridge.check_owners(conn, k.info, create=False)  # cleanup comments the bridge's function
         with contextlib.ExitStack() as stack:
             for oid, k in sorted({k.info.oid: k for k in kept}.items()):
                 held = lease.take(conn, settings.target.conninfo(), oid, table=k.info.qualified,
@@ -226,6 +230,20 @@ def _kept(conn: psycopg.Connection[Any], info: TableInfo, what: str) -> ckpt.Job
         raise ConfigError(f"nothing to {what}: no shadow job keeps a previous column on "
                           f"{info.qualified}.{info.column}{state}")
     return job
+
+
+def _check_bridges_into_new(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, source: Signature) -> None:
+    """Before any write: a bridge installed since the swap maps into the space the column holds now
+    (the job's model); after the swap back it would map into a space the column no longer holds (a
+    failed query when the dimensions differ, wrong neighbours when they agree)."""
+    for b in bridge.current(conn, info.qualified, info.column):
+        if b.state == "mapping" and b.source_hash == job.target_hash:
+            raise ConfigError(
+                f"the bridge {b.called} maps {b.target_model_name}'s vectors into {b.source_model_name}'s space, "
+                f"which {info.qualified}.{info.column} holds since the swap: after the swap back the column holds "
+                f"{source.name}'s and the bridge would map into a space it no longer holds; move the application "
+                f"off it and `reembed bridge --drop --bridge-function {b.function_name}`, then roll back; nothing "
+                "was written")
 
 
 def _check_added_since(conn: psycopg.Connection[Any], info: TableInfo, names: shadow.Names) -> None:

@@ -18,12 +18,13 @@ _HNSW_DEFAULTS = {"m": 16, "ef_construction": 64}
 VECTOR_TYPES = ("vector", "halfvec")  # the column types re-embedded (sparsevec and bit are not a model's output)
 
 
-def split_name(name: str) -> tuple[str, ...]:
-    """'schema.table' -> ('schema', 'table'); 'table' -> ('table',). Quotes allowed."""
+def split_name(name: str, what: str = "table") -> tuple[str, ...]:
+    """'schema.table' -> ('schema', 'table'); 'table' -> ('table',). Quotes allowed. `what`: the
+    kind of name, as the error says it ("function" for --bridge-function)."""
     parts = re.findall(r'"((?:[^"]|"")*)"|([^."]+)', name)
     out = tuple(q.replace('""', '"') if q else p for q, p in parts)
     if not out or len(out) > 2:
-        raise ConfigError(f"cannot read table name {name!r}: write it as table or schema.table")
+        raise ConfigError(f"cannot read {what} name {name!r}: write it as {what} or schema.{what}")
     return out
 
 

@@ -795,6 +795,13 @@ SELECT * FROM reembed_bridge
 -- One install at a time per table (transaction level): the workers of a run, `reembed bridge`.
 SELECT pg_try_advisory_xact_lock(%(key)s::bigint) AS granted;
 
+-- name: bridge_fit_lock
+-- The same lock held by a session across a fit (minutes) and its install: the other workers wait.
+SELECT pg_try_advisory_lock(%(key)s::bigint) AS granted;
+
+-- name: bridge_fit_unlock
+SELECT pg_advisory_unlock(%(key)s::bigint) AS released;
+
 -- name: registry_for_share
 -- What the live column holds, held still while a bridge into it is installed (a swap waits).
 SELECT model_name, dimension, model_hash FROM {registry} WHERE id = 1 FOR SHARE;
@@ -830,6 +837,34 @@ SELECT count(*) AS n FROM reembed_bridge_map WHERE bridge_id = %(bridge_id)s;
 SELECT p.oid::regprocedure::text AS signature FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = %(schema)s AND p.proname = %(name)s;
 
+-- name: function_schema_rights
+-- The schema a bridge's function goes in: whether it exists (a row) and this role may create in it.
+SELECT current_user AS role, has_schema_privilege(current_user, n.oid, 'CREATE') AS can_create
+  FROM pg_namespace n WHERE n.nspname = %(schema)s;
+
+-- name: function_owner_rights
+-- A bridge's function (its signature: to_regprocedure's text, NULL when gone): its owner, and
+-- whether this role acts as it (CREATE OR REPLACE, COMMENT ON and DROP need the owner's rights)
+-- and may create in its schema (CREATE OR REPLACE needs that too).
+SELECT p.oid::regprocedure::text AS signature, pg_get_userbyid(p.proowner) AS owner, current_user AS role,
+       pg_has_role(current_user, p.proowner, 'USAGE') AS owns,
+       has_schema_privilege(current_user, p.pronamespace, 'CREATE') AS can_create,
+       n.nspname AS schema
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE p.oid = to_regprocedure(%(signature)s);
+
+-- name: function_dependents
+-- What depends on a bridge's function (a view that calls it, a default, a function whose body
+-- names it): DROP FUNCTION without CASCADE fails on them. A view by its name, not its rule's.
+SELECT DISTINCT coalesce(
+           (SELECT CASE c.relkind WHEN 'm' THEN 'materialized view ' ELSE 'view ' END || c.oid::regclass::text
+              FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+             WHERE d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid),
+           pg_describe_object(d.classid, d.objid, d.objsubid)) AS what
+  FROM pg_depend d
+ WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid = to_regprocedure(%(signature)s) AND d.deptype = 'n'
+ ORDER BY 1;
+
 -- name: tool_schema_of_bridge
 -- Where the bridge's map lives (the function names its table with it).
 SELECT n.nspname AS schema
@@ -846,10 +881,19 @@ SELECT n.nspname AS schema FROM pg_extension e JOIN pg_namespace n ON n.oid = e.
 -- unit length ({normalize}: l2_normalize, or nothing) when the old vectors are. It runs as its owner
 -- (the application needs no grant on reembed's tables). Wrap it in a scalar subquery in a search,
 -- `ORDER BY embedding <=> (SELECT {function}($1))`: evaluated once, the index still used.
+-- The map is the one of this function's current bridge that the caller's snapshot sees, not one
+-- named in the body: the body is read from the catalog as it is now, the map rows with the caller's
+-- snapshot, so a repeatable-read transaction older than a re-fit maps with the map it began under
+-- (with the new one's id it found no rows and ranked by NULL, silently); one older than the first
+-- install finds none and fails ("vector must have at least 1 dimension") rather than rank by NULL.
 CREATE OR REPLACE FUNCTION {function}(q {vschema}.vector) RETURNS {vschema}.vector
 LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bridge$
-SELECT {normalize}(array_agg(m.b - (m.w OPERATOR({vschema}.<#>) q) ORDER BY m.i)::{vschema}.vector)
-  FROM {map} AS m WHERE m.bridge_id = {bridge_id}
+SELECT {normalize}(coalesce(array_agg(m.b - (m.w OPERATOR({vschema}.<#>) q) ORDER BY m.i),
+                            ARRAY[]::float8[])::{vschema}.vector)
+  FROM {map} AS m
+ WHERE m.bridge_id = (SELECT b.bridge_id FROM {bridges} AS b
+                       WHERE b.function_schema = {function_schema} AND b.function_name = {function_name}
+                         AND b.state IN ('mapping', 'identity'))
 $bridge$;
 
 -- name: create_identity_function

@@ -16,7 +16,9 @@ import numpy as np
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector
+from psycopg.conninfo import make_conninfo
 
+from reembed import bridge, db
 from reembed.bridging import bridge_command
 from reembed.cli import main
 from reembed.embedder import SentenceTransformerEmbedder, fingerprint
@@ -28,9 +30,10 @@ from reembed.rollback import cleanup, rollback
 from reembed.settings import BridgeOptions, ModelSpec, RollbackOptions, Settings, Target
 from reembed.signals import StopSignal
 from reembed.status import status
+from reembed.target import inspect_target
 from support import catalog
 from support.application import BridgeApp
-from support.database import fetch, make_table, one
+from support.database import fetch, make_table, one, snapshot
 from support.fakes import HashEmbedder
 from support.fakes import job_settings as settings
 from support.models import assert_rows_hold_the_models_vectors, distilled_minilm
@@ -360,6 +363,97 @@ def test_a_resumed_job_keeps_the_bridge_it_installed(dsn: str, minilm_path: Path
     assert [(b["bridge_id"], b["state"]) for b in fetch(dsn, "SELECT * FROM reembed_bridge")] == [(1, "identity")]
 
 
+def test_a_rollback_under_a_bridge_into_the_new_models_space_is_refused_before_any_write(
+    dsn: str, minilm_path: Path, encoded: dict[str, Any]
+) -> None:
+    """After the swap the column holds the job's model; a bridge installed then (`reembed bridge` for a
+    third model) maps into that space. Swapped back, the column would hold the old model's vectors and
+    the bridge would map into a space it no longer holds (different vector dimensions 384 and 48)."""
+    old_table(dsn, minilm_path, encoded["minilm"], rows=300)
+    assert run(settings(dsn, strategy="shadow", gate_min_recall=0.0), embedder=HashEmbedder(48)).state == "done"
+    bridge_command(Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused")),
+                   BridgeOptions(sample=300, min_recall=0.0, function="other_query"),
+                   embedder=HashEmbedder(16, name="third"))
+    before = snapshot(dsn)
+    with pytest.raises(ConfigError, match="the bridge .*other_query.* maps third's vectors into test-hash-48's "
+                                          "space.*nothing was written") as caught:
+        rollback(Settings(target=Target(dsn=dsn)), RollbackOptions())
+    assert caught.value.exit_code == 2
+    assert snapshot(dsn) == before
+    bridge_command(Settings(target=Target(dsn=dsn)), BridgeOptions(drop=True, function="other_query"))
+    assert rollback(Settings(target=Target(dsn=dsn)), RollbackOptions()).state == "rolled_back"
+    assert one(dsn, "SELECT vector_dims(embedding) FROM knowledge_nodes LIMIT 1") == 384
+
+
+def test_a_repeatable_read_search_older_than_a_re_fit_maps_with_its_map_and_one_older_than_the_bridge_fails(
+    dsn: str, minilm_path: Path, encoded: dict[str, Any]
+) -> None:
+    """The function's body is read from the catalog as it is now, its map rows with the caller's
+    snapshot: a repeatable-read transaction that began before a re-fit found none of the new map's
+    rows and ranked by NULL (arbitrary rows, no error). It maps with the map it began under; one that
+    began before the first install fails instead of ranking by NULL."""
+    old_table(dsn, minilm_path, encoded["minilm"], rows=300)
+    model = Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused"))
+    v = HashEmbedder(48).encode(["a connection pool"])[0]
+    with psycopg.connect(dsn) as early:
+        register_vector(early)
+        early.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        early.execute("SELECT count(*) FROM knowledge_nodes").fetchone()  # its snapshot: before any bridge
+        bridge_command(model, BridgeOptions(sample=300, min_recall=0.0), embedder=HashEmbedder(48))
+        first = through_sql(dsn, np.array([v]))[0]
+        with psycopg.connect(dsn) as reader:
+            register_vector(reader)
+            reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            reader.execute("SELECT count(*) FROM knowledge_nodes").fetchone()  # its snapshot: the first map
+            bridge_command(model, BridgeOptions(sample=200, min_recall=0.0), embedder=HashEmbedder(48))  # re-fit
+            second = through_sql(dsn, np.array([v]))[0]
+            assert not np.allclose(first, second, atol=1e-4)
+            mapped = reader.execute("SELECT reembed_query(%s)", (v,)).fetchone()[0]
+            assert mapped is not None and np.allclose(mapped.to_numpy(), first, atol=1e-5)
+            near = reader.execute("SELECT id FROM knowledge_nodes ORDER BY embedding <=> (SELECT reembed_query(%s)) "
+                                  "LIMIT 5", (v,)).fetchall()
+            assert near == fetch_ids(dsn, first)
+        with pytest.raises(psycopg.errors.DataException, match="at least 1 dimension"):
+            early.execute("SELECT reembed_query(%s)", (v,)).fetchone()
+    assert [b["state"] for b in fetch(dsn, "SELECT state FROM reembed_bridge ORDER BY bridge_id")] == [
+        "replaced", "mapping"]
+
+
+def fetch_ids(dsn: str, vector: np.ndarray) -> list[tuple[int]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        register_vector(conn)
+        return conn.execute("SELECT id FROM knowledge_nodes ORDER BY embedding <=> %s LIMIT 5",
+                            (vector.astype(np.float32),)).fetchall()
+
+
+def test_a_jobs_bridge_is_fitted_with_no_transaction_open(
+    dsn: str, minilm_path: Path, encoded: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit takes minutes at the default sample (86 s for 10,000 pairs 384 -> 64 on two cores): in a
+    transaction it was ended by the session's 60 s idle-in-transaction timeout, and retried the same
+    way, after the whole backfill. No transaction of reembed's is open across it."""
+    from reembed import fitting
+
+    old_table(dsn, minilm_path, encoded["minilm"], rows=300)
+    real_fit = fitting.fit
+    seen: list[int] = []
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        entered = one(dsn, "SELECT clock_timestamp()")
+        fitted = real_fit(*args, **kwargs)
+        seen.append(one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND application_name LIKE 'reembed %%' AND xact_start <= %(at)s", {"at": entered}))
+        return fitted
+
+    monkeypatch.setattr(fitting, "fit", fit)
+    opts = {"strategy": "shadow", "bridge": True, "bridge_sample": 100, "bridge_min_recall": 0.0,
+            "gate_min_recall": 0.0, "batch_size": 20}
+    report = run(settings(dsn, **opts), embedder=HashEmbedder(48))
+    assert report.state == "done", report
+    assert seen == [0], seen  # one fit, and no transaction of reembed's open from before it to after it
+    assert [b["state"] for b in fetch(dsn, "SELECT state FROM reembed_bridge")] == ["identity"]
+
+
 def test_a_refused_bridge_stops_the_run_before_anything_is_installed_and_the_job_resumes_without_it(
     dsn: str, minilm_path: Path, encoded: dict[str, Any]
 ) -> None:
@@ -468,9 +562,19 @@ def test_an_application_on_the_new_model_alone_searches_through_the_job_its_swap
 
 
 def test_bridge_usage_errors_exit_2_with_one_line_and_nothing_written(
-    dsn: str, capsys: pytest.CaptureFixture[str]
+    dsn: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     make_table(dsn, rows=10)
+    model = tmp_path / "model"  # a model directory that cannot load: every refusal comes before any encoding
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    bridge = ["bridge", "--dsn", dsn, "--model", str(model)]
+    job = ["run", "--dsn", dsn, "--model", str(model), "--strategy", "shadow", "--bridge", "--no-confirm"]
+    system = ("a schema of PostgreSQL's own (pg_catalog, pg_toast*, pg_temp*: a function in pg_temp vanishes with "
+              "reembed's session): name it in a schema of the application's (--bridge-function schema.name); "
+              "nothing was written")
+    nosuch = ('schema "nosuch" does not exist, so the bridge "nosuch"."f"(vector) cannot be installed there: create '
+              "the schema, or name the bridge in another (--bridge-function schema.name); nothing was written")
     cases = [
         (["bridge", "--dsn", dsn], "bridge needs the new model: give --model (a local model directory), or --drop"),
         (["bridge", "--dsn", dsn, "--model", "m", "--sample", "0"], "--sample must be a positive integer, got 0"),
@@ -483,11 +587,174 @@ def test_bridge_usage_errors_exit_2_with_one_line_and_nothing_written(
          "map into it can be right; nothing was written"),
         (["bridge", "--dsn", dsn, "--drop"], 'nothing to drop: "public"."knowledge_nodes".embedding has no bridge of '
                                              "that name"),
+        # a function in pg_temp would vanish with reembed's session; PostgreSQL's schemas are not the application's
+        ([*bridge, "--bridge-function", "pg_temp.f"],
+         f'the bridge "pg_temp"."f"(vector) would be in "pg_temp", {system}'),
+        ([*job, "--bridge-function", "pg_temp_3.f"],
+         f'the bridge "pg_temp_3"."f"(vector) would be in "pg_temp_3", {system}'),
+        ([*job, "--bridge-function", "pg_toast.f"],
+         f'the bridge "pg_toast"."f"(vector) would be in "pg_toast", {system}'),
+        ([*bridge, "--bridge-function", "pg_catalog.f"],
+         f'the bridge "pg_catalog"."f"(vector) would be in "pg_catalog", {system}'),
+        # a schema that does not exist: found before the sample is encoded, and before a job's first write
+        ([*bridge, "--bridge-function", "nosuch.f"], nosuch),
+        ([*job, "--bridge-function", "nosuch.f"], nosuch),
+        (["bridge", "--dsn", dsn, "--drop", "--bridge-function", "a.b.c"],
+         "cannot read function name 'a.b.c': write it as function or schema.function"),
+        ([*job, "--bridge-function", "a.b.c"],
+         "cannot read function name 'a.b.c': write it as function or schema.function"),
     ]
     for argv, said in cases:
         assert main(argv) == 2, argv
         assert capsys.readouterr().err == f"reembed: {said}\n", argv
     assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL")
+    assert one(dsn, "SELECT to_regclass('reembed_bridge') IS NULL")
+    assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname = 'f'") == 0
+
+
+def hash_bridge(dsn: str, *, rows: int, emb: HashEmbedder | None = None) -> None:
+    """`reembed bridge` with the test embedder (48-d) on make_table's table."""
+    bridge_command(Settings(target=Target(dsn=dsn), model=ModelSpec(model="unused")),
+                   BridgeOptions(sample=rows, min_recall=0.0), embedder=emb or HashEmbedder(48))
+
+
+def test_bridge_drop_is_refused_while_objects_depend_on_the_function_naming_them_and_nothing_changes(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_table(dsn, rows=60, old_dim=32, id_type="bigint")
+    hash_bridge(dsn, rows=60)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE VIEW bridged AS SELECT id, reembed_query(embedding) AS q FROM knowledge_nodes")
+        conn.execute("CREATE FUNCTION search_near(q vector) RETURNS SETOF bigint LANGUAGE sql BEGIN ATOMIC"
+                     " SELECT id FROM knowledge_nodes ORDER BY embedding <=> reembed_query(q) LIMIT 10; END")
+    before, rows = catalog.dump(dsn), one(dsn, "SELECT count(*) FROM reembed_bridge_map")
+    capsys.readouterr()
+    assert main(["bridge", "--dsn", dsn, "--drop"]) == 2
+    assert capsys.readouterr().err == (
+        'reembed: function search_near(vector); view bridged depend on "public"."reembed_query"(vector): dropping '
+        "it would break them (or drop them with it); change or drop them first, then drop the bridge; nothing was "
+        "dropped\n")
+    assert_same_dump(before, catalog.dump(dsn))
+    assert one(dsn, "SELECT state FROM reembed_bridge") == "mapping"
+    assert one(dsn, "SELECT count(*) FROM reembed_bridge_map") == rows > 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP FUNCTION search_near(vector)")
+    assert main(["bridge", "--dsn", dsn, "--drop"]) == 2
+    assert capsys.readouterr().err.startswith('reembed: view bridged depends on "public"."reembed_query"(vector): ')
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP VIEW bridged")
+    assert main(["bridge", "--dsn", dsn, "--drop"]) == 0
+    assert one(dsn, "SELECT state FROM reembed_bridge") == "dropped"
+    assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname = 'reembed_query'") == 0
+
+
+def _role(conn: psycopg.Connection[Any], name: str, login: str) -> None:
+    conn.execute(f"DO $$ BEGIN CREATE ROLE {name} {login}; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+
+
+@pytest.fixture
+def table_owner(pg_server: Any, dsn: str) -> str:
+    """make_table's table owned by a login role that is not a superuser (a superuser has every role's
+    rights) and may create in public, as a job's role is; its DSN. reembed_bridge_other: another role."""
+    with pg_server.admin() as conn:
+        _role(conn, "reembed_bridger", "LOGIN")
+        _role(conn, "reembed_bridge_other", "NOLOGIN")
+    make_table(dsn, rows=60, old_dim=32)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO reembed_bridger")
+        conn.execute("ALTER TABLE knowledge_nodes OWNER TO reembed_bridger")
+        conn.execute("ALTER TABLE embedding_model OWNER TO reembed_bridger")
+    return make_conninfo(dsn, user="reembed_bridger")
+
+
+def test_a_bridge_schema_the_role_may_not_create_in_is_refused_before_any_encoding_or_write(
+    dsn: str, table_owner: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app")
+        conn.execute("GRANT USAGE ON SCHEMA app TO reembed_bridger")
+    said = ('role "reembed_bridger" may not create functions in schema "app" (no CREATE on it), so the bridge '
+            '"app"."f"(vector) cannot be installed there: GRANT CREATE ON SCHEMA "app" TO "reembed_bridger", or '
+            "name the bridge in another schema (--bridge-function schema.name); nothing was written")
+    before = snapshot(dsn)
+    emb = HashEmbedder(48)
+    with pytest.raises(ConfigError) as refused:
+        bridge_command(Settings(target=Target(dsn=table_owner), model=ModelSpec(model="unused")),
+                       BridgeOptions(sample=60, min_recall=0.0, function="app.f"), embedder=emb)
+    assert str(refused.value) == said and refused.value.exit_code == 2
+    with pytest.raises(ConfigError) as refused:
+        run(settings(table_owner, strategy="shadow", bridge=True, bridge_function="app.f"), embedder=emb)
+    assert str(refused.value) == said
+    assert emb.texts_seen == 0  # nothing encoded
+    assert snapshot(dsn) == before
+    assert one(dsn, "SELECT to_regclass('reembed_checkpoint') IS NULL AND to_regclass('reembed_bridge') IS NULL")
+    assert one(dsn, "SELECT count(*) FROM pg_proc WHERE proname = 'f'") == 0
+
+
+def test_a_bridge_owned_by_another_role_is_refused_before_any_write_with_the_way_forward(
+    dsn: str, table_owner: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job's swap, rollback's swap back, cleanup, a re-fit and --drop all redefine or drop the
+    function: refused up front when the role reembed runs as has not its owner's rights."""
+    hash_bridge(table_owner, rows=60)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER FUNCTION reembed_query(vector) OWNER TO reembed_bridge_other")
+    said = ('the bridge "public"."reembed_query"(vector) is owned by role "reembed_bridge_other", and '
+            '"reembed_bridger", the role reembed runs as, has not its rights: the swap, rollback\'s swap back and a '
+            "re-fit redefine it, cleanup comments it and --drop drops it, which only its owner may; run `ALTER "
+            'FUNCTION "public"."reembed_query"("public"."vector") OWNER TO "reembed_bridger"`, or run reembed as '
+            '"reembed_bridge_other"; nothing was written')
+    before, function = snapshot(dsn), definition(dsn)
+    capsys.readouterr()
+    assert main(["bridge", "--dsn", table_owner, "--drop"]) == 2
+    assert capsys.readouterr().err == f"reembed: {said}\n"
+    emb = HashEmbedder(48)
+    with pytest.raises(ConfigError) as refused:  # the job for the bridge's model: its swap would fail
+        run(settings(table_owner, strategy="shadow", gate_min_recall=0.0), embedder=emb)
+    assert str(refused.value) == said and refused.value.exit_code == 2
+    with pytest.raises(ConfigError) as refused:  # a re-fit for it
+        hash_bridge(table_owner, rows=60, emb=emb)
+    assert str(refused.value) == said and emb.texts_seen == 0
+    assert snapshot(dsn) == before and definition(dsn) == function
+    assert one(dsn, "SELECT count(*) FROM reembed_checkpoint") == 0
+    assert [b["state"] for b in fetch(dsn, "SELECT state FROM reembed_bridge")] == ["mapping"]
+    # what rollback and cleanup call: the same refusal; a superuser has every role's rights
+    for conninfo, refuses in ((table_owner, True), (dsn, False)):
+        with db.connect(conninfo, role="control", vectors=False, autocommit=True) as conn:
+            info = inspect_target(conn, Target(dsn=conninfo))
+            if refuses:
+                with pytest.raises(ConfigError) as refused:
+                    bridge.check_owners(conn, info)
+                assert str(refused.value) == said
+            else:
+                bridge.check_owners(conn, info)
+    # owned by the job's role but no CREATE on its schema: CREATE OR REPLACE would fail at the swap
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER FUNCTION reembed_query(vector) OWNER TO reembed_bridger")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM reembed_bridger")
+    with pytest.raises(ConfigError, match='role "reembed_bridger" may not create functions in schema "public"'):
+        run(settings(table_owner, strategy="shadow", gate_min_recall=0.0), embedder=emb)
+    with db.connect(table_owner, role="control", vectors=False, autocommit=True) as conn:
+        info = inspect_target(conn, Target(dsn=table_owner))
+        with pytest.raises(ConfigError, match=r"the swap, rollback's swap back and a re-fit redefine the bridge "
+                                              r'"public"."reembed_query"\(vector\) there'):
+            bridge.check_owners(conn, info)
+        bridge.check_owners(conn, info, create=False)  # cleanup and --drop need only the owner's rights
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO reembed_bridger")
+    report = run(settings(table_owner, strategy="shadow", gate_min_recall=0.0), embedder=emb)  # the way forward
+    assert report.state == "done", report
+    assert [b["state"] for b in fetch(dsn, "SELECT state FROM reembed_bridge")] == ["identity"]
+    # after the swap, the function handed away again: rollback and cleanup refuse before any write
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER FUNCTION reembed_query(vector) OWNER TO reembed_bridge_other")
+    before, function = snapshot(dsn), definition(dsn)
+    for undo in (lambda: rollback(Settings(target=Target(dsn=table_owner)), RollbackOptions()),
+                 lambda: cleanup(Settings(target=Target(dsn=table_owner)))):
+        with pytest.raises(ConfigError, match='is owned by role "reembed_bridge_other"') as refused:
+            undo()
+        assert refused.value.exit_code == 2
+        assert snapshot(dsn) == before and definition(dsn) == function
 
 
 def test_the_library_exports_the_bridge() -> None:
