@@ -184,11 +184,12 @@ def _run(settings: Settings, embedder: Embedder | None, stop: StopSignal) -> Rep
 def _check_options(settings: Settings) -> None:
     opts = settings.options
     refused = [flag for flag, on in (("--workers", opts.workers > 1), ("--devices", len(opts.devices) > 1),
-                                     ("--join / --join-wait", opts.join),
+                                     ("--join / --join-wait", opts.join and opts.workers <= 1),
                                      ("--metrics-file", opts.metrics_file is not None)) if on]
     if refused:
         raise ConfigError(f"{', '.join(refused)}: a job over several tables runs on one worker process; run it "
-                          "without, or re-embed each table in a job of its own (each with its own registry)")
+                          "without, or re-embed each table in a job of its own (each with its own registry); nothing "
+                          "was written")
     if opts.bridge:
         raise ConfigError("--bridge fits a map on one table's rows: a job over several tables takes none; run it "
                           "without --bridge; nothing was written")

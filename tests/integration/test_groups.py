@@ -312,6 +312,10 @@ def test_bad_targets_are_refused_before_any_write(
                             "public.small_chunks.embedding (32-d) is not in the space embedding_model names"),
         "column count": (("--table", "knowledge_nodes", "--table", "chunks", "--column", "embedding",
                           "--column", "embedding", "--column", "embedding"), "--column is given 3 times"),
+        "workers": (("--table", "knowledge_nodes", "--table", "chunks", "--workers", "2"),
+                    "--workers: a job over several tables runs on one worker process"),
+        "bridge": (("--table", "knowledge_nodes", "--table", "chunks", "--strategy", "shadow", "--bridge"),
+                   "--bridge fits a map on one table's rows"),
     }
     for what, (argv, said) in refusals.items():
         code, out, err = run_main(capsys, *base, *argv)
