@@ -363,19 +363,34 @@ def hold_tables(conn: psycopg.Connection[Any], registry: tuple[str, ...],
                 tables: Sequence[tuple[TableInfo, bool]]) -> float:
     """hold_writers for several tables (a job over several tables under one registry): the registry
     row, then each table's lock in the order of the tables' oids, a fixed order whatever order they
-    were named in (a table named twice, once: the stronger lock), all in one round trip. While it
-    waits for a later table's lock it holds the earlier ones: each wait is bounded by the same
-    lock_timeout, and the hold is counted from the first request."""
+    were named in (a table named twice, once: the stronger lock). While it waits for a later table's
+    lock it holds the registry row and the earlier tables, so the waits together, not each, are
+    bounded by the transaction's lock_timeout: each later request gets what is left of it. (Each
+    with the whole timeout, an application transaction that holds the last table and then asks for
+    the registry row waited for their sum, past deadlock_timeout with five tables, and PostgreSQL
+    aborted it as the deadlock's victim.) The hold is counted from the first request."""
     strongest: dict[int, tuple[TableInfo, bool]] = {}
     for info, rewrite in tables:
         if info.oid in strongest:
             rewrite = rewrite or strongest[info.oid][1]
         strongest[info.oid] = (strongest.get(info.oid, (info, rewrite))[0], rewrite)
-    parts: list[sql.Composable] = [query("lock_registry_row", registry=registry)]
-    parts += [info.statement("lock_for_rewrite" if rewrite else "lock_for_cut_over")
-              for _, (info, rewrite) in sorted(strongest.items())]
+    locks = [info.statement("lock_for_rewrite" if rewrite else "lock_for_cut_over")
+             for _, (info, rewrite) in sorted(strongest.items())]
+    budget = 0
+    if len(locks) > 1:
+        row = conn.execute(query("current_lock_timeout_ms")).fetchone()
+        budget = int(row["ms"]) if row else 0
     began = time.monotonic()
-    conn.execute(sql.SQL("; ").join(parts))  # one round trip: the smallest window
+    conn.execute(sql.SQL("; ").join([query("lock_registry_row", registry=registry), locks[0]]))  # one round trip
+    if budget > 0:
+        for lock in locks[1:]:
+            left = max(1, budget - int((time.monotonic() - began) * 1000))
+            conn.execute(query("set_lock_timeout"), {"value": f"{left}ms"})
+            conn.execute(lock)
+        conn.execute(query("set_lock_timeout"), {"value": f"{budget}ms"})  # the hold's own statements
+    else:
+        for lock in locks[1:]:
+            conn.execute(lock)
     return began
 
 

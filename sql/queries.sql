@@ -381,6 +381,10 @@ SELECT p.pubname AS name
 -- name: deadlock_timeout
 SELECT setting::int AS ms FROM pg_settings WHERE name = 'deadlock_timeout';
 
+-- name: current_lock_timeout_ms
+-- This transaction's lock_timeout, in milliseconds (0: none).
+SELECT setting::int AS ms FROM pg_settings WHERE name = 'lock_timeout';
+
 -- name: lock_timeout_ms
 -- A duration as PostgreSQL reads it ('200ms', '1s'), in milliseconds.
 SELECT (extract(epoch FROM %(value)s::interval) * 1000)::int AS ms;

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from reembed.cli import main
 from reembed.errors import ConfigError
@@ -385,3 +386,78 @@ def test_plan_and_status_show_each_table_of_the_job(
     # one table's status names the group it is in
     code, out, err = run_main(capsys, "status", "--dsn", dsn, "--table", "chunks", "--json")
     assert code == 0 and json.loads(out)["group"]["others"] == ["public.knowledge_nodes.embedding"]
+
+
+def test_the_group_cut_over_waits_for_its_tables_locks_within_one_lock_timeout_in_all(dsn: str) -> None:
+    """The cut-over holds the registry row and the earlier tables while it waits for a later one's
+    lock. An application that wrote the last table and then reads the registry row FOR SHARE (the
+    readers' protocol) waits on the cut-over for as long as it waits in all: bounded by one
+    --cut-over-lock-timeout, not one per table, the application is never PostgreSQL's deadlock victim
+    (with a timeout per table, the waits on two tables each released just in time summed past a
+    400 ms deadlock_timeout and the application was aborted)."""
+    import threading
+    import time
+
+    from reembed import capture, db
+    from reembed.target import inspect_target
+
+    make_table(dsn, rows=3, old_dim=8, id_type="bigint")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in ("chunks", "notes"):
+            conn.execute(f"CREATE TABLE {name} (LIKE knowledge_nodes INCLUDING ALL)")
+    order = ["knowledge_nodes", "chunks", "notes"]  # their oids' order: the cut-over's
+    with db.connect(dsn, role="control", vectors=False, autocommit=True) as conn:
+        tables = [(inspect_target(conn, Target(dsn=dsn, table=t)), False) for t in order]
+    assert [i.oid for i, _ in tables] == sorted(i.oid for i, _ in tables)
+
+    def cut_over_waiting_on(table: str) -> bool:
+        return bool(one(dsn, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT l.granted "
+                             "AND l.relation = %s::regclass AND a.application_name = 'the cut-over'", (table,)))
+
+    def holding(table: str) -> Any:  # an application transaction on `table`, ended 150 ms into the cut-over's wait
+        conn = psycopg.connect(dsn)
+        conn.execute(f"INSERT INTO {table} (id, content, source) VALUES (1000, 'held', 'app')")
+
+        def release() -> None:  # (or at once if the cut-over gave up before it came to this table)
+            deadline = time.monotonic() + 60
+            while "cut_over" not in outcome and time.monotonic() < deadline:
+                if cut_over_waiting_on(table):  # polled closely: the wait's length is what is tested
+                    time.sleep(0.15)  # the application's transaction: 150 ms more of its work, then its commit
+                    break
+                time.sleep(0.005)
+            conn.commit()
+            conn.close()
+        return threading.Thread(target=release)
+
+    outcome: dict[str, Any] = {}
+    holders = [holding("knowledge_nodes"), holding("chunks")]
+    app = psycopg.connect(dsn)
+    app.execute("SET deadlock_timeout = '400ms'")
+    app.execute("INSERT INTO notes (id, content, source) VALUES (1000, 'app', 'app')")  # the last table first
+
+    def cut_over() -> None:
+        with psycopg.connect(dsn, application_name="the cut-over", row_factory=dict_row) as conn, conn.transaction():
+            conn.execute("SET LOCAL lock_timeout = '200ms'")
+            started = time.monotonic()
+            try:
+                capture.hold_tables(conn, ("public", "embedding_model"), tables)
+                outcome["cut_over"] = "held"
+            except psycopg.errors.LockNotAvailable:
+                outcome["cut_over"] = "gave up"
+            outcome["waited"] = time.monotonic() - started
+            raise psycopg.Rollback()
+
+    for h in holders:
+        h.start()
+    cutting = threading.Thread(target=cut_over)
+    cutting.start()
+    wait_for(lambda: cut_over_waiting_on("knowledge_nodes"), timeout=60, what="the cut-over holding the registry row")
+    try:
+        app.execute("SELECT model_name FROM embedding_model WHERE id = 1 FOR SHARE")  # the readers' protocol
+        app.commit()
+    finally:
+        app.close()
+        cutting.join(60)
+        for h in holders:
+            h.join(60)
+    assert outcome["cut_over"] == "gave up" and outcome["waited"] < 0.35, outcome  # it retries later
