@@ -62,9 +62,9 @@ def _drop(conn: psycopg.Connection[Any], info: TableInfo, opts: BridgeOptions, s
 
 def _fit(conn: psycopg.Connection[Any], info: TableInfo, settings: Settings, opts: BridgeOptions,
          started: float, embedder: Embedder | None) -> Report:
-    spec = settings.model
-    if spec is None:
+    if settings.model is None:
         raise ConfigError("bridge needs the new model: give --model (a local model directory), or --drop")
+    spec = settings.model.for_target(settings.target)  # the text it reads is in its hash, as a job's
     name, model_hash = (embedder.signature.name, embedder.signature.hash) if embedder is not None \
         else fingerprint(spec)
     source = fitting.source_of(conn, info)

@@ -79,10 +79,11 @@ def _kept_jobs(settings: Settings, what: str) -> Iterator[tuple[psycopg.Connecti
     conn = db.connect(settings.target.conninfo(), role="control", vectors=False, autocommit=True)
     try:
         with db.translated():
+            infos = [inspect_target(conn, target) for target in settings.all_targets]
+            for info in infos:  # what a rollback killed after its swap back left to finish, on every table
+                carry.finish_not_null(conn, info)
             kept = []
-            for target in settings.all_targets:
-                info = inspect_target(conn, target)
-                carry.finish_not_null(conn, info)  # what a rollback killed after its swap back left to finish
+            for info in infos:
                 job = _kept(conn, info, what)
                 kept.append(_Kept(info, job, shadow.Names.of(job)))
             yield conn, _together(kept, what)

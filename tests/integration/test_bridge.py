@@ -757,6 +757,24 @@ def test_a_bridge_owned_by_another_role_is_refused_before_any_write_with_the_way
         assert snapshot(dsn) == before and definition(dsn) == function
 
 
+def test_a_bridge_fitted_for_a_content_expression_is_the_bridge_of_a_job_reading_the_same_text(
+    dsn: str, static_model_dir: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`reembed bridge --content EXPR` records the model as a job with that --content records it (the
+    text read is in the model's hash): the job keeps it and makes it the identity at its swap (the
+    bridge's hash left the text out, and the job was refused as one for another model)."""
+    old, new = static_model_dir(48), static_model_dir(32)
+    make_table(dsn, rows=120, old_dim=48)
+    base = ["--dsn", dsn, "--device", "cpu", "--log-level", "warning"]
+    assert main(["run", *base, "--model", str(old), "--no-confirm", "--tokenizer-workers", "0"]) == 0
+    text = ["--content", "content || ' (a note)'"]
+    assert main(["bridge", *base, "--model", str(new), *text, "--sample", "120", "--bridge-min-recall", "0"]) == 0
+    assert main(["run", *base, "--model", str(new), *text, "--strategy", "shadow", "--gate-min-recall", "0",
+                 "--no-confirm", "--tokenizer-workers", "0"]) == 0, capsys.readouterr().err
+    assert [b["state"] for b in fetch(dsn, "SELECT state FROM reembed_bridge")] == ["identity"]
+    assert one(dsn, "SELECT target_hash FROM reembed_bridge") == one(dsn, "SELECT model_hash FROM embedding_model")
+
+
 def test_the_library_exports_the_bridge() -> None:
     import reembed
 
