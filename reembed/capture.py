@@ -380,6 +380,7 @@ def hold_tables(conn: psycopg.Connection[Any], registry: tuple[str, ...],
     if len(locks) > 1:
         row = conn.execute(query("current_lock_timeout_ms")).fetchone()
         budget = int(row["ms"]) if row else 0
+    _cancel_autovacuum(conn, sorted(strongest))
     began = time.monotonic()
     conn.execute(sql.SQL("; ").join([query("lock_registry_row", registry=registry), locks[0]]))  # one round trip
     if budget > 0:
@@ -392,6 +393,25 @@ def hold_tables(conn: psycopg.Connection[Any], registry: tuple[str, ...],
         for lock in locks[1:]:
             conn.execute(lock)
     return began
+
+
+def _cancel_autovacuum(conn: psycopg.Connection[Any], oids: list[int]) -> None:
+    """An autovacuum of one of the tables (not one against wraparound) holds a lock the cut-over's
+    conflicts with, and may run for many minutes on a table with an HNSW index under constant edits:
+    PostgreSQL cancels it for a request that waits deadlock_timeout (1 s), but the cut-over's request
+    gives up first (200 ms), try after try, for as long as the vacuum runs (seen: a cut-over that
+    never came while one ran for over 7 minutes). Cancel it, as PostgreSQL would; it runs again
+    later. Best effort: a role that may not signal it (PostgreSQL 18: pg_signal_autovacuum_worker)
+    leaves it alone."""
+    try:
+        with conn.transaction():  # a savepoint: a refusal must not end the hold's transaction
+            rows = conn.execute(query("cancel_autovacuum"), {"oids": oids}).fetchall()
+    except psycopg.Error as exc:
+        log.debug("autovacuum_not_cancelled", error=str(exc).splitlines()[0])
+        return
+    for row in rows:
+        log.info("autovacuum_cancelled", table=row["relation"], pid=row["pid"],
+                 detail="it held a lock the cut-over needs; PostgreSQL would cancel it for a waiting request")
 
 
 def check_lock_timeout(conn: psycopg.Connection[Any], lock_timeout: str) -> None:

@@ -381,6 +381,16 @@ SELECT p.pubname AS name
 -- name: deadlock_timeout
 SELECT setting::int AS ms FROM pg_settings WHERE name = 'deadlock_timeout';
 
+-- name: cancel_autovacuum
+-- Autovacuum workers holding a lock on one of these tables, not vacuuming against wraparound:
+-- cancelled (what PostgreSQL does for a lock request that waits deadlock_timeout).
+SELECT DISTINCT a.pid, l.relation::regclass::text AS relation, pg_cancel_backend(a.pid) AS cancelled
+  FROM pg_stat_activity a
+  JOIN pg_locks l ON l.pid = a.pid AND l.granted AND l.locktype = 'relation'
+ WHERE a.backend_type = 'autovacuum worker'
+   AND l.relation = ANY(%(oids)s::oid[])
+   AND a.query NOT LIKE '%%to prevent wraparound%%';
+
 -- name: current_lock_timeout_ms
 -- This transaction's lock_timeout, in milliseconds (0: none).
 SELECT setting::int AS ms FROM pg_settings WHERE name = 'lock_timeout';
