@@ -108,6 +108,10 @@ class BridgeApp:
     def queries(self) -> int:
         return int(self.stats().get("queries", 0))
 
+    def searches_since(self, moment: float) -> int:
+        """How many searches the application has published that ended after `moment` (time.time())."""
+        return sum(1 for t, _ in self.stats().get("searches", []) if t > moment)
+
     def stop(self) -> dict[str, Any]:
         self.stop_file.write_text("stop")
         self.proc.wait(timeout=60)
