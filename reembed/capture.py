@@ -219,6 +219,10 @@ class Source(Protocol):
         """Every lock of the hold, asked for up front; when the hold began (monotonic)."""
         ...
 
+    def locked(self) -> list[tuple[int, bool]]:
+        """The tables the hold locks: (oid, whether against readers too)."""
+        ...
+
 
 class JobSource:
     """The job's captured keys, caught up into the column its strategy writes. `path`: how the
@@ -248,6 +252,9 @@ class JobSource:
 
     def hold(self, conn: psycopg.Connection[Any]) -> float:
         return hold_writers(self.ctx, conn, rewrite=self.rewrite)
+
+    def locked(self) -> list[tuple[int, bool]]:
+        return [(self.ctx.info.oid, self.rewrite)]
 
 
 def backlog(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> Backlog:

@@ -14,6 +14,7 @@ Otherwise the last catch-up, the swap and its record commit together.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from reembed import capture
 from reembed import checkpoint as ckpt
 from reembed.batches import DEFAULT_WRITE_PATH
 from reembed.context import Hold, RunContext
-from reembed.errors import InternalError, Interrupted
+from reembed.errors import DatabaseError, InternalError, Interrupted, first_line
 from reembed.progress import Pace
 from reembed.queries import query
 from reembed.signals import StopSignal
@@ -39,6 +40,9 @@ T = TypeVar("T")
 # The cut-over gives up its locks as soon as it waits on the application (capture.hold_writers);
 # it then tries again soon, not after the long waits an outage gets: yielding costs it a retry.
 CUT_OVER_BACKOFF = 0.5
+# How long the hold's locks may be refused in a row (each request waiting --cut-over-lock-timeout,
+# the backlog settled between tries) before the cut-over gives up, nothing committed.
+PATIENCE = 300.0
 _MARGIN = 1.25  # the predicted hold, padded: the pace is a moving average, the write rate a constant
 
 Reader = Callable[[Callable[[psycopg.Connection[Any]], capture.Backlog]], capture.Backlog]
@@ -79,12 +83,16 @@ class CutOver:
     def run(self, source: capture.Source, *, bound: Bound, stop: StopSignal, read: Reader,
             transaction: Transaction[tuple[float, int, float]],
             swap: Callable[[psycopg.Connection[Any]], None],
-            record: Callable[[psycopg.Connection[Any], float], None]) -> Held:
+            record: Callable[[psycopg.Connection[Any], float], None], patience: float = PATIENCE) -> Held:
         """Catch up and swap. `read(body)`: body(conn) with no transaction open (the backlog);
-        `transaction(body)`: body(conn) in one transaction, retried when a lock is not granted in
-        time; `swap(conn)` runs last under the hold and `record(conn, secs held)` right after it,
-        in the same transaction."""
+        `transaction(body)`: body(conn) in one transaction (retried on transient faults); `swap(conn)`
+        runs last under the hold and `record(conn, secs held)` right after it, in the same
+        transaction. A hold whose locks are not granted in time is rolled back and tried again after
+        the backlog is written and settled with no lock (the application's changes are kept caught
+        up, and its captured rows few, however long the locks are held elsewhere); after `patience`
+        seconds of locks refused in a row it gives up (a DatabaseError naming who held them)."""
         progress = _Convergence(bound.max_writers_held)
+        refused = _Refusals(source, read, patience)
         while True:
             if stop.requested:
                 raise Interrupted(f"stopped ({stop.reason}) during the cut-over's catch-up; nothing of it was "
@@ -101,12 +109,22 @@ class CutOver:
             try:
                 secs, rows, caught = transaction(lambda conn: self._hold(conn, source, bound, swap, record))
             except _OverBound as over:
+                refused.granted()
                 progress.again(over.work, self._pace.value, under_lock=True)
+                continue
+            except _NotGranted as not_granted:
+                wait = refused.again(not_granted.error)  # past its patience: raises
+                work = read(lambda conn: source.backlog(conn, self._ahead))
+                if work.keys:  # settled while the locks are held elsewhere: the next try's rest stays small
+                    self._write_ahead(source, work)
+                if stop.wait(wait):
+                    raise Interrupted(f"stopped ({stop.reason}) while the cut-over waited for its locks; nothing "
+                                      "of it was committed; re-run to finish", exit_code=stop.exit_code) from None
                 continue
             except Landed as landed:  # a retry found the first try's commit landed: it is done
                 log.info("cut_over_landed", detail="the commit landed before the connection went; not done again")
-                return Held(landed.secs, 0, 0.0, progress.tries + 1)
-            held = Held(secs, rows, caught, progress.tries + 1)
+                return Held(landed.secs, 0, 0.0, progress.tries + refused.total + 1)
+            held = Held(secs, rows, caught, progress.tries + refused.total + 1)
             log.info("cut_over", writers_held_secs=round(secs, 3), rows_caught_up=rows,
                      final_catch_up_secs=round(caught, 4), max_writers_held_secs=bound.max_writers_held,
                      tries=held.tries)
@@ -117,7 +135,10 @@ class CutOver:
               record: Callable[[psycopg.Connection[Any], float], None]) -> tuple[float, int, float]:
         """One try, inside its transaction: the locks, the backlog under them, the last catch-up if
         it fits the bound (else _OverBound: the transaction rolls back and the locks go), the swap."""
-        began = source.hold(conn)
+        try:
+            began = source.hold(conn)
+        except psycopg.errors.LockNotAvailable as exc:  # the transaction rolls back; tried again after a catch-up
+            raise _NotGranted(exc) from exc
         work = source.backlog(conn, self._ahead)
         if work.predicted_secs(self._pace.value, self.writes.value) * _MARGIN > \
                 bound.catch_up - (time.monotonic() - began):
@@ -175,7 +196,7 @@ def for_job(cut: CutOver, ctx: RunContext, *, rewrite: bool, swap: Callable[[psy
         transaction=lambda body: ctx.lease.write_attempt(unless_landed, body, on=ctx.control, what="cut_over",
                                                          lock_timeout=ctx.opts.cut_over_lock_timeout,
                                                          patient=True, max_backoff=CUT_OVER_BACKOFF),
-        swap=swap, record=recorded)
+        swap=swap, record=recorded, patience=max(ctx.lease.max_outage, PATIENCE))
 
 
 def flip_registry(conn: psycopg.Connection[Any], registry: tuple[str, ...], signature: Signature) -> None:
@@ -226,7 +247,7 @@ def for_group(cut: CutOver, ctxs: Sequence[RunContext], holds: Sequence[Hold], *
         transaction=lambda body: first.lease.write_attempt(unless_landed, body, on=first.control, what="cut_over",
                                                            lock_timeout=first.opts.cut_over_lock_timeout,
                                                            patient=True, max_backoff=CUT_OVER_BACKOFF),
-        swap=swap, record=recorded)
+        swap=swap, record=recorded, patience=max(first.lease.max_outage, PATIENCE))
 
 
 @dataclass
@@ -269,6 +290,13 @@ class Several:
     def hold(self, conn: psycopg.Connection[Any]) -> float:
         return self._hold(conn)
 
+    def locked(self) -> list[tuple[int, bool]]:
+        strongest: dict[int, bool] = {}
+        for part in self.parts:
+            for oid, rewrite in part.locked():
+                strongest[oid] = strongest.get(oid, False) or rewrite
+        return sorted(strongest.items())
+
 
 _TAG = "\x1f"  # between a part's place and a key's text form (never in a key's text: a control character)
 
@@ -294,6 +322,67 @@ class Landed(Exception):
     def __init__(self, secs: float) -> None:
         super().__init__("the cut-over committed already")
         self.secs = secs
+
+
+class _NotGranted(Exception):
+    """A lock of the hold was not granted within --cut-over-lock-timeout."""
+
+    def __init__(self, error: psycopg.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Refusals:
+    """The hold's locks refused in a row: a growing pause between tries (at most CUT_OVER_BACKOFF),
+    who holds the locks said once and every 30 s, and, after `patience` seconds of refusals, an
+    error naming them (nothing of the cut-over was committed: a re-run tries again)."""
+
+    def __init__(self, source: capture.Source, read: Callable[[Callable[[psycopg.Connection[Any]], Any]], Any],
+                 patience: float) -> None:
+        self.source, self.read, self.patience = source, read, patience
+        self.first: float | None = None
+        self.tries = 0  # in a row
+        self.total = 0
+        self.said = 0.0
+
+    def granted(self) -> None:
+        self.first, self.tries = None, 0
+
+    def again(self, error: psycopg.Error) -> float:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        self.tries += 1
+        self.total += 1
+        waited = now - self.first
+        if waited >= self.patience:
+            holders = self._holders()
+            err = DatabaseError(
+                f"the cut-over's locks were not granted in {waited:.0f} s ({self.tries} tries, each waiting "
+                f"--cut-over-lock-timeout): {holders or 'no holder seen at the end'}; nothing of it was committed "
+                "(the job is kept, its captured changes written as they came): run again to try the cut-over "
+                "again", retryable=False)
+            err.__cause__ = error
+            raise err
+        if now - self.said >= 30.0 or self.tries == 1:
+            self.said = now
+            log.warning("cut_over_lock_not_granted", tries=self.tries, waited_secs=round(waited, 1),
+                        gives_up_after_secs=self.patience, held_by=self._holders(),
+                        detail="the hold is let go and tried again; the changes captured meanwhile are written "
+                               "with no lock")
+        return min(CUT_OVER_BACKOFF, 0.05 * 2.0 ** min(self.tries, 8)) * (0.5 + random.random() / 2)
+
+    def _holders(self) -> str:
+        """The longest-open transactions holding a lock the hold would wait for (best effort)."""
+        locked = self.source.locked()
+        rewrite = any(r for _, r in locked)
+        try:
+            rows = self.read(lambda conn: conn.execute(query("lock_holders"), {
+                "oids": [oid for oid, _ in locked], "rewrite": rewrite}).fetchall())
+        except Exception as exc:  # noqa: BLE001 - only for the message
+            return f"(who holds them could not be read: {first_line(exc)})"
+        return "; ".join(f"pid {r['pid']} ({r['backend_type']}, {r['state'] or 'no state'}, open {r['open_secs']} s) "
+                         f"holds {r['mode']} on {r['relation']}: {r['query']}" for r in rows)
 
 
 class _OverBound(Exception):

@@ -32,7 +32,6 @@ from typing import Any, TypeVar, TypeVarTuple
 import numpy as np
 import psycopg
 import structlog
-from psycopg import sql
 
 from reembed import bridge, capture, carry, db, lease, shadow
 from reembed import checkpoint as ckpt
@@ -159,7 +158,7 @@ def rollback(settings: Settings, opts: RollbackOptions) -> Report:
                 transaction=lambda body: _retrying(work, "swap_back", _with_lock_timeout,
                                                    opts.cut_over_lock_timeout, body),
                 swap=lambda c: _swap_back_all(c, kept, source),
-                record=lambda c, secs: None)
+                record=lambda c, secs: None, patience=_TRIES_FOR)
             for k in kept:
                 carry.finish_not_null(work, k.info)  # the previous column's NOT NULL, validated with no hold
     secs = time.monotonic() - started
@@ -336,10 +335,10 @@ class AfterSwap:
         """The registry row, then ACCESS EXCLUSIVE for the renames, in one round trip: every lock up
         front (asked for later, while an application transaction that read the table waits for the
         registry row held here, it would make a deadlock whose victim could be the application)."""
-        began = time.monotonic()
-        conn.execute(sql.Composed([query("lock_registry_row", registry=self.info.registry), sql.SQL("; "),
-                                   self.info.statement("lock_for_rewrite")]))
-        return began
+        return capture.hold_tables(conn, self.info.registry, [(self.info, True)])
+
+    def locked(self) -> list[tuple[int, bool]]:
+        return [(self.info.oid, True)]
 
     def _encode(self, batch: Batch, known: capture.Encoded) -> list[np.ndarray | None]:
         vectors: list[np.ndarray | None] = [None] * len(batch.ids)

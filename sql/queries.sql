@@ -391,6 +391,22 @@ SELECT DISTINCT a.pid, l.relation::regclass::text AS relation, pg_cancel_backend
    AND l.relation = ANY(%(oids)s::oid[])
    AND a.query NOT LIKE '%%to prevent wraparound%%';
 
+-- name: lock_holders
+-- Who holds a lock on these tables that the cut-over's would wait for (any lock but ACCESS SHARE, and
+-- that one too when the column's type changes), the longest-open transactions first: for the
+-- operator, when the cut-over's lock requests keep timing out.
+SELECT DISTINCT ON (a.xact_start, a.pid) a.pid, a.backend_type, coalesce(a.state, '') AS state,
+       l.relation::regclass::text AS relation, l.mode,
+       round(extract(epoch FROM now() - coalesce(a.xact_start, a.backend_start))::numeric, 1)::float8 AS open_secs,
+       left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 120) AS query
+  FROM pg_locks l
+  JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'relation' AND l.granted AND l.relation = ANY(%(oids)s::oid[])
+   AND (l.mode <> 'AccessShareLock' OR %(rewrite)s)
+   AND l.pid <> pg_backend_pid()
+ ORDER BY a.xact_start NULLS LAST, a.pid
+ LIMIT 3;
+
 -- name: current_lock_timeout_ms
 -- This transaction's lock_timeout, in milliseconds (0: none).
 SELECT setting::int AS ms FROM pg_settings WHERE name = 'lock_timeout';

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -348,6 +349,73 @@ def test_a_connection_lost_inside_the_cut_over_is_retried_and_the_run_finishes_r
         holder.end()
         assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     assert events(log, "transient_error_retrying")
+    _assert_done_right(dsn, model48)
+
+
+@pytest.mark.slow
+def test_a_cut_over_whose_table_lock_is_held_elsewhere_keeps_the_changes_settled_names_the_holder_and_finishes(
+    dsn: str, model48: Path, workdir: Path
+) -> None:
+    """A session holding SHARE UPDATE EXCLUSIVE (a manual VACUUM, an ANALYZE, a CREATE INDEX
+    CONCURRENTLY, an autovacuum that may not be cancelled) refuses every cut-over lock request,
+    for as long as it runs, while the application edits a hot set of rows. Between refused tries
+    the job writes and settles what the application changed, so its captured changes stay few (they
+    grew by one row per write, 123,578 rows for 300 keys, when the tries waited inside one retry
+    loop), and it says who holds the lock. Once the lock is let go it cuts over, every row right."""
+    make_table(dsn, rows=ROWS, id_type="bigint", old_dim=48, with_index=False)
+    last = one(dsn, "SELECT max(id) FROM knowledge_nodes")
+    hot = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id LIMIT 20")]
+    tail, vacuum = Application(dsn), Application(dsn)
+    tail.hold_row(last)  # the main pass waits on its last row until the lock below is held
+    log = workdir / "run.log"
+    proc = spawn(cli_args(dsn, model48, "--cut-over-lock-timeout", "200ms", "--log-level", "debug"), cwd=workdir,
+                 log=log)
+    writes, stop = [0], threading.Event()
+
+    def application() -> None:
+        with psycopg.connect(dsn, autocommit=True) as app:
+            while not stop.is_set():
+                key = hot[writes[0] % len(hot)]
+                app.execute("UPDATE knowledge_nodes SET content = %s WHERE id = %s",
+                            (f"edited by the application, edit {writes[0]}", key))
+                writes[0] += 1
+                stop.wait(0.01)
+
+    writer = threading.Thread(target=application, daemon=True)
+    try:
+        wait_for(lambda: job_rows_done(dsn) >= BATCH, timeout=120, what="the main pass under way")
+        vacuum.conn.execute("LOCK TABLE knowledge_nodes IN SHARE UPDATE EXCLUSIVE MODE")
+        holder = one(dsn, "SELECT pid FROM pg_locks WHERE relation = 'knowledge_nodes'::regclass"
+                          " AND mode = 'ShareUpdateExclusiveLock' AND granted")
+        writer.start()
+        tail.end()
+        wait_for(lambda: events(log, "cut_over_lock_not_granted"), timeout=180, what="the cut-over refused its lock")
+        said = events(log, "cut_over_lock_not_granted")[0]
+        assert f"pid {holder} " in said["held_by"] and "ShareUpdateExclusiveLock" in said["held_by"], said
+        since = writes[0]
+        wait_for(lambda: writes[0] >= since + 600, timeout=180, what="600 more of the application's edits")
+        # still refused, still waiting: what the application changed meanwhile was written and settled
+        assert proc.poll() is None and "cut_over" not in (one(dsn, "SELECT finalize_steps FROM reembed_checkpoint"))
+        pending = one(dsn, "SELECT count(*) FROM reembed_changes")
+        print(f"\ncaptured changes pending after {writes[0] - since} edits of {len(hot)} rows, the lock refused: "
+              f"{pending}")
+        assert pending < 300, (pending, writes[0] - since)
+        assert events(log, "cut_over_wrote_ahead")
+        stop.set()  # (this application does not embed: its edits after the cut-over would be its own to embed)
+        writer.join(timeout=30)
+        vacuum.end()
+        assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        vacuum.end()
+        tail.end()
+    held = last_report(log)["writers_held_secs"]
+    assert held < 2.0, held
     _assert_done_right(dsn, model48)
 
 

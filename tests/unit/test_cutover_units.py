@@ -1,0 +1,90 @@
+"""The bounded cut-over's tries when its locks are refused (reembed.cutover, no database needed):
+between refused tries the backlog is written and settled with no lock; after its patience it
+gives up with one error that names who held the locks, nothing of it committed."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from reembed import capture
+from reembed.cutover import Bound, CutOver
+from reembed.errors import DatabaseError
+from reembed.signals import StopSignal
+
+
+class _Rows:
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def fetchall(self) -> list[dict[str, Any]]:
+        return self.rows
+
+
+class _Conn:
+    """Answers the lock holders' query (the only statement the refusals run)."""
+
+    def execute(self, statement: Any, params: Any = None) -> _Rows:
+        return _Rows([{"pid": 4242, "backend_type": "autovacuum worker", "state": "active", "open_secs": 431.5,
+                       "mode": "ShareUpdateExclusiveLock", "relation": "knowledge_nodes",
+                       "query": "autovacuum: VACUUM public.knowledge_nodes"}])
+
+
+class _Source:
+    """A backlog of two keys; the hold refused `refusals` times, then granted."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.holds = self.written_ahead = self.finals = 0
+
+    def backlog(self, conn: Any, ahead: capture.Encoded) -> capture.Backlog:
+        return capture.Backlog(2, 0, [])
+
+    def encode_ahead(self, work: capture.Backlog, known: capture.Encoded) -> tuple[capture.Encoded, int]:
+        return {}, 0
+
+    def write_ahead(self, work: capture.Backlog, ahead: capture.Encoded) -> int:
+        self.written_ahead += 1
+        return work.keys
+
+    def final(self, conn: Any, ahead: capture.Encoded, work: capture.Backlog) -> int:
+        self.finals += 1
+        return work.keys
+
+    def hold(self, conn: Any) -> float:
+        self.holds += 1
+        if self.holds <= self.refusals:
+            raise psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")
+        return time.monotonic()
+
+    def locked(self) -> list[tuple[int, bool]]:
+        return [(16384, False)]
+
+
+def _cut(source: _Source, patience: float) -> Any:
+    swapped: list[bool] = []
+    held = CutOver().run(source, bound=Bound(1.0), stop=StopSignal(), read=lambda body: body(_Conn()),
+                         transaction=lambda body: body(_Conn()), swap=lambda conn: swapped.append(True),
+                         record=lambda conn, secs: None, patience=patience)
+    return held, swapped
+
+
+def test_refused_locks_are_tried_again_after_the_backlog_is_written_with_no_lock() -> None:
+    source = _Source(refusals=3)
+    held, swapped = _cut(source, patience=60.0)
+    assert source.holds == 4 and source.written_ahead == 3  # one write ahead after each refusal
+    assert source.finals == 1 and swapped == [True] and held.tries == 4
+
+
+def test_locks_refused_past_the_patience_give_up_naming_the_holder_with_nothing_swapped() -> None:
+    source = _Source(refusals=10**6)
+    with pytest.raises(DatabaseError) as raised:
+        _cut(source, patience=0.5)
+    message = str(raised.value)
+    assert "not granted" in message and "pid 4242 (autovacuum worker" in message, message
+    assert "ShareUpdateExclusiveLock on knowledge_nodes" in message and "nothing of it was committed" in message
+    assert not raised.value.retryable and isinstance(raised.value.__cause__, psycopg.errors.LockNotAvailable)
+    assert source.finals == 0 and source.holds >= 2 and source.written_ahead == source.holds - 1
