@@ -194,6 +194,69 @@ def test_a_job_killed_on_the_second_table_resumes_there_and_redoes_no_committed_
     assert [j["state"] for j in jobs(dsn)] == ["done", "done"]
 
 
+def _group_cut_over_waiting_on_a_row(dsn: str) -> bool:
+    """One reembed connection holds both tables against writers and waits on a row lock: inside the
+    group's cut-over, its last catch-up waiting on the application."""
+    return bool(one(dsn, """
+        SELECT count(*) FROM pg_stat_activity a
+         WHERE a.application_name LIKE 'reembed control%%' AND a.wait_event_type = 'Lock'
+           AND (SELECT count(DISTINCT l.relation) FROM pg_locks l WHERE l.pid = a.pid AND l.granted
+                   AND l.mode = 'ShareRowExclusiveLock'
+                   AND l.relation IN ('knowledge_nodes'::regclass, 'chunks'::regclass)) = 2"""))
+
+
+@pytest.mark.slow
+def test_a_job_killed_inside_the_group_cut_over_swaps_nothing_and_the_rerun_cuts_both_over_once(
+    dsn: str, model48: Path, workdir: Path
+) -> None:
+    """SIGKILL while the one cut-over holds both tables (its last catch-up waiting on a row the
+    application holds): no table is cut over, the registry still names the old model, both jobs keep
+    capturing; the rerun cuts both over in one flip, the application's edits re-embedded."""
+    two_tables(dsn, rows=ROWS, chunks=ROWS, old_dim=48, index=False)
+    chunk_keys = keys(dsn, "chunks")
+    tables = ("--table", "knowledge_nodes", "--table", "chunks")
+    with Application(dsn) as tail, Application(dsn) as holder:
+        tail.hold_row(chunk_keys[-1], table="chunks")  # the job's main pass waits on the second table's last row
+        proc = spawn(cli_args(dsn, model48, *tables, "--cut-over-lock-timeout", "5s"), cwd=workdir,
+                     log=workdir / "first.log")
+        try:
+            wait_for(lambda: writer_waiting(dsn) and one(
+                dsn, "SELECT sum(r.rows_done) FROM reembed_checkpoint_range r JOIN reembed_checkpoint c"
+                     " USING (job_id) WHERE c.table_name = '\"public\".\"chunks\"'") >= ROWS - BATCH,
+                timeout=180, what="the main pass waiting on the second table's last row")
+            with psycopg.connect(dsn, autocommit=True) as app:  # edits of rows already done: captured
+                for key in chunk_keys[:BATCH // 2]:
+                    app.execute("UPDATE chunks SET content = 'edited by the application during the job, ' || id"
+                                " WHERE id = %s", (key,))
+                app.execute("UPDATE knowledge_nodes SET content = 'edited too, ' || id WHERE id = %s",
+                            (keys(dsn)[0],))
+            holder.hold_row(chunk_keys[0], table="chunks")  # the first captured key: the last catch-up waits on it
+            tail.end()
+            wait_for(lambda: _group_cut_over_waiting_on_a_row(dsn), timeout=180,
+                     what="the group cut-over holding both tables, waiting on the application's row")
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [(j["state"], "cut_over" in j["finalize_steps"]) for j in jobs(dsn)] == [("finalizing", False)] * 2
+    assert flips(dsn) == [] and one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
+    for table in TABLES:  # both still capture the application's writes
+        assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass"
+                        " AND tgname LIKE 'reembed_capture_%%' AND tgenabled <> 'D'", (table,)) >= 1
+    log = workdir / "rerun.log"
+    rerun = spawn(cli_args(dsn, model48, *tables), cwd=workdir, log=log)
+    assert wait_exit(rerun) == 0, log.read_text()[-3000:]
+    for table in TABLES:
+        assert_rows_hold_the_models_vectors(dsn, model48, table=table)
+        assert one(dsn, "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass"
+                        " AND tgname LIKE 'reembed_capture_%%'", (table,)) == 0
+    assert one(dsn, "SELECT count(*) FROM chunks WHERE content LIKE 'edited by the application%%'") == BATCH // 2
+    assert [(f["model_name"], f["stale_nodes"], f["stale_chunks"]) for f in flips(dsn)] == [(str(model48), 0, 0)]
+    assert [j["state"] for j in jobs(dsn)] == ["done", "done"]
+
+
 # ------------------------------------------------------------------ shadow: one swap, one rollback
 
 
