@@ -168,7 +168,10 @@ def _pass_started(conn: psycopg.Connection[Any], job: ckpt.Job, number: int, pen
     conn.execute(query("catchup_pass_started"), {"pass": number, "pending": pending_keys, "job_id": job.id})
 
 
-Encoded = dict[tuple[str, int], np.ndarray]
+# Rows encoded ahead, by (key, xmin): the vector, or why the model could not take the row (so that a
+# row the model refuses is not encoded again and again before the hold, as if never encoded: the
+# last catch-up under the hold fails it, or writes it NULL with --accept-failed)
+Encoded = dict[tuple[str, int], np.ndarray | str]
 
 
 # What a write under the cut-over's lock costs, per row (the COPY write path runs at 15-40k
@@ -280,6 +283,8 @@ def encode_ahead(ctx: RunContext, work: Backlog, known: Encoded) -> tuple[Encode
         for i, vec in enumerate(_encode(ctx, batch, known)):
             if vec is not None:
                 done[(batch.id_texts[i], batch.xmins[i])] = vec
+        for i, why in batch.failed.items():
+            done[(batch.id_texts[i], batch.xmins[i])] = why
     return done, work.unencoded
 
 
@@ -291,8 +296,22 @@ def write_ahead(ctx: RunContext, work: Backlog, ahead: Encoded, *, on: db.Kept) 
     rows = 0
     for page, batch in work.batches:
         _encode(ctx, batch, ahead)
-        rows += ctx.lease.write(_write, ctx.active, writer, page, batch, on=on, what="cut_over_write_ahead")
+        rows += ctx.lease.write(_write_ahead, ctx.active, writer, page, batch, on=on, what="cut_over_write_ahead")
     return rows
+
+
+def _write_ahead(conn: psycopg.Connection[Any], job: ckpt.Job, writer: Writer, page: list[str], batch: Batch) -> int:
+    """_write, except that a row the model cannot take (or, in a NOT NULL column, one with no text) is
+    neither written nor settled: it stays captured for the last catch-up, under the hold, which
+    refuses the cut-over for it (or writes it NULL with --accept-failed), as it would have."""
+    fail_null_vectors(batch, writer)
+    failed = {batch.id_texts[i] for i in batch.failed}
+    if not failed:
+        return _write(conn, job, writer, page, batch)
+    settles = [key for key in page if key not in failed]
+    written = commit_batch(conn, job, writer, batch, settles=settles, write_failed=False, forget_failed=(),
+                           advance=functools.partial(_catch_up_advanced, job, len(settles)))
+    return len(written.encoded)
 
 
 def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded, work: Backlog, *,
@@ -331,6 +350,8 @@ def _encode(ctx: RunContext, batch: Batch, ahead: Encoded | None = None) -> list
         known = ahead.get((batch.id_texts[i], batch.xmins[i])) if ahead else None
         if known is None:
             todo.append(i)
+        elif isinstance(known, str):  # refused by the model when encoded ahead, at this version
+            batch.failed[i] = known
         else:
             vectors[i] = known
     if todo:

@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 import structlog
@@ -45,7 +45,13 @@ CUT_OVER_BACKOFF = 0.5
 PATIENCE = 300.0
 _MARGIN = 1.25  # the predicted hold, padded: the pace is a moving average, the write rate a constant
 
-Reader = Callable[[Callable[[psycopg.Connection[Any]], capture.Backlog]], capture.Backlog]
+
+class Reader(Protocol):
+    """body(conn) with no transaction open, retried on transient faults."""
+
+    def __call__(self, body: Callable[[psycopg.Connection[Any]], T]) -> T: ...
+
+
 Transaction = Callable[[Callable[[psycopg.Connection[Any]], T]], T]
 
 
@@ -83,14 +89,18 @@ class CutOver:
     def run(self, source: capture.Source, *, bound: Bound, stop: StopSignal, read: Reader,
             transaction: Transaction[tuple[float, int, float]],
             swap: Callable[[psycopg.Connection[Any]], None],
-            record: Callable[[psycopg.Connection[Any], float], None], patience: float = PATIENCE) -> Held:
+            record: Callable[[psycopg.Connection[Any], float], None], patience: float = PATIENCE,
+            landed: Callable[[psycopg.Connection[Any]], float | None] | None = None) -> Held:
         """Catch up and swap. `read(body)`: body(conn) with no transaction open (the backlog);
         `transaction(body)`: body(conn) in one transaction (retried on transient faults); `swap(conn)`
         runs last under the hold and `record(conn, secs held)` right after it, in the same
         transaction. A hold whose locks are not granted in time is rolled back and tried again after
         the backlog is written and settled with no lock (the application's changes are kept caught
         up, and its captured rows few, however long the locks are held elsewhere); after `patience`
-        seconds of locks refused in a row it gives up (a DatabaseError naming who held them)."""
+        seconds of locks refused in a row it gives up (a DatabaseError naming who held them).
+        `landed(conn)`: the secs held recorded by a cut-over that committed already (a retry after
+        a lost acknowledgement), else None; asked under the hold, where a commit still in flight has
+        ended, and before writing ahead."""
         progress = _Convergence(bound.max_writers_held)
         refused = _Refusals(source, read, patience)
         while True:
@@ -107,15 +117,22 @@ class CutOver:
                     self._encode_ahead(source, work)
                 continue
             try:
-                secs, rows, caught = transaction(lambda conn: self._hold(conn, source, bound, swap, record))
+                secs, rows, caught = transaction(lambda conn: self._hold(conn, source, bound, swap, record, landed))
             except _OverBound as over:
                 refused.granted()
                 progress.again(over.work, self._pace.value, under_lock=True)
                 continue
             except _NotGranted as not_granted:
                 wait = refused.again(not_granted.error)  # past its patience: raises
+                if landed is not None and (secs_landed := read(landed)) is not None:
+                    log.info("cut_over_landed", detail="the commit landed before the connection went; not done again")
+                    return Held(secs_landed, 0, 0.0, progress.tries + refused.total + 1)
                 work = read(lambda conn: source.backlog(conn, self._ahead))
-                if work.keys:  # settled while the locks are held elsewhere: the next try's rest stays small
+                # settled while the locks are held elsewhere (the next try's rest stays small), unless the
+                # holder keeps the application's writers off too: then nothing piles up, and a write would wait
+                if work.keys and not read(lambda conn: _writes_blocked(conn, source)):
+                    if work.unencoded:
+                        self._encode_ahead(source, work)  # (the write's pace measured on writes alone)
                     self._write_ahead(source, work)
                 if stop.wait(wait):
                     raise Interrupted(f"stopped ({stop.reason}) while the cut-over waited for its locks; nothing "
@@ -132,13 +149,16 @@ class CutOver:
 
     def _hold(self, conn: psycopg.Connection[Any], source: capture.Source, bound: Bound,
               swap: Callable[[psycopg.Connection[Any]], None],
-              record: Callable[[psycopg.Connection[Any], float], None]) -> tuple[float, int, float]:
+              record: Callable[[psycopg.Connection[Any], float], None],
+              landed: Callable[[psycopg.Connection[Any]], float | None] | None) -> tuple[float, int, float]:
         """One try, inside its transaction: the locks, the backlog under them, the last catch-up if
         it fits the bound (else _OverBound: the transaction rolls back and the locks go), the swap."""
         try:
             began = source.hold(conn)
         except psycopg.errors.LockNotAvailable as exc:  # the transaction rolls back; tried again after a catch-up
             raise _NotGranted(exc) from exc
+        if landed is not None and (secs := landed(conn)) is not None:
+            raise Landed(secs)
         work = source.backlog(conn, self._ahead)
         if work.predicted_secs(self._pace.value, self.writes.value) * _MARGIN > \
                 bound.catch_up - (time.monotonic() - began):
@@ -182,21 +202,17 @@ def for_job(cut: CutOver, ctx: RunContext, *, rewrite: bool, swap: Callable[[psy
             record(conn, secs)
         ckpt.record_step(conn, job, "cut_over")
 
-    def unless_landed(conn: psycopg.Connection[Any], attempt: int,
-                      body: Callable[[psycopg.Connection[Any]], tuple[float, int, float]]) -> tuple[float, int, float]:
-        if attempt > 1:  # a retry after a lost connection: did the first try's commit land?
-            now = ckpt.reload(conn, job)
-            if "cut_over" in now.steps:
-                raise Landed(now.writers_held_secs or 0.0)
-        return body(conn)
+    def landed(conn: psycopg.Connection[Any]) -> float | None:
+        now = ckpt.reload(conn, job)
+        return (now.writers_held_secs or 0.0) if "cut_over" in now.steps else None
 
     return cut.run(
         capture.JobSource(ctx, rewrite=rewrite), bound=Bound(ctx.opts.max_writers_held, tail), stop=ctx.stop,
         read=lambda body: ctx.lease.read(body, on=ctx.control, what="cut_over_backlog"),
-        transaction=lambda body: ctx.lease.write_attempt(unless_landed, body, on=ctx.control, what="cut_over",
-                                                         lock_timeout=ctx.opts.cut_over_lock_timeout,
-                                                         patient=True, max_backoff=CUT_OVER_BACKOFF),
-        swap=swap, record=recorded, patience=max(ctx.lease.max_outage, PATIENCE))
+        transaction=lambda body: ctx.lease.write(body, on=ctx.control, what="cut_over",
+                                                 lock_timeout=ctx.opts.cut_over_lock_timeout,
+                                                 patient=True, max_backoff=CUT_OVER_BACKOFF),
+        swap=swap, record=recorded, patience=max(ctx.lease.max_outage, PATIENCE), landed=landed)
 
 
 def flip_registry(conn: psycopg.Connection[Any], registry: tuple[str, ...], signature: Signature) -> None:
@@ -233,21 +249,17 @@ def for_group(cut: CutOver, ctxs: Sequence[RunContext], holds: Sequence[Hold], *
         for ctx in ctxs[1:]:  # the first table's lease fences the transaction itself (Lease.write)
             ctx.lease.fence(conn)
 
-    def unless_landed(conn: psycopg.Connection[Any], attempt: int,
-                      body: Callable[[psycopg.Connection[Any]], tuple[float, int, float]]) -> tuple[float, int, float]:
-        if attempt > 1:  # a retry after a lost connection: did the first try's commit land?
-            now = ckpt.reload(conn, first.active)
-            if "cut_over" in now.steps:
-                raise Landed(now.writers_held_secs or 0.0)
-        return body(conn)
+    def landed(conn: psycopg.Connection[Any]) -> float | None:
+        now = ckpt.reload(conn, first.active)
+        return (now.writers_held_secs or 0.0) if "cut_over" in now.steps else None
 
     return cut.run(
         source, bound=Bound(first.opts.max_writers_held, sum(h.tail for h in holds)), stop=first.stop,
         read=lambda body: first.lease.read(body, on=first.control, what="cut_over_backlog"),
-        transaction=lambda body: first.lease.write_attempt(unless_landed, body, on=first.control, what="cut_over",
-                                                           lock_timeout=first.opts.cut_over_lock_timeout,
-                                                           patient=True, max_backoff=CUT_OVER_BACKOFF),
-        swap=swap, record=recorded, patience=max(first.lease.max_outage, PATIENCE))
+        transaction=lambda body: first.lease.write(body, on=first.control, what="cut_over",
+                                                   lock_timeout=first.opts.cut_over_lock_timeout,
+                                                   patient=True, max_backoff=CUT_OVER_BACKOFF),
+        swap=swap, record=recorded, patience=max(first.lease.max_outage, PATIENCE), landed=landed)
 
 
 @dataclass
@@ -324,6 +336,12 @@ class Landed(Exception):
         self.secs = secs
 
 
+def _writes_blocked(conn: psycopg.Connection[Any], source: capture.Source) -> bool:
+    """Does a session hold, or wait for, a lock on the tables that keeps the application's writes off?"""
+    row = conn.execute(query("writes_blocked"), {"oids": [oid for oid, _ in source.locked()]}).fetchone()
+    return bool(row and row["blocked"])
+
+
 class _NotGranted(Exception):
     """A lock of the hold was not granted within --cut-over-lock-timeout."""
 
@@ -337,8 +355,7 @@ class _Refusals:
     who holds the locks said once and every 30 s, and, after `patience` seconds of refusals, an
     error naming them (nothing of the cut-over was committed: a re-run tries again)."""
 
-    def __init__(self, source: capture.Source, read: Callable[[Callable[[psycopg.Connection[Any]], Any]], Any],
-                 patience: float) -> None:
+    def __init__(self, source: capture.Source, read: Reader, patience: float) -> None:
         self.source, self.read, self.patience = source, read, patience
         self.first: float | None = None
         self.tries = 0  # in a row

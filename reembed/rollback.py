@@ -346,7 +346,8 @@ class AfterSwap:
             return vectors
         todo = []
         for i in batch.present:
-            vectors[i] = known.get((batch.id_texts[i], batch.xmins[i]))
+            vec = known.get((batch.id_texts[i], batch.xmins[i]))  # (only vectors: a failure raises here)
+            vectors[i] = vec if isinstance(vec, np.ndarray) else None
             if vectors[i] is None:
                 todo.append(i)
         if todo:

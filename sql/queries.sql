@@ -382,30 +382,41 @@ SELECT p.pubname AS name
 SELECT setting::int AS ms FROM pg_settings WHERE name = 'deadlock_timeout';
 
 -- name: cancel_autovacuum
--- Autovacuum workers holding a lock on one of these tables, not vacuuming against wraparound:
+-- Autovacuum workers holding a lock on one of these tables (or their partitions), not vacuuming against wraparound:
 -- cancelled (what PostgreSQL does for a lock request that waits deadlock_timeout).
 SELECT DISTINCT a.pid, l.relation::regclass::text AS relation, pg_cancel_backend(a.pid) AS cancelled
   FROM pg_stat_activity a
   JOIN pg_locks l ON l.pid = a.pid AND l.granted AND l.locktype = 'relation'
  WHERE a.backend_type = 'autovacuum worker'
-   AND l.relation = ANY(%(oids)s::oid[])
+   AND l.relation IN (SELECT t.relid FROM unnest(%(oids)s::oid[]) o, pg_partition_tree(o::regclass) t)
    AND a.query NOT LIKE '%%to prevent wraparound%%';
 
 -- name: lock_holders
--- Who holds a lock on these tables that the cut-over's would wait for (any lock but ACCESS SHARE, and
--- that one too when the column's type changes), the longest-open transactions first: for the
--- operator, when the cut-over's lock requests keep timing out.
-SELECT DISTINCT ON (a.xact_start, a.pid) a.pid, a.backend_type, coalesce(a.state, '') AS state,
-       l.relation::regclass::text AS relation, l.mode,
+-- Who holds a lock on these tables (their partitions too) that the cut-over's would wait for: any but
+-- ACCESS SHARE and ROW SHARE, and those too when the column's type changes; the longest-open
+-- transactions first. For the operator, when the cut-over's lock requests keep timing out.
+SELECT a.pid, a.backend_type, coalesce(a.state, '') AS state, l.relation::regclass::text AS relation,
+       string_agg(l.mode, '+' ORDER BY l.mode) AS mode,
        round(extract(epoch FROM now() - coalesce(a.xact_start, a.backend_start))::numeric, 1)::float8 AS open_secs,
        left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 120) AS query
   FROM pg_locks l
   JOIN pg_stat_activity a ON a.pid = l.pid
- WHERE l.locktype = 'relation' AND l.granted AND l.relation = ANY(%(oids)s::oid[])
-   AND (l.mode <> 'AccessShareLock' OR %(rewrite)s)
-   AND l.pid <> pg_backend_pid()
+ WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+   AND l.relation IN (SELECT t.relid FROM unnest(%(oids)s::oid[]) o, pg_partition_tree(o::regclass) t)
+   AND (l.mode NOT IN ('AccessShareLock', 'RowShareLock') OR %(rewrite)s)
+ GROUP BY a.pid, a.backend_type, a.state, l.relation, a.xact_start, a.backend_start, a.query
  ORDER BY a.xact_start NULLS LAST, a.pid
  LIMIT 3;
+
+-- name: writes_blocked
+-- A session (not this one) holds or waits for a lock on these tables (their partitions too) that
+-- keeps writers off: SHARE or stronger.
+SELECT EXISTS (
+  SELECT 1 FROM pg_locks l
+   WHERE l.locktype = 'relation' AND l.pid <> pg_backend_pid()
+     AND l.relation IN (SELECT t.relid FROM unnest(%(oids)s::oid[]) o, pg_partition_tree(o::regclass) t)
+     AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+) AS blocked;
 
 -- name: current_lock_timeout_ms
 -- This transaction's lock_timeout, in milliseconds (0: none).

@@ -16,6 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from reembed.failures import RowsFailed
 from reembed.job import run
 from reembed.settings import ModelSpec, RunOptions, Settings, Target
 from support.application import App
@@ -417,6 +418,53 @@ def test_a_cut_over_whose_table_lock_is_held_elsewhere_keeps_the_changes_settled
     held = last_report(log)["writers_held_secs"]
     assert held < 2.0, held
     _assert_done_right(dsn, model48)
+
+
+def test_a_row_the_model_cannot_take_written_while_the_cut_over_waits_for_its_lock_still_refuses_the_cut_over(
+    dsn: str
+) -> None:
+    """Between refused lock requests the job writes ahead what the application changed; a row the model
+    cannot take is neither written NULL nor settled there: it stays captured, and the cut-over, once
+    its locks are granted, refuses it (without --accept-failed) as it would have, nothing swapped."""
+    make_table(dsn, rows=50, old_dim=32)
+    emb = HashEmbedder(32, poison="POISON")
+    gate = Gate(emb)  # the first batch waits: the capture trigger is in place, no cut-over lock asked for yet
+    worker = Background(lambda: run(settings(dsn, batch_size=10, cut_over_lock_timeout="200ms"), embedder=emb))
+    with Application(dsn) as vacuum:
+        try:
+            assert gate.reached.wait(60), worker.error
+            vacuum.conn.execute("LOCK TABLE knowledge_nodes IN SHARE UPDATE EXCLUSIVE MODE")
+            gate.open()
+            key, fine = (r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id LIMIT 2"))
+            wait_for(lambda: one(dsn, "SELECT count(*) FROM pg_locks WHERE relation = 'knowledge_nodes'::regclass"
+                                      " AND mode = 'ShareRowExclusiveLock' AND NOT granted") > 0,
+                     timeout=120, what="the cut-over asking for its lock (refused from now on)")
+            with psycopg.connect(dsn, autocommit=True) as app:
+                app.execute("UPDATE knowledge_nodes SET content = 'POISON written during the wait' WHERE id = %s",
+                            (key,))
+                app.execute("UPDATE knowledge_nodes SET content = 'fine, written during the wait' WHERE id = %s",
+                            (fine,))
+            # a write ahead ran: the fine edit is settled with its new vector, the poisoned one recorded failed
+            wait_for(lambda: one(dsn, "SELECT count(*) FROM reembed_failed_rows WHERE row_id = %s",
+                                 (str(key),)) == 1, timeout=120, what="the poisoned edit tried by a write ahead")
+            wait_for(lambda: one(dsn, "SELECT count(*) FROM reembed_changes WHERE row_id = %s", (str(fine),)) == 0,
+                     timeout=120, what="the fine edit settled by a write ahead")
+            assert one(dsn, "SELECT count(*) FROM reembed_changes WHERE row_id = %s", (str(key),)) >= 1
+            assert one(dsn, "SELECT embedding IS NOT NULL FROM knowledge_nodes WHERE id = %s", (key,))
+            assert worker.is_alive()
+        finally:
+            gate.open()
+            vacuum.end()
+        worker.join(timeout=120)
+    assert isinstance(worker.error, RowsFailed), worker.error
+    assert "cannot be encoded" in str(worker.error)
+    assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
+    assert "cut_over" not in one(dsn, "SELECT finalize_steps FROM reembed_checkpoint")
+    from support.fakes import hash_vector
+
+    (row,) = fetch(dsn, "SELECT embedding::text AS e FROM knowledge_nodes WHERE id = %s", (fine,))
+    np.testing.assert_allclose(np.array(json.loads(row["e"])), hash_vector("fine, written during the wait", 32),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_the_cut_over_notifies_listeners_with_the_new_signature(dsn: str) -> None:
