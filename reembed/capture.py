@@ -194,7 +194,11 @@ class Backlog:
         `write_rate` (measured by the catch-up's commits; an index on the column written, as a
         shadow column has, makes them far slower than the constant)."""
         encode = self.unencoded / pace if pace else (0.0 if not self.unencoded else float("inf"))
-        return encode + self.keys / min(write_rate or WRITE_ROWS_PER_SEC, WRITE_ROWS_PER_SEC)
+        return encode + self.write_secs(write_rate)
+
+    def write_secs(self, write_rate: float | None = None) -> float:
+        """The writes alone (every row encoded)."""
+        return self.keys / min(write_rate or WRITE_ROWS_PER_SEC, WRITE_ROWS_PER_SEC)
 
 
 class Source(Protocol):
@@ -264,13 +268,13 @@ def backlog(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> B
     """Every key still captured, its row as it is now, and whether its vector is known."""
     size = ctx.opts.batch_size
     out = Backlog(0, 0, [])
-    after: str | None = None
-    while page := _page(conn, ctx.info, ctx.active, after, size):
+    every = _page(conn, ctx.info, ctx.active, None, None)  # one scan of the captured rows, not one a page
+    for start in range(0, len(every), size):
+        page = every[start:start + size]
         batch = _read(conn, ctx.info, page)
         out.keys += len(page)
         out.unencoded += sum(1 for i in batch.present if (batch.id_texts[i], batch.xmins[i]) not in ahead)
         out.batches.append((page, batch))
-        after = page[-1]
     return out
 
 
@@ -333,7 +337,9 @@ def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encode
     return rows
 
 
-def _page(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, after: str | None, size: int) -> list[str]:
+def _page(conn: psycopg.Connection[Any], info: TableInfo, job: ckpt.Job, after: str | None,
+          size: int | None) -> list[str]:
+    """The next `size` captured keys after `after`, in key order (size None: every one)."""
     rows = conn.execute(info.statement("pending_keys"), {"job_id": job.id, "after": after, "n": size}).fetchall()
     return [r["row_id"] for r in rows]
 

@@ -110,11 +110,14 @@ class CutOver:
             work = read(lambda conn: source.backlog(conn, self._ahead))  # no lock: writers go on
             if work.predicted_secs(self._pace.value, self.writes.value) * _MARGIN > bound.catch_up:
                 progress.again(work, self._pace.value)
-                if work.predicted_secs(None, self.writes.value) * _MARGIN > bound.catch_up / 2 \
-                        and not work.unencoded:
-                    self._write_ahead(source, work)  # the writes are what would run long: write them now
-                else:
+                if work.unencoded:
                     self._encode_ahead(source, work)
+                # the writes alone would run long, or the rest does not shrink (an application editing a hot
+                # set as fast as it is encoded): what was encoded is written and settled now, no lock held, so
+                # the rest is what changes meanwhile, and the captured rows stay few (encoding ahead alone,
+                # they grew by one per edit, 100,000 for 300 keys, and each read of them slowed down)
+                if work.write_secs(self.writes.value) * _MARGIN > bound.catch_up / 2 or progress.stalled >= 2:
+                    self._write_ahead(source, work)
                 continue
             try:
                 secs, rows, caught = transaction(lambda conn: self._hold(conn, source, bound, swap, record, landed))

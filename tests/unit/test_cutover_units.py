@@ -102,3 +102,32 @@ def test_locks_refused_past_the_patience_give_up_naming_the_holder_with_nothing_
     assert "ShareUpdateExclusiveLock on knowledge_nodes" in message and "nothing of it was committed" in message
     assert not raised.value.retryable and isinstance(raised.value.__cause__, psycopg.errors.LockNotAvailable)
     assert source.finals == 0 and source.holds >= 2 and source.written_ahead == source.holds - 1
+
+
+class _HotSource(_Source):
+    """An application editing 300 hot keys as fast as they are read: every read finds them all changed
+    (unencoded), until what was encoded is written and settled; the writes are slow (an index on the
+    column written)."""
+
+    def __init__(self) -> None:
+        super().__init__(refusals=0)
+        self.reads = 0
+
+    def backlog(self, conn: Any, ahead: capture.Encoded) -> capture.Backlog:
+        self.reads += 1
+        if self.reads > 50:
+            raise AssertionError("the cut-over encoded ahead 50 times and never wrote: the backlog cannot shrink")
+        return capture.Backlog(5, 0, []) if self.written_ahead else capture.Backlog(300, 300, [])
+
+    def encode_ahead(self, work: capture.Backlog, known: capture.Encoded) -> tuple[capture.Encoded, int]:
+        return {}, work.unencoded
+
+
+def test_a_hot_set_edited_faster_than_the_backlog_settles_is_written_ahead_not_only_encoded() -> None:
+    source = _HotSource()
+    cut = CutOver()
+    for _ in range(4):
+        cut.writes.measured(300, 3.0)  # the catch-up's commits: 100 rows/s
+    held = cut.run(source, bound=Bound(1.0), stop=StopSignal(), read=lambda body: body(_Conn()),
+                   transaction=lambda body: body(_Conn()), swap=lambda conn: None, record=lambda conn, secs: None)
+    assert source.written_ahead >= 1 and source.finals == 1 and held.rows == 5
