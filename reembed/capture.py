@@ -188,6 +188,7 @@ class Backlog:
     keys: int
     unencoded: int
     batches: list[tuple[list[Any], Batch]]
+    refused: int = 0  # rows the model refused when encoded ahead: neither encoded nor written before the hold
 
     def predicted_secs(self, pace: float | None, write_rate: float | None = None) -> float:
         """The cut-over's work on it under the lock: the encoding at `pace` rows/s, the writes at
@@ -197,8 +198,10 @@ class Backlog:
         return encode + self.write_secs(write_rate)
 
     def write_secs(self, write_rate: float | None = None) -> float:
-        """The writes alone (every row encoded)."""
-        return self.keys / min(write_rate or WRITE_ROWS_PER_SEC, WRITE_ROWS_PER_SEC)
+        """The writes alone (every row encoded). A refused row is not counted: no write ahead settles it,
+        so counted it kept the rest over the bound for ever; under the hold it refuses the cut-over, or
+        is written NULL (--accept-failed)."""
+        return max(self.keys - self.refused, 0) / min(write_rate or WRITE_ROWS_PER_SEC, WRITE_ROWS_PER_SEC)
 
 
 class Source(Protocol):
@@ -273,7 +276,9 @@ def backlog(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encoded) -> B
         page = every[start:start + size]
         batch = _read(conn, ctx.info, page)
         out.keys += len(page)
-        out.unencoded += sum(1 for i in batch.present if (batch.id_texts[i], batch.xmins[i]) not in ahead)
+        known = [ahead.get((batch.id_texts[i], batch.xmins[i])) for i in batch.present]
+        out.unencoded += sum(1 for vec in known if vec is None)
+        out.refused += sum(1 for vec in known if isinstance(vec, str))
         out.batches.append((page, batch))
     return out
 
@@ -323,7 +328,7 @@ def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encode
     """Inside the cut-over's transaction, writers held off: every key still captured (`work`,
     read under the lock)."""
     writer = Writer(ctx.info, column=ctx.strategy.column(ctx), path=path)
-    rows = 0
+    rows = accepted = 0
     for page, batch in work.batches:
         _encode(ctx, batch, ahead)
         fail_null_vectors(batch, writer)
@@ -333,7 +338,12 @@ def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encode
                 f"(e.g. {batch.id_texts[next(iter(batch.failed))]}); the cut-over is rolled back. Fix them, or run "
                 "again with --accept-failed to cut over with their embedding NULL"
             )
+        accepted += len(batch.failed)
         rows += _write(conn, ctx.active, writer, page, batch)
+    if accepted:  # written NULL as --accept-failed says: accepted, as those found before the cut-over were
+        conn.execute(query("accept_failed_rows"), {"job_id": ctx.active.id})
+        log.warning("failed_rows_accepted", count=accepted, detail="written by the application during the "
+                    "cut-over's catch-up; their embedding stays NULL")
     return rows
 
 

@@ -84,7 +84,13 @@ def commit_batch(conn: psycopg.Connection[Any], job: Job, writer: Writer, batch:
         keys = writer.write(conn, [batch.ids[i] for i in rows], [batch.vectors[i] for i in rows],
                             [batch.xmins[i] for i in rows], id_texts=[batch.id_texts[i] for i in rows])
     if settles:
-        conn.execute(query("forget_changes"), {"job_id": job.id, "row_ids": list(settles)})
+        read = set(batch.id_texts)
+        present = [key for key in settles if key in read]
+        gone = [key for key in settles if key not in read]  # deleted when read: forgotten if still gone
+        if present:
+            conn.execute(query("forget_changes"), {"job_id": job.id, "row_ids": present})
+        if gone:
+            conn.execute(writer.info.statement("forget_changes_if_gone"), {"job_id": job.id, "row_ids": gone})
     changed = [batch.id_texts[i] for i in rows if batch.id_texts[i] not in keys]
     ckpt.record_changed(conn, job, changed)
     if batch.failed:

@@ -116,7 +116,8 @@ class CutOver:
                 # set as fast as it is encoded): what was encoded is written and settled now, no lock held, so
                 # the rest is what changes meanwhile, and the captured rows stay few (encoding ahead alone,
                 # they grew by one per edit, 100,000 for 300 keys, and each read of them slowed down)
-                if work.write_secs(self.writes.value) * _MARGIN > bound.catch_up / 2 or progress.stalled >= 2:
+                if (work.write_secs(self.writes.value) * _MARGIN > bound.catch_up / 2 or progress.stalled >= 2) \
+                        and not read(lambda conn: _writes_blocked(conn, source)):
                     self._write_ahead(source, work)
                 continue
             try:
@@ -126,10 +127,10 @@ class CutOver:
                 progress.again(over.work, self._pace.value, under_lock=True)
                 continue
             except _NotGranted as not_granted:
-                wait = refused.again(not_granted.error)  # past its patience: raises
                 if landed is not None and (secs_landed := read(landed)) is not None:
                     log.info("cut_over_landed", detail="the commit landed before the connection went; not done again")
                     return Held(secs_landed, 0, 0.0, progress.tries + refused.total + 1)
+                wait = refused.again(not_granted.error)  # past its patience: raises
                 work = read(lambda conn: source.backlog(conn, self._ahead))
                 # settled while the locks are held elsewhere (the next try's rest stays small), unless the
                 # holder keeps the application's writers off too: then nothing piles up, and a write would wait
@@ -283,7 +284,8 @@ class Several:
 
     def backlog(self, conn: psycopg.Connection[Any], ahead: capture.Encoded) -> capture.Backlog:
         found = [p.backlog(conn, _mine(ahead, i)) for i, p in enumerate(self.parts)]
-        return _Parts(sum(b.keys for b in found), sum(b.unencoded for b in found), [], found)
+        return _Parts(sum(b.keys for b in found), sum(b.unencoded for b in found), [],
+                      sum(b.refused for b in found), found)
 
     def encode_ahead(self, work: capture.Backlog, known: capture.Encoded) -> tuple[capture.Encoded, int]:
         out: capture.Encoded = {}

@@ -127,6 +127,7 @@ class Key:
                      sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier("s", n) for n in stage))),
             "v_id": self.of(sql.SQL("v.k")),
             "row_id_key": self.of(sql.SQL("row_id")),
+            "c_row_id_key": self.of(sql.SQL("c.row_id")),
             "row_id_cols": sql.SQL(", ").join(change_cols),
             "row_id_order": sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(len(self.columns))),
         }

@@ -111,6 +111,14 @@ SELECT DISTINCT {row_id_cols}, row_id
    AND (%(after)s::text IS NULL OR {row_id_key} > {after_id})
  ORDER BY {row_id_order} LIMIT %(n)s;
 
+-- name: forget_changes_if_gone
+-- Captured keys whose rows were gone when they were read, forgotten only if still gone: a row
+-- inserted again since commits its capture with it, so this statement sees both or neither (one
+-- forgotten unconditionally lost the insert's capture, and the row kept the old model's vector).
+DELETE FROM reembed_changes c
+ WHERE c.job_id = %(job_id)s AND c.row_id = ANY(%(row_ids)s::text[])
+   AND NOT EXISTS (SELECT 1 FROM {table} WHERE {id} = {c_row_id_key});
+
 -- name: capture_every_key
 -- A partition attached while the job ran: its rows, never seen by the capture triggers, are
 -- captured for the catch-up (in reembed's session format of the key, as the trigger writes it).

@@ -119,6 +119,50 @@ def test_a_row_edited_between_the_jobs_read_and_write_is_not_overwritten_and_is_
     assert one(dsn, "SELECT count(*) FROM reembed_changes") == 0
 
 
+def test_a_row_deleted_then_inserted_again_while_a_catch_up_encodes_its_page_is_caught_up(dsn: str) -> None:
+    """A catch-up page reads its captured keys' rows; one is gone (deleted by the application). While the
+    page is encoded the application inserts that key again: its capture commits with it, after the page
+    was read. Settling the page forgets the gone key only if it is still gone: the new row is caught up
+    (forgetting it unconditionally dropped the insert's capture too, and the row kept what the
+    application wrote)."""
+    make_table(dsn, rows=20, old_dim=32, with_index=False)
+    j, k, l_, m = keys(dsn)[:4]  # the first batch: read before the first forward waits
+    emb = HashEmbedder(32)
+    marked, release = threading.Event(), threading.Event()
+    original = emb.forward
+
+    def forward(texts: list[str]) -> np.ndarray:
+        if any("HOLD ME" in t for t in texts) and not release.is_set():
+            marked.set()
+            release.wait(60)
+        return original(texts)
+
+    emb.forward = forward  # type: ignore[method-assign]
+    gate = Gate(emb)
+    worker = Background(lambda: run(settings(dsn, batch_size=4, pipeline=False), embedder=emb))
+    try:
+        assert gate.reached.wait(60), worker.error
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute("UPDATE knowledge_nodes SET content = 'HOLD ME, edited' WHERE id = %s", (j,))
+            app.execute("UPDATE knowledge_nodes SET content = content || ' edited' WHERE id = ANY(%s)", ([l_, m],))
+            app.execute("DELETE FROM knowledge_nodes WHERE id = %s", (k,))
+        gate.open()
+        assert marked.wait(60), worker.error  # a catch-up pass encodes the page [j, k, l, m]: k was gone
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute("INSERT INTO knowledge_nodes (id, content, source) VALUES (%s, 'back again', 'app')", (k,))
+    finally:
+        release.set()
+        gate.open()
+    worker.join(timeout=120)
+    assert worker.error is None and worker.result.state == "done", (worker.error, worker.result)
+    from support.fakes import hash_vector
+
+    (row,) = fetch(dsn, "SELECT embedding::text AS e FROM knowledge_nodes WHERE id = %s", (k,))
+    assert row["e"] is not None, "the row inserted again was never caught up"
+    np.testing.assert_allclose(np.array(json.loads(row["e"])), hash_vector("back again", 32), rtol=1e-5, atol=1e-6)
+    assert one(dsn, "SELECT count(*) FROM reembed_changes") == 0
+
+
 # ---------------------------------------------------------------------------- faults
 
 
@@ -420,16 +464,19 @@ def test_a_cut_over_whose_table_lock_is_held_elsewhere_keeps_the_changes_settled
     _assert_done_right(dsn, model48)
 
 
+@pytest.mark.parametrize("accept", [False, True], ids=["refused", "accept-failed"])
 def test_a_row_the_model_cannot_take_written_while_the_cut_over_waits_for_its_lock_still_refuses_the_cut_over(
-    dsn: str
+    dsn: str, accept: bool
 ) -> None:
     """Between refused lock requests the job writes ahead what the application changed; a row the model
     cannot take is neither written NULL nor settled there: it stays captured, and the cut-over, once
-    its locks are granted, refuses it (without --accept-failed) as it would have, nothing swapped."""
+    its locks are granted, refuses it (without --accept-failed) as it would have, nothing swapped;
+    with --accept-failed it writes it NULL and records it accepted (not left pending)."""
     make_table(dsn, rows=50, old_dim=32)
     emb = HashEmbedder(32, poison="POISON")
     gate = Gate(emb)  # the first batch waits: the capture trigger is in place, no cut-over lock asked for yet
-    worker = Background(lambda: run(settings(dsn, batch_size=10, cut_over_lock_timeout="200ms"), embedder=emb))
+    worker = Background(lambda: run(settings(dsn, batch_size=10, cut_over_lock_timeout="200ms", accept_failed=accept),
+                                    embedder=emb))
     with Application(dsn) as vacuum:
         try:
             assert gate.reached.wait(60), worker.error
@@ -456,10 +503,16 @@ def test_a_row_the_model_cannot_take_written_while_the_cut_over_waits_for_its_lo
             gate.open()
             vacuum.end()
         worker.join(timeout=120)
-    assert isinstance(worker.error, RowsFailed), worker.error
-    assert "cannot be encoded" in str(worker.error)
-    assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
-    assert "cut_over" not in one(dsn, "SELECT finalize_steps FROM reembed_checkpoint")
+    if accept:
+        assert worker.error is None and worker.result.state == "done", (worker.error, worker.result)
+        assert one(dsn, "SELECT embedding IS NULL FROM knowledge_nodes WHERE id = %s", (key,))
+        assert fetch(dsn, "SELECT row_id, accepted FROM reembed_failed_rows") == [{"row_id": str(key),
+                                                                                  "accepted": True}]
+    else:
+        assert isinstance(worker.error, RowsFailed), worker.error
+        assert "cannot be encoded" in str(worker.error)
+        assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
+        assert "cut_over" not in one(dsn, "SELECT finalize_steps FROM reembed_checkpoint")
     from support.fakes import hash_vector
 
     (row,) = fetch(dsn, "SELECT embedding::text AS e FROM knowledge_nodes WHERE id = %s", (fine,))
