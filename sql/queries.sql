@@ -388,7 +388,8 @@ SELECT DISTINCT a.pid, l.relation::regclass::text AS relation, pg_cancel_backend
   FROM pg_stat_activity a
   JOIN pg_locks l ON l.pid = a.pid AND l.granted AND l.locktype = 'relation'
  WHERE a.backend_type = 'autovacuum worker'
-   AND l.relation IN (SELECT t.relid FROM unnest(%(oids)s::oid[]) o, pg_partition_tree(o::regclass) t)
+   AND l.relation IN (SELECT o FROM unnest(%(oids)s::oid[]) o
+                       UNION ALL SELECT t.relid FROM unnest(%(oids)s::oid[]) o, pg_partition_tree(o::regclass) t)
    AND a.query NOT LIKE '%%to prevent wraparound%%';
 
 -- name: lock_holders
@@ -402,7 +403,8 @@ SELECT a.pid, a.backend_type, coalesce(a.state, '') AS state, l.relation::regcla
   FROM pg_locks l
   JOIN pg_stat_activity a ON a.pid = l.pid
  WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
-   AND l.relation IN (SELECT t.relid FROM unnest(%(oids)s::oid[]) o, pg_partition_tree(o::regclass) t)
+   AND l.relation IN (SELECT o FROM unnest(%(oids)s::oid[]) o
+                       UNION ALL SELECT t.relid FROM unnest(%(oids)s::oid[]) o, pg_partition_tree(o::regclass) t)
    AND (l.mode NOT IN ('AccessShareLock', 'RowShareLock') OR %(rewrite)s)
  GROUP BY a.pid, a.backend_type, a.state, l.relation, a.xact_start, a.backend_start, a.query
  ORDER BY a.xact_start NULLS LAST, a.pid
@@ -414,7 +416,8 @@ SELECT a.pid, a.backend_type, coalesce(a.state, '') AS state, l.relation::regcla
 SELECT EXISTS (
   SELECT 1 FROM pg_locks l
    WHERE l.locktype = 'relation' AND l.pid <> pg_backend_pid()
-     AND l.relation IN (SELECT t.relid FROM unnest(%(oids)s::oid[]) o, pg_partition_tree(o::regclass) t)
+     AND l.relation IN (SELECT o FROM unnest(%(oids)s::oid[]) o
+                       UNION ALL SELECT t.relid FROM unnest(%(oids)s::oid[]) o, pg_partition_tree(o::regclass) t)
      AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
 ) AS blocked;
 
