@@ -340,8 +340,9 @@ def final_catch_up(ctx: RunContext, conn: psycopg.Connection[Any], ahead: Encode
             )
         accepted += len(batch.failed)
         rows += _write(conn, ctx.active, writer, page, batch)
-    if accepted:  # written NULL as --accept-failed says: accepted, as those found before the cut-over were
+    if ctx.opts.accept_failed:  # written NULL as --accept-failed says: accepted, as those found before were
         conn.execute(query("accept_failed_rows"), {"job_id": ctx.active.id})
+    if accepted:
         log.warning("failed_rows_accepted", count=accepted, detail="written by the application during the "
                     "cut-over's catch-up; their embedding stays NULL")
     return rows

@@ -96,8 +96,9 @@ def commit_batch(conn: psycopg.Connection[Any], job: Job, writer: Writer, batch:
     if batch.failed:
         ckpt.record_failed(conn, job, {batch.id_texts[i]: why for i, why in batch.failed.items()})
     encoded = [t for i, t in enumerate(batch.id_texts) if t in keys and i not in batch.failed]
-    if forget_failed is not None:
-        ckpt.forget_failed(conn, job, encoded + list(forget_failed))
+    if forget_failed is not None:  # and the keys gone when read: a row deleted is no failed row of the job
+        gone_keys = [key for key in settles if key not in set(batch.id_texts)] if settles else []
+        ckpt.forget_failed(conn, job, encoded + list(forget_failed) + gone_keys)
     written = Written(
         keys=keys, changed=changed, encoded=encoded,
         rows=sum(1 for i, t in enumerate(batch.id_texts)

@@ -116,9 +116,12 @@ class CutOver:
                 # set as fast as it is encoded): what was encoded is written and settled now, no lock held, so
                 # the rest is what changes meanwhile, and the captured rows stay few (encoding ahead alone,
                 # they grew by one per edit, 100,000 for 300 keys, and each read of them slowed down)
-                if (work.write_secs(self.writes.value) * _MARGIN > bound.catch_up / 2 or progress.stalled >= 2) \
-                        and not read(lambda conn: _writes_blocked(conn, source)):
-                    self._write_ahead(source, work)
+                if work.write_secs(self.writes.value) * _MARGIN > bound.catch_up / 2 or progress.stalled >= 2:
+                    if not read(lambda conn: _writes_blocked(conn, source)):
+                        self._write_ahead(source, work)
+                    elif stop.wait(refused.again(None)):  # kept off as the application is: as a refused lock
+                        raise Interrupted(f"stopped ({stop.reason}) while the cut-over waited for its locks; "
+                                          "nothing of it was committed; re-run to finish", exit_code=stop.exit_code)
                 continue
             try:
                 secs, rows, caught = transaction(lambda conn: self._hold(conn, source, bound, swap, record, landed))
@@ -370,7 +373,9 @@ class _Refusals:
     def granted(self) -> None:
         self.first, self.tries = None, 0
 
-    def again(self, error: psycopg.Error) -> float:
+    def again(self, error: psycopg.Error | None) -> float:
+        """A refused try (`error`), or writers kept off by another session's lock (None): the pause
+        before the next try; past the patience, the error."""
         now = time.monotonic()
         if self.first is None:
             self.first = now
@@ -381,7 +386,8 @@ class _Refusals:
             holders = self._holders()
             err = DatabaseError(
                 f"the cut-over's locks were not granted in {waited:.0f} s ({self.tries} tries, each waiting "
-                f"--cut-over-lock-timeout): {holders or 'no holder seen at the end'}; nothing of it was committed "
+                f"--cut-over-lock-timeout, or writers kept off by another session's lock): "
+                f"{holders or 'no holder seen at the end'}; nothing of it was committed "
                 "(the job is kept, its captured changes written as they came): run again to try the cut-over "
                 "again", retryable=False)
             err.__cause__ = error

@@ -114,10 +114,11 @@ SELECT DISTINCT {row_id_cols}, row_id
 -- name: forget_changes_if_gone
 -- Captured keys whose rows were gone when they were read, forgotten only if still gone: a row
 -- inserted again since commits its capture with it, so this statement sees both or neither (one
--- forgotten unconditionally lost the insert's capture, and the row kept the old model's vector).
+-- forgotten unconditionally lost the insert's capture, and the row kept the old model's vector). The
+-- text forms compared too: a key spelled otherwise than its row (numeric 1.5 / 1.50) is gone.
 DELETE FROM reembed_changes c
  WHERE c.job_id = %(job_id)s AND c.row_id = ANY(%(row_ids)s::text[])
-   AND NOT EXISTS (SELECT 1 FROM {table} WHERE {id} = {c_row_id_key});
+   AND NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {t_id} = {c_row_id_key} AND {t_id_text} = c.row_id);
 
 -- name: capture_every_key
 -- A partition attached while the job ran: its rows, never seen by the capture triggers, are

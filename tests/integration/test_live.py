@@ -163,6 +163,29 @@ def test_a_row_deleted_then_inserted_again_while_a_catch_up_encodes_its_page_is_
     assert one(dsn, "SELECT count(*) FROM reembed_changes") == 0
 
 
+def test_rows_deleted_during_the_job_are_settled_on_a_table_whose_name_shadows_reembeds_alias(dsn: str) -> None:
+    """Keys gone when a catch-up page reads them are forgotten by a statement that looks for them in
+    the table; a table named `c` (the statement's own alias for the captured rows) is found too."""
+    from dataclasses import replace
+
+    make_table(dsn, rows=20, old_dim=32, with_index=False, table="c")
+    gone = keys(dsn, "c")[:5]  # the first batch: read before the first forward waits
+    emb = HashEmbedder(32)
+    gate = Gate(emb)
+    worker = Background(lambda: run(replace(settings(dsn, batch_size=4, pipeline=False),
+                                            target=Target(dsn=dsn, table="c")), embedder=emb))
+    try:
+        assert gate.reached.wait(60), worker.error
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute("DELETE FROM c WHERE id = ANY(%s)", (gone,))
+    finally:
+        gate.open()
+    worker.join(timeout=120)
+    assert worker.error is None and worker.result.state == "done", (worker.error, worker.result)
+    assert one(dsn, "SELECT count(*) FROM reembed_changes") == 0
+    assert one(dsn, "SELECT count(*) FROM c") == 15
+
+
 # ---------------------------------------------------------------------------- faults
 
 

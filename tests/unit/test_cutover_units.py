@@ -131,3 +131,34 @@ def test_a_hot_set_edited_faster_than_the_backlog_settles_is_written_ahead_not_o
     held = cut.run(source, bound=Bound(1.0), stop=StopSignal(), read=lambda body: body(_Conn()),
                    transaction=lambda body: body(_Conn()), swap=lambda conn: None, record=lambda conn, secs: None)
     assert source.written_ahead >= 1 and source.finals == 1 and held.rows == 5
+
+
+class _BlockedConn(_Conn):
+    """Another session holds a lock that keeps writers off (SHARE or stronger)."""
+
+    def execute(self, statement: Any, params: Any = None) -> _Rows:
+        if "rewrite" not in (params or {}):
+            return _Rows([{"blocked": True}])
+        return super().execute(statement, params)
+
+
+class _BigSource(_Source):
+    """A backlog whose writes alone run past the bound, its rows all encoded ahead."""
+
+    def __init__(self) -> None:
+        super().__init__(refusals=0)
+        self.reads = 0
+
+    def backlog(self, conn: Any, ahead: capture.Encoded) -> capture.Backlog:
+        self.reads += 1
+        return capture.Backlog(100_000, 0, [])
+
+
+def test_writers_kept_off_by_another_lock_are_waited_for_as_a_refused_lock_not_spun_on() -> None:
+    source = _BigSource()
+    with pytest.raises(DatabaseError, match="writers kept off by another session's lock"):
+        CutOver().run(source, bound=Bound(1.0), stop=StopSignal(), read=lambda body: body(_BlockedConn()),
+                      transaction=lambda body: body(_BlockedConn()), swap=lambda conn: None,
+                      record=lambda conn, secs: None, patience=1.0)
+    assert source.written_ahead == 0 and source.holds == 0
+    assert source.reads < 60, source.reads  # paused between reads (it read 17,220 times a second)
