@@ -83,10 +83,11 @@ def commit_batch(conn: psycopg.Connection[Any], job: Job, writer: Writer, batch:
         rows = [i for i in range(len(batch.ids)) if i not in batch.failed]
         keys = writer.write(conn, [batch.ids[i] for i in rows], [batch.vectors[i] for i in rows],
                             [batch.xmins[i] for i in rows], id_texts=[batch.id_texts[i] for i in rows])
-    if settles:
+    gone: list[str] = []  # settled keys whose rows were deleted when read: forgotten if still gone
+    if settles:  # (the main pass settles nothing: no work on its path)
         read = set(batch.id_texts)
+        gone = [key for key in settles if key not in read]
         present = [key for key in settles if key in read]
-        gone = [key for key in settles if key not in read]  # deleted when read: forgotten if still gone
         if present:
             conn.execute(query("forget_changes"), {"job_id": job.id, "row_ids": present})
         if gone:
@@ -97,8 +98,7 @@ def commit_batch(conn: psycopg.Connection[Any], job: Job, writer: Writer, batch:
         ckpt.record_failed(conn, job, {batch.id_texts[i]: why for i, why in batch.failed.items()})
     encoded = [t for i, t in enumerate(batch.id_texts) if t in keys and i not in batch.failed]
     if forget_failed is not None:  # and the keys gone when read: a row deleted is no failed row of the job
-        gone_keys = [key for key in settles if key not in set(batch.id_texts)] if settles else []
-        ckpt.forget_failed(conn, job, encoded + list(forget_failed) + gone_keys)
+        ckpt.forget_failed(conn, job, encoded + list(forget_failed) + gone)
     written = Written(
         keys=keys, changed=changed, encoded=encoded,
         rows=sum(1 for i, t in enumerate(batch.id_texts)

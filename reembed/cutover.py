@@ -26,7 +26,7 @@ import structlog
 from reembed import capture
 from reembed import checkpoint as ckpt
 from reembed.batches import DEFAULT_WRITE_PATH
-from reembed.context import Hold, RunContext
+from reembed.context import Hold, RunContext, Strategy
 from reembed.errors import DatabaseError, InternalError, Interrupted, first_line
 from reembed.progress import Pace
 from reembed.queries import query
@@ -220,6 +220,19 @@ def for_job(cut: CutOver, ctx: RunContext, *, rewrite: bool, swap: Callable[[psy
                                                  lock_timeout=ctx.opts.cut_over_lock_timeout,
                                                  patient=True, max_backoff=CUT_OVER_BACKOFF),
         swap=swap, record=recorded, patience=max(ctx.lease.max_outage, PATIENCE), landed=landed)
+
+
+def for_strategy(cut: CutOver, ctx: RunContext, strategy: Strategy) -> Held:
+    """A one-table job's cut-over through its strategy: the hold it asks for, its swap and the
+    registry flipped in the hold's transaction, its record of the hold (for_job's bounds)."""
+    hold = strategy.hold(ctx)
+
+    def swap(conn: psycopg.Connection[Any]) -> None:
+        strategy.swap(ctx, conn, rewrite=hold.rewrite)
+        flip_registry(conn, ctx.info.registry, ctx.signature)
+
+    return for_job(cut, ctx, rewrite=hold.rewrite, swap=swap, tail=hold.tail,
+                   record=lambda conn, secs: strategy.swapped(ctx, conn, secs))
 
 
 def flip_registry(conn: psycopg.Connection[Any], registry: tuple[str, ...], signature: Signature) -> None:

@@ -264,13 +264,18 @@ def _sample(conn: psycopg.Connection[Any], ctx: RunContext) -> tuple[str, Any]:
     info, job, opts = ctx.info, ctx.active, ctx.opts
     if not bridge.lock_fit(conn, info):
         return ("busy", None)
-    have = [b for b in bridge.current(conn, info.qualified, info.column) if b.target_hash == job.target_hash]
-    if have:
-        return ("kept", have[0])
+    if (kept := _kept(conn, ctx)) is not None:
+        return ("kept", kept)
     if job.source is None:
         raise ConfigError(f"job {job.id} recorded no model before it (the registry was empty): a bridge maps into "
                           "that model's space; run without --bridge")
     return ("sample", sample_job(conn, info, job, n=opts.bridge_sample))
+
+
+def _kept(conn: psycopg.Connection[Any], ctx: RunContext) -> bridge.Bridge | None:
+    """The table's installed bridge into the job's model, or None."""
+    return next((b for b in bridge.current(conn, ctx.info.qualified, ctx.info.column)
+                 if b.target_hash == ctx.active.target_hash), None)
 
 
 def _install(conn: psycopg.Connection[Any], ctx: RunContext, fitted: mapping.Fitted) -> tuple[str, Any]:
@@ -279,9 +284,8 @@ def _install(conn: psycopg.Connection[Any], ctx: RunContext, fitted: mapping.Fit
     info, job, opts = ctx.info, ctx.active, ctx.opts
     if not bridge.claim(conn, info):
         return ("busy", None)
-    have = [b for b in bridge.current(conn, info.qualified, info.column) if b.target_hash == job.target_hash]
-    if have:
-        return ("kept", have[0])
+    if (kept := _kept(conn, ctx)) is not None:
+        return ("kept", kept)
     source = job.source
     if source is None:
         raise InternalError(f"job {job.id} lost its source model between the bridge's sample and its install")

@@ -270,14 +270,7 @@ class Shadow:
         read the table waits for the registry row the swap holds, it would make a deadlock whose
         victim PostgreSQL may pick in the application. So readers wait for the whole hold: the
         last catch-up is a few rows (the step before it), the renames a few milliseconds."""
-        hold = self.hold(ctx)
-
-        def swap(conn: psycopg.Connection[Any]) -> None:
-            self.swap(ctx, conn, rewrite=hold.rewrite)
-            cutover.flip_registry(conn, ctx.info.registry, ctx.signature)
-
-        cutover.for_job(self._cut, ctx, rewrite=hold.rewrite, swap=swap, tail=hold.tail,
-                        record=lambda conn, secs: self.swapped(ctx, conn, secs))
+        cutover.for_strategy(self._cut, ctx, self)
 
     def hold(self, ctx: RunContext) -> Hold:
         return Hold(rewrite=True, tail=_SWAP_TAIL)

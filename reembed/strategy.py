@@ -80,14 +80,7 @@ class InPlace:
         capture off, the news. One transaction: the application never sees the registry and the
         column disagree. The hold is bounded (reembed.cutover); a dimension change's table
         rewrite comes on top (plan and the banner say how long)."""
-        hold = self.hold(ctx)
-
-        def swap(conn: psycopg.Connection[Any]) -> None:
-            self.swap(ctx, conn, rewrite=hold.rewrite)
-            cutover.flip_registry(conn, ctx.info.registry, ctx.signature)
-
-        cutover.for_job(self._cut, ctx, rewrite=hold.rewrite, swap=swap, tail=hold.tail,
-                        record=lambda conn, secs: self.swapped(ctx, conn, secs))
+        cutover.for_strategy(self._cut, ctx, self)
 
     def hold(self, ctx: RunContext) -> Hold:
         return Hold(rewrite=ctx.lease.read(self._typmod_changes, ctx, on=ctx.control, what="cut_over_type"))
