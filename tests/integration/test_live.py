@@ -421,15 +421,17 @@ def test_a_connection_lost_inside_the_cut_over_is_retried_and_the_run_finishes_r
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("then", ["lock-released", "sigkill"])
 def test_a_cut_over_whose_table_lock_is_held_elsewhere_keeps_the_changes_settled_names_the_holder_and_finishes(
-    dsn: str, model48: Path, workdir: Path
+    dsn: str, model48: Path, workdir: Path, then: str
 ) -> None:
     """A session holding SHARE UPDATE EXCLUSIVE (a manual VACUUM, an ANALYZE, a CREATE INDEX
     CONCURRENTLY, an autovacuum that may not be cancelled) refuses every cut-over lock request,
     for as long as it runs, while the application edits a hot set of rows. Between refused tries
     the job writes and settles what the application changed, so its captured changes stay few (they
     grew by one row per write, 123,578 rows for 300 keys, when the tries waited inside one retry
-    loop), and it says who holds the lock. Once the lock is let go it cuts over, every row right."""
+    loop), and it says who holds the lock. Once the lock is let go it cuts over, every row right; or,
+    SIGKILLed among its refused tries and write-aheads, a rerun finishes right."""
     make_table(dsn, rows=ROWS, id_type="bigint", old_dim=48, with_index=False)
     last = one(dsn, "SELECT max(id) FROM knowledge_nodes")
     hot = [r["id"] for r in fetch(dsn, "SELECT id FROM knowledge_nodes ORDER BY id LIMIT 20")]
@@ -469,10 +471,20 @@ def test_a_cut_over_whose_table_lock_is_held_elsewhere_keeps_the_changes_settled
               f"{pending}")
         assert pending < 300, (pending, writes[0] - since)
         assert events(log, "cut_over_wrote_ahead")
+        if then == "sigkill":
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+            assert one(dsn, "SELECT model_name FROM embedding_model") == "old-model"
         stop.set()  # (this application does not embed: its edits after the cut-over would be its own to embed)
         writer.join(timeout=30)
         vacuum.end()
-        assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+        if then == "sigkill":
+            rerun = run_cli(cli_args(dsn, model48), cwd=workdir)
+            assert rerun.returncode == 0, rerun.stderr[-3000:]
+            report = json.loads(rerun.stdout)
+        else:
+            assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+            report = last_report(log)
     finally:
         stop.set()
         if writer.is_alive():
@@ -482,7 +494,7 @@ def test_a_cut_over_whose_table_lock_is_held_elsewhere_keeps_the_changes_settled
             proc.wait()
         vacuum.end()
         tail.end()
-    held = last_report(log)["writers_held_secs"]
+    held = report["writers_held_secs"]
     assert held < 2.0, held
     _assert_done_right(dsn, model48)
 
